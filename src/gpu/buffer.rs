@@ -1,0 +1,240 @@
+//! The one GPU buffer type: a 2-D tensor stored row-major and split into chunks of whole rows, each
+//! chunk its own `wgpu::Buffer` no larger than the context's binding limit, so any kernel can bind
+//! any chunk. Allocation and release are counted in the context's live-bytes tracker.
+
+use super::context::GpuContext;
+use crate::error::{Error, Result};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Element type of a GPU tensor. 16-bit types are stored two per 32-bit word (element i in the low
+/// half of word i/2 when i is even), so they work on adapters without `shader-f16`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GpuDtype {
+    F32,
+    F16,
+    BF16,
+    U32,
+}
+
+impl GpuDtype {
+    pub fn size(self) -> u64 {
+        match self {
+            GpuDtype::F32 | GpuDtype::U32 => 4,
+            GpuDtype::F16 | GpuDtype::BF16 => 2,
+        }
+    }
+}
+
+/// One chunk: rows `row_start .. row_start + rows` of the tensor.
+pub struct Chunk {
+    pub(crate) buffer: wgpu::Buffer,
+    pub row_start: usize,
+    pub rows: usize,
+    bytes: u64,
+    live: Arc<AtomicU64>,
+}
+
+impl Drop for Chunk {
+    fn drop(&mut self) {
+        self.live.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// A rows x cols tensor on the GPU, chunked by rows under the binding limit.
+pub struct GpuTensor {
+    pub rows: usize,
+    pub cols: usize,
+    pub dtype: GpuDtype,
+    pub chunks: Vec<Chunk>,
+}
+
+/// Rows per chunk so that one chunk's bytes stay under `limit`; for 16-bit types with an odd number
+/// of columns the row count is kept even so every chunk starts on a word boundary.
+pub fn rows_per_chunk(cols: usize, dtype: GpuDtype, limit: u64) -> Result<usize> {
+    let row_bytes = cols as u64 * dtype.size();
+    if row_bytes == 0 {
+        return Ok(usize::MAX);
+    }
+    // Leave room for the 4-byte padding of a 16-bit chunk.
+    let mut r = (limit.saturating_sub(4) / row_bytes) as usize;
+    if dtype.size() == 2 && cols % 2 == 1 {
+        r -= r % 2;
+    }
+    if r == 0 {
+        return Err(Error::invalid(format!(
+            "one row of {cols} {dtype:?} elements ({row_bytes} bytes) exceeds the GPU binding limit of {limit} bytes"
+        )));
+    }
+    Ok(r)
+}
+
+impl GpuTensor {
+    /// Allocates an uninitialised tensor.
+    pub fn empty(ctx: &GpuContext, rows: usize, cols: usize, dtype: GpuDtype) -> Result<Self> {
+        let per = rows_per_chunk(cols, dtype, ctx.binding_limit())?;
+        let mut chunks = Vec::new();
+        let mut start = 0;
+        while start < rows || (rows == 0 && chunks.is_empty()) {
+            let n = per.min(rows - start);
+            let bytes = ((n * cols) as u64 * dtype.size()).div_ceil(4).max(1) * 4;
+            let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("tensor"),
+                size: bytes,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_DST
+                    | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            let live = ctx.live_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+            ctx.peak_bytes.fetch_max(live, Ordering::Relaxed);
+            chunks.push(Chunk {
+                buffer,
+                row_start: start,
+                rows: n,
+                bytes,
+                live: ctx.live_bytes.clone(),
+            });
+            start += n;
+            if rows == 0 {
+                break;
+            }
+        }
+        Ok(GpuTensor {
+            rows,
+            cols,
+            dtype,
+            chunks,
+        })
+    }
+
+    /// Uploads row-major raw bytes (already in `dtype`'s layout).
+    pub fn from_bytes(
+        ctx: &GpuContext,
+        rows: usize,
+        cols: usize,
+        dtype: GpuDtype,
+        bytes: &[u8],
+    ) -> Result<Self> {
+        let expect = (rows * cols) as u64 * dtype.size();
+        if bytes.len() as u64 != expect {
+            return Err(Error::Shape {
+                op: "upload".into(),
+                expected: format!("{expect} bytes for {rows}x{cols} {dtype:?}"),
+                got: format!("{} bytes", bytes.len()),
+            });
+        }
+        let t = Self::empty(ctx, rows, cols, dtype)?;
+        let rb = cols * dtype.size() as usize;
+        for c in &t.chunks {
+            let src = &bytes[c.row_start * rb..(c.row_start + c.rows) * rb];
+            if src.len() % 4 == 0 {
+                ctx.queue.write_buffer(&c.buffer, 0, src);
+            } else {
+                let mut padded = src.to_vec();
+                padded.resize(src.len().div_ceil(4) * 4, 0);
+                ctx.queue.write_buffer(&c.buffer, 0, &padded);
+            }
+        }
+        Ok(t)
+    }
+
+    pub fn from_f32(ctx: &GpuContext, rows: usize, cols: usize, data: &[f32]) -> Result<Self> {
+        Self::from_bytes(ctx, rows, cols, GpuDtype::F32, bytemuck::cast_slice(data))
+    }
+
+    /// Fills every chunk with one 32-bit pattern (tests poison outputs with NaN this way).
+    pub fn fill_u32(&self, ctx: &GpuContext, pattern: u32) {
+        for c in &self.chunks {
+            let words = vec![pattern; (c.bytes / 4) as usize];
+            ctx.queue
+                .write_buffer(&c.buffer, 0, bytemuck::cast_slice(&words));
+        }
+    }
+
+    /// Downloads the raw bytes, row-major, without padding.
+    pub fn to_bytes(&self, ctx: &GpuContext) -> Result<Vec<u8>> {
+        let shape = format!("{}x{}", self.rows, self.cols);
+        let total: u64 = self.chunks.iter().map(|c| c.bytes).sum();
+        let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: total.max(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("readback"),
+            });
+        let mut off = 0;
+        for c in &self.chunks {
+            enc.copy_buffer_to_buffer(&c.buffer, 0, &staging, off, c.bytes);
+            off += c.bytes;
+        }
+        ctx.queue.submit([enc.finish()]);
+        let slice = staging.slice(..);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        ctx.sync("readback", &shape)?;
+        rx.recv()
+            .map_err(|_| Error::gpu("readback", &shape, "map callback never ran"))?
+            .map_err(|e| Error::gpu("readback", &shape, format!("buffer map failed: {e}")))?;
+        let data = slice
+            .get_mapped_range()
+            .map_err(|e| Error::gpu("readback", &shape, format!("mapped range: {e}")))?;
+        let rb = self.cols * self.dtype.size() as usize;
+        let mut out = Vec::with_capacity(self.rows * rb);
+        let mut off = 0usize;
+        for c in &self.chunks {
+            out.extend_from_slice(&data[off..off + c.rows * rb]);
+            off += c.bytes as usize;
+        }
+        drop(data);
+        staging.unmap();
+        Ok(out)
+    }
+
+    pub fn to_f32(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
+        if self.dtype != GpuDtype::F32 {
+            return Err(Error::invalid(format!(
+                "to_f32 on a {:?} tensor",
+                self.dtype
+            )));
+        }
+        Ok(bytemuck::pod_collect_to_vec(&self.to_bytes(ctx)?))
+    }
+
+    pub fn to_u32(&self, ctx: &GpuContext) -> Result<Vec<u32>> {
+        Ok(bytemuck::pod_collect_to_vec(&self.to_bytes(ctx)?))
+    }
+
+    /// The chunk holding `row` and the row's index inside it.
+    pub fn locate(&self, row: usize) -> (usize, usize) {
+        let i = self
+            .chunks
+            .partition_point(|c| c.row_start + c.rows <= row)
+            .min(self.chunks.len() - 1);
+        (i, row - self.chunks[i].row_start)
+    }
+
+    /// Row ranges that lie inside a single chunk of every tensor given (all with the same rows):
+    /// kernels that work row-wise on several tensors iterate over these.
+    pub fn common_row_ranges(tensors: &[&GpuTensor]) -> Vec<(usize, usize)> {
+        let rows = tensors.first().map(|t| t.rows).unwrap_or(0);
+        let mut cuts: Vec<usize> = tensors
+            .iter()
+            .flat_map(|t| t.chunks.iter().map(|c| c.row_start))
+            .chain([rows])
+            .collect();
+        cuts.sort_unstable();
+        cuts.dedup();
+        cuts.windows(2).map(|w| (w[0], w[1])).collect()
+    }
+
+    pub fn shape_str(&self) -> String {
+        format!("{}x{} {:?}", self.rows, self.cols, self.dtype)
+    }
+}

@@ -1,0 +1,451 @@
+//! The one GPU context: adapter choice, device with negotiated limits and features, the pipeline
+//! cache, the live-buffer memory tracker and the translation of wgpu failures into [`Error`]s.
+//! Kernel families (matmul, reduce, quant, ...) live in sibling files and only borrow this context;
+//! nothing outside `gpu/` touches wgpu.
+
+use crate::error::{Error, Result};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Environment variable read when no `--adapter` is given (same syntax: name substring or index).
+pub const ADAPTER_ENV: &str = "WGPRESS_ADAPTER";
+
+/// What the caller asks of the context.
+#[derive(Clone, Debug, Default)]
+pub struct ContextOptions {
+    /// Adapter selector: an index into [`list_adapters`] or a case-insensitive name substring.
+    pub adapter: Option<String>,
+    /// Override the storage binding limit (bytes) below the adapter's, so tests exercise chunking.
+    pub binding_limit: Option<u64>,
+    /// Build every shader with wgpu's runtime bounds checks on (tests run this way too).
+    pub checked_shaders: bool,
+    /// Leave out the optional fast-path features (f16, subgroups, cooperative matrices).
+    pub no_fast_paths: bool,
+}
+
+/// One adapter as found on this machine.
+#[derive(Clone, Debug)]
+pub struct AdapterSummary {
+    pub index: usize,
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+}
+
+impl std::fmt::Display for AdapterSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "[{}] {} ({}, {}{})",
+            self.index,
+            self.name,
+            self.device_type,
+            self.backend,
+            if self.driver.is_empty() {
+                String::new()
+            } else {
+                format!(", {}", self.driver)
+            }
+        )
+    }
+}
+
+fn new_instance() -> wgpu::Instance {
+    wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends: wgpu::Backends::PRIMARY,
+        ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
+    })
+}
+
+fn summarize(index: usize, a: &wgpu::Adapter) -> AdapterSummary {
+    let info = a.get_info();
+    AdapterSummary {
+        index,
+        name: info.name.clone(),
+        backend: format!("{:?}", info.backend),
+        device_type: format!("{:?}", info.device_type),
+        driver: format!("{} {}", info.driver, info.driver_info)
+            .trim()
+            .to_string(),
+    }
+}
+
+fn enumerate(instance: &wgpu::Instance) -> Vec<wgpu::Adapter> {
+    let mut adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
+    adapters
+}
+
+/// All adapters wgpu can see, in the order `--adapter INDEX` refers to.
+pub fn list_adapters() -> Vec<AdapterSummary> {
+    enumerate(&new_instance())
+        .iter()
+        .enumerate()
+        .map(|(i, a)| summarize(i, a))
+        .collect()
+}
+
+fn rank(t: wgpu::DeviceType) -> u8 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    }
+}
+
+fn choose(adapters: &[wgpu::Adapter], selector: Option<&str>) -> Result<usize> {
+    if adapters.is_empty() {
+        return Err(Error::NoAdapter(
+            "wgpu found no adapter (no Vulkan/Metal/DX12 driver; on Linux install mesa-vulkan-drivers for the lavapipe software adapter)".into(),
+        ));
+    }
+    if let Some(sel) = selector {
+        if let Ok(i) = sel.parse::<usize>() {
+            return if i < adapters.len() {
+                Ok(i)
+            } else {
+                Err(Error::NoAdapter(format!(
+                    "adapter index {i} out of range ({} adapters found)",
+                    adapters.len()
+                )))
+            };
+        }
+        let needle = sel.to_lowercase();
+        return adapters
+            .iter()
+            .position(|a| a.get_info().name.to_lowercase().contains(&needle))
+            .ok_or_else(|| {
+                let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+                Error::NoAdapter(format!(
+                    "no adapter name contains `{sel}` (found: {})",
+                    names.join(", ")
+                ))
+            });
+    }
+    Ok((0..adapters.len())
+        .min_by_key(|&i| (rank(adapters[i].get_info().device_type), i))
+        .unwrap_or(0))
+}
+
+/// Capabilities negotiated with the device, read by kernel wrappers to pick their path.
+#[derive(Clone, Debug)]
+pub struct Capabilities {
+    pub shader_f16: bool,
+    pub subgroups: bool,
+    pub timestamps: bool,
+    /// 16x16x16 cooperative matrices with f16 inputs and f32 accumulation.
+    pub coop_f16_16x16: bool,
+    pub max_workgroup_storage: u32,
+    pub max_invocations: u32,
+}
+
+/// The GPU context. Cheap to share by reference; all kernel wrappers take `&GpuContext`.
+pub struct GpuContext {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    pub adapter: AdapterSummary,
+    pub software: bool,
+    pub caps: Capabilities,
+    pub(crate) limits: wgpu::Limits,
+    binding_limit: u64,
+    pub(crate) checked: bool,
+    pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+    pub(crate) live_bytes: Arc<AtomicU64>,
+    pub(crate) peak_bytes: Arc<AtomicU64>,
+    lost: Arc<AtomicBool>,
+    uncaptured: Arc<Mutex<Option<String>>>,
+}
+
+impl GpuContext {
+    pub fn new(opts: &ContextOptions) -> Result<Self> {
+        let instance = new_instance();
+        let adapters = enumerate(&instance);
+        let env_sel = std::env::var(ADAPTER_ENV).ok();
+        let sel = opts.adapter.as_deref().or(env_sel.as_deref());
+        let idx = choose(&adapters, sel)?;
+        let adapter = &adapters[idx];
+        let summary = summarize(idx, adapter);
+        let info = adapter.get_info();
+        let software = info.device_type == wgpu::DeviceType::Cpu;
+        if software {
+            log::warn!(
+                "using the software adapter {} (no hardware GPU found or selected): correct but slow",
+                summary
+            );
+        } else {
+            log::info!("using adapter {summary}");
+        }
+        let af = adapter.features();
+        let mut want = wgpu::Features::empty();
+        if !opts.no_fast_paths {
+            for f in [
+                wgpu::Features::SHADER_F16,
+                wgpu::Features::SUBGROUP,
+                wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX,
+            ] {
+                if af.contains(f) {
+                    want |= f;
+                }
+            }
+        }
+        if af.contains(wgpu::Features::TIMESTAMP_QUERY) {
+            want |= wgpu::Features::TIMESTAMP_QUERY;
+        }
+        let coop_f16_16x16 = want.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+            && adapter.cooperative_matrix_properties().iter().any(|p| {
+                p.m_size == 16
+                    && p.n_size == 16
+                    && p.k_size == 16
+                    && p.ab_type == wgpu::CooperativeScalarType::F16
+                    && p.cr_type == wgpu::CooperativeScalarType::F32
+            });
+        if !coop_f16_16x16 {
+            want.remove(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
+        }
+        let limits = adapter.limits();
+        let experimental = if want.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+            // SAFETY: cooperative matrices are an experimental wgpu feature; we only use them in
+            // kernels that tests compare against the f32 reference on the adapter that offers them.
+            unsafe { wgpu::ExperimentalFeatures::enabled() }
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        };
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("wgpress"),
+            required_features: want,
+            required_limits: limits.clone(),
+            experimental_features: experimental,
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| Error::NoAdapter(format!("{summary}: request_device failed: {e}")))?;
+        let lost = Arc::new(AtomicBool::new(false));
+        {
+            let lost = lost.clone();
+            device.set_device_lost_callback(move |reason, msg| {
+                log::error!("GPU device lost ({reason:?}): {msg}");
+                lost.store(true, Ordering::SeqCst);
+            });
+        }
+        let uncaptured = Arc::new(Mutex::new(None));
+        {
+            let slot = uncaptured.clone();
+            device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+                log::error!("uncaptured GPU error: {e}");
+                if let Ok(mut s) = slot.lock() {
+                    s.get_or_insert_with(|| e.to_string());
+                }
+            }));
+        }
+        let adapter_binding =
+            (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
+        let binding_limit = opts
+            .binding_limit
+            .map(|b| b.min(adapter_binding))
+            .unwrap_or(adapter_binding);
+        let f = device.features();
+        Ok(GpuContext {
+            caps: Capabilities {
+                shader_f16: f.contains(wgpu::Features::SHADER_F16),
+                subgroups: f.contains(wgpu::Features::SUBGROUP),
+                timestamps: f.contains(wgpu::Features::TIMESTAMP_QUERY),
+                coop_f16_16x16,
+                max_workgroup_storage: limits.max_compute_workgroup_storage_size,
+                max_invocations: limits.max_compute_invocations_per_workgroup,
+            },
+            device,
+            queue,
+            adapter: summary,
+            software,
+            limits,
+            binding_limit,
+            checked: opts.checked_shaders,
+            pipelines: Mutex::new(HashMap::new()),
+            live_bytes: Arc::new(AtomicU64::new(0)),
+            peak_bytes: Arc::new(AtomicU64::new(0)),
+            lost,
+            uncaptured,
+        })
+    }
+
+    /// Largest byte size of one storage binding (and so of one buffer chunk).
+    pub fn binding_limit(&self) -> u64 {
+        self.binding_limit
+    }
+
+    /// Bytes of live GPU buffers allocated through this context, and their high-water mark.
+    pub fn memory(&self) -> (u64, u64) {
+        (
+            self.live_bytes.load(Ordering::Relaxed),
+            self.peak_bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    pub fn reset_peak(&self) {
+        self.peak_bytes
+            .store(self.live_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    pub fn max_workgroups_per_dim(&self) -> u32 {
+        self.limits.max_compute_workgroups_per_dimension
+    }
+
+    /// A cached compute pipeline for `entry` of the WGSL `source`, with `key` naming the variant.
+    /// `trusted` kernels are built without runtime bounds checks unless the context asks for them;
+    /// their wrappers must validate every shape and offset on the host first.
+    pub(crate) fn pipeline(
+        &self,
+        key: &str,
+        source: &str,
+        entry: &str,
+        trusted: bool,
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        let unchecked = trusted && !self.checked;
+        let full_key = format!("{key}/{entry}/{unchecked}");
+        if let Some(p) = self.pipelines.lock().map_err(poisoned)?.get(&full_key) {
+            return Ok(p.clone());
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let desc = wgpu::ShaderModuleDescriptor {
+            label: Some(key),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        };
+        let module = if unchecked {
+            // SAFETY: the kernel wrappers that mark a pipeline trusted check every shape, stride and
+            // offset on the host before dispatch, and the test suite runs the same kernels checked.
+            unsafe {
+                self.device
+                    .create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked())
+            }
+        } else {
+            self.device.create_shader_module(desc)
+        };
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(key),
+                layout: None,
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::gpu(
+                key,
+                "-",
+                format!("pipeline creation failed: {e}"),
+            ));
+        }
+        let p = Arc::new(pipeline);
+        self.pipelines
+            .lock()
+            .map_err(poisoned)?
+            .insert(full_key, p.clone());
+        Ok(p)
+    }
+
+    /// Records compute dispatches of one kernel into a fresh encoder and submits them. Each dispatch
+    /// is (bind group buffers in binding order, uniform bytes or none, workgroup counts); the
+    /// uniform, when present, is bound after the storage buffers. Validation and out-of-memory
+    /// errors come back as [`Error::Gpu`] naming `kernel` and `shape`.
+    pub(crate) fn run(
+        &self,
+        kernel: &str,
+        shape: &str,
+        pipeline: &wgpu::ComputePipeline,
+        dispatches: &[Dispatch<'_>],
+    ) -> Result<()> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let val = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some(kernel),
+            });
+        let layout = pipeline.get_bind_group_layout(0);
+        let mut groups = Vec::with_capacity(dispatches.len());
+        for d in dispatches {
+            let ubuf = d.uniform.map(|bytes| {
+                use wgpu::util::DeviceExt;
+                self.device
+                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                        label: Some("uniform"),
+                        contents: bytes,
+                        usage: wgpu::BufferUsages::UNIFORM,
+                    })
+            });
+            let mut entries: Vec<wgpu::BindGroupEntry> = d
+                .buffers
+                .iter()
+                .enumerate()
+                .map(|(i, b)| wgpu::BindGroupEntry {
+                    binding: i as u32,
+                    resource: b.as_entire_binding(),
+                })
+                .collect();
+            if let Some(u) = &ubuf {
+                entries.push(wgpu::BindGroupEntry {
+                    binding: d.buffers.len() as u32,
+                    resource: u.as_entire_binding(),
+                });
+            }
+            groups.push(self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(kernel),
+                layout: &layout,
+                entries: &entries,
+            }));
+        }
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(kernel),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(pipeline);
+            for (d, g) in dispatches.iter().zip(&groups) {
+                pass.set_bind_group(0, g, &[]);
+                pass.dispatch_workgroups(d.groups.0, d.groups.1, d.groups.2);
+            }
+        }
+        self.queue.submit([enc.finish()]);
+        let v = pollster::block_on(val.pop());
+        let o = pollster::block_on(oom.pop());
+        if let Some(e) = v.or(o) {
+            return Err(Error::gpu(kernel, shape, e.to_string()));
+        }
+        self.check_health(kernel, shape)
+    }
+
+    /// Waits for all submitted work; turns a lost device or an uncaptured error into an `Error`.
+    pub fn sync(&self, kernel: &str, shape: &str) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::gpu(kernel, shape, format!("waiting for the GPU failed: {e}")))?;
+        self.check_health(kernel, shape)
+    }
+
+    fn check_health(&self, kernel: &str, shape: &str) -> Result<()> {
+        if self.lost.load(Ordering::SeqCst) {
+            return Err(Error::gpu(kernel, shape, "device lost"));
+        }
+        if let Some(e) = self.uncaptured.lock().map_err(poisoned)?.take() {
+            return Err(Error::gpu(kernel, shape, e));
+        }
+        Ok(())
+    }
+}
+
+/// One dispatch of a kernel: its storage buffers (binding 0..n), optional uniform (binding n) and
+/// workgroup counts.
+pub(crate) struct Dispatch<'a> {
+    pub buffers: Vec<&'a wgpu::Buffer>,
+    pub uniform: Option<&'a [u8]>,
+    pub groups: (u32, u32, u32),
+}
+
+fn poisoned<T>(_: std::sync::PoisonError<T>) -> Error {
+    Error::gpu("context", "-", "internal lock poisoned by an earlier panic")
+}

@@ -1,0 +1,11 @@
+//! Everything that touches wgpu: the context, the chunked buffer type and one file per kernel
+//! family. Code outside this folder calls these wrappers and never wgpu itself.
+
+pub mod buffer;
+pub mod context;
+pub mod matmul;
+pub mod quant;
+pub mod reduce;
+
+pub use buffer::{GpuDtype, GpuTensor};
+pub use context::{AdapterSummary, ContextOptions, GpuContext, list_adapters};

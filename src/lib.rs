@@ -1,0 +1,13 @@
+//! wgpress: compresses Llama-family checkpoints on any GPU wgpu reaches (DESIGN.md is the map).
+
+pub mod engine;
+pub mod error;
+pub mod export;
+pub mod gpu;
+pub mod model;
+pub mod quant;
+pub mod reference;
+pub mod rng;
+pub mod shaders;
+
+pub use error::{Error, Result};

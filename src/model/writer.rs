@@ -1,0 +1,223 @@
+//! Atomic output: everything a command writes goes into `<OUT>.partial-<pid>` next to OUT and is
+//! renamed into place only when the whole output is complete. A failure (or a panic, or ^C before
+//! the rename) leaves OUT as it was. Also the one safetensors writer (streamed, no whole-file copy).
+
+use crate::error::{Error, Result};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Name of the marker file that says "wgpress wrote this directory", so a later run may replace it.
+pub const MARKER: &str = "report.json";
+
+/// A tensor to write: raw little-endian bytes in `dtype`'s layout.
+pub struct TensorOut {
+    pub name: String,
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+/// An output directory under construction.
+pub struct OutputDir {
+    final_path: PathBuf,
+    tmp_path: PathBuf,
+    committed: bool,
+}
+
+impl OutputDir {
+    /// Starts an output at `out`. Refuses an existing non-empty directory that wgpress did not write
+    /// (it holds no `report.json` with `"tool": "wgpress"`), so user data is never replaced.
+    pub fn create(out: &Path) -> Result<Self> {
+        if out.exists() {
+            if !out.is_dir() {
+                return Err(Error::Output {
+                    path: out.into(),
+                    problem: "exists and is not a directory".into(),
+                });
+            }
+            let non_empty = std::fs::read_dir(out)
+                .map_err(|e| Error::io(out, e))?
+                .next()
+                .is_some();
+            if non_empty && !written_by_wgpress(out) {
+                return Err(Error::Output {
+                    path: out.into(),
+                    problem: "exists, is not empty and was not written by wgpress; choose another --out or remove it".into(),
+                });
+            }
+        }
+        let name = out
+            .file_name()
+            .ok_or_else(|| Error::Output {
+                path: out.into(),
+                problem: "has no directory name".into(),
+            })?
+            .to_string_lossy()
+            .to_string();
+        let parent = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent).map_err(|e| Error::Output {
+            path: out.into(),
+            problem: format!("cannot create parent directory {}: {e}", parent.display()),
+        })?;
+        let tmp_path = parent.join(format!(".{name}.partial-{}", std::process::id()));
+        if tmp_path.exists() {
+            let _ = std::fs::remove_dir_all(&tmp_path);
+        }
+        std::fs::create_dir(&tmp_path).map_err(|e| Error::Output {
+            path: out.into(),
+            problem: format!("cannot write in {}: {e}", parent.display()),
+        })?;
+        Ok(OutputDir {
+            final_path: out.to_path_buf(),
+            tmp_path,
+            committed: false,
+        })
+    }
+
+    /// The temporary directory files are written into.
+    pub fn path(&self) -> &Path {
+        &self.tmp_path
+    }
+
+    pub fn final_path(&self) -> &Path {
+        &self.final_path
+    }
+
+    pub fn write_file(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let p = self.tmp_path.join(name);
+        std::fs::write(&p, bytes).map_err(|e| Error::io(&p, e))
+    }
+
+    pub fn write_json(&self, name: &str, value: &serde_json::Value) -> Result<()> {
+        let s = serde_json::to_string_pretty(value)
+            .map_err(|e| Error::format(self.tmp_path.join(name), e.to_string()))?;
+        self.write_file(name, s.as_bytes())
+    }
+
+    pub fn copy_file(&self, src: &Path, name: &str) -> Result<()> {
+        let dst = self.tmp_path.join(name);
+        std::fs::copy(src, &dst).map_err(|e| Error::io(src, e))?;
+        Ok(())
+    }
+
+    /// Writes a safetensors file (tensors in the order given; metadata as `__metadata__`).
+    pub fn write_safetensors(
+        &self,
+        name: &str,
+        tensors: &[TensorOut],
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<()> {
+        write_safetensors(&self.tmp_path.join(name), tensors, metadata)
+    }
+
+    /// Moves the finished output into place, replacing an earlier wgpress output at the same path.
+    pub fn commit(mut self) -> Result<PathBuf> {
+        let out = self.final_path.clone();
+        let mut old = None;
+        if out.exists() {
+            let o = out.with_file_name(format!(
+                ".{}.old-{}",
+                out.file_name().unwrap_or_default().to_string_lossy(),
+                std::process::id()
+            ));
+            std::fs::rename(&out, &o).map_err(|e| Error::io(&out, e))?;
+            old = Some(o);
+        }
+        if let Err(e) = std::fs::rename(&self.tmp_path, &out) {
+            if let Some(o) = &old {
+                let _ = std::fs::rename(o, &out);
+            }
+            return Err(Error::io(&out, e));
+        }
+        self.committed = true;
+        if let Some(o) = old {
+            let _ = std::fs::remove_dir_all(o);
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for OutputDir {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.tmp_path);
+        }
+    }
+}
+
+fn written_by_wgpress(dir: &Path) -> bool {
+    std::fs::read(dir.join(MARKER))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| {
+            v.get("tool")
+                .and_then(|t| t.as_str())
+                .map(|t| t == "wgpress")
+        })
+        .unwrap_or(false)
+}
+
+fn dtype_name(d: safetensors::Dtype) -> String {
+    // safetensors' header names match the Debug names of its Dtype enum (F32, F16, BF16, I32, U8...).
+    format!("{d:?}")
+}
+
+/// Streams a safetensors file to `path` (header, then each tensor's bytes).
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[TensorOut],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).unwrap_or_default(),
+        );
+    }
+    let mut off = 0usize;
+    for t in tensors {
+        let expect = t.shape.iter().product::<usize>() * t.dtype.bitsize() / 8;
+        if expect != t.data.len() {
+            return Err(Error::tensor(
+                path,
+                &t.name,
+                format!(
+                    "data has {} bytes but shape {:?} {:?} needs {expect}",
+                    t.data.len(),
+                    t.shape,
+                    t.dtype
+                ),
+            ));
+        }
+        header.insert(
+            t.name.clone(),
+            serde_json::json!({
+                "dtype": dtype_name(t.dtype),
+                "shape": t.shape,
+                "data_offsets": [off, off + t.data.len()],
+            }),
+        );
+        off += t.data.len();
+    }
+    let mut h = serde_json::to_vec(&serde_json::Value::Object(header))
+        .map_err(|e| Error::format(path, e.to_string()))?;
+    // Pad the header with spaces so tensor data starts 8-byte aligned, as the reference writer does.
+    while (h.len() + 8) % 8 != 0 {
+        h.push(b' ');
+    }
+    let f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut w = std::io::BufWriter::new(f);
+    let io = |e| Error::io(path, e);
+    w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&h).map_err(io)?;
+    for t in tensors {
+        w.write_all(&t.data).map_err(io)?;
+    }
+    w.flush().map_err(io)?;
+    Ok(())
+}

@@ -1,0 +1,206 @@
+//! The quantizer grid: the one description of "b-bit integers with a scale and zero per group" that
+//! RTN, GPTQ, SparseGPT+quant, every exporter and the CPU reference share (DESIGN.md section 4).
+//!
+//! Rules that make results reproducible across adapters and formats:
+//! - the range always contains 0 (min is clamped to <= 0 and max to >= 0, as GPTQ's quantizer does),
+//!   so the zero point lies on the grid and all-positive groups stay representable;
+//! - a degenerate range (all zero) becomes [-1, 1] so the scale is finite;
+//! - the scale is rounded to the nearest f16 (ties to even) before any weight is quantized, so the
+//!   f16 scales that GPTQ/GGUF files store reproduce our dequantized weights bit for bit;
+//! - the scale is clamped to the normal f16 range [2^-14, 65504];
+//! - `q = clamp(round_ties_even(w / scale) + zero, 0, maxq)`: ties round to even, as `torch.round`
+//!   and WGSL `round` do.
+
+use crate::error::{Error, Result};
+use half::f16;
+
+/// Bits, group size and symmetry of a quantizer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QuantSpec {
+    pub bits: u8,
+    /// Input columns per group; `None` means one group per row (per-channel).
+    pub group: Option<usize>,
+    pub sym: bool,
+}
+
+/// Scale and integer zero point of one group.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GroupParams {
+    pub scale: f32,
+    pub zero: u32,
+}
+
+const F16_MIN_NORMAL: f32 = 6.103_515_6e-5;
+const F16_MAX: f32 = 65504.0;
+
+impl QuantSpec {
+    pub fn new(bits: u8, group: Option<usize>, sym: bool) -> Result<Self> {
+        let s = QuantSpec { bits, group, sym };
+        if !(2..=8).contains(&bits) {
+            return Err(Error::invalid(format!("bits must be in 2..=8, got {bits}")));
+        }
+        if group == Some(0) {
+            return Err(Error::invalid("group size must be positive"));
+        }
+        Ok(s)
+    }
+
+    pub fn maxq(&self) -> u32 {
+        (1u32 << self.bits) - 1
+    }
+
+    /// Group size in effect for rows of `cols` inputs.
+    pub fn group_size(&self, cols: usize) -> usize {
+        self.group.unwrap_or(cols).min(cols.max(1))
+    }
+
+    pub fn n_groups(&self, cols: usize) -> usize {
+        cols.div_ceil(self.group_size(cols))
+    }
+
+    /// Checks that the group size divides the input dimension (formats need whole groups).
+    pub fn check_cols(&self, cols: usize, what: &str) -> Result<()> {
+        if let Some(g) = self.group
+            && cols % g != 0
+        {
+            return Err(Error::invalid(format!(
+                "{what}: group size {g} does not divide the input dimension {cols}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Fits the grid of one group from its minimum and maximum.
+    pub fn fit_minmax(&self, min: f32, max: f32) -> GroupParams {
+        let maxq = self.maxq() as f32;
+        let mut lo = min.min(0.0);
+        let mut hi = max.max(0.0);
+        if self.sym {
+            let amax = (-lo).max(hi);
+            let amax = if amax == 0.0 { 1.0 } else { amax };
+            let scale = round_scale(2.0 * amax / maxq);
+            GroupParams {
+                scale,
+                zero: self.maxq().div_ceil(2),
+            }
+        } else {
+            if lo == 0.0 && hi == 0.0 {
+                lo = -1.0;
+                hi = 1.0;
+            }
+            let scale = round_scale((hi - lo) / maxq);
+            let zero = (-lo / scale).round_ties_even().clamp(0.0, maxq) as u32;
+            GroupParams { scale, zero }
+        }
+    }
+
+    /// Fits the grid of one group of values.
+    pub fn fit(&self, values: &[f32]) -> GroupParams {
+        let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+        for &v in values {
+            lo = lo.min(v);
+            hi = hi.max(v);
+        }
+        if values.is_empty() {
+            (lo, hi) = (0.0, 0.0);
+        }
+        self.fit_minmax(lo, hi)
+    }
+
+    pub fn quantize(&self, w: f32, p: GroupParams) -> u32 {
+        ((w / p.scale).round_ties_even() + p.zero as f32).clamp(0.0, self.maxq() as f32) as u32
+    }
+}
+
+impl GroupParams {
+    pub fn dequantize(&self, q: u32) -> f32 {
+        self.scale * (q as f32 - self.zero as f32)
+    }
+}
+
+/// Rounds a positive scale to the nearest f16 within the normal range.
+pub fn round_scale(s: f32) -> f32 {
+    f16::from_f32(s.clamp(F16_MIN_NORMAL, F16_MAX)).to_f32()
+}
+
+/// A quantized out x in matrix: integers, per-(row, group) parameters and the column -> group map.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantizedTensor {
+    pub rows: usize,
+    pub cols: usize,
+    pub spec: QuantSpec,
+    /// Row-major integers in 0..=maxq.
+    pub q: Vec<u8>,
+    /// `scales[r * n_groups + g]`, each exactly representable in f16.
+    pub scales: Vec<f32>,
+    /// `zeros[r * n_groups + g]` in 0..=maxq.
+    pub zeros: Vec<u32>,
+    /// Group of each input column (identity order `c / group` unless act-order permuted it).
+    pub g_idx: Vec<u32>,
+}
+
+impl QuantizedTensor {
+    pub fn n_groups(&self) -> usize {
+        self.spec.n_groups(self.cols)
+    }
+
+    pub fn params(&self, row: usize, group: usize) -> GroupParams {
+        let i = row * self.n_groups() + group;
+        GroupParams {
+            scale: self.scales[i],
+            zero: self.zeros[i],
+        }
+    }
+
+    /// Dequantized weights, row-major f32.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for r in 0..self.rows {
+            for c in 0..self.cols {
+                let p = self.params(r, self.g_idx[c] as usize);
+                out.push(p.dequantize(self.q[r * self.cols + c] as u32));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ties_round_to_even_and_degenerate_rows_are_finite() {
+        let s = QuantSpec::new(4, None, false).unwrap();
+        let p = s.fit(&[0.0; 8]);
+        assert!(p.scale.is_finite() && p.scale > 0.0);
+        let p = GroupParams {
+            scale: 1.0,
+            zero: 8,
+        };
+        assert_eq!(s.quantize(0.5, p), 8);
+        assert_eq!(s.quantize(1.5, p), 10);
+        assert_eq!(s.quantize(-2.5, p), 6);
+        assert_eq!(s.quantize(100.0, p), 15);
+        assert_eq!(s.quantize(-100.0, p), 0);
+    }
+
+    #[test]
+    fn symmetric_zero_is_midpoint_and_scale_is_f16() {
+        let s = QuantSpec::new(3, Some(4), true).unwrap();
+        let p = s.fit(&[0.3, -0.71, 0.2, 0.05]);
+        assert_eq!(p.zero, 4);
+        assert_eq!(f16::from_f32(p.scale).to_f32(), p.scale);
+        assert!((p.scale - 2.0 * 0.71 / 7.0).abs() < 1e-3);
+    }
+
+    #[test]
+    fn rejects_bad_specs() {
+        assert!(QuantSpec::new(1, None, false).is_err());
+        assert!(QuantSpec::new(9, None, false).is_err());
+        assert!(QuantSpec::new(4, Some(0), false).is_err());
+        let s = QuantSpec::new(4, Some(32), false).unwrap();
+        assert!(s.check_cols(96, "x").is_ok());
+        assert!(s.check_cols(100, "x").is_err());
+    }
+}

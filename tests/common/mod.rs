@@ -1,0 +1,43 @@
+//! Shared test helpers: one GPU context per test (checked shaders, optional tiny binding limit),
+//! seeded random data, and comparisons that report the worst element.
+#![allow(dead_code)]
+
+use wgpress::gpu::{ContextOptions, GpuContext};
+
+/// A checked-shader context on the adapter wgpu finds (lavapipe on CI). Panics with a clear
+/// message when there is none: GPU tests are the point of this suite, so a missing adapter is a
+/// failure, not a skip.
+pub fn ctx() -> GpuContext {
+    ctx_with(None)
+}
+
+/// Same, with the storage binding limit lowered to `limit` bytes so tensors split into chunks.
+pub fn ctx_with(limit: Option<u64>) -> GpuContext {
+    let _ = env_logger::builder().is_test(true).try_init();
+    GpuContext::new(&ContextOptions {
+        binding_limit: limit,
+        checked_shaders: true,
+        ..Default::default()
+    })
+    .expect("no GPU adapter: install mesa-vulkan-drivers (lavapipe) to run the GPU tests")
+}
+
+/// Largest |a - b| / (|b| + floor) over all elements, with its index; NaN counts as infinite.
+pub fn max_rel_err(a: &[f32], b: &[f64], floor: f64) -> (f64, usize) {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let mut worst = (0.0f64, 0usize);
+    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+        let e = if x.is_finite() {
+            (x as f64 - y).abs() / (y.abs() + floor)
+        } else {
+            f64::INFINITY
+        };
+        if e > worst.0 || (e.is_infinite() && worst.0.is_finite()) {
+            worst = (e, i);
+        }
+    }
+    worst
+}
+
+/// f32 NaN bit pattern used to poison output buffers so an unwritten element fails a comparison.
+pub const POISON: u32 = 0x7FC0_0BAD;
