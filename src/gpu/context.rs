@@ -73,8 +73,7 @@ fn summarize(index: usize, a: &wgpu::Adapter) -> AdapterSummary {
 }
 
 fn enumerate(instance: &wgpu::Instance) -> Vec<wgpu::Adapter> {
-    let mut adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
-    adapters
+    pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY))
 }
 
 /// All adapters wgpu can see, in the order `--adapter INDEX` refers to.
