@@ -1,14 +1,15 @@
-//! Every WGSL source, embedded at build time, listed once so a test can validate them all with naga.
+//! Every WGSL source, embedded at build time and listed once so a device-free test validates them
+//! all with naga (composed variants included).
 
 pub const MATMUL: &str = include_str!("../shaders/matmul.wgsl");
 pub const MATMUL_COOP: &str = include_str!("../shaders/matmul_coop.wgsl");
 pub const REDUCE: &str = include_str!("../shaders/reduce.wgsl");
 pub const QUANT_RTN: &str = include_str!("../shaders/quant_rtn.wgsl");
 
-/// (name, source, needs cooperative matrices)
-pub const ALL: &[(&str, &str, bool)] = &[
-    ("matmul.wgsl", MATMUL, false),
-    ("matmul_coop.wgsl", MATMUL_COOP, true),
-    ("reduce.wgsl", REDUCE, false),
-    ("quant_rtn.wgsl", QUANT_RTN, false),
-];
+/// Every module as the GPU will see it: (name, source, needs cooperative matrices).
+pub fn all_modules() -> Vec<(String, String, bool)> {
+    let mut v = crate::gpu::matmul::all_sources();
+    v.push(("reduce.wgsl".into(), REDUCE.to_string(), false));
+    v.push(("quant_rtn.wgsl".into(), QUANT_RTN.to_string(), false));
+    v
+}

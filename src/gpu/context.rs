@@ -139,6 +139,8 @@ pub struct Capabilities {
     pub coop_f16_16x16: bool,
     pub max_workgroup_storage: u32,
     pub max_invocations: u32,
+    /// Smallest and largest subgroup size the adapter may use.
+    pub subgroup_size: (u32, u32),
 }
 
 /// The GPU context. Cheap to share by reference; all kernel wrappers take `&GpuContext`.
@@ -254,6 +256,7 @@ impl GpuContext {
                 coop_f16_16x16,
                 max_workgroup_storage: limits.max_compute_workgroup_storage_size,
                 max_invocations: limits.max_compute_invocations_per_workgroup,
+                subgroup_size: (info.subgroup_min_size, info.subgroup_max_size),
             },
             device,
             queue,
