@@ -128,7 +128,7 @@ impl GpuTensor {
         let rb = cols * dtype.size() as usize;
         for c in &t.chunks {
             let src = &bytes[c.row_start * rb..(c.row_start + c.rows) * rb];
-            if src.len() % 4 == 0 {
+            if src.len().is_multiple_of(4) {
                 ctx.queue.write_buffer(&c.buffer, 0, src);
             } else {
                 let mut padded = src.to_vec();

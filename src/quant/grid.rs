@@ -61,7 +61,7 @@ impl QuantSpec {
     /// Checks that the group size divides the input dimension (formats need whole groups).
     pub fn check_cols(&self, cols: usize, what: &str) -> Result<()> {
         if let Some(g) = self.group
-            && cols % g != 0
+            && !cols.is_multiple_of(g)
         {
             return Err(Error::invalid(format!(
                 "{what}: group size {g} does not divide the input dimension {cols}"
