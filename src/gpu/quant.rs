@@ -1,1 +1,409 @@
-//! (being written)
+//! Round-to-nearest (RTN) quantization on the GPU (`shaders/quant_rtn.wgsl`): per (row, group)
+//! min/max and grid fit, quantization packed four u8 per u32, and dequantization, reproducing
+//! `QuantSpec::fit_minmax` / `QuantSpec::quantize` bit for bit (the shader explains how it stays
+//! exact despite WGSL's inexact division).
+//!
+//! Building blocks stay on the GPU ([`GpuGrid`], [`quantize_packed`], [`dequantize`]) so GPTQ and
+//! the layer-error code can reuse them; [`rtn`] downloads a host [`QuantizedTensor`]. Every shape
+//! is validated here before a kernel runs (which is what allows unchecked pipelines). This module
+//! must not redefine the grid (src/quant/grid.rs is the definition) nor fall back to the CPU
+//! silently; the CPU path is `reference::quant::rtn`.
+
+use super::buffer::{GpuDtype, GpuTensor};
+use super::context::{Dispatch, GpuContext};
+use super::reduce::{Launch, WG, check_workgroup_size, lanes_for, plan, to_u32};
+use crate::error::{Error, Result};
+use crate::quant::{QuantSpec, QuantizedTensor};
+use crate::shaders;
+
+const KERNEL: &str = "quant_rtn";
+
+/// Test hooks for the `*_into` variants; `Hooks::default()` is the production behaviour.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Hooks {
+    /// Workgroups-per-dimension limit below the adapter's, so small shapes reach the 2-D grid and
+    /// dispatch splitting.
+    pub grid_limit: Option<u32>,
+    /// Moves every quotient the kernels compute by this many ulps before rounding. Software
+    /// adapters divide exactly, so without it the exact boundary decisions that protect against
+    /// WGSL's 2.5-ulp division would never be exercised; with |skew| <= 3 results must not change.
+    pub div_skew_ulps: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    rows: u32,
+    cols: u32,
+    group: u32,
+    n_groups: u32,
+    w_off: u32,
+    p_off: u32,
+    o_off: u32,
+    lanes: u32,
+    maxq: u32,
+    sym: u32,
+    words: u32,
+    div_skew: i32,
+}
+
+/// Per-(row, group) grid parameters on the GPU: `scales` (f32, each exactly an f16) and `zeros`
+/// (u32 in 0..=maxq), both `rows x n_groups`, laid out like `QuantizedTensor::scales/zeros`.
+pub struct GpuGrid {
+    pub scales: GpuTensor,
+    pub zeros: GpuTensor,
+}
+
+impl GpuGrid {
+    /// Uninitialised parameters for a `rows x cols` weight matrix under `spec`.
+    pub fn empty(ctx: &GpuContext, rows: usize, cols: usize, spec: &QuantSpec) -> Result<Self> {
+        let ng = spec.n_groups(cols.max(1));
+        Ok(GpuGrid {
+            scales: GpuTensor::empty(ctx, rows, ng, GpuDtype::F32)?,
+            zeros: GpuTensor::empty(ctx, rows, ng, GpuDtype::U32)?,
+        })
+    }
+}
+
+/// Checks the weights and the spec; returns (group size, number of groups).
+fn validate(w: &GpuTensor, spec: &QuantSpec) -> Result<(usize, usize)> {
+    // A spec built by struct literal bypasses `QuantSpec::new`'s checks.
+    QuantSpec::new(spec.bits, spec.group, spec.sym)?;
+    if w.dtype != GpuDtype::F32 {
+        return Err(Error::invalid(format!(
+            "rtn: weights must be F32, got {}",
+            w.shape_str()
+        )));
+    }
+    if w.cols == 0 {
+        return Err(Error::invalid(
+            "rtn: a weight matrix needs at least one column",
+        ));
+    }
+    spec.check_cols(w.cols, "rtn")?;
+    Ok((spec.group_size(w.cols), spec.n_groups(w.cols)))
+}
+
+fn check_out(t: &GpuTensor, rows: usize, cols: usize, dtype: GpuDtype, what: &str) -> Result<()> {
+    if t.rows != rows || t.cols != cols || t.dtype != dtype {
+        return Err(Error::Shape {
+            op: format!("{KERNEL} {what}"),
+            expected: format!("{rows}x{cols} {dtype:?}"),
+            got: t.shape_str(),
+        });
+    }
+    Ok(())
+}
+
+fn shape_of(w: &GpuTensor, spec: &QuantSpec) -> String {
+    format!(
+        "{} {}-bit {} group {}",
+        w.shape_str(),
+        spec.bits,
+        if spec.sym { "sym" } else { "asym" },
+        spec.group.map_or("row".to_string(), |g| g.to_string())
+    )
+}
+
+/// Fits the grid of every (row, group) of `w` on the GPU.
+pub fn fit_grid(ctx: &GpuContext, w: &GpuTensor, spec: &QuantSpec) -> Result<GpuGrid> {
+    validate(w, spec)?;
+    let grid = GpuGrid::empty(ctx, w.rows, w.cols, spec)?;
+    fit_grid_into(ctx, w, spec, &grid, Hooks::default())?;
+    Ok(grid)
+}
+
+/// [`fit_grid`] into caller-allocated parameters (tests poison them first), with test [`Hooks`].
+#[doc(hidden)]
+pub fn fit_grid_into(
+    ctx: &GpuContext,
+    w: &GpuTensor,
+    spec: &QuantSpec,
+    grid: &GpuGrid,
+    hooks: Hooks,
+) -> Result<()> {
+    let (group, ng) = validate(w, spec)?;
+    let shape = shape_of(w, spec);
+    check_out(&grid.scales, w.rows, ng, GpuDtype::F32, "scales")?;
+    check_out(&grid.zeros, w.rows, ng, GpuDtype::U32, "zeros")?;
+    if w.rows == 0 {
+        return Ok(());
+    }
+    check_workgroup_size(ctx, KERNEL, &shape)?;
+    let lanes = lanes_for(group);
+    let base = base_params(hooks, w, spec, group, ng, &shape)?;
+    let mut jobs = Vec::new();
+    for (r0, r1) in GpuTensor::common_row_ranges(&[w, &grid.scales, &grid.zeros]) {
+        let (wi, wr) = w.locate(r0);
+        let (si, sr) = grid.scales.locate(r0);
+        let (zi, zr) = grid.zeros.locate(r0);
+        if sr != zr {
+            // Same shape and element size give the same chunking; anything else is a bug.
+            return Err(Error::gpu(
+                KERNEL,
+                &shape,
+                "scales and zeros are chunked differently",
+            ));
+        }
+        for Launch {
+            first: d0,
+            rows,
+            groups,
+        } in plan(r1 - r0, ng, WG / lanes, limit(ctx, hooks.grid_limit))?
+        {
+            let p = Params {
+                rows: to_u32(rows, KERNEL, &shape)?,
+                w_off: to_u32((wr + d0) * w.cols, KERNEL, &shape)?,
+                p_off: to_u32((sr + d0) * ng, KERNEL, &shape)?,
+                lanes: lanes as u32,
+                ..base
+            };
+            jobs.push((p, [wi, si, zi], groups));
+        }
+    }
+    let tensors = [w, &grid.scales, &grid.zeros];
+    launch(ctx, "fit", &shape, &tensors, &jobs)
+}
+
+/// Quantizes `w` with the fitted `grid`: a `rows x ceil(cols / 4)` u32 tensor whose word k of a
+/// row holds columns 4k..4k+3 in bytes 0..3 (padding bytes are 0). Unpack with [`unpack_q`].
+pub fn quantize_packed(
+    ctx: &GpuContext,
+    w: &GpuTensor,
+    spec: &QuantSpec,
+    grid: &GpuGrid,
+) -> Result<GpuTensor> {
+    validate(w, spec)?;
+    let out = GpuTensor::empty(ctx, w.rows, w.cols.div_ceil(4), GpuDtype::U32)?;
+    quantize_packed_into(ctx, w, spec, grid, &out, Hooks::default())?;
+    Ok(out)
+}
+
+/// [`quantize_packed`] into a caller-allocated output (see [`fit_grid_into`]).
+#[doc(hidden)]
+pub fn quantize_packed_into(
+    ctx: &GpuContext,
+    w: &GpuTensor,
+    spec: &QuantSpec,
+    grid: &GpuGrid,
+    out: &GpuTensor,
+    hooks: Hooks,
+) -> Result<()> {
+    let words = w.cols.div_ceil(4);
+    elementwise(
+        ctx,
+        "quantize",
+        w,
+        spec,
+        grid,
+        out,
+        words,
+        GpuDtype::U32,
+        hooks,
+    )
+}
+
+/// Dequantized weights `scale * (q - zero)` as a `rows x cols` f32 tensor, computed on the GPU
+/// from `w` and its fitted `grid` (q is recomputed, never stored).
+pub fn dequantize(
+    ctx: &GpuContext,
+    w: &GpuTensor,
+    spec: &QuantSpec,
+    grid: &GpuGrid,
+) -> Result<GpuTensor> {
+    validate(w, spec)?;
+    let out = GpuTensor::empty(ctx, w.rows, w.cols, GpuDtype::F32)?;
+    dequantize_into(ctx, w, spec, grid, &out, Hooks::default())?;
+    Ok(out)
+}
+
+/// [`dequantize`] into a caller-allocated output (see [`fit_grid_into`]).
+#[doc(hidden)]
+pub fn dequantize_into(
+    ctx: &GpuContext,
+    w: &GpuTensor,
+    spec: &QuantSpec,
+    grid: &GpuGrid,
+    out: &GpuTensor,
+    hooks: Hooks,
+) -> Result<()> {
+    elementwise(
+        ctx,
+        "dequant",
+        w,
+        spec,
+        grid,
+        out,
+        w.cols,
+        GpuDtype::F32,
+        hooks,
+    )
+}
+
+/// RTN-quantizes `w` on the GPU and downloads the result.
+pub fn rtn(ctx: &GpuContext, w: &GpuTensor, spec: &QuantSpec) -> Result<QuantizedTensor> {
+    let grid = fit_grid(ctx, w, spec)?;
+    let packed = quantize_packed(ctx, w, spec, &grid)?;
+    download(ctx, w.rows, w.cols, spec, &grid, &packed)
+}
+
+/// RTN-quantizes `w` on the GPU and returns the dequantized weights, still on the GPU.
+pub fn rtn_dequant(ctx: &GpuContext, w: &GpuTensor, spec: &QuantSpec) -> Result<GpuTensor> {
+    let grid = fit_grid(ctx, w, spec)?;
+    dequantize(ctx, w, spec, &grid)
+}
+
+/// Builds the host [`QuantizedTensor`] from a grid and packed integers left on the GPU.
+pub fn download(
+    ctx: &GpuContext,
+    rows: usize,
+    cols: usize,
+    spec: &QuantSpec,
+    grid: &GpuGrid,
+    packed: &GpuTensor,
+) -> Result<QuantizedTensor> {
+    let group = spec.group_size(cols).max(1);
+    check_out(packed, rows, cols.div_ceil(4), GpuDtype::U32, "packed q")?;
+    let words = packed.to_u32(ctx)?;
+    Ok(QuantizedTensor {
+        rows,
+        cols,
+        spec: *spec,
+        q: unpack_q(&words, rows, cols)?,
+        scales: grid.scales.to_f32(ctx)?,
+        zeros: grid.zeros.to_u32(ctx)?,
+        g_idx: (0..cols).map(|c| (c / group) as u32).collect(),
+    })
+}
+
+/// Unpacks `rows x ceil(cols / 4)` words (byte j of word k = column 4k + j) into row-major u8.
+pub fn unpack_q(words: &[u32], rows: usize, cols: usize) -> Result<Vec<u8>> {
+    let wpr = cols.div_ceil(4);
+    if words.len() != rows * wpr {
+        return Err(Error::Shape {
+            op: "unpack_q".into(),
+            expected: format!("{} words for {rows}x{cols}", rows * wpr),
+            got: format!("{} words", words.len()),
+        });
+    }
+    let mut q = Vec::with_capacity(rows * cols);
+    for row in words.chunks_exact(wpr.max(1)).take(rows) {
+        let bytes: Vec<u8> = row.iter().flat_map(|w| w.to_le_bytes()).collect();
+        q.extend_from_slice(&bytes[..cols]);
+    }
+    Ok(q)
+}
+
+fn limit(ctx: &GpuContext, grid_limit: Option<u32>) -> u32 {
+    grid_limit
+        .unwrap_or(u32::MAX)
+        .min(ctx.max_workgroups_per_dim())
+}
+
+fn base_params(
+    hooks: Hooks,
+    w: &GpuTensor,
+    spec: &QuantSpec,
+    group: usize,
+    ng: usize,
+    shape: &str,
+) -> Result<Params> {
+    Ok(Params {
+        rows: 0,
+        cols: to_u32(w.cols, KERNEL, shape)?,
+        group: to_u32(group, KERNEL, shape)?,
+        n_groups: to_u32(ng, KERNEL, shape)?,
+        w_off: 0,
+        p_off: 0,
+        o_off: 0,
+        lanes: 1,
+        maxq: spec.maxq(),
+        sym: spec.sym as u32,
+        words: 0,
+        div_skew: hooks.div_skew_ulps,
+    })
+}
+
+/// The per-element kernels (`quantize`: one invocation per packed word; `dequant`: per element).
+#[allow(clippy::too_many_arguments)]
+fn elementwise(
+    ctx: &GpuContext,
+    entry: &str,
+    w: &GpuTensor,
+    spec: &QuantSpec,
+    grid: &GpuGrid,
+    out: &GpuTensor,
+    words: usize,
+    dtype: GpuDtype,
+    hooks: Hooks,
+) -> Result<()> {
+    let (group, ng) = validate(w, spec)?;
+    let shape = shape_of(w, spec);
+    check_out(&grid.scales, w.rows, ng, GpuDtype::F32, "scales")?;
+    check_out(&grid.zeros, w.rows, ng, GpuDtype::U32, "zeros")?;
+    check_out(out, w.rows, words, dtype, entry)?;
+    if w.rows == 0 {
+        return Ok(());
+    }
+    check_workgroup_size(ctx, KERNEL, &shape)?;
+    let base = Params {
+        words: to_u32(words, KERNEL, &shape)?,
+        ..base_params(hooks, w, spec, group, ng, &shape)?
+    };
+    let mut jobs = Vec::new();
+    for (r0, r1) in GpuTensor::common_row_ranges(&[w, &grid.scales, &grid.zeros, out]) {
+        let (wi, wr) = w.locate(r0);
+        let (si, sr) = grid.scales.locate(r0);
+        let (zi, zr) = grid.zeros.locate(r0);
+        let (oi, or) = out.locate(r0);
+        if sr != zr {
+            return Err(Error::gpu(
+                KERNEL,
+                &shape,
+                "scales and zeros are chunked differently",
+            ));
+        }
+        for Launch {
+            first: d0,
+            rows,
+            groups,
+        } in plan(r1 - r0, words, WG, limit(ctx, hooks.grid_limit))?
+        {
+            let p = Params {
+                rows: to_u32(rows, KERNEL, &shape)?,
+                w_off: to_u32((wr + d0) * w.cols, KERNEL, &shape)?,
+                p_off: to_u32((sr + d0) * ng, KERNEL, &shape)?,
+                o_off: to_u32((or + d0) * words, KERNEL, &shape)?,
+                ..base
+            };
+            jobs.push((p, vec![wi, si, zi, oi], groups));
+        }
+    }
+    let tensors = [w, &grid.scales, &grid.zeros, out];
+    launch(ctx, entry, &shape, &tensors, &jobs)
+}
+
+/// Records one dispatch per job: job = (uniform, chunk index into each tensor, workgroups).
+fn launch<C: AsRef<[usize]>>(
+    ctx: &GpuContext,
+    entry: &str,
+    shape: &str,
+    tensors: &[&GpuTensor],
+    jobs: &[(Params, C, (u32, u32, u32))],
+) -> Result<()> {
+    let pipeline = ctx.pipeline(KERNEL, shaders::QUANT_RTN, entry, true)?;
+    let dispatches: Vec<Dispatch> = jobs
+        .iter()
+        .map(|(p, chunks, groups)| Dispatch {
+            buffers: tensors
+                .iter()
+                .zip(chunks.as_ref())
+                .map(|(t, &i)| &t.chunks[i].buffer)
+                .collect(),
+            uniform: Some(bytemuck::bytes_of(p)),
+            groups: *groups,
+        })
+        .collect();
+    ctx.run(&format!("{KERNEL}/{entry}"), shape, &pipeline, &dispatches)
+}
