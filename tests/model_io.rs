@@ -490,3 +490,298 @@ fn missing_dir_for_safetensors() {
     let e = SafetensorsSet::open(&p).expect_err("must fail");
     assert_names(&e, &[&path_str(&p), "does not exist"]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// config.json, Model::open, inspect, synthetic checkpoints
+
+use wgpress::model::config::LlamaConfig;
+use wgpress::model::synth::{SynthSpec, write_random_llama};
+use wgpress::model::{Model, inspect};
+
+fn synth(dir: &Path, spec: &SynthSpec) {
+    write_random_llama(dir, spec, 1234).expect("synth");
+}
+
+fn synth_roundtrip(dtype: Dtype, shards: usize, tie: bool) {
+    let d = tmp();
+    let m = d.path().join("m");
+    let spec = SynthSpec {
+        hidden: 48,
+        intermediate: 80,
+        layers: 3,
+        heads: 6,
+        kv_heads: 2,
+        vocab: 100,
+        dtype,
+        shards,
+        tie_embeddings: tie,
+    };
+    synth(&m, &spec);
+    let model = Model::open(&m).expect("open synth");
+    assert_eq!(model.config.head_dim, 8);
+    assert_eq!(model.weights.files().len(), shards.max(1));
+    if shards > 1 {
+        assert!(m.join("model.safetensors.index.json").is_file());
+        assert!(!m.join("model.safetensors").exists());
+    }
+    let expected = model.config.expected_tensors();
+    assert_eq!(model.weights.names().len(), expected.len());
+    for (name, shape) in &expected {
+        let info = model.weights.info(name).expect("info");
+        assert_eq!(&info.shape, shape);
+        assert_eq!(info.dtype, dtype);
+        let v = model.weights.to_f32(name).expect("finite values");
+        if name.ends_with("proj.weight") {
+            // std ~ 1/sqrt(in): loose bounds, the point is the scale is not wildly off.
+            let var = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / v.len() as f64;
+            let want = 1.0 / shape[1] as f64;
+            assert!(
+                var > 0.5 * want && var < 2.0 * want,
+                "{name}: var {var} vs {want}"
+            );
+        }
+        if name.ends_with("norm.weight") {
+            let mean = v.iter().sum::<f32>() / v.len() as f32;
+            assert!((mean - 1.0).abs() < 0.1, "{name}: mean {mean}");
+        }
+    }
+    assert_eq!(model.config.tie_word_embeddings, tie);
+    assert_eq!(model.weights.contains("lm_head.weight"), !tie);
+    // Same seed, same bytes: rewriting into the same (wgpress-written) directory works too.
+    let before = model
+        .weights
+        .to_f32("model.layers.1.mlp.down_proj.weight")
+        .expect("read");
+    drop(model);
+    synth(&m, &spec);
+    let again = Model::open(&m).expect("reopen");
+    let after = again
+        .weights
+        .to_f32("model.layers.1.mlp.down_proj.weight")
+        .expect("read");
+    assert_eq!(before, after);
+}
+
+#[test]
+fn synth_single_f32() {
+    synth_roundtrip(Dtype::F32, 1, false);
+}
+
+#[test]
+fn synth_single_bf16_tied() {
+    synth_roundtrip(Dtype::BF16, 1, true);
+}
+
+#[test]
+fn synth_sharded_f16() {
+    synth_roundtrip(Dtype::F16, 3, false);
+}
+
+#[test]
+fn synth_sharded_bf16_many_shards() {
+    // More shards than blocks: every shard still gets at least one tensor.
+    synth_roundtrip(Dtype::BF16, 7, true);
+}
+
+#[test]
+fn config_expected_tensors_and_counts() {
+    let d = tmp();
+    let m = d.path().join("m");
+    synth(&m, &SynthSpec::default());
+    let cfg = LlamaConfig::load(&m).expect("config");
+    assert_eq!(cfg.architecture, "LlamaForCausalLM");
+    assert_eq!(cfg.num_key_value_heads, 2);
+    assert_eq!(cfg.head_dim, 16);
+    assert_eq!(cfg.rope_theta, 10000.0);
+    assert!(cfg.raw.get("model_type").is_some());
+    let names: Vec<String> = cfg.expected_tensors().into_iter().map(|(n, _)| n).collect();
+    // embed + 2 blocks x 9 + norm + lm_head
+    assert_eq!(names.len(), 1 + 2 * 9 + 2);
+    assert!(cfg.is_linear("model.layers.1.self_attn.k_proj.weight"));
+    assert!(cfg.is_linear("model.layers.0.mlp.down_proj.weight"));
+    assert!(!cfg.is_linear("model.layers.2.mlp.down_proj.weight"));
+    assert!(!cfg.is_linear("model.layers.0.input_layernorm.weight"));
+    assert!(!cfg.is_linear("model.layers.0.self_attn.q_proj.bias"));
+    assert!(!cfg.is_linear("lm_head.weight"));
+    assert!(!cfg.is_linear("model.embed_tokens.weight"));
+    // 64*256*2 (embed, lm_head) + 2 * (4*64 q/o... ) computed from shapes:
+    let h = 64u64;
+    let per_block = h * h + 2 * (32 * h) + h * h + 3 * (160 * h) + 2 * h;
+    assert_eq!(cfg.parameter_count(), 2 * 256 * h + 2 * per_block + h);
+}
+
+fn write_config(dir: &Path, json: serde_json::Value) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec(&json).expect("json"),
+    )
+    .expect("write config");
+}
+
+#[test]
+fn qwen2_config_has_qkv_biases() {
+    let d = tmp();
+    let mut j = SynthSpec::default().config_json();
+    j["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+    j.as_object_mut().expect("obj").remove("head_dim");
+    j.as_object_mut()
+        .expect("obj")
+        .remove("num_key_value_heads");
+    write_config(d.path(), j);
+    let cfg = LlamaConfig::load(d.path()).expect("config");
+    assert_eq!(cfg.num_key_value_heads, cfg.num_attention_heads);
+    assert_eq!(cfg.head_dim, 16);
+    let names: Vec<String> = cfg.expected_tensors().into_iter().map(|(n, _)| n).collect();
+    assert!(names.contains(&"model.layers.0.self_attn.q_proj.bias".to_string()));
+    assert!(names.contains(&"model.layers.0.self_attn.v_proj.bias".to_string()));
+    assert!(!names.contains(&"model.layers.0.self_attn.o_proj.bias".to_string()));
+}
+
+#[test]
+fn unsupported_architecture() {
+    let d = tmp();
+    let mut j = SynthSpec::default().config_json();
+    j["architectures"] = serde_json::json!(["BertForMaskedLM"]);
+    write_config(d.path(), j);
+    let e = Model::open(d.path()).expect_err("must fail");
+    assert!(
+        matches!(e, wgpress::Error::UnsupportedArchitecture(_)),
+        "{e}"
+    );
+    assert_names(&e, &["BertForMaskedLM"]);
+}
+
+#[test]
+fn config_nonsense_values() {
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        (
+            "hidden_size",
+            serde_json::json!(0),
+            "hidden_size must be positive",
+        ),
+        (
+            "num_key_value_heads",
+            serde_json::json!(3),
+            "does not divide num_attention_heads",
+        ),
+        ("rms_norm_eps", serde_json::json!(-1.0), "rms_norm_eps"),
+        ("vocab_size", serde_json::json!("many"), "vocab_size"),
+    ];
+    for (key, val, want) in cases {
+        let d = tmp();
+        let mut j = SynthSpec::default().config_json();
+        j[key] = val;
+        write_config(d.path(), j);
+        let e = LlamaConfig::load(d.path()).expect_err(key);
+        assert_names(&e, &[&path_str(&d.path().join("config.json")), want]);
+    }
+    // Heads not dividing hidden without an explicit head_dim.
+    let d = tmp();
+    let mut j = SynthSpec::default().config_json();
+    j["num_attention_heads"] = serde_json::json!(6);
+    j["num_key_value_heads"] = serde_json::json!(6);
+    j.as_object_mut().expect("obj").remove("head_dim");
+    write_config(d.path(), j);
+    let e = LlamaConfig::load(d.path()).expect_err("heads");
+    assert_names(&e, &["config.json", "does not divide hidden_size"]);
+}
+
+#[test]
+fn missing_model_dir() {
+    let d = tmp();
+    let p = d.path().join("no-such-model");
+    let e = Model::open(&p).expect_err("must fail");
+    assert_names(&e, &[&path_str(&p), "does not exist"]);
+}
+
+#[test]
+fn missing_config_json() {
+    let d = tmp();
+    let m = d.path().join("m");
+    synth(&m, &SynthSpec::default());
+    std::fs::remove_file(m.join("config.json")).expect("rm");
+    let e = Model::open(&m).expect_err("must fail");
+    assert_names(&e, &[&path_str(&m.join("config.json")), "missing"]);
+}
+
+#[test]
+fn model_missing_safetensors() {
+    let d = tmp();
+    let m = d.path().join("m");
+    synth(&m, &SynthSpec::default());
+    std::fs::remove_file(m.join("model.safetensors")).expect("rm");
+    let e = Model::open(&m).expect_err("must fail");
+    assert_names(&e, &[&path_str(&m.join("model.safetensors")), "missing"]);
+}
+
+#[test]
+fn shape_disagreeing_with_config() {
+    let d = tmp();
+    let m = d.path().join("m");
+    synth(&m, &SynthSpec::default());
+    // Claim a bigger FFN than the weights have.
+    let mut j = SynthSpec::default().config_json();
+    j["intermediate_size"] = serde_json::json!(192);
+    write_config(&m, j);
+    let e = Model::open(&m).expect_err("must fail");
+    assert_names(
+        &e,
+        &[
+            &path_str(&m.join("model.safetensors")),
+            "`model.layers.0.mlp.gate_proj.weight`",
+            "[160, 64]",
+            "[192, 64]",
+        ],
+    );
+}
+
+#[test]
+fn missing_tensor_named() {
+    let d = tmp();
+    let m = d.path().join("m");
+    synth(&m, &SynthSpec::default());
+    let mut j = SynthSpec::default().config_json();
+    j["num_hidden_layers"] = serde_json::json!(3);
+    write_config(&m, j);
+    let e = Model::open(&m).expect_err("must fail");
+    assert_names(
+        &e,
+        &[
+            &path_str(&m.join("model.safetensors")),
+            "`model.layers.2.input_layernorm.weight`",
+            "missing",
+        ],
+    );
+}
+
+#[test]
+fn inspect_report_lists_everything() {
+    let d = tmp();
+    let m = d.path().join("m");
+    synth(
+        &m,
+        &SynthSpec {
+            dtype: Dtype::BF16,
+            shards: 2,
+            ..SynthSpec::default()
+        },
+    );
+    let r = inspect(&m).expect("inspect");
+    assert!(!r.has_tokenizer);
+    assert_eq!(r.files.len(), 2);
+    assert_eq!(r.total_bytes, r.parameter_count * 2);
+    let text = r.to_string();
+    assert!(text.contains("LlamaForCausalLM"), "{text}");
+    assert!(text.contains("tokenizer.json missing"), "{text}");
+    assert!(text.contains("K ("), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("model.layers.1.mlp.up_proj.weight"))
+        .expect("tensor line");
+    assert!(
+        line.contains("BF16") && line.contains("[160, 64]"),
+        "{line}"
+    );
+    assert_eq!(wgpress::model::human_count(3_710_000), "3.71 M");
+}
