@@ -162,6 +162,20 @@ fn unaligned_f16_data_reads_correctly() {
     write_raw_bytes(&p, &h, &bytes);
     let set = SafetensorsSet::open_file(&p).expect("open");
     assert_eq!(set.to_f32("t").expect("to_f32"), want);
+
+    // The same for F32 (its unaligned path copies element by element).
+    let p = d.path().join("odd32.safetensors");
+    let bytes = f32_bytes(&v);
+    let mut h = serde_json::to_vec(&serde_json::json!({
+        "t": {"dtype": "F32", "shape": [40_000], "data_offsets": [0, bytes.len()]}
+    }))
+    .expect("json");
+    while (h.len() + 8).is_multiple_of(4) {
+        h.push(b' ');
+    }
+    write_raw_bytes(&p, &h, &bytes);
+    let set = SafetensorsSet::open_file(&p).expect("open");
+    assert_eq!(set.to_f32("t").expect("to_f32"), v);
 }
 
 #[test]

@@ -291,9 +291,19 @@ impl SafetensorsSet {
         let mut out = vec![0f32; n];
         match e.info.dtype {
             Dtype::F32 => {
-                for (dst, src) in out.chunks_mut(CHUNK).zip(bytes.chunks(CHUNK * 4)) {
-                    for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
-                        *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+                // Aligned little-endian data is already our layout: one memcpy.
+                let aligned: Option<&[f32]> = if cfg!(target_endian = "little") {
+                    bytemuck::try_cast_slice(bytes).ok()
+                } else {
+                    None
+                };
+                if let Some(v) = aligned {
+                    out.copy_from_slice(v);
+                } else {
+                    for (dst, src) in out.chunks_mut(CHUNK).zip(bytes.chunks(CHUNK * 4)) {
+                        for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                            *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+                        }
                     }
                 }
             }
