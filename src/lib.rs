@@ -1,5 +1,6 @@
 //! wgpress: compresses Llama-family checkpoints on any GPU wgpu reaches (DESIGN.md is the map).
 
+pub mod bench;
 pub mod engine;
 pub mod error;
 pub mod export;

@@ -1,0 +1,85 @@
+//! Kernel benchmarks behind `wgpress bench`: fixed random inputs, warm-up, then wall-clock time of
+//! `iters` back-to-back launches ended by one wait (the launch gap is part of what users see).
+//! Speed is measured here and in the criterion benches, never asserted in tests.
+
+use crate::error::{Error, Result};
+use crate::gpu::matmul::{Layout, MatmulPath, matmul_into};
+use crate::gpu::{GpuContext, GpuDtype, GpuTensor};
+use crate::rng::Rng;
+use std::time::Instant;
+
+/// One matmul benchmark row.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MatmulBench {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub dtype: String,
+    pub layout: String,
+    pub path: String,
+    pub ms: f64,
+    pub tflops: f64,
+}
+
+fn random_tensor(
+    ctx: &GpuContext,
+    rows: usize,
+    cols: usize,
+    dtype: GpuDtype,
+    seed: u64,
+) -> Result<GpuTensor> {
+    let mut rng = Rng::new(seed);
+    let v = rng.normal_vec(rows * cols, 1.0);
+    match dtype {
+        GpuDtype::F32 => GpuTensor::from_f32(ctx, rows, cols, &v),
+        GpuDtype::F16 => {
+            let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+            GpuTensor::from_bytes(ctx, rows, cols, dtype, bytemuck::cast_slice(&h))
+        }
+        GpuDtype::BF16 => {
+            let h: Vec<half::bf16> = v.iter().map(|&x| half::bf16::from_f32(x)).collect();
+            GpuTensor::from_bytes(ctx, rows, cols, dtype, bytemuck::cast_slice(&h))
+        }
+        GpuDtype::U32 => Err(Error::invalid("benchmark inputs must be f32, f16 or bf16")),
+    }
+}
+
+/// Times C = A * op(B) for an m x n x k problem.
+pub fn matmul(
+    ctx: &GpuContext,
+    (m, n, k): (usize, usize, usize),
+    dtype: GpuDtype,
+    layout: Layout,
+    path: Option<MatmulPath>,
+    iters: usize,
+) -> Result<MatmulBench> {
+    let a = random_tensor(ctx, m, k, dtype, 1)?;
+    let b = match layout {
+        Layout::NN => random_tensor(ctx, k, n, dtype, 2)?,
+        Layout::NT => random_tensor(ctx, n, k, dtype, 2)?,
+    };
+    let c = GpuTensor::empty(ctx, m, n, GpuDtype::F32)?;
+    let shape = format!("{m}x{n}x{k}");
+    let mut took = MatmulPath::Tiled;
+    for _ in 0..2 {
+        took = matmul_into(ctx, &a, &b, layout, &c, false, path)?;
+    }
+    ctx.sync("matmul", &shape)?;
+    let iters = iters.max(1);
+    let t = Instant::now();
+    for _ in 0..iters {
+        matmul_into(ctx, &a, &b, layout, &c, false, path)?;
+    }
+    ctx.sync("matmul", &shape)?;
+    let s = t.elapsed().as_secs_f64() / iters as f64;
+    Ok(MatmulBench {
+        m,
+        n,
+        k,
+        dtype: format!("{dtype:?}").to_lowercase(),
+        layout: format!("{layout:?}"),
+        path: format!("{took:?}").to_lowercase(),
+        ms: s * 1e3,
+        tflops: 2.0 * m as f64 * n as f64 * k as f64 / s / 1e12,
+    })
+}
