@@ -14,6 +14,10 @@ use safetensors::Dtype;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// A named dense tensor: (name, shape, row-major f32 data), as `write_dense` takes and
+/// `read_gptq_dequantized` returns.
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
 /// File name of the single weight file the exporters write.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 
@@ -111,7 +115,7 @@ pub(crate) fn config_object(
 pub fn write_dense(
     out: &OutputDir,
     original_config: &serde_json::Value,
-    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    tensors: &[NamedTensor],
     dtype: Dtype,
 ) -> Result<()> {
     let torch_dtype = torch_dtype_name(dtype)?;

@@ -20,15 +20,16 @@
 
 use crate::error::{Error, Result};
 use crate::export::dense::{
-    WEIGHTS_FILE, config_object, encode_floats, safetensors_metadata, torch_dtype_name,
+    NamedTensor, WEIGHTS_FILE, config_object, encode_floats, safetensors_metadata, torch_dtype_name,
 };
+use crate::model::safetensors::SafetensorsSet;
 use crate::model::writer::{OutputDir, TensorOut};
 use crate::quant::pack;
 use crate::quant::{QuantSpec, QuantizedTensor};
 use half::f16;
 use safetensors::Dtype;
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// One tensor of the exported checkpoint.
 #[derive(Clone, Debug)]
@@ -344,3 +345,188 @@ pub fn write_gptq(
     }
     w.finish(original_config)
 }
+
+/// The grid quantize_config.json describes, read back.
+fn read_spec(dir: &Path) -> Result<QuantSpec> {
+    let path = dir.join("quantize_config.json");
+    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| Error::format(&path, e.to_string()))?;
+    let format = v
+        .get("checkpoint_format")
+        .and_then(|f| f.as_str())
+        .unwrap_or("gptq");
+    if format != "gptq" {
+        return Err(Error::format(
+            &path,
+            format!("checkpoint_format `{format}` is not the v1 format `gptq`"),
+        ));
+    }
+    let bits = v
+        .get("bits")
+        .and_then(|b| b.as_u64())
+        .and_then(|b| u8::try_from(b).ok())
+        .ok_or_else(|| Error::format(&path, "missing or bad `bits`"))?;
+    let group = match v.get("group_size").and_then(|g| g.as_i64()) {
+        Some(-1) => None,
+        Some(g) if g > 0 => Some(g as usize),
+        _ => return Err(Error::format(&path, "missing or bad `group_size`")),
+    };
+    let sym = v
+        .get("sym")
+        .and_then(|s| s.as_bool())
+        .ok_or_else(|| Error::format(&path, "missing or bad `sym`"))?;
+    pack::check_bits(bits).map_err(|e| Error::format(&path, e.to_string()))?;
+    QuantSpec::new(bits, group, sym)
+}
+
+/// One quantized linear as stored: integers [out, in], scales and stored zeros in the format's
+/// [G, out] order, and g_idx.
+struct Stored {
+    rows: usize,
+    cols: usize,
+    groups: usize,
+    q: Vec<u8>,
+    scales: Vec<f32>,
+    qzeros: Vec<i32>,
+    g_idx: Vec<u32>,
+}
+
+fn read_stored(set: &SafetensorsSet, spec: &QuantSpec, prefix: &str) -> Result<Stored> {
+    let bits = spec.bits as usize;
+    let info = |suffix: &str, dtype: Dtype, dims: usize| -> Result<(String, Vec<usize>)> {
+        let name = format!("{prefix}.{suffix}");
+        let i = set.info(&name)?;
+        if i.dtype != dtype || i.shape.len() != dims {
+            return Err(Error::tensor(
+                &i.file,
+                &name,
+                format!(
+                    "is {:?} {:?}, expected {dtype:?} with {dims} dimensions",
+                    i.dtype, i.shape
+                ),
+            ));
+        }
+        Ok((name, i.shape.clone()))
+    };
+    let (qw_name, qw_shape) = info("qweight", Dtype::I32, 2)?;
+    let (qz_name, qz_shape) = info("qzeros", Dtype::I32, 2)?;
+    let (sc_name, sc_shape) = info("scales", Dtype::F16, 2)?;
+    let (gi_name, gi_shape) = info("g_idx", Dtype::I32, 1)?;
+    let file = set.info(&qw_name)?.file.clone();
+    let rows = qw_shape[1];
+    let cols = qw_shape[0] * 32 / bits;
+    let groups = sc_shape[0];
+    if qw_shape[0] * 32 % bits != 0
+        || gi_shape[0] != cols
+        || sc_shape[1] != rows
+        || qz_shape[0] != groups
+        || qz_shape[1] * 32 != rows * bits
+        || groups != spec.n_groups(cols)
+    {
+        return Err(Error::tensor(
+            &file,
+            &qw_name,
+            format!(
+                "inconsistent shapes for {}-bit group {:?}: qweight {qw_shape:?}, qzeros {qz_shape:?}, scales {sc_shape:?}, g_idx {gi_shape:?}",
+                spec.bits, spec.group
+            ),
+        ));
+    }
+    let bad = |name: &str, e: Error| Error::tensor(&file, name, e.to_string());
+    let q = pack::unpack_qweight(&set.to_i32(&qw_name)?, rows, cols, spec.bits)
+        .map_err(|e| bad(&qw_name, e))?;
+    let qzeros = set.to_i32(&qz_name)?;
+    let scales = set.to_f32(&sc_name)?;
+    let mut g_idx = Vec::with_capacity(cols);
+    for (c, g) in set.to_i32(&gi_name)?.into_iter().enumerate() {
+        if g < 0 || g as usize >= groups {
+            return Err(Error::tensor(
+                &file,
+                &gi_name,
+                format!("g_idx[{c}] = {g} is outside 0..{groups}"),
+            ));
+        }
+        g_idx.push(g as u32);
+    }
+    Ok(Stored {
+        rows,
+        cols,
+        groups,
+        q,
+        scales,
+        qzeros,
+        g_idx,
+    })
+}
+
+/// Reads the quantized linear `prefix` (without `.weight`) of a GPTQ v1 checkpoint exactly as it
+/// was given to the writer: integers, scales, zero points (the exact inverse of the zero − 1
+/// storage, so a zero of 0 comes back as 0) and g_idx.
+pub fn read_gptq_quantized(dir: &Path, prefix: &str) -> Result<QuantizedTensor> {
+    let spec = read_spec(dir)?;
+    let set = SafetensorsSet::open(dir)?;
+    let s = read_stored(&set, &spec, prefix)?;
+    let zeros_go = pack::unpack_qzeros(&s.qzeros, s.groups, s.rows, spec.bits)?;
+    // The format is [G, out]; QuantizedTensor is per row [out, G].
+    let (mut scales, mut zeros) = (vec![0f32; s.rows * s.groups], vec![0u32; s.rows * s.groups]);
+    for g in 0..s.groups {
+        for r in 0..s.rows {
+            scales[r * s.groups + g] = s.scales[g * s.rows + r];
+            zeros[r * s.groups + g] = zeros_go[g * s.rows + r];
+        }
+    }
+    Ok(QuantizedTensor {
+        rows: s.rows,
+        cols: s.cols,
+        spec,
+        q: s.q,
+        scales,
+        zeros,
+        g_idx: s.g_idx,
+    })
+}
+
+/// Reads a GPTQ v1 checkpoint as a runtime would: every quantized linear dequantized by the v1 rule
+/// `w[o][i] = scales[g_idx[i]][o] · (q[o][i] − (qzeros[g_idx[i]][o] + 1))` (f32 arithmetic, no
+/// wrap-around of the stored zero) as `<prefix>.weight` [out, in], and every other tensor (biases
+/// included) as f32 with its stored shape; sorted by name.
+pub fn read_gptq_dequantized(dir: &Path) -> Result<Vec<NamedTensor>> {
+    let spec = read_spec(dir)?;
+    let set = SafetensorsSet::open(dir)?;
+    let mut names: Vec<&str> = set.names();
+    names.sort_unstable();
+    let prefixes: BTreeSet<&str> = names
+        .iter()
+        .filter_map(|n| n.strip_suffix(".qweight"))
+        .collect();
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        let packed = name
+            .rsplit_once('.')
+            .filter(|(p, s)| PACKED_SUFFIXES.contains(s) && prefixes.contains(p));
+        if let Some((prefix, suffix)) = packed {
+            if suffix == "qweight" {
+                let s = read_stored(&set, &spec, prefix)?;
+                let stored = pack::unpack_qzeros_stored(&s.qzeros, s.groups, s.rows, spec.bits)?;
+                let mut w = Vec::with_capacity(s.rows * s.cols);
+                for r in 0..s.rows {
+                    for c in 0..s.cols {
+                        let gi = s.g_idx[c] as usize * s.rows + r;
+                        // Same operation order as QuantizedTensor::dequantize, so equal inputs give
+                        // equal bits.
+                        let zero = (stored[gi] + 1) as f32;
+                        w.push(s.scales[gi] * (s.q[r * s.cols + c] as f32 - zero));
+                    }
+                }
+                out.push((format!("{prefix}.weight"), vec![s.rows, s.cols], w));
+            }
+            continue;
+        }
+        let shape = set.info(name)?.shape.clone();
+        out.push((name.to_string(), shape, set.to_f32(name)?));
+    }
+    Ok(out)
+}
+
+const PACKED_SUFFIXES: [&str; 4] = ["qweight", "qzeros", "scales", "g_idx"];
