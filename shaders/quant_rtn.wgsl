@@ -140,6 +140,10 @@ fn fit_minmax(mn: f32, mx: f32, maxq_u: u32, sym: bool, skew: i32) -> Grid {
     }
     let s = grid_scale(hi - lo, maxq, skew);
     let z = clamp(round_div(-lo, s, skew), 0.0, maxq);
+    if (z == 0.0) {
+        // GPTQ v1 stores zero - 1: keep zero >= 1 by spanning [0, hi] with maxq - 1 steps.
+        return Grid(grid_scale(hi, maxq - 1.0, skew), 1u);
+    }
     return Grid(s, u32(z));
 }
 

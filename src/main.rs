@@ -151,7 +151,9 @@ fn default_model() -> Result<PathBuf> {
     if built.join("config.json").exists() {
         return Ok(built);
     }
-    bail!("no MODEL given and the default model assets/tiny was not found; pass a checkpoint directory")
+    bail!(
+        "no MODEL given and the default model assets/tiny was not found; pass a checkpoint directory"
+    )
 }
 
 fn main() {

@@ -8,6 +8,8 @@
 //! - the scale is rounded to the nearest f16 (ties to even) before any weight is quantized, so the
 //!   f16 scales that GPTQ/GGUF files store reproduce our dequantized weights bit for bit;
 //! - the scale is clamped to the normal f16 range [2^-14, 65504];
+//! - an asymmetric zero point is never 0 (GPTQ v1 stores zero - 1): a group whose minimum rounds
+//!   to zero steps is spanned as [0, max] with maxq - 1 steps and zero 1;
 //! - `q = clamp(round_ties_even(w / scale) + zero, 0, maxq)`: ties round to even, as `torch.round`
 //!   and WGSL `round` do.
 
@@ -90,6 +92,15 @@ impl QuantSpec {
             }
             let scale = round_scale((hi - lo) / maxq);
             let zero = (-lo / scale).round_ties_even().clamp(0.0, maxq) as u32;
+            if zero == 0 {
+                // GPTQ v1 files store zero - 1 and runtimes add 1 back without wrapping, so a zero
+                // of 0 cannot be stored. The range then is [lo, hi] with lo > -scale/2: spanning
+                // [0, hi] with maxq - 1 steps and zero 1 still covers lo (>= -new scale).
+                return GroupParams {
+                    scale: round_scale(hi / (maxq - 1.0)),
+                    zero: 1,
+                };
+            }
             GroupParams { scale, zero }
         }
     }
@@ -192,6 +203,24 @@ mod tests {
         assert_eq!(p.zero, 4);
         assert_eq!(f16::from_f32(p.scale).to_f32(), p.scale);
         assert!((p.scale - 2.0 * 0.71 / 7.0).abs() < 1e-3);
+    }
+
+    #[test]
+    fn asymmetric_zero_is_never_zero_and_covers_the_range() {
+        for bits in 2..=8u8 {
+            let s = QuantSpec::new(bits, None, false).unwrap();
+            for vals in [[0.1f32, 0.5, 0.9, 0.3], [-0.001, 0.2, 0.7, 0.05]] {
+                let p = s.fit(&vals);
+                assert!(p.zero >= 1, "bits {bits}: zero {}", p.zero);
+                for v in vals {
+                    let q = s.quantize(v, p);
+                    assert!(
+                        (p.dequantize(q) - v).abs() <= p.scale * 0.5 + 1e-6,
+                        "bits {bits} v {v}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
