@@ -120,6 +120,9 @@ mod wgpress_cli {
         pub sym: bool,
         #[arg(long, value_enum, default_value = "gptq")]
         pub format: Format,
+        /// Dtype of unquantized tensors (GPTQ) or of all weights (dense).
+        #[arg(long, value_enum, default_value = "f16")]
+        pub dtype: OutDtype,
         /// Output directory (written atomically; an earlier wgpress output there is replaced).
         #[arg(long, default_value = "out")]
         pub out: PathBuf,
@@ -130,6 +133,13 @@ mod wgpress_cli {
     #[derive(Clone, Copy, ValueEnum, Debug)]
     pub enum Method {
         Rtn,
+    }
+
+    #[derive(Clone, Copy, ValueEnum, Debug)]
+    pub enum OutDtype {
+        F16,
+        Bf16,
+        F32,
     }
 
     #[derive(Clone, Copy, ValueEnum, Debug)]
@@ -253,10 +263,81 @@ fn parse_size(s: &str) -> Result<(usize, usize, usize)> {
 }
 
 mod compress {
-    use super::wgpress_cli::CompressArgs;
-    use anyhow::Result;
+    use super::wgpress_cli::{CompressArgs, Format, OutDtype};
+    use anyhow::{Context, Result};
+    use indicatif::{ProgressBar, ProgressStyle};
+    use wgpress::compress::{self, CompressOptions};
+    use wgpress::model::safetensors::Dtype;
+    use wgpress::quant::QuantSpec;
 
-    pub fn run(_args: CompressArgs) -> Result<()> {
-        anyhow::bail!("compress: export not merged yet")
+    pub fn run(args: CompressArgs) -> Result<()> {
+        let dir = match args.model {
+            Some(m) => m,
+            None => super::default_model()?,
+        };
+        let spec = QuantSpec::new(args.bits, (args.group != 0).then_some(args.group), args.sym)?;
+        let model = wgpress::model::Model::open(&dir)
+            .with_context(|| format!("opening {}", dir.display()))?;
+        let engine = args.gpu.engine()?;
+        eprintln!("device: {}", engine.describe());
+        let opts = CompressOptions {
+            spec,
+            format: match args.format {
+                Format::Gptq => compress::Format::Gptq,
+                Format::Dense => compress::Format::Dense,
+            },
+            dtype: match args.dtype {
+                OutDtype::F16 => Dtype::F16,
+                OutDtype::Bf16 => Dtype::BF16,
+                OutDtype::F32 => Dtype::F32,
+            },
+            out: args.out.clone(),
+        };
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} tensors (eta {eta}) {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        let report = compress::rtn(&engine, &model, &opts, &|done, total, name| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+            bar.set_message(name.to_string());
+        })?;
+        bar.finish_and_clear();
+        let n = report.layers.len().max(1) as f64;
+        let mean_err = report.layers.iter().map(|l| l.rel_weight_err).sum::<f64>() / n;
+        let worst = report
+            .layers
+            .iter()
+            .max_by(|a, b| a.rel_weight_err.total_cmp(&b.rel_weight_err));
+        println!(
+            "quantized {} linear layers with RTN {}-bit {} {} ({} tensors copied) in {:.2} s",
+            report.layers.len(),
+            spec.bits,
+            spec.group
+                .map(|g| format!("group {g}"))
+                .unwrap_or_else(|| "per-channel".into()),
+            if spec.sym { "symmetric" } else { "asymmetric" },
+            report.copied_tensors,
+            report.seconds
+        );
+        println!("mean relative weight error ||W-Q||^2/||W||^2: {mean_err:.3e}");
+        if let Some(w) = worst {
+            println!("worst layer: {} ({:.3e})", w.name, w.rel_weight_err);
+        }
+        println!(
+            "size: {:.2} MiB -> {:.2} MiB; peak GPU buffers {:.2} MiB",
+            report.input_bytes as f64 / 1048576.0,
+            report.output_bytes as f64 / 1048576.0,
+            report.peak_gpu_bytes as f64 / 1048576.0
+        );
+        println!(
+            "wrote {:?} checkpoint to {} (report.json inside)",
+            report.format,
+            args.out.display()
+        );
+        Ok(())
     }
 }
