@@ -4,7 +4,7 @@
 // (f32, or f16/bf16 packed two per u32 word) and the constant B_TRANS.
 // Tile: 128 x 128 per workgroup of 16 x 16 threads, each thread an 8 x 8 block held in sixteen vec4
 // accumulators (explicit variables: indexed local arrays spill to memory on some drivers),
-// K staged 16 at a time in workgroup memory.
+// K staged 16 at a time in workgroup memory, the next K slice prefetched into registers.
 
 struct Params {
     m: u32, n: u32, k: u32, accumulate: u32,
@@ -42,6 +42,20 @@ fn store4(r: u32, c: u32, v: vec4<f32>) {
     }
 }
 
+// Bounds-checked element loads: out-of-range elements of edge tiles read as 0.
+fn get_a(r: u32, k: u32) -> f32 {
+    if (r < p.m && k < p.k) { return ld_a(p.a_off + r * p.lda + k); }
+    return 0.0;
+}
+fn get_bt(c: u32, k: u32) -> f32 {
+    if (c < p.n && k < p.k) { return ld_b(p.b_off + c * p.ldb + k); }
+    return 0.0;
+}
+fn get_b(k: u32, c: u32) -> f32 {
+    if (c < p.n && k < p.k) { return ld_b(p.b_off + k * p.ldb + c); }
+    return 0.0;
+}
+
 @compute @workgroup_size(16, 16, 1)
 fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     let tx = lid.x;
@@ -64,41 +78,105 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
     let lr = tid >> 4u;   // first row of this thread's 8 rows (stride 16)
     let nn = tid & 127u;  // n inside the tile, for n-contiguous sources (B)
     let nk = tid >> 7u;   // first k of this thread's 8 k (stride 2)
+    let sa = lk * AS + (lr >> 2u);  // staging slot of this thread's first A value
+    let sc = lr & 3u;
+    let sb = nk * BS + (nn >> 2u);  // staging slot of this thread's first B value (layout NN)
+    let sn = nn & 3u;
 
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        let gk = k0 + lk;
-        for (var j = 0u; j < 8u; j++) {
-            let r = lr + j * 16u;
-            let gr = row0 + r;
-            var v = 0.0;
-            if (gr < p.m && gk < p.k) {
-                v = ld_a(p.a_off + gr * p.lda + gk);
-            }
-            As[lk * AS + (r >> 2u)][r & 3u] = v;
-        }
+    // The next tile is loaded into registers while the current one is multiplied from workgroup
+    // memory, so global-memory latency overlaps the FMAs (explicit variables: no local arrays).
+    var pa0: f32; var pa1: f32; var pa2: f32; var pa3: f32; var pa4: f32; var pa5: f32; var pa6: f32; var pa7: f32;
+    var pb0: f32; var pb1: f32; var pb2: f32; var pb3: f32; var pb4: f32; var pb5: f32; var pb6: f32; var pb7: f32;
+    {
+        let gk = 0u + lk;
+        pa0 = get_a(row0 + lr + 0u, gk);
+        pa1 = get_a(row0 + lr + 16u, gk);
+        pa2 = get_a(row0 + lr + 32u, gk);
+        pa3 = get_a(row0 + lr + 48u, gk);
+        pa4 = get_a(row0 + lr + 64u, gk);
+        pa5 = get_a(row0 + lr + 80u, gk);
+        pa6 = get_a(row0 + lr + 96u, gk);
+        pa7 = get_a(row0 + lr + 112u, gk);
         if (B_TRANS) {
-            for (var j = 0u; j < 8u; j++) {
-                let c = lr + j * 16u;
-                let gc = col0 + c;
-                var v = 0.0;
-                if (gc < p.n && gk < p.k) {
-                    v = ld_b(p.b_off + gc * p.ldb + gk);
-                }
-                Bs[lk * BS + (c >> 2u)][c & 3u] = v;
-            }
+            pb0 = get_bt(col0 + lr + 0u, gk);
+            pb1 = get_bt(col0 + lr + 16u, gk);
+            pb2 = get_bt(col0 + lr + 32u, gk);
+            pb3 = get_bt(col0 + lr + 48u, gk);
+            pb4 = get_bt(col0 + lr + 64u, gk);
+            pb5 = get_bt(col0 + lr + 80u, gk);
+            pb6 = get_bt(col0 + lr + 96u, gk);
+            pb7 = get_bt(col0 + lr + 112u, gk);
         } else {
-            let gc = col0 + nn;
-            for (var j = 0u; j < 8u; j++) {
-                let kk = nk + j * 2u;
-                let gkk = k0 + kk;
-                var v = 0.0;
-                if (gc < p.n && gkk < p.k) {
-                    v = ld_b(p.b_off + gkk * p.ldb + gc);
-                }
-                Bs[kk * BS + (nn >> 2u)][nn & 3u] = v;
-            }
+            pb0 = get_b(0u + nk + 0u, col0 + nn);
+            pb1 = get_b(0u + nk + 2u, col0 + nn);
+            pb2 = get_b(0u + nk + 4u, col0 + nn);
+            pb3 = get_b(0u + nk + 6u, col0 + nn);
+            pb4 = get_b(0u + nk + 8u, col0 + nn);
+            pb5 = get_b(0u + nk + 10u, col0 + nn);
+            pb6 = get_b(0u + nk + 12u, col0 + nn);
+            pb7 = get_b(0u + nk + 14u, col0 + nn);
+        }
+    }
+    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        As[sa + 0u][sc] = pa0;
+        As[sa + 4u][sc] = pa1;
+        As[sa + 8u][sc] = pa2;
+        As[sa + 12u][sc] = pa3;
+        As[sa + 16u][sc] = pa4;
+        As[sa + 20u][sc] = pa5;
+        As[sa + 24u][sc] = pa6;
+        As[sa + 28u][sc] = pa7;
+        if (B_TRANS) {
+            Bs[sa + 0u][sc] = pb0;
+            Bs[sa + 4u][sc] = pb1;
+            Bs[sa + 8u][sc] = pb2;
+            Bs[sa + 12u][sc] = pb3;
+            Bs[sa + 16u][sc] = pb4;
+            Bs[sa + 20u][sc] = pb5;
+            Bs[sa + 24u][sc] = pb6;
+            Bs[sa + 28u][sc] = pb7;
+        } else {
+            Bs[sb + 0u * BS][sn] = pb0;
+            Bs[sb + 2u * BS][sn] = pb1;
+            Bs[sb + 4u * BS][sn] = pb2;
+            Bs[sb + 6u * BS][sn] = pb3;
+            Bs[sb + 8u * BS][sn] = pb4;
+            Bs[sb + 10u * BS][sn] = pb5;
+            Bs[sb + 12u * BS][sn] = pb6;
+            Bs[sb + 14u * BS][sn] = pb7;
         }
         workgroupBarrier();
+        let k1 = k0 + BK;
+        if (k1 < p.k) {
+            let gk = k1 + lk;
+            pa0 = get_a(row0 + lr + 0u, gk);
+            pa1 = get_a(row0 + lr + 16u, gk);
+            pa2 = get_a(row0 + lr + 32u, gk);
+            pa3 = get_a(row0 + lr + 48u, gk);
+            pa4 = get_a(row0 + lr + 64u, gk);
+            pa5 = get_a(row0 + lr + 80u, gk);
+            pa6 = get_a(row0 + lr + 96u, gk);
+            pa7 = get_a(row0 + lr + 112u, gk);
+            if (B_TRANS) {
+                pb0 = get_bt(col0 + lr + 0u, gk);
+                pb1 = get_bt(col0 + lr + 16u, gk);
+                pb2 = get_bt(col0 + lr + 32u, gk);
+                pb3 = get_bt(col0 + lr + 48u, gk);
+                pb4 = get_bt(col0 + lr + 64u, gk);
+                pb5 = get_bt(col0 + lr + 80u, gk);
+                pb6 = get_bt(col0 + lr + 96u, gk);
+                pb7 = get_bt(col0 + lr + 112u, gk);
+            } else {
+                pb0 = get_b(k1 + nk + 0u, col0 + nn);
+                pb1 = get_b(k1 + nk + 2u, col0 + nn);
+                pb2 = get_b(k1 + nk + 4u, col0 + nn);
+                pb3 = get_b(k1 + nk + 6u, col0 + nn);
+                pb4 = get_b(k1 + nk + 8u, col0 + nn);
+                pb5 = get_b(k1 + nk + 10u, col0 + nn);
+                pb6 = get_b(k1 + nk + 12u, col0 + nn);
+                pb7 = get_b(k1 + nk + 14u, col0 + nn);
+            }
+        }
         for (var kk = 0u; kk < BK; kk++) {
             let a0 = As[kk * AS + ty];
             let a1 = As[kk * AS + 16u + ty];
