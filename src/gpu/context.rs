@@ -451,3 +451,54 @@ pub(crate) struct Dispatch<'a> {
 fn poisoned<T>(_: std::sync::PoisonError<T>) -> Error {
     Error::gpu("context", "-", "internal lock poisoned by an earlier panic")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> GpuContext {
+        GpuContext::new(&ContextOptions {
+            checked_shaders: true,
+            ..Default::default()
+        })
+        .expect("no GPU adapter: install mesa-vulkan-drivers (lavapipe) to run the GPU tests")
+    }
+
+    #[test]
+    fn a_shader_error_becomes_an_error_naming_the_kernel() {
+        let ctx = ctx();
+        let bad = "@compute @workgroup_size(1) fn main() { let x: u32 = 1.5; }";
+        let e = ctx
+            .pipeline("broken_kernel", bad, "main", false)
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("broken_kernel"), "{msg}");
+    }
+
+    #[test]
+    fn pipelines_are_cached_per_variant() {
+        let ctx = ctx();
+        let src = "@group(0) @binding(0) var<storage, read_write> o: array<u32>;\n@compute @workgroup_size(1) fn main() { o[0] = 7u; }";
+        let a = ctx.pipeline("k", src, "main", false).unwrap();
+        let b = ctx.pipeline("k", src, "main", false).unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+    }
+
+    #[test]
+    fn explicit_adapter_selection_errors_are_clear() {
+        let e = GpuContext::new(&ContextOptions {
+            adapter: Some("no-such-gpu-anywhere".into()),
+            ..Default::default()
+        })
+        .err()
+        .expect("selector matched nothing");
+        assert!(e.to_string().contains("no-such-gpu-anywhere"), "{e}");
+        let e = GpuContext::new(&ContextOptions {
+            adapter: Some("99".into()),
+            ..Default::default()
+        })
+        .err()
+        .expect("index out of range");
+        assert!(e.to_string().contains("out of range"), "{e}");
+    }
+}

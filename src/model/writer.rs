@@ -59,6 +59,12 @@ impl OutputDir {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
+        if let Some(file) = parent.ancestors().find(|a| a.is_file()) {
+            return Err(Error::Output {
+                path: out.into(),
+                problem: format!("{} is a file, not a directory", file.display()),
+            });
+        }
         std::fs::create_dir_all(&parent).map_err(|e| Error::Output {
             path: out.into(),
             problem: format!("cannot create parent directory {}: {e}", parent.display()),
