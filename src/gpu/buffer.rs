@@ -72,7 +72,36 @@ pub fn rows_per_chunk(cols: usize, dtype: GpuDtype, limit: u64) -> Result<usize>
 impl GpuTensor {
     /// Allocates an uninitialised tensor.
     pub fn empty(ctx: &GpuContext, rows: usize, cols: usize, dtype: GpuDtype) -> Result<Self> {
-        let per = rows_per_chunk(cols, dtype, ctx.binding_limit())?;
+        Self::empty_aligned(ctx, rows, cols, dtype, 1)
+    }
+
+    /// Allocates an uninitialised tensor whose chunks hold whole groups of `align` rows (e.g. whole
+    /// sequences, so attention never looks across a chunk boundary).
+    pub fn empty_aligned(
+        ctx: &GpuContext,
+        rows: usize,
+        cols: usize,
+        dtype: GpuDtype,
+        align: usize,
+    ) -> Result<Self> {
+        let align = align.max(1);
+        let mut per = rows_per_chunk(cols, dtype, ctx.binding_limit())?;
+        if align > 1 && per != usize::MAX {
+            if per < align {
+                return Err(Error::invalid(format!(
+                    "{align} rows of {cols} {dtype:?} elements exceed the GPU binding limit of {} bytes",
+                    ctx.binding_limit()
+                )));
+            }
+            per -= per % align;
+            if dtype.size() == 2 && cols % 2 == 1 && per % 2 == 1 {
+                per = per.checked_sub(align).filter(|&p| p > 0).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "cannot split {rows}x{cols} {dtype:?} into word-aligned chunks of {align} rows"
+                    ))
+                })?;
+            }
+        }
         let mut chunks = Vec::new();
         let mut start = 0;
         while start < rows || (rows == 0 && chunks.is_empty()) {

@@ -3,6 +3,7 @@
 
 pub mod buffer;
 pub mod context;
+pub mod forward;
 pub mod matmul;
 pub mod quant;
 pub mod reduce;

@@ -1,0 +1,273 @@
+// Llama decoder forward pieces that are not matrix products (those use matmul.wgsl), all f32.
+//
+// Entry points (each binds only what it uses; bindings are per entry point):
+//   rms_norm    y = w * (x * rsqrt(mean(x^2) + eps)), one workgroup per row (HF rounds the
+//               normalised row to f32 before the weight multiply; so do we)
+//   rope        rotate pairs (i, i + d/2) of every head in place by a host-made cos/sin table of the
+//               row's position (row % seq): the table is computed in f64 on the host
+//   attention   causal grouped-query attention; a workgroup takes 64 query rows of one head of one
+//               sequence, stages 16 keys/values at a time in workgroup memory and keeps an online
+//               softmax per row, so no seq x seq matrix is ever stored
+//   silu_mul    g = silu(g) * u in place (SwiGLU)
+//   add         x += y (residual), optionally y + bias broadcast per column (bias_add)
+//   nll         per row: logsumexp(logits) - logits[target] (the cross-entropy of one token)
+
+struct Rows {
+    rows: u32,
+    cols: u32,
+    x_off: u32,
+    y_off: u32,
+    eps: f32,
+    seq: u32,      // rope: positions are row % seq
+    heads: u32,    // rope: heads in the row
+    head_dim: u32, // rope
+    pos0: u32,     // rope: position of the dispatch's first row minus (its row index mod seq)
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
+}
+
+const WG: u32 = 256u;
+var<workgroup> red: array<f32, WG>;
+
+// ---- rms_norm: binding 0 x, 1 w, 2 y, 3 params
+@group(0) @binding(0) var<storage, read> n_x: array<f32>;
+@group(0) @binding(1) var<storage, read> n_w: array<f32>;
+@group(0) @binding(2) var<storage, read_write> n_y: array<f32>;
+@group(0) @binding(3) var<uniform> np: Rows;
+
+@compute @workgroup_size(256)
+fn rms_norm(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let row = wid.x + wid.y * 65535u;
+    if (row >= np.rows) {
+        return;
+    }
+    let base = np.x_off + row * np.cols;
+    var s = 0.0;
+    for (var c = lid.x; c < np.cols; c += WG) {
+        let v = n_x[base + c];
+        s = fma(v, v, s);
+    }
+    red[lid.x] = s;
+    workgroupBarrier();
+    for (var w = WG / 2u; w > 0u; w = w / 2u) {
+        if (lid.x < w) {
+            red[lid.x] = red[lid.x] + red[lid.x + w];
+        }
+        workgroupBarrier();
+    }
+    let inv = inverseSqrt(red[0] / f32(np.cols) + np.eps);
+    let ob = np.y_off + row * np.cols;
+    for (var c = lid.x; c < np.cols; c += WG) {
+        n_y[ob + c] = n_w[c] * (n_x[base + c] * inv);
+    }
+}
+
+// ---- rope: binding 0 x (in place), 1 table [seq][d/2] of (cos, sin), 2 params
+@group(0) @binding(0) var<storage, read_write> r_x: array<f32>;
+@group(0) @binding(1) var<storage, read> r_cs: array<vec2<f32>>;
+@group(0) @binding(2) var<uniform> rp: Rows;
+
+@compute @workgroup_size(256)
+fn rope(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let half = rp.head_dim / 2u;
+    let per_row = rp.heads * half;
+    let i = gid.x + gid.y * 65535u * 256u;
+    if (i >= rp.rows * per_row) {
+        return;
+    }
+    let row = i / per_row;
+    let rem = i % per_row;
+    let h = rem / half;
+    let f = rem % half;
+    let pos = (rp.pos0 + row) % rp.seq;
+    let cs = r_cs[pos * half + f];
+    let a = rp.x_off + row * rp.cols + h * rp.head_dim + f;
+    let x1 = r_x[a];
+    let x2 = r_x[a + half];
+    r_x[a] = x1 * cs.x - x2 * cs.y;
+    r_x[a + half] = x2 * cs.x + x1 * cs.y;
+}
+
+// ---- attention: binding 0 q, 1 k, 2 v, 3 out, 4 params
+struct Attn {
+    seqs: u32,     // sequences in this dispatch
+    seq: u32,      // tokens per sequence
+    hq: u32,
+    hk: u32,
+    d: u32,
+    q_off: u32,
+    k_off: u32,
+    v_off: u32,
+    o_off: u32,
+    scale: f32,    // 1 / sqrt(d)
+    blocks: u32,   // query blocks per sequence
+    pad0: u32,
+}
+
+const BR: u32 = 64u;
+const BC: u32 = 16u;
+const DMAX: u32 = 128u;
+
+@group(0) @binding(0) var<storage, read> a_q: array<f32>;
+@group(0) @binding(1) var<storage, read> a_k: array<f32>;
+@group(0) @binding(2) var<storage, read> a_v: array<f32>;
+@group(0) @binding(3) var<storage, read_write> a_o: array<f32>;
+@group(0) @binding(4) var<uniform> ap: Attn;
+
+var<workgroup> ks: array<f32, 2048>; // BC x DMAX
+var<workgroup> vs: array<f32, 2048>;
+
+@compute @workgroup_size(64)
+fn attention(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let s = wid.x / ap.blocks;
+    let blk = wid.x % ap.blocks;
+    let h = wid.y;
+    let kh = h / (ap.hq / ap.hk);
+    let t = blk * BR + lid.x;
+    let valid = t < ap.seq;
+    let row = s * ap.seq + t;
+    let qw = ap.hq * ap.d;
+    let kw = ap.hk * ap.d;
+    var qv: array<f32, DMAX>;
+    var acc: array<f32, DMAX>;
+    if (valid) {
+        let qb = ap.q_off + row * qw + h * ap.d;
+        for (var c = 0u; c < ap.d; c++) {
+            qv[c] = a_q[qb + c] * ap.scale;
+            acc[c] = 0.0;
+        }
+    }
+    var m = -3.0e38;
+    var l = 0.0;
+    let last = min(blk * BR + BR, ap.seq);
+    for (var j0 = 0u; j0 < last; j0 += BC) {
+        for (var e = lid.x; e < BC * ap.d; e += BR) {
+            let jj = e / ap.d;
+            let c = e % ap.d;
+            let key = j0 + jj;
+            if (key < ap.seq) {
+                let kr = s * ap.seq + key;
+                ks[jj * DMAX + c] = a_k[ap.k_off + kr * kw + kh * ap.d + c];
+                vs[jj * DMAX + c] = a_v[ap.v_off + kr * kw + kh * ap.d + c];
+            }
+        }
+        workgroupBarrier();
+        if (valid && j0 <= t) {
+            let n = min(BC, t + 1u - j0);
+            var sc: array<f32, BC>;
+            var mt = m;
+            for (var jj = 0u; jj < n; jj++) {
+                var dot = 0.0;
+                for (var c = 0u; c < ap.d; c++) {
+                    dot = fma(qv[c], ks[jj * DMAX + c], dot);
+                }
+                sc[jj] = dot;
+                mt = max(mt, dot);
+            }
+            let corr = exp(m - mt);
+            l = l * corr;
+            for (var c = 0u; c < ap.d; c++) {
+                acc[c] = acc[c] * corr;
+            }
+            for (var jj = 0u; jj < n; jj++) {
+                let pj = exp(sc[jj] - mt);
+                l = l + pj;
+                for (var c = 0u; c < ap.d; c++) {
+                    acc[c] = fma(pj, vs[jj * DMAX + c], acc[c]);
+                }
+            }
+            m = mt;
+        }
+        workgroupBarrier();
+    }
+    if (valid) {
+        let ob = ap.o_off + row * qw + h * ap.d;
+        let inv = 1.0 / l;
+        for (var c = 0u; c < ap.d; c++) {
+            a_o[ob + c] = acc[c] * inv;
+        }
+    }
+}
+
+// ---- silu_mul: binding 0 g (in place), 1 u, 2 params (rows x cols at x_off / y_off)
+@group(0) @binding(0) var<storage, read_write> s_g: array<f32>;
+@group(0) @binding(1) var<storage, read> s_u: array<f32>;
+@group(0) @binding(2) var<uniform> sp: Rows;
+
+@compute @workgroup_size(256)
+fn silu_mul(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x + gid.y * 65535u * 256u;
+    if (i >= sp.rows * sp.cols) {
+        return;
+    }
+    let g = s_g[sp.x_off + i];
+    s_g[sp.x_off + i] = g / (1.0 + exp(-g)) * s_u[sp.y_off + i];
+}
+
+// ---- add: binding 0 x (in place), 1 y, 2 params; bias_add: y is one row broadcast to all rows
+@group(0) @binding(0) var<storage, read_write> d_x: array<f32>;
+@group(0) @binding(1) var<storage, read> d_y: array<f32>;
+@group(0) @binding(2) var<uniform> dp: Rows;
+
+@compute @workgroup_size(256)
+fn add(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x + gid.y * 65535u * 256u;
+    if (i >= dp.rows * dp.cols) {
+        return;
+    }
+    d_x[dp.x_off + i] = d_x[dp.x_off + i] + d_y[dp.y_off + i];
+}
+
+@compute @workgroup_size(256)
+fn bias_add(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x + gid.y * 65535u * 256u;
+    if (i >= dp.rows * dp.cols) {
+        return;
+    }
+    d_x[dp.x_off + i] = d_x[dp.x_off + i] + d_y[i % dp.cols];
+}
+
+// ---- nll: binding 0 logits, 1 targets (u32 per row), 2 loss (f32 per row), 3 params
+@group(0) @binding(0) var<storage, read> l_x: array<f32>;
+@group(0) @binding(1) var<storage, read> l_t: array<u32>;
+@group(0) @binding(2) var<storage, read_write> l_out: array<f32>;
+@group(0) @binding(3) var<uniform> lp: Rows;
+
+@compute @workgroup_size(256)
+fn nll(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let row = wid.x + wid.y * 65535u;
+    if (row >= lp.rows) {
+        return;
+    }
+    let base = lp.x_off + row * lp.cols;
+    var mx = -3.0e38;
+    for (var c = lid.x; c < lp.cols; c += WG) {
+        mx = max(mx, l_x[base + c]);
+    }
+    red[lid.x] = mx;
+    workgroupBarrier();
+    for (var w = WG / 2u; w > 0u; w = w / 2u) {
+        if (lid.x < w) {
+            red[lid.x] = max(red[lid.x], red[lid.x + w]);
+        }
+        workgroupBarrier();
+    }
+    let m = red[0];
+    workgroupBarrier();
+    var s = 0.0;
+    for (var c = lid.x; c < lp.cols; c += WG) {
+        s = s + exp(l_x[base + c] - m);
+    }
+    red[lid.x] = s;
+    workgroupBarrier();
+    for (var w = WG / 2u; w > 0u; w = w / 2u) {
+        if (lid.x < w) {
+            red[lid.x] = red[lid.x] + red[lid.x + w];
+        }
+        workgroupBarrier();
+    }
+    if (lid.x == 0u) {
+        l_out[lp.y_off + row] = m + log(red[0]) - l_x[base + l_t[lp.y_off + row]];
+    }
+}

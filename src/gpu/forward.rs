@@ -1,0 +1,428 @@
+//! GPU kernels of the Llama forward pass other than matrix products (shaders/forward.wgsl):
+//! RMSNorm, rotary embeddings, causal grouped-query attention, SwiGLU, residual/bias adds and the
+//! per-token cross-entropy. All f32, all row-chunk aware. The CPU references are in
+//! `reference::forward`; this module must not orchestrate a whole block (that is the model's job).
+
+use super::buffer::{GpuDtype, GpuTensor};
+use super::context::{Dispatch, GpuContext};
+use crate::error::{Error, Result};
+use crate::shaders;
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct Rows {
+    rows: u32,
+    cols: u32,
+    x_off: u32,
+    y_off: u32,
+    eps: f32,
+    seq: u32,
+    heads: u32,
+    head_dim: u32,
+    pos0: u32,
+    pad: [u32; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct Attn {
+    seqs: u32,
+    seq: u32,
+    hq: u32,
+    hk: u32,
+    d: u32,
+    q_off: u32,
+    k_off: u32,
+    v_off: u32,
+    o_off: u32,
+    scale: f32,
+    blocks: u32,
+    pad: u32,
+}
+
+const WG: usize = 256;
+const GRID: usize = 65535;
+/// Largest head dimension the attention kernel holds per invocation (its `DMAX`).
+pub const MAX_HEAD_DIM: usize = 128;
+const ATTN_ROWS: usize = 64;
+
+fn f32_only(op: &str, ts: &[&GpuTensor]) -> Result<()> {
+    for t in ts {
+        if t.dtype != GpuDtype::F32 {
+            return Err(Error::invalid(format!(
+                "{op}: expected f32 tensors, got {}",
+                t.shape_str()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn same_shape(op: &str, a: &GpuTensor, b: &GpuTensor) -> Result<()> {
+    if a.rows != b.rows || a.cols != b.cols {
+        return Err(Error::Shape {
+            op: op.into(),
+            expected: format!("{}x{}", a.rows, a.cols),
+            got: format!("{}x{}", b.rows, b.cols),
+        });
+    }
+    Ok(())
+}
+
+/// A 1-D grid of `n` workgroups folded into (x, y) under the per-dimension limit.
+fn grid(n: usize) -> (u32, u32, u32) {
+    let n = n.max(1);
+    (n.min(GRID) as u32, n.div_ceil(GRID) as u32, 1)
+}
+
+/// Row-range pieces of `tensors` (same rows): (first row, rows, chunk index and element offset per
+/// tensor). A row never straddles a chunk, so each piece binds one chunk of each tensor.
+fn pieces(tensors: &[&GpuTensor]) -> Vec<(usize, usize, Vec<(usize, usize)>)> {
+    GpuTensor::common_row_ranges(tensors)
+        .into_iter()
+        .map(|(r0, r1)| {
+            let locs = tensors
+                .iter()
+                .map(|t| {
+                    let (ci, local) = t.locate(r0);
+                    (ci, local * t.cols)
+                })
+                .collect();
+            (r0, r1 - r0, locs)
+        })
+        .collect()
+}
+
+fn pipeline(ctx: &GpuContext, entry: &str) -> Result<std::sync::Arc<wgpu::ComputePipeline>> {
+    // Trusted: every offset and extent comes from the chunk table and the checks in each wrapper.
+    ctx.pipeline("forward", shaders::FORWARD, entry, true)
+}
+
+/// y = w * (x / rms(x)) per row; `w` is 1 x cols.
+pub fn rms_norm(ctx: &GpuContext, x: &GpuTensor, w: &GpuTensor, eps: f32) -> Result<GpuTensor> {
+    f32_only("rms_norm", &[x, w])?;
+    if w.rows != 1 || w.cols != x.cols || w.chunks.len() != 1 {
+        return Err(Error::Shape {
+            op: "rms_norm".into(),
+            expected: format!("weight 1x{}", x.cols),
+            got: w.shape_str(),
+        });
+    }
+    let y = GpuTensor::empty(ctx, x.rows, x.cols, GpuDtype::F32)?;
+    let pipe = pipeline(ctx, "rms_norm")?;
+    let ps = pieces(&[x, &y]);
+    let params: Vec<Rows> = ps
+        .iter()
+        .map(|(_, n, l)| Rows {
+            rows: *n as u32,
+            cols: x.cols as u32,
+            x_off: l[0].1 as u32,
+            y_off: l[1].1 as u32,
+            eps,
+            ..Default::default()
+        })
+        .collect();
+    let ds: Vec<Dispatch> = ps
+        .iter()
+        .zip(&params)
+        .map(|((_, n, l), p)| Dispatch {
+            buffers: vec![
+                &x.chunks[l[0].0].buffer,
+                &w.chunks[0].buffer,
+                &y.chunks[l[1].0].buffer,
+            ],
+            uniform: Some(bytemuck::bytes_of(p)),
+            groups: grid(*n),
+        })
+        .collect();
+    ctx.run("rms_norm", &x.shape_str(), &pipe, &ds)?;
+    Ok(y)
+}
+
+/// The cos/sin table of rotary embeddings for positions 0..seq: `seq` rows of d/2 (cos, sin)
+/// pairs, computed in f64 from the inverse frequencies and rounded to f32 once.
+pub fn rope_table(ctx: &GpuContext, inv_freq: &[f64], seq: usize) -> Result<GpuTensor> {
+    let half = inv_freq.len();
+    let mut v = Vec::with_capacity(seq * half * 2);
+    for p in 0..seq {
+        for &f in inv_freq {
+            let a = p as f64 * f;
+            v.push(a.cos() as f32);
+            v.push(a.sin() as f32);
+        }
+    }
+    let t = GpuTensor::from_f32(ctx, seq, half * 2, &v)?;
+    if t.chunks.len() != 1 {
+        return Err(Error::invalid("rope table exceeds one GPU binding"));
+    }
+    Ok(t)
+}
+
+/// Rotates every head of `x` (rows x heads*head_dim, rows = sequences of `seq` tokens) in place.
+pub fn rope(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    heads: usize,
+    head_dim: usize,
+    seq: usize,
+    table: &GpuTensor,
+) -> Result<()> {
+    f32_only("rope", &[x, table])?;
+    if x.cols != heads * head_dim
+        || head_dim % 2 != 0
+        || table.cols != head_dim
+        || table.rows < seq
+        || seq == 0
+    {
+        return Err(Error::Shape {
+            op: "rope".into(),
+            expected: format!("{heads} heads x {head_dim} (even), table of {seq} x {head_dim}"),
+            got: format!("x {}, table {}", x.shape_str(), table.shape_str()),
+        });
+    }
+    let pipe = pipeline(ctx, "rope")?;
+    let ps = pieces(&[x]);
+    let params: Vec<Rows> = ps
+        .iter()
+        .map(|(r0, n, l)| Rows {
+            rows: *n as u32,
+            cols: x.cols as u32,
+            x_off: l[0].1 as u32,
+            seq: seq as u32,
+            heads: heads as u32,
+            head_dim: head_dim as u32,
+            pos0: (r0 % seq) as u32,
+            ..Default::default()
+        })
+        .collect();
+    let ds: Vec<Dispatch> = ps
+        .iter()
+        .zip(&params)
+        .map(|((_, n, l), p)| Dispatch {
+            buffers: vec![&x.chunks[l[0].0].buffer, &table.chunks[0].buffer],
+            uniform: Some(bytemuck::bytes_of(p)),
+            groups: grid((n * heads * head_dim / 2).div_ceil(WG)),
+        })
+        .collect();
+    ctx.run("rope", &x.shape_str(), &pipe, &ds)
+}
+
+/// Causal grouped-query attention over sequences of `seq` rows: q is rows x hq*d, k and v are
+/// rows x hk*d; returns rows x hq*d. Each sequence must lie inside one chunk of every operand
+/// (allocate with `GpuTensor::empty_aligned(.., seq)`).
+pub fn attention(
+    ctx: &GpuContext,
+    q: &GpuTensor,
+    k: &GpuTensor,
+    v: &GpuTensor,
+    seq: usize,
+    (hq, hk, d): (usize, usize, usize),
+) -> Result<GpuTensor> {
+    f32_only("attention", &[q, k, v])?;
+    let shape = format!("{} rows, seq {seq}, heads {hq}/{hk}, d {d}", q.rows);
+    if seq == 0
+        || hk == 0
+        || hq % hk != 0
+        || d == 0
+        || d > MAX_HEAD_DIM
+        || q.cols != hq * d
+        || k.cols != hk * d
+        || v.cols != hk * d
+        || k.rows != q.rows
+        || v.rows != q.rows
+        || q.rows % seq != 0
+    {
+        return Err(Error::Shape {
+            op: "attention".into(),
+            expected: format!(
+                "q rows x {hq}*{d}, k/v rows x {hk}*{d}, rows a multiple of {seq}, head dim <= {MAX_HEAD_DIM}"
+            ),
+            got: format!("q {}, k {}, v {}", q.shape_str(), k.shape_str(), v.shape_str()),
+        });
+    }
+    let o = GpuTensor::empty_aligned(ctx, q.rows, q.cols, GpuDtype::F32, seq)?;
+    let ranges = GpuTensor::common_row_ranges(&[q, k, v, &o]);
+    if ranges.iter().any(|(a, b)| a % seq != 0 || b % seq != 0) {
+        return Err(Error::gpu(
+            "attention",
+            &shape,
+            "a sequence straddles a chunk boundary of q, k or v; allocate them aligned to the sequence length",
+        ));
+    }
+    let pipe = pipeline(ctx, "attention")?;
+    let blocks = seq.div_ceil(ATTN_ROWS);
+    let mut params = Vec::new();
+    let mut binds = Vec::new();
+    for (r0, r1) in ranges {
+        let seqs_total = (r1 - r0) / seq;
+        let per = (GRID / blocks).max(1);
+        let mut s0 = 0;
+        while s0 < seqs_total {
+            let ns = per.min(seqs_total - s0);
+            let row = r0 + s0 * seq;
+            let loc: Vec<(usize, usize)> = [q, k, v, &o]
+                .iter()
+                .map(|t| {
+                    let (ci, local) = t.locate(row);
+                    (ci, local * t.cols)
+                })
+                .collect();
+            params.push(Attn {
+                seqs: ns as u32,
+                seq: seq as u32,
+                hq: hq as u32,
+                hk: hk as u32,
+                d: d as u32,
+                q_off: loc[0].1 as u32,
+                k_off: loc[1].1 as u32,
+                v_off: loc[2].1 as u32,
+                o_off: loc[3].1 as u32,
+                scale: 1.0 / (d as f32).sqrt(),
+                blocks: blocks as u32,
+                pad: 0,
+            });
+            binds.push((loc, ns));
+            s0 += ns;
+        }
+    }
+    if hq > GRID {
+        return Err(Error::gpu("attention", &shape, "too many heads for one dispatch"));
+    }
+    let ds: Vec<Dispatch> = params
+        .iter()
+        .zip(&binds)
+        .map(|(p, (loc, ns))| Dispatch {
+            buffers: vec![
+                &q.chunks[loc[0].0].buffer,
+                &k.chunks[loc[1].0].buffer,
+                &v.chunks[loc[2].0].buffer,
+                &o.chunks[loc[3].0].buffer,
+            ],
+            uniform: Some(bytemuck::bytes_of(p)),
+            groups: ((ns * blocks) as u32, hq as u32, 1),
+        })
+        .collect();
+    ctx.run("attention", &shape, &pipe, &ds)?;
+    Ok(o)
+}
+
+fn elementwise(ctx: &GpuContext, entry: &str, x: &GpuTensor, y: &GpuTensor) -> Result<()> {
+    let pipe = pipeline(ctx, entry)?;
+    let ps = pieces(&[x, y]);
+    let params: Vec<Rows> = ps
+        .iter()
+        .map(|(_, n, l)| Rows {
+            rows: *n as u32,
+            cols: x.cols as u32,
+            x_off: l[0].1 as u32,
+            y_off: l[1].1 as u32,
+            ..Default::default()
+        })
+        .collect();
+    let ds: Vec<Dispatch> = ps
+        .iter()
+        .zip(&params)
+        .map(|((_, n, l), p)| Dispatch {
+            buffers: vec![&x.chunks[l[0].0].buffer, &y.chunks[l[1].0].buffer],
+            uniform: Some(bytemuck::bytes_of(p)),
+            groups: grid((n * x.cols).div_ceil(WG)),
+        })
+        .collect();
+    ctx.run(entry, &x.shape_str(), &pipe, &ds)
+}
+
+/// g = silu(g) * u, in place (SwiGLU).
+pub fn silu_mul(ctx: &GpuContext, g: &GpuTensor, u: &GpuTensor) -> Result<()> {
+    f32_only("silu_mul", &[g, u])?;
+    same_shape("silu_mul", g, u)?;
+    elementwise(ctx, "silu_mul", g, u)
+}
+
+/// x += y, in place (residual).
+pub fn add(ctx: &GpuContext, x: &GpuTensor, y: &GpuTensor) -> Result<()> {
+    f32_only("add", &[x, y])?;
+    same_shape("add", x, y)?;
+    elementwise(ctx, "add", x, y)
+}
+
+/// x += bias for every row, in place; `bias` is 1 x cols.
+pub fn bias_add(ctx: &GpuContext, x: &GpuTensor, bias: &GpuTensor) -> Result<()> {
+    f32_only("bias_add", &[x, bias])?;
+    if bias.rows != 1 || bias.cols != x.cols || bias.chunks.len() != 1 {
+        return Err(Error::Shape {
+            op: "bias_add".into(),
+            expected: format!("1x{}", x.cols),
+            got: bias.shape_str(),
+        });
+    }
+    let pipe = pipeline(ctx, "bias_add")?;
+    let ps = pieces(&[x]);
+    let params: Vec<Rows> = ps
+        .iter()
+        .map(|(_, n, l)| Rows {
+            rows: *n as u32,
+            cols: x.cols as u32,
+            x_off: l[0].1 as u32,
+            ..Default::default()
+        })
+        .collect();
+    let ds: Vec<Dispatch> = ps
+        .iter()
+        .zip(&params)
+        .map(|((_, n, l), p)| Dispatch {
+            buffers: vec![&x.chunks[l[0].0].buffer, &bias.chunks[0].buffer],
+            uniform: Some(bytemuck::bytes_of(p)),
+            groups: grid((n * x.cols).div_ceil(WG)),
+        })
+        .collect();
+    ctx.run("bias_add", &x.shape_str(), &pipe, &ds)
+}
+
+/// Per row: logsumexp(logits) - logits[target], the cross-entropy (nats) of that row's token.
+/// `targets` is rows x 1 u32; returns rows x 1 f32.
+pub fn nll(ctx: &GpuContext, logits: &GpuTensor, targets: &GpuTensor) -> Result<GpuTensor> {
+    f32_only("nll", &[logits])?;
+    if targets.dtype != GpuDtype::U32 || targets.cols != 1 || targets.rows != logits.rows {
+        return Err(Error::Shape {
+            op: "nll".into(),
+            expected: format!("targets {}x1 u32", logits.rows),
+            got: targets.shape_str(),
+        });
+    }
+    let loss = GpuTensor::empty(ctx, logits.rows, 1, GpuDtype::F32)?;
+    let pipe = pipeline(ctx, "nll")?;
+    let ps = pieces(&[logits, targets, &loss]);
+    let params: Vec<Rows> = ps
+        .iter()
+        .map(|(_, n, l)| Rows {
+            rows: *n as u32,
+            cols: logits.cols as u32,
+            x_off: l[0].1 as u32,
+            // targets and loss share the row offset only when they share chunking: check below.
+            y_off: l[1].1 as u32,
+            ..Default::default()
+        })
+        .collect();
+    if ps.iter().any(|(_, _, l)| l[1] != l[2]) {
+        return Err(Error::gpu(
+            "nll",
+            logits.shape_str(),
+            "targets and loss buffers are chunked differently",
+        ));
+    }
+    let ds: Vec<Dispatch> = ps
+        .iter()
+        .zip(&params)
+        .map(|((_, n, l), p)| Dispatch {
+            buffers: vec![
+                &logits.chunks[l[0].0].buffer,
+                &targets.chunks[l[1].0].buffer,
+                &loss.chunks[l[2].0].buffer,
+            ],
+            uniform: Some(bytemuck::bytes_of(p)),
+            groups: grid(*n),
+        })
+        .collect();
+    ctx.run("nll", &logits.shape_str(), &pipe, &ds)?;
+    Ok(loss)
+}
