@@ -2,6 +2,7 @@
 //! Tests compare the GPU against these, and they are the `--cpu` path when no adapter exists.
 //! Nothing here may call into `gpu/`.
 
+pub mod forward;
 pub mod matmul;
 pub mod quant;
 pub mod reduce;
