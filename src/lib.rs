@@ -4,6 +4,7 @@ pub mod bench;
 pub mod compress;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod export;
 pub mod gpu;
 pub mod model;

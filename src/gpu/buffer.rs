@@ -169,7 +169,31 @@ impl GpuTensor {
     }
 
     pub fn from_f32(ctx: &GpuContext, rows: usize, cols: usize, data: &[f32]) -> Result<Self> {
-        Self::from_bytes(ctx, rows, cols, GpuDtype::F32, bytemuck::cast_slice(data))
+        Self::from_f32_aligned(ctx, rows, cols, data, 1)
+    }
+
+    /// Uploads f32 rows into chunks of whole groups of `align` rows (see `empty_aligned`).
+    pub fn from_f32_aligned(
+        ctx: &GpuContext,
+        rows: usize,
+        cols: usize,
+        data: &[f32],
+        align: usize,
+    ) -> Result<Self> {
+        if data.len() != rows * cols {
+            return Err(Error::Shape {
+                op: "upload".into(),
+                expected: format!("{} values for {rows}x{cols}", rows * cols),
+                got: format!("{}", data.len()),
+            });
+        }
+        let t = Self::empty_aligned(ctx, rows, cols, GpuDtype::F32, align)?;
+        for c in &t.chunks {
+            let src = &data[c.row_start * cols..(c.row_start + c.rows) * cols];
+            ctx.queue
+                .write_buffer(&c.buffer, 0, bytemuck::cast_slice(src));
+        }
+        Ok(t)
     }
 
     /// Fills every chunk with one 32-bit pattern (tests poison outputs with NaN this way).

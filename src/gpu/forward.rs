@@ -237,7 +237,12 @@ pub fn attention(
             expected: format!(
                 "q rows x {hq}*{d}, k/v rows x {hk}*{d}, rows a multiple of {seq}, head dim <= {MAX_HEAD_DIM}"
             ),
-            got: format!("q {}, k {}, v {}", q.shape_str(), k.shape_str(), v.shape_str()),
+            got: format!(
+                "q {}, k {}, v {}",
+                q.shape_str(),
+                k.shape_str(),
+                v.shape_str()
+            ),
         });
     }
     let o = GpuTensor::empty_aligned(ctx, q.rows, q.cols, GpuDtype::F32, seq)?;
@@ -286,7 +291,11 @@ pub fn attention(
         }
     }
     if hq > GRID {
-        return Err(Error::gpu("attention", &shape, "too many heads for one dispatch"));
+        return Err(Error::gpu(
+            "attention",
+            &shape,
+            "too many heads for one dispatch",
+        ));
     }
     let ds: Vec<Dispatch> = params
         .iter()

@@ -5,6 +5,7 @@
 //! Nothing here touches the GPU: the CLI adds the adapter list to `inspect`'s report itself.
 
 pub mod config;
+pub mod forward;
 pub mod llama;
 pub mod safetensors;
 pub mod synth;
