@@ -5,3 +5,4 @@
 pub mod matmul;
 pub mod quant;
 pub mod reduce;
+pub mod stats;
