@@ -1,7 +1,8 @@
-// Register-tiled matrix multiply: C (m x n, f32) = [C +] A (m x k) * op(B), f32 accumulation.
+// Register-tiled matrix multiply: C (m x n, f32) = [C +] op(A) * op(B), f32 accumulation.
+// op(A) = A (m x k, row-major) or A^T (A stored k x m, row-major), chosen by A_TRANS;
 // op(B) = B (k x n, row-major) or B^T (B stored n x k, row-major), chosen by B_TRANS.
 // The host prepends a prelude that declares bindings 0 (A) and 1 (B), the loaders ld_a/ld_b
-// (f32, or f16/bf16 packed two per u32 word) and the constant B_TRANS.
+// (f32, or f16/bf16 packed two per u32 word) and the constants A_TRANS and B_TRANS.
 // Tile: 128 x 128 per workgroup of 16 x 16 threads, each thread an 8 x 8 block held in sixteen vec4
 // accumulators (explicit variables: indexed local arrays spill to memory on some drivers),
 // K staged 16 at a time in workgroup memory, the next K slice prefetched into registers.
@@ -47,6 +48,10 @@ fn get_a(r: u32, k: u32) -> f32 {
     if (r < p.m && k < p.k) { return ld_a(p.a_off + r * p.lda + k); }
     return 0.0;
 }
+fn get_at(k: u32, r: u32) -> f32 {
+    if (r < p.m && k < p.k) { return ld_a(p.a_off + k * p.lda + r); }
+    return 0.0;
+}
 fn get_bt(c: u32, k: u32) -> f32 {
     if (c < p.n && k < p.k) { return ld_b(p.b_off + c * p.ldb + k); }
     return 0.0;
@@ -76,12 +81,13 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
     // Loader coordinates: consecutive threads read consecutive addresses of global memory.
     let lk = tid & 15u;   // k inside the tile, for k-contiguous sources (A, B^T)
     let lr = tid >> 4u;   // first row of this thread's 8 rows (stride 16)
-    let nn = tid & 127u;  // n inside the tile, for n-contiguous sources (B)
+    let nn = tid & 127u;  // m or n inside the tile, for m/n-contiguous sources (A^T, B)
     let nk = tid >> 7u;   // first k of this thread's 8 k (stride 2)
     let sa = lk * AS + (lr >> 2u);  // staging slot of this thread's first A value
     let sc = lr & 3u;
     let sb = nk * BS + (nn >> 2u);  // staging slot of this thread's first B value (layout NN)
     let sn = nn & 3u;
+    let sat = nk * AS + (nn >> 2u); // staging slot of this thread's first A^T value (A_TRANS)
 
     // The next tile is loaded into registers while the current one is multiplied from workgroup
     // memory, so global-memory latency overlaps the FMAs (explicit variables: no local arrays).
@@ -89,14 +95,25 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
     var pb0: f32; var pb1: f32; var pb2: f32; var pb3: f32; var pb4: f32; var pb5: f32; var pb6: f32; var pb7: f32;
     {
         let gk = 0u + lk;
-        pa0 = get_a(row0 + lr + 0u, gk);
-        pa1 = get_a(row0 + lr + 16u, gk);
-        pa2 = get_a(row0 + lr + 32u, gk);
-        pa3 = get_a(row0 + lr + 48u, gk);
-        pa4 = get_a(row0 + lr + 64u, gk);
-        pa5 = get_a(row0 + lr + 80u, gk);
-        pa6 = get_a(row0 + lr + 96u, gk);
-        pa7 = get_a(row0 + lr + 112u, gk);
+        if (A_TRANS) {
+            pa0 = get_at(0u + nk + 0u, row0 + nn);
+            pa1 = get_at(0u + nk + 2u, row0 + nn);
+            pa2 = get_at(0u + nk + 4u, row0 + nn);
+            pa3 = get_at(0u + nk + 6u, row0 + nn);
+            pa4 = get_at(0u + nk + 8u, row0 + nn);
+            pa5 = get_at(0u + nk + 10u, row0 + nn);
+            pa6 = get_at(0u + nk + 12u, row0 + nn);
+            pa7 = get_at(0u + nk + 14u, row0 + nn);
+        } else {
+            pa0 = get_a(row0 + lr + 0u, gk);
+            pa1 = get_a(row0 + lr + 16u, gk);
+            pa2 = get_a(row0 + lr + 32u, gk);
+            pa3 = get_a(row0 + lr + 48u, gk);
+            pa4 = get_a(row0 + lr + 64u, gk);
+            pa5 = get_a(row0 + lr + 80u, gk);
+            pa6 = get_a(row0 + lr + 96u, gk);
+            pa7 = get_a(row0 + lr + 112u, gk);
+        }
         if (B_TRANS) {
             pb0 = get_bt(col0 + lr + 0u, gk);
             pb1 = get_bt(col0 + lr + 16u, gk);
@@ -118,14 +135,25 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
         }
     }
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        As[sa + 0u][sc] = pa0;
-        As[sa + 4u][sc] = pa1;
-        As[sa + 8u][sc] = pa2;
-        As[sa + 12u][sc] = pa3;
-        As[sa + 16u][sc] = pa4;
-        As[sa + 20u][sc] = pa5;
-        As[sa + 24u][sc] = pa6;
-        As[sa + 28u][sc] = pa7;
+        if (A_TRANS) {
+            As[sat + 0u * AS][sn] = pa0;
+            As[sat + 2u * AS][sn] = pa1;
+            As[sat + 4u * AS][sn] = pa2;
+            As[sat + 6u * AS][sn] = pa3;
+            As[sat + 8u * AS][sn] = pa4;
+            As[sat + 10u * AS][sn] = pa5;
+            As[sat + 12u * AS][sn] = pa6;
+            As[sat + 14u * AS][sn] = pa7;
+        } else {
+            As[sa + 0u][sc] = pa0;
+            As[sa + 4u][sc] = pa1;
+            As[sa + 8u][sc] = pa2;
+            As[sa + 12u][sc] = pa3;
+            As[sa + 16u][sc] = pa4;
+            As[sa + 20u][sc] = pa5;
+            As[sa + 24u][sc] = pa6;
+            As[sa + 28u][sc] = pa7;
+        }
         if (B_TRANS) {
             Bs[sa + 0u][sc] = pb0;
             Bs[sa + 4u][sc] = pb1;
@@ -149,14 +177,25 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
         let k1 = k0 + BK;
         if (k1 < p.k) {
             let gk = k1 + lk;
-            pa0 = get_a(row0 + lr + 0u, gk);
-            pa1 = get_a(row0 + lr + 16u, gk);
-            pa2 = get_a(row0 + lr + 32u, gk);
-            pa3 = get_a(row0 + lr + 48u, gk);
-            pa4 = get_a(row0 + lr + 64u, gk);
-            pa5 = get_a(row0 + lr + 80u, gk);
-            pa6 = get_a(row0 + lr + 96u, gk);
-            pa7 = get_a(row0 + lr + 112u, gk);
+            if (A_TRANS) {
+                pa0 = get_at(k1 + nk + 0u, row0 + nn);
+                pa1 = get_at(k1 + nk + 2u, row0 + nn);
+                pa2 = get_at(k1 + nk + 4u, row0 + nn);
+                pa3 = get_at(k1 + nk + 6u, row0 + nn);
+                pa4 = get_at(k1 + nk + 8u, row0 + nn);
+                pa5 = get_at(k1 + nk + 10u, row0 + nn);
+                pa6 = get_at(k1 + nk + 12u, row0 + nn);
+                pa7 = get_at(k1 + nk + 14u, row0 + nn);
+            } else {
+                pa0 = get_a(row0 + lr + 0u, gk);
+                pa1 = get_a(row0 + lr + 16u, gk);
+                pa2 = get_a(row0 + lr + 32u, gk);
+                pa3 = get_a(row0 + lr + 48u, gk);
+                pa4 = get_a(row0 + lr + 64u, gk);
+                pa5 = get_a(row0 + lr + 80u, gk);
+                pa6 = get_a(row0 + lr + 96u, gk);
+                pa7 = get_a(row0 + lr + 112u, gk);
+            }
             if (B_TRANS) {
                 pb0 = get_bt(col0 + lr + 0u, gk);
                 pb1 = get_bt(col0 + lr + 16u, gk);

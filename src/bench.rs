@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::matmul::{Layout, MatmulPath, matmul_into};
+use crate::gpu::stats::HessianAccumulator;
 use crate::gpu::{GpuContext, GpuDtype, GpuTensor};
 use crate::rng::Rng;
 use std::time::Instant;
@@ -53,10 +54,14 @@ pub fn matmul(
     path: Option<MatmulPath>,
     iters: usize,
 ) -> Result<MatmulBench> {
-    let a = random_tensor(ctx, m, k, dtype, 1)?;
+    let a = match layout {
+        Layout::TN => random_tensor(ctx, k, m, dtype, 1)?,
+        Layout::NN | Layout::NT => random_tensor(ctx, m, k, dtype, 1)?,
+    };
     let b = match layout {
         Layout::NN => random_tensor(ctx, k, n, dtype, 2)?,
         Layout::NT => random_tensor(ctx, n, k, dtype, 2)?,
+        Layout::TN => random_tensor(ctx, k, n, dtype, 2)?,
     };
     let c = GpuTensor::empty(ctx, m, n, GpuDtype::F32)?;
     let shape = format!("{m}x{n}x{k}");
@@ -81,5 +86,51 @@ pub fn matmul(
         path: format!("{took:?}").to_lowercase(),
         ms: s * 1e3,
         tflops: 2.0 * m as f64 * n as f64 * k as f64 / s / 1e12,
+    })
+}
+
+/// One Hessian benchmark row.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct HessianBench {
+    pub tokens: usize,
+    pub dim: usize,
+    pub dtype: String,
+    /// Time of one `HessianAccumulator::add` of all `tokens` rows (XᵀX into H).
+    pub ms: f64,
+    /// 2·tokens·dim² flops per add (the full d x d product, both triangles, as torch's X.T @ X)
+    /// over `ms`.
+    pub tflops: f64,
+}
+
+/// Times accumulating XᵀX of a random `tokens x d` X (one `add`, the final 2/n scale excluded:
+/// it is d² work once per layer).
+pub fn hessian(
+    ctx: &GpuContext,
+    tokens: usize,
+    d: usize,
+    dtype: GpuDtype,
+    iters: usize,
+) -> Result<HessianBench> {
+    let x = random_tensor(ctx, tokens, d, dtype, 3)?;
+    let mut acc = HessianAccumulator::new(ctx, d)?;
+    let shape = format!("{tokens}x{d}");
+    for _ in 0..2 {
+        acc.add(ctx, &x)?;
+    }
+    ctx.sync("hessian", &shape)?;
+    let iters = iters.max(1);
+    let t = Instant::now();
+    for _ in 0..iters {
+        acc.add(ctx, &x)?;
+    }
+    ctx.sync("hessian", &shape)?;
+    let s = t.elapsed().as_secs_f64() / iters as f64;
+    acc.finish(ctx)?;
+    Ok(HessianBench {
+        tokens,
+        dim: d,
+        dtype: format!("{dtype:?}").to_lowercase(),
+        ms: s * 1e3,
+        tflops: 2.0 * tokens as f64 * d as f64 * d as f64 / s / 1e12,
     })
 }

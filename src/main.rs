@@ -77,6 +77,22 @@ enum BenchKernel {
         #[command(flatten)]
         gpu: GpuArgs,
     },
+    /// H += XᵀX for X tokens x dim (the calibration Hessian): prints ms and TFLOP/s (2·n·d²).
+    Hessian {
+        #[arg(long, default_value_t = 65536)]
+        tokens: usize,
+        #[arg(long, default_value_t = 4096)]
+        dim: usize,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: BenchDtype,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Also write the row as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[command(flatten)]
+        gpu: GpuArgs,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -90,6 +106,7 @@ enum BenchDtype {
 enum BenchLayout {
     Nn,
     Nt,
+    Tn,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -211,14 +228,11 @@ fn run(cli: Cli) -> Result<()> {
                     bail!("`bench` measures GPU kernels and needs an adapter")
                 };
                 println!("adapter: {}", engine.describe());
-                let dtype = match dtype {
-                    BenchDtype::F32 => GpuDtype::F32,
-                    BenchDtype::F16 => GpuDtype::F16,
-                    BenchDtype::Bf16 => GpuDtype::BF16,
-                };
+                let dtype = gpu_dtype(dtype);
                 let layout = match layout {
                     BenchLayout::Nn => Layout::NN,
                     BenchLayout::Nt => Layout::NT,
+                    BenchLayout::Tn => Layout::TN,
                 };
                 let path = path.map(|p| match p {
                     BenchPath::Tiled => MatmulPath::Tiled,
@@ -245,7 +259,44 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 Ok(())
             }
+            BenchKernel::Hessian {
+                tokens,
+                dim,
+                dtype,
+                iters,
+                json,
+                gpu,
+            } => {
+                let engine = gpu.engine()?;
+                let Some(ctx) = engine.gpu() else {
+                    bail!("`bench` measures GPU kernels and needs an adapter")
+                };
+                println!("adapter: {}", engine.describe());
+                let r = wgpress::bench::hessian(ctx, tokens, dim, gpu_dtype(dtype), iters)
+                    .with_context(|| format!("hessian {tokens}x{dim}"))?;
+                println!(
+                    "{:>8} {:>6} {:>5} {:>10} {:>8}",
+                    "tokens", "dim", "dtype", "ms", "TFLOP/s"
+                );
+                println!(
+                    "{:>8} {:>6} {:>5} {:>10.3} {:>8.2}",
+                    r.tokens, r.dim, r.dtype, r.ms, r.tflops
+                );
+                if let Some(p) = json {
+                    std::fs::write(&p, serde_json::to_string_pretty(&r)?)
+                        .with_context(|| format!("writing {}", p.display()))?;
+                }
+                Ok(())
+            }
         },
+    }
+}
+
+fn gpu_dtype(d: BenchDtype) -> GpuDtype {
+    match d {
+        BenchDtype::F32 => GpuDtype::F32,
+        BenchDtype::F16 => GpuDtype::F16,
+        BenchDtype::Bf16 => GpuDtype::BF16,
     }
 }
 

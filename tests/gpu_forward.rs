@@ -8,7 +8,7 @@ use wgpress::model::Model;
 use wgpress::model::config::LlamaConfig;
 use wgpress::model::forward::{ForwardPlan, GpuBlock, GpuModel, block_forward};
 use wgpress::model::safetensors::SafetensorsSet;
-use wgpress::model::synth::{SynthSpec, write_random_llama};
+use wgpress::model::synth::SynthSpec;
 use wgpress::reference::forward as r;
 use wgpress::rng::Rng;
 

@@ -70,8 +70,20 @@ fn check(ctx: &GpuContext, seed: u64, c: Case) {
     let mut rng = Rng::new(seed);
     let a = rng.normal_vec(m * k, 1.0);
     let b = rng.normal_vec(n * k, 0.5);
-    let (ga, a_seen) = upload(ctx, m, k, &a, da);
-    let (brows, bcols) = if layout == Layout::NN { (k, n) } else { (n, k) };
+    // Layout TN stores A as k x m; the reference always gets A as m x k.
+    let (ga, a_seen) = if layout == Layout::TN {
+        let (g, seen) = upload(ctx, k, m, &a, da);
+        let mut t = vec![0f32; m * k];
+        for r in 0..k {
+            for c in 0..m {
+                t[c * k + r] = seen[r * m + c];
+            }
+        }
+        (g, t)
+    } else {
+        upload(ctx, m, k, &a, da)
+    };
+    let (brows, bcols) = if layout == Layout::NT { (n, k) } else { (k, n) };
     let (gb, b_seen) = upload(ctx, brows, bcols, &b, db);
     let c0 = rng.normal_vec(m * n, 1.0);
     let gc = GpuTensor::from_f32(ctx, m, n, &c0).unwrap();
@@ -256,4 +268,85 @@ fn shape_mismatch_is_an_error() {
     let c = GpuTensor::empty(&ctx, 4, 3, GpuDtype::F32).unwrap();
     let e = matmul_into(&ctx, &a, &b, Layout::NN, &c, false, None).unwrap_err();
     assert!(e.to_string().contains("matmul"), "{e}");
+}
+
+#[test]
+fn tn_layout_matches_reference_on_odd_shapes() {
+    // C = A^T * B with A stored k x m: edge tiles in m, n and k, including k < 16 and m = n = 1.
+    let ctx = common::ctx();
+    let mut seed = 900;
+    for &(m, n, k) in &[
+        (37, 203, 29),
+        (129, 96, 200),
+        (1, 131, 7),
+        (250, 70, 300),
+        (3, 1, 1),
+        (129, 129, 37),
+    ] {
+        seed += 1;
+        check(
+            &ctx,
+            seed,
+            Case {
+                accumulate: seed % 2 == 0,
+                path: Some(MatmulPath::Tiled),
+                ..case(m, n, k, Layout::TN, GpuDtype::F32, GpuDtype::F32)
+            },
+        );
+    }
+    for (da, db) in [
+        (GpuDtype::F16, GpuDtype::F16),
+        (GpuDtype::BF16, GpuDtype::BF16),
+        (GpuDtype::F16, GpuDtype::F32),
+    ] {
+        seed += 1;
+        check(
+            &ctx,
+            seed,
+            Case {
+                accumulate: false,
+                path: None,
+                ..case(67, 45, 133, Layout::TN, da, db)
+            },
+        );
+    }
+}
+
+#[test]
+fn tn_layout_chunked_operands_match_reference() {
+    // 2 KiB bindings: A (61 x 130 f32, 3 rows a chunk) and B (61 x 77, 6 rows a chunk) split K at
+    // different places, so the wrapper walks their common K ranges (accumulating pass by pass),
+    // and C (130 x 77, 6 rows a chunk) is written chunk by chunk as column ranges of A.
+    let ctx = common::ctx_with(Some(2048));
+    for (seed, (m, n, k), da, db, accumulate) in [
+        (31, (130, 77, 61), GpuDtype::F32, GpuDtype::F32, false),
+        (32, (130, 77, 61), GpuDtype::F32, GpuDtype::F32, true),
+        (33, (41, 150, 97), GpuDtype::F16, GpuDtype::BF16, false),
+        (34, (129, 129, 33), GpuDtype::BF16, GpuDtype::F16, true),
+    ] {
+        check(
+            &ctx,
+            seed,
+            Case {
+                accumulate,
+                path: None,
+                ..case(m, n, k, Layout::TN, da, db)
+            },
+        );
+    }
+}
+
+#[test]
+fn tn_layout_is_refused_by_the_cooperative_kernel() {
+    let ctx = common::ctx();
+    let a = GpuTensor::empty(&ctx, 64, 64, GpuDtype::F16).unwrap();
+    let c = GpuTensor::empty(&ctx, 64, 64, GpuDtype::F32).unwrap();
+    assert!(matmul_into(&ctx, &a, &a, Layout::TN, &c, false, Some(MatmulPath::Coop)).is_err());
+    // k = 0 (no rows of A or B): C is zeroed, or kept when accumulating.
+    let a0 = GpuTensor::empty(&ctx, 0, 5, GpuDtype::F32).unwrap();
+    let b0 = GpuTensor::empty(&ctx, 0, 3, GpuDtype::F32).unwrap();
+    let c0 = GpuTensor::empty(&ctx, 5, 3, GpuDtype::F32).unwrap();
+    c0.fill_u32(&ctx, common::POISON);
+    matmul_into(&ctx, &a0, &b0, Layout::TN, &c0, false, None).unwrap();
+    assert!(c0.to_f32(&ctx).unwrap().iter().all(|&v| v == 0.0));
 }

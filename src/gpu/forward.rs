@@ -75,9 +75,12 @@ fn grid(n: usize) -> (u32, u32, u32) {
     (n.min(GRID) as u32, n.div_ceil(GRID) as u32, 1)
 }
 
+/// (first row, rows, (chunk index, element offset) per tensor).
+type Piece = (usize, usize, Vec<(usize, usize)>);
+
 /// Row-range pieces of `tensors` (same rows): (first row, rows, chunk index and element offset per
 /// tensor). A row never straddles a chunk, so each piece binds one chunk of each tensor.
-fn pieces(tensors: &[&GpuTensor]) -> Vec<(usize, usize, Vec<(usize, usize)>)> {
+fn pieces(tensors: &[&GpuTensor]) -> Vec<Piece> {
     GpuTensor::common_row_ranges(tensors)
         .into_iter()
         .map(|(r0, r1)| {
@@ -169,7 +172,7 @@ pub fn rope(
 ) -> Result<()> {
     f32_only("rope", &[x, table])?;
     if x.cols != heads * head_dim
-        || head_dim % 2 != 0
+        || !head_dim.is_multiple_of(2)
         || table.cols != head_dim
         || table.rows < seq
         || seq == 0
@@ -222,7 +225,7 @@ pub fn attention(
     let shape = format!("{} rows, seq {seq}, heads {hq}/{hk}, d {d}", q.rows);
     if seq == 0
         || hk == 0
-        || hq % hk != 0
+        || !hq.is_multiple_of(hk)
         || d == 0
         || d > MAX_HEAD_DIM
         || q.cols != hq * d
@@ -230,7 +233,7 @@ pub fn attention(
         || v.cols != hk * d
         || k.rows != q.rows
         || v.rows != q.rows
-        || q.rows % seq != 0
+        || !q.rows.is_multiple_of(seq)
     {
         return Err(Error::Shape {
             op: "attention".into(),
@@ -247,7 +250,10 @@ pub fn attention(
     }
     let o = GpuTensor::empty_aligned(ctx, q.rows, q.cols, GpuDtype::F32, seq)?;
     let ranges = GpuTensor::common_row_ranges(&[q, k, v, &o]);
-    if ranges.iter().any(|(a, b)| a % seq != 0 || b % seq != 0) {
+    if ranges
+        .iter()
+        .any(|(a, b)| !a.is_multiple_of(seq) || !b.is_multiple_of(seq))
+    {
         return Err(Error::gpu(
             "attention",
             &shape,

@@ -1,4 +1,4 @@
-//! Matrix multiply on the GPU: C = [C +] A * B or A * B^T with f32 accumulation, for f32 inputs and
+//! Matrix multiply on the GPU: C = [C +] A * B, A * B^T or A^T * B with f32 accumulation, for f32 inputs and
 //! f16/bf16-stored inputs (converted on load). Two kernels: the register-tiled one (every adapter,
 //! any shape, any chunking) and a cooperative-matrix one (f16 inputs on adapters with 16x16x16
 //! f16 -> f32 cooperative matrices and 32-wide subgroups) chosen at run time where its shape rules
@@ -6,19 +6,24 @@
 //!
 //! Chunked operands: A and C are walked in row ranges that lie inside one chunk of each; B's
 //! chunks split K (layout NN, accumulated pass by pass) or N (layout NT, a column range of C).
+//! Layout TN (A stored k x m, so both operands are chunked along K, as X in XᵀX is by tokens)
+//! walks the K ranges common to A's and B's chunks, accumulating pass by pass, and for each one
+//! every chunk of C (a row range of C = a column range of A). Only the tiled kernel runs TN.
 
 use super::buffer::{GpuDtype, GpuTensor};
 use super::context::{Dispatch, GpuContext};
 use crate::error::{Error, Result};
 use crate::shaders;
 
-/// How B is stored.
+/// How A and B are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {
-    /// B is k x n row-major: C = A * B.
+    /// A is m x k, B is k x n, both row-major: C = A * B.
     NN,
-    /// B is n x k row-major (PyTorch's weight layout): C = A * B^T.
+    /// A is m x k, B is n x k row-major (PyTorch's weight layout): C = A * B^T.
     NT,
+    /// A is k x m, B is k x n, both row-major: C = A^T * B (XᵀX with A = B = X, tokens x features).
+    TN,
 }
 
 /// Which kernel ran.
@@ -47,7 +52,7 @@ struct Params {
     pad: u32,
 }
 
-fn loader(name: &str, binding: u32, dtype: GpuDtype) -> Result<String> {
+pub(crate) fn loader(name: &str, binding: u32, dtype: GpuDtype) -> Result<String> {
     let (ty, body) = match dtype {
         GpuDtype::F32 => ("f32", format!("return {name}[i];")),
         GpuDtype::F16 => (
@@ -74,9 +79,10 @@ fn loader(name: &str, binding: u32, dtype: GpuDtype) -> Result<String> {
 /// The register-tiled kernel's source for one (A dtype, B dtype, layout) variant.
 pub fn tiled_source(a: GpuDtype, b: GpuDtype, layout: Layout) -> Result<String> {
     Ok(format!(
-        "{}{}const B_TRANS: bool = {};\n{}",
+        "{}{}const A_TRANS: bool = {};\nconst B_TRANS: bool = {};\n{}",
         loader("A", 0, a)?,
         loader("B", 1, b)?,
+        layout == Layout::TN,
         layout == Layout::NT,
         shaders::MATMUL
     ))
@@ -87,7 +93,7 @@ pub fn all_sources() -> Vec<(String, String, bool)> {
     let mut v = Vec::new();
     for a in [GpuDtype::F32, GpuDtype::F16, GpuDtype::BF16] {
         for b in [GpuDtype::F32, GpuDtype::F16, GpuDtype::BF16] {
-            for l in [Layout::NN, Layout::NT] {
+            for l in [Layout::NN, Layout::NT, Layout::TN] {
                 if let Ok(s) = tiled_source(a, b, l) {
                     v.push((format!("matmul.wgsl {a:?}x{b:?} {l:?}"), s, false));
                 }
@@ -106,6 +112,7 @@ fn dims(a: &GpuTensor, b: &GpuTensor, layout: Layout) -> (usize, usize, usize) {
     match layout {
         Layout::NN => (a.rows, b.cols, a.cols),
         Layout::NT => (a.rows, b.rows, a.cols),
+        Layout::TN => (a.cols, b.cols, a.rows),
     }
 }
 
@@ -115,6 +122,7 @@ pub fn coop_eligible(ctx: &GpuContext, a: &GpuTensor, b: &GpuTensor, layout: Lay
     ctx.caps.coop_f16_16x16
         && ctx.caps.shader_f16
         && ctx.caps.subgroup_size == (32, 32)
+        && layout != Layout::TN
         && a.dtype == GpuDtype::F16
         && b.dtype == GpuDtype::F16
         && a.chunks.len() == 1
@@ -152,7 +160,7 @@ pub fn matmul_into(
         m, n, k, layout, a.dtype, b.dtype
     );
     let kb = match layout {
-        Layout::NN => b.rows,
+        Layout::NN | Layout::TN => b.rows,
         Layout::NT => b.cols,
     };
     if kb != k || c.rows != m || c.cols != n || c.dtype != GpuDtype::F32 {
@@ -176,7 +184,7 @@ pub fn matmul_into(
             return Err(Error::gpu(
                 "matmul_coop",
                 &shape,
-                "the cooperative-matrix kernel needs f16 inputs, m and n multiples of 64, k a multiple of 16, single-chunk operands and an adapter with 16x16x16 f16 cooperative matrices and 32-wide subgroups",
+                "the cooperative-matrix kernel needs layout NN or NT, f16 inputs, m and n multiples of 64, k a multiple of 16, single-chunk operands and an adapter with 16x16x16 f16 cooperative matrices and 32-wide subgroups",
             ));
         }
         Some(MatmulPath::Tiled) => false,
@@ -252,6 +260,9 @@ fn run_tiled(
     // Trusted: every offset and extent below is derived from the chunk table, so each index the
     // kernel forms (guarded by m, n, k) stays inside its binding.
     let pipe = ctx.pipeline(&key, &src, "main", true)?;
+    if layout == Layout::TN {
+        return run_tiled_tn(ctx, a, b, c, accumulate, shape, &pipe);
+    }
     let max_rows = ctx.max_workgroups_per_dim() as usize * TILE;
     if n.div_ceil(TILE) > ctx.max_workgroups_per_dim() as usize {
         return Err(Error::gpu(
@@ -270,7 +281,7 @@ fn run_tiled(
             let e = (s + max_rows).min(r1);
             for (bi, bc) in b.chunks.iter().enumerate() {
                 let (sub_n, sub_k, a_koff, c_noff) = match layout {
-                    Layout::NN => (n, bc.rows, bc.row_start, 0),
+                    Layout::NN | Layout::TN => (n, bc.rows, bc.row_start, 0),
                     Layout::NT => (bc.rows, k, 0, bc.row_start),
                 };
                 if sub_n == 0 || sub_k == 0 {
@@ -314,6 +325,89 @@ fn run_tiled(
         })
         .collect();
     ctx.run("matmul", shape, &pipe, &dispatches)
+}
+
+/// Layout TN: C (m x n) = [C +] A^T (A: k x m) * B (k x n). Dispatches are recorded in K order
+/// (every chunk of C once per K range) and run in one pass, so the later ones accumulate onto
+/// the earlier ones' results. Every offset and extent is checked to fit the u32 indices the
+/// kernel forms inside its chunk (that check is what makes the unchecked pipeline safe).
+fn run_tiled_tn(
+    ctx: &GpuContext,
+    a: &GpuTensor,
+    b: &GpuTensor,
+    c: &GpuTensor,
+    accumulate: bool,
+    shape: &str,
+    pipe: &wgpu::ComputePipeline,
+) -> Result<()> {
+    let (m, n) = (a.cols, b.cols);
+    let max_wg = ctx.max_workgroups_per_dim() as usize;
+    if n.div_ceil(TILE) > max_wg {
+        return Err(Error::gpu(
+            "matmul",
+            shape,
+            "n exceeds the dispatch grid limit",
+        ));
+    }
+    let u = |v: usize| -> Result<u32> {
+        u32::try_from(v)
+            .map_err(|_| Error::gpu("matmul", shape, format!("{v} does not fit in 32 bits")))
+    };
+    for t in [a, b, c] {
+        for ch in &t.chunks {
+            u(ch.rows * t.cols)?;
+        }
+    }
+    let max_rows = max_wg * TILE;
+    let mut params = Vec::new();
+    let mut binds = Vec::new();
+    for (pass, (k0, k1)) in GpuTensor::common_row_ranges(&[a, b])
+        .into_iter()
+        .enumerate()
+    {
+        let (ai, ar) = a.locate(k0);
+        let (bi, br) = b.locate(k0);
+        for (ci, cc) in c.chunks.iter().enumerate() {
+            let mut s = 0;
+            while s < cc.rows {
+                let e = (s + max_rows).min(cc.rows);
+                params.push(Params {
+                    m: u(e - s)?,
+                    n: u(n)?,
+                    k: u(k1 - k0)?,
+                    accumulate: (accumulate || pass > 0) as u32,
+                    a_off: u(ar * m + cc.row_start + s)?,
+                    lda: u(m)?,
+                    b_off: u(br * n)?,
+                    ldb: u(n)?,
+                    c_off: u(s * n)?,
+                    ldc: u(n)?,
+                    b_trans: 0,
+                    pad: 0,
+                });
+                binds.push((ai, bi, ci, e - s));
+                s = e;
+            }
+        }
+    }
+    if params.is_empty() {
+        // k == 0: the product is zero.
+        return zero_or_keep(ctx, c, accumulate);
+    }
+    let dispatches: Vec<Dispatch> = params
+        .iter()
+        .zip(&binds)
+        .map(|(p, &(ai, bi, ci, rows))| Dispatch {
+            buffers: vec![
+                &a.chunks[ai].buffer,
+                &b.chunks[bi].buffer,
+                &c.chunks[ci].buffer,
+            ],
+            uniform: Some(bytemuck::bytes_of(p)),
+            groups: (n.div_ceil(TILE) as u32, rows.div_ceil(TILE) as u32, 1),
+        })
+        .collect();
+    ctx.run("matmul", shape, pipe, &dispatches)
 }
 
 fn zero_or_keep(ctx: &GpuContext, c: &GpuTensor, accumulate: bool) -> Result<()> {

@@ -7,6 +7,7 @@ pub mod forward;
 pub mod matmul;
 pub mod quant;
 pub mod reduce;
+pub mod stats;
 
 pub use buffer::{GpuDtype, GpuTensor};
 pub use context::{AdapterSummary, ContextOptions, GpuContext, list_adapters};

@@ -252,7 +252,7 @@ impl GpuModel {
 
     /// Logits (rows x vocab, f32) of whole sequences of `plan.seq` ids.
     pub fn logits(&self, ctx: &GpuContext, model: &Model, ids: &[u32]) -> Result<GpuTensor> {
-        if ids.is_empty() || ids.len() % self.plan.seq != 0 {
+        if ids.is_empty() || !ids.len().is_multiple_of(self.plan.seq) {
             return Err(Error::invalid(format!(
                 "{} token ids are not whole sequences of {}",
                 ids.len(),

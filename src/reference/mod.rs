@@ -6,3 +6,4 @@ pub mod forward;
 pub mod matmul;
 pub mod quant;
 pub mod reduce;
+pub mod stats;
