@@ -134,3 +134,43 @@ pub fn hessian(
         tflops: 2.0 * tokens as f64 * d as f64 * d as f64 / s / 1e12,
     })
 }
+
+/// One forward-throughput measurement (`wgpress bench forward`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ForwardBench {
+    pub seq_len: usize,
+    pub windows: usize,
+    pub ms_per_window: f64,
+    pub tokens_per_s: f64,
+}
+
+/// Times the whole-model forward (all blocks, final norm, head) on random token ids, one window of
+/// `seq_len` tokens at a time, as `wgpress eval` runs it.
+pub fn forward(
+    ctx: &GpuContext,
+    model: &crate::model::Model,
+    seq_len: usize,
+    windows: usize,
+) -> Result<ForwardBench> {
+    let gm = crate::model::forward::GpuModel::load(ctx, model, seq_len)?;
+    let mut rng = Rng::new(7);
+    let vocab = model.config.vocab_size as u64;
+    let mut ids = || -> Vec<u32> { (0..seq_len).map(|_| rng.below(vocab) as u32).collect() };
+    let warm = gm.logits(ctx, model, &ids())?;
+    drop(warm);
+    ctx.sync("forward", "warm-up")?;
+    let windows = windows.max(1);
+    let t = Instant::now();
+    for _ in 0..windows {
+        let l = gm.logits(ctx, model, &ids())?;
+        ctx.sync("forward", &format!("{seq_len} tokens"))?;
+        drop(l);
+    }
+    let s = t.elapsed().as_secs_f64();
+    Ok(ForwardBench {
+        seq_len,
+        windows,
+        ms_per_window: s * 1e3 / windows as f64,
+        tokens_per_s: (seq_len * windows) as f64 / s,
+    })
+}

@@ -48,6 +48,16 @@ enum Cmd {
     },
     /// Compress a checkpoint (default: the small model in assets/ into ./out).
     Compress(wgpress_cli::CompressArgs),
+    /// Write a random-weight Hugging Face checkpoint of a named shape (for benchmarks at scale).
+    Synth {
+        /// tiny, smollm2-135m, llama-7b or llama-13b.
+        #[arg(long)]
+        shape: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Time a kernel on the chosen adapter.
     Bench {
         #[command(subcommand)]
@@ -78,6 +88,18 @@ enum BenchKernel {
         gpu: GpuArgs,
     },
     /// H += XᵀX for X tokens x dim (the calibration Hessian): prints ms and TFLOP/s (2·n·d²).
+    /// Whole-model forward throughput (tokens/s) on random token ids, as `eval` runs it.
+    Forward {
+        /// Hugging Face checkpoint directory (default: the small model in assets/).
+        model: Option<PathBuf>,
+        #[arg(long, default_value_t = 2048)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 4)]
+        windows: usize,
+        #[command(flatten)]
+        gpu: GpuArgs,
+    },
+    /// H = (2/n) XᵀX accumulation: ms and TFLOP/s (2·n·d² flops).
     Hessian {
         #[arg(long, default_value_t = 65536)]
         tokens: usize,
@@ -213,6 +235,17 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Compress(args) => compress::run(args),
+        Cmd::Synth { shape, out, seed } => {
+            let spec = wgpress::model::synth::SynthSpec::named(&shape)?;
+            let t = std::time::Instant::now();
+            wgpress::model::synth::write_random_llama(&out, &spec, seed)?;
+            println!(
+                "wrote a random {shape} checkpoint to {} in {:.1} s",
+                out.display(),
+                t.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
         Cmd::Bench { kernel } => match kernel {
             BenchKernel::Matmul {
                 sizes,
@@ -257,6 +290,33 @@ fn run(cli: Cli) -> Result<()> {
                     std::fs::write(&p, serde_json::to_string_pretty(&rows)?)
                         .with_context(|| format!("writing {}", p.display()))?;
                 }
+                Ok(())
+            }
+            BenchKernel::Forward {
+                model,
+                seq_len,
+                windows,
+                gpu,
+            } => {
+                let dir = match model {
+                    Some(m) => m,
+                    None => default_model()?,
+                };
+                let model = wgpress::model::Model::open(&dir)?;
+                let engine = gpu.engine()?;
+                let Some(ctx) = engine.gpu() else {
+                    bail!("`bench` measures GPU kernels and needs an adapter")
+                };
+                println!("adapter: {}", engine.describe());
+                let r = wgpress::bench::forward(ctx, &model, seq_len, windows)?;
+                println!(
+                    "forward {}: seq {} x {} windows: {:.2} ms/window, {:.0} tokens/s",
+                    dir.display(),
+                    r.seq_len,
+                    r.windows,
+                    r.ms_per_window,
+                    r.tokens_per_s
+                );
                 Ok(())
             }
             BenchKernel::Hessian {

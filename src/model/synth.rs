@@ -49,6 +49,35 @@ impl Default for SynthSpec {
 }
 
 impl SynthSpec {
+    /// Shapes users know by name (random weights; bf16, sharded every ~2 GB for the large ones).
+    pub const SHAPES: [&'static str; 4] = ["tiny", "smollm2-135m", "llama-7b", "llama-13b"];
+
+    pub fn named(name: &str) -> Result<Self> {
+        let s = |hidden, intermediate, layers, heads, kv_heads, vocab, tie, shards| SynthSpec {
+            hidden,
+            intermediate,
+            layers,
+            heads,
+            kv_heads,
+            vocab,
+            dtype: Dtype::BF16,
+            shards,
+            tie_embeddings: tie,
+        };
+        Ok(match name {
+            "tiny" => s(256, 768, 4, 8, 4, 2048, true, 1),
+            "smollm2-135m" => s(576, 1536, 30, 9, 3, 49152, true, 1),
+            "llama-7b" => s(4096, 11008, 32, 32, 32, 32000, false, 7),
+            "llama-13b" => s(5120, 13824, 40, 40, 40, 32000, false, 13),
+            _ => {
+                return Err(Error::invalid(format!(
+                    "unknown shape `{name}` (known: {})",
+                    Self::SHAPES.join(", ")
+                )));
+            }
+        })
+    }
+
     /// The config.json this spec writes.
     pub fn config_json(&self) -> serde_json::Value {
         let torch_dtype = match self.dtype {
