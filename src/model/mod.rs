@@ -7,6 +7,7 @@
 pub mod config;
 pub mod safetensors;
 pub mod synth;
+pub mod tokenizer;
 pub mod writer;
 
 use crate::error::{Error, Result};
