@@ -1,6 +1,7 @@
 //! wgpress: compresses Llama-family checkpoints on any GPU wgpu reaches (DESIGN.md is the map).
 
 pub mod bench;
+pub mod calib;
 pub mod compress;
 pub mod engine;
 pub mod error;

@@ -9,6 +9,7 @@ pub mod forward;
 pub mod llama;
 pub mod safetensors;
 pub mod synth;
+pub mod tokenizer;
 pub mod writer;
 
 use crate::error::{Error, Result};
