@@ -48,6 +48,25 @@ enum Cmd {
     },
     /// Compress a checkpoint (default: the small model in assets/ into ./out).
     Compress(wgpress_cli::CompressArgs),
+    /// Perplexity of a checkpoint on a text (the GPTQ papers' protocol: one token stream without
+    /// BOS, non-overlapping windows, loss on every token but each window's first).
+    Eval {
+        /// Hugging Face checkpoint directory (default: the small model in assets/).
+        model: Option<PathBuf>,
+        /// Evaluation text (UTF-8).
+        #[arg(long)]
+        text: PathBuf,
+        #[arg(long, default_value_t = 2048)]
+        seq_len: usize,
+        /// Keep only the first N tokens of the text.
+        #[arg(long)]
+        max_tokens: Option<usize>,
+        /// Also write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[command(flatten)]
+        gpu: GpuArgs,
+    },
     /// Write a random-weight Hugging Face checkpoint of a named shape (for benchmarks at scale).
     Synth {
         /// tiny, smollm2-135m, llama-7b or llama-13b.
@@ -235,6 +254,26 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Compress(args) => compress::run(args),
+        Cmd::Eval {
+            model,
+            text,
+            seq_len,
+            max_tokens,
+            json,
+            gpu,
+        } => {
+            let dir = match model {
+                Some(m) => m,
+                None => default_model()?,
+            };
+            let model = wgpress::model::Model::open(&dir)?;
+            let report = eval_cmd(&model, &text, seq_len, max_tokens, &gpu)?;
+            if let Some(p) = json {
+                std::fs::write(&p, serde_json::to_string_pretty(&report)?)
+                    .with_context(|| format!("writing {}", p.display()))?;
+            }
+            Ok(())
+        }
         Cmd::Synth { shape, out, seed } => {
             let spec = wgpress::model::synth::SynthSpec::named(&shape)?;
             let t = std::time::Instant::now();
@@ -358,6 +397,55 @@ fn gpu_dtype(d: BenchDtype) -> GpuDtype {
         BenchDtype::F16 => GpuDtype::F16,
         BenchDtype::Bf16 => GpuDtype::BF16,
     }
+}
+
+fn eval_cmd(
+    model: &wgpress::model::Model,
+    text: &Path,
+    seq_len: usize,
+    max_tokens: Option<usize>,
+    gpu: &GpuArgs,
+) -> Result<wgpress::eval::EvalReport> {
+    let cfg = &model.config;
+    if seq_len > cfg.max_position_embeddings {
+        bail!(
+            "--seq-len {seq_len} exceeds the model's max_position_embeddings ({})",
+            cfg.max_position_embeddings
+        );
+    }
+    let tok = wgpress::model::tokenizer::Tokenizer::load(&model.dir, cfg.vocab_size)?;
+    let body = std::fs::read_to_string(text)
+        .with_context(|| format!("reading evaluation text {}", text.display()))?;
+    let ids = tok.encode(&body)?;
+    let windows = wgpress::calib::eval_windows(&ids, seq_len, max_tokens)
+        .with_context(|| format!("evaluation text {}", text.display()))?;
+    let engine = gpu.engine()?;
+    eprintln!("device: {}", engine.describe());
+    let bar = indicatif::ProgressBar::new(windows.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} windows (eta {eta}) {per_sec}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let report = wgpress::eval::perplexity(&engine, model, &windows, &|done, _| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    println!(
+        "{}: {} tokens of {} in {} windows of {}, {} scored",
+        model.dir.display(),
+        ids.len().min(max_tokens.unwrap_or(usize::MAX)),
+        text.display(),
+        report.windows,
+        report.seq_len,
+        report.scored_tokens
+    );
+    println!(
+        "perplexity {:.4} (mean loss {:.6} nats) in {:.2} s, {:.0} tokens/s",
+        report.ppl, report.mean_nll, report.seconds, report.tokens_per_s
+    );
+    Ok(report)
 }
 
 fn parse_size(s: &str) -> Result<(usize, usize, usize)> {

@@ -1,0 +1,136 @@
+//! Perplexity against transformers on the committed held-out text, on the GPU and on the CPU
+//! reference path, and the eval command's bad-input errors.
+mod common;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use wgpress::engine::Engine;
+use wgpress::gpu::ContextOptions;
+use wgpress::model::Model;
+use wgpress::model::tokenizer::Tokenizer;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn text() -> PathBuf {
+    root().join("assets/text/shakespeare-heldout-head.txt")
+}
+
+fn windows(model: &Model, seq: usize, max: usize) -> Vec<Vec<u32>> {
+    let tok = Tokenizer::load(&model.dir, model.config.vocab_size).unwrap();
+    let ids = tok
+        .encode(&std::fs::read_to_string(text()).unwrap())
+        .unwrap();
+    wgpress::calib::eval_windows(&ids, seq, Some(max))
+        .unwrap()
+        .into_iter()
+        .map(|w| w.to_vec())
+        .collect()
+}
+
+// Reference numbers from transformers 5.17 (f32, CPU, eager attention, log-softmax in f64):
+//   python3 tools/ppl_transformers.py assets/tiny --text assets/text/shakespeare-heldout-head.txt \
+//       --seq-len 256 --max-tokens 2048      -> mean loss 3.107198, ppl 22.3583 (2040 scored)
+//   ... --seq-len 128 --max-tokens 512       -> mean loss 2.944582, ppl 19.0027 (508 scored)
+const HF_LOSS_256_2048: f64 = 3.107198;
+const HF_LOSS_128_512: f64 = 2.944582;
+
+#[test]
+fn gpu_perplexity_matches_transformers() {
+    let m = Model::open(&root().join("assets/tiny")).unwrap();
+    let engine = Engine::new(
+        &ContextOptions {
+            checked_shaders: true,
+            ..Default::default()
+        },
+        false,
+    )
+    .unwrap();
+    assert!(
+        engine.gpu().is_some(),
+        "GPU tests need an adapter (lavapipe)"
+    );
+    let w = windows(&m, 256, 2048);
+    let refs: Vec<&[u32]> = w.iter().map(|v| v.as_slice()).collect();
+    let r = wgpress::eval::perplexity(&engine, &m, &refs, &|_, _| {}).unwrap();
+    assert_eq!((r.windows, r.scored_tokens), (8, 2040));
+    // The issue asks for 0.1% relative perplexity; logits agree to ~2e-5 (see gpu_forward), so the
+    // mean loss agrees to ~1e-5 nats: assert 1e-4 nats (0.01% of ppl), ten times inside the target.
+    assert!(
+        (r.mean_nll - HF_LOSS_256_2048).abs() < 1e-4,
+        "mean loss {} vs transformers {HF_LOSS_256_2048}",
+        r.mean_nll
+    );
+}
+
+#[test]
+fn cpu_reference_perplexity_matches_transformers() {
+    let m = Model::open(&root().join("assets/tiny")).unwrap();
+    let w = windows(&m, 128, 512);
+    let refs: Vec<&[u32]> = w.iter().map(|v| v.as_slice()).collect();
+    let r = wgpress::eval::perplexity(&Engine::Cpu, &m, &refs, &|_, _| {}).unwrap();
+    assert_eq!((r.windows, r.scored_tokens), (4, 508));
+    assert!(
+        (r.mean_nll - HF_LOSS_128_512).abs() < 1e-4,
+        "mean loss {} vs transformers {HF_LOSS_128_512}",
+        r.mean_nll
+    );
+}
+
+fn run(args: &[&str]) -> (bool, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_wgpress"))
+        .args(args)
+        .env_remove("WGPRESS_ADAPTER")
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+#[test]
+fn eval_command_reports_perplexity_and_rejects_bad_input() {
+    let tiny = root().join("assets/tiny");
+    let t = text();
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    let o = Command::new(env!("CARGO_BIN_EXE_wgpress"))
+        .args([
+            "eval",
+            &p(&tiny),
+            "--text",
+            &p(&t),
+            "--seq-len",
+            "128",
+            "--max-tokens",
+            "256",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("perplexity"));
+
+    // Sequence length beyond max_position_embeddings (2048).
+    let (ok, err) = run(&["eval", &p(&tiny), "--text", &p(&t), "--seq-len", "4096"]);
+    assert!(!ok && err.contains("max_position_embeddings"), "{err}");
+
+    // Text shorter than one window.
+    let tmp = tempfile::tempdir().unwrap();
+    let short = tmp.path().join("short.txt");
+    std::fs::write(&short, "To be, or not to be.").unwrap();
+    let (ok, err) = run(&["eval", &p(&tiny), "--text", &p(&short), "--seq-len", "256"]);
+    assert!(!ok && err.contains("short.txt"), "{err}");
+
+    // A model without tokenizer.json.
+    let m = tmp.path().join("m");
+    std::fs::create_dir(&m).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(tiny.join(f), m.join(f)).unwrap();
+    }
+    let (ok, err) = run(&["eval", &p(&m), "--text", &p(&t), "--seq-len", "128"]);
+    assert!(!ok && err.contains("tokenizer.json"), "{err}");
+
+    // Missing text file.
+    let (ok, err) = run(&["eval", &p(&tiny), "--text", "/nonexistent/t.txt"]);
+    assert!(!ok && err.contains("/nonexistent/t.txt"), "{err}");
+}
