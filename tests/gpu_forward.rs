@@ -226,3 +226,47 @@ fn tiny_logits_match_transformers_fixture() {
         );
     }
 }
+
+#[test]
+fn random_blocks_match_reference_for_gqa_ratios_and_head_dims() {
+    let ctx = common::ctx();
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, &(heads, kv, hd, seq)) in [(4, 4, 32, 13), (6, 2, 64, 9), (8, 2, 32, 21)]
+        .iter()
+        .enumerate()
+    {
+        let spec = SynthSpec {
+            hidden: heads * hd,
+            intermediate: 3 * heads * hd / 2 + 7,
+            layers: 1,
+            heads,
+            kv_heads: kv,
+            vocab: 64,
+            ..Default::default()
+        };
+        let dir = tmp.path().join(format!("m{i}"));
+        wgpress::model::synth::write_random_llama(&dir, &spec, i as u64).unwrap();
+        let m = Model::open(&dir).unwrap();
+        let c = &m.config;
+        let mut rng = Rng::new(40 + i as u64);
+        let x = rng.normal_vec(2 * seq * c.hidden_size, 1.0);
+        let plan = ForwardPlan::new(&ctx, c, seq).unwrap();
+        let blk = GpuBlock::upload(&ctx, &m, 0).unwrap();
+        let gx = GpuTensor::from_f32_aligned(&ctx, 2 * seq, c.hidden_size, &x, seq).unwrap();
+        let got = block_forward(&ctx, &plan, &blk, &gx, false)
+            .unwrap()
+            .0
+            .to_f32(&ctx)
+            .unwrap();
+        let bw = wgpress::model::llama::BlockWeights::load(&m, 0).unwrap();
+        let h = c.hidden_size;
+        for s in 0..2 {
+            let want = r::block_forward(c, &bw, &x[s * seq * h..(s + 1) * seq * h], seq).unwrap();
+            let e = max_abs(&got[s * seq * h..(s + 1) * seq * h], &want);
+            assert!(
+                e < 1e-4,
+                "heads {heads}/{kv} d {hd} seq {seq}, sequence {s}: {e}"
+            );
+        }
+    }
+}
