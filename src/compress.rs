@@ -11,7 +11,7 @@ use crate::export::gptq::{ExportTensor, GptqExportOptions, GptqWriter};
 use crate::model::Model;
 use crate::model::safetensors::Dtype;
 use crate::model::writer::{MARKER, OutputDir};
-use crate::quant::QuantSpec;
+use crate::quant::{QuantSpec, QuantizedTensor};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -38,8 +38,10 @@ pub struct LayerReport {
     pub name: String,
     pub shape: [usize; 2],
     pub seconds: f64,
-    /// ||W - Q(W)||_F^2 / ||W||_F^2: the weight-space error (the output error needs calibration).
+    /// ||W - Q(W)||_F^2 / ||W||_F^2: the weight-space error.
     pub rel_weight_err: f64,
+    /// ||X Wᵀ - X Q(W)ᵀ||² / ||X Wᵀ||² on the calibration inputs X (with calibration only).
+    pub rel_output_err: Option<f64>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -57,6 +59,20 @@ pub struct CompressReport {
     pub peak_gpu_bytes: u64,
     pub input_bytes: u64,
     pub output_bytes: u64,
+    /// Calibration set, when the layer-streaming pipeline ran.
+    pub calibration: Option<CalibrationReport>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CalibrationReport {
+    pub files: Vec<PathBuf>,
+    pub nsamples: usize,
+    pub seqlen: usize,
+    pub seed: u64,
+    pub bos: bool,
+    /// Per block, the mean squared activation of its output at positions 0..8 (attention sinks
+    /// show as position 0 dominating).
+    pub position_energy: Vec<Vec<f64>>,
 }
 
 /// Files copied next to the weights so the output loads like the input.
@@ -70,23 +86,13 @@ const SIDE_FILES: &[&str] = &[
 /// Progress callback: (tensors done, tensors total, name of the current one).
 pub type Progress<'a> = &'a dyn Fn(usize, usize, &str);
 
-/// Quantizes every linear layer of `model` with RTN and writes `opts.format` to `opts.out`.
-pub fn rtn(
-    engine: &Engine,
-    model: &Model,
-    opts: &CompressOptions,
-    progress: Progress<'_>,
-) -> Result<CompressReport> {
-    let t0 = Instant::now();
+/// Checks every linear layer against the grid and the format before anything is written.
+pub(crate) fn validate(model: &Model, opts: &CompressOptions) -> Result<()> {
     let spec = opts.spec;
-    let names: Vec<String> = model
-        .weights
-        .names()
-        .into_iter()
-        .map(str::to_string)
-        .collect();
-    // Check every layer against the grid and the format before writing anything.
-    for n in names.iter().filter(|n| model.config.is_linear(n)) {
+    for n in model.weights.names() {
+        if !model.config.is_linear(n) {
+            continue;
+        }
         let info = model.weights.info(n)?;
         let cols = info.shape[1];
         spec.check_cols(cols, n)
@@ -103,23 +109,141 @@ pub fn rtn(
             ));
         }
     }
+    Ok(())
+}
+
+/// Where compressed tensors go: the streaming GPTQ writer, or dense tensors kept until the end.
+pub(crate) struct Sink<'a> {
+    out: &'a OutputDir,
+    gptq: Option<GptqWriter<'a>>,
+    dense: Vec<NamedTensor>,
+    dtype: Dtype,
+    pub copied: usize,
+}
+
+impl<'a> Sink<'a> {
+    pub fn new(out: &'a OutputDir, opts: &CompressOptions) -> Result<Self> {
+        let gptq = match opts.format {
+            Format::Gptq => Some(GptqWriter::new(
+                out,
+                GptqExportOptions {
+                    plain_dtype: opts.dtype,
+                    ..Default::default()
+                },
+            )?),
+            Format::Dense => None,
+        };
+        Ok(Sink {
+            out,
+            gptq,
+            dense: Vec::new(),
+            dtype: opts.dtype,
+            copied: 0,
+        })
+    }
+
+    /// A quantized linear layer `name` (ending in `.weight`) with its dequantized values.
+    pub fn quantized(&mut self, name: &str, q: QuantizedTensor, deq: Vec<f32>) -> Result<()> {
+        let shape = vec![q.rows, q.cols];
+        match self.gptq.as_mut() {
+            Some(w) => w.add(&ExportTensor::Quantized {
+                name: name.trim_end_matches(".weight").to_string(),
+                tensor: q,
+                bias: None,
+            }),
+            None => {
+                self.dense.push((name.to_string(), shape, deq));
+                Ok(())
+            }
+        }
+    }
+
+    /// A tensor copied as it is (converted to the output dtype).
+    pub fn plain(&mut self, name: &str, shape: Vec<usize>, data: Vec<f32>) -> Result<()> {
+        self.copied += 1;
+        match self.gptq.as_mut() {
+            Some(w) => w.add(&ExportTensor::Plain {
+                name: name.to_string(),
+                shape,
+                data,
+            }),
+            None => {
+                self.dense.push((name.to_string(), shape, data));
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes the weights, the side files and report.json; the caller then commits the output.
+    pub fn finish(self, model: &Model, mut report: CompressReport) -> Result<CompressReport> {
+        let out = self.out;
+        match self.gptq {
+            Some(w) => w.finish(&model.config.raw)?,
+            None => write_dense(self.out, &model.config.raw, &self.dense, self.dtype)?,
+        }
+        for f in SIDE_FILES {
+            let src = model.dir.join(f);
+            if src.exists() {
+                out.copy_file(&src, f)?;
+            }
+        }
+        report.copied_tensors = self.copied;
+        report.output_bytes = dir_bytes(out.path());
+        let json = serde_json::to_value(&report)
+            .map_err(|e| Error::format(out.path().join(MARKER), e.to_string()))?;
+        out.write_json(MARKER, &json)?;
+        Ok(report)
+    }
+}
+
+impl CompressReport {
+    pub(crate) fn new(
+        engine: &Engine,
+        model: &Model,
+        opts: &CompressOptions,
+        method: &'static str,
+    ) -> Self {
+        CompressReport {
+            tool: "wgpress",
+            version: env!("CARGO_PKG_VERSION"),
+            model: model.dir.clone(),
+            method,
+            spec: opts.spec,
+            format: opts.format,
+            device: engine.describe(),
+            layers: Vec::new(),
+            copied_tensors: 0,
+            seconds: 0.0,
+            peak_gpu_bytes: 0,
+            input_bytes: model.weights.total_bytes(),
+            output_bytes: 0,
+            calibration: None,
+        }
+    }
+}
+
+/// Quantizes every linear layer of `model` with RTN and writes `opts.format` to `opts.out`.
+pub fn rtn(
+    engine: &Engine,
+    model: &Model,
+    opts: &CompressOptions,
+    progress: Progress<'_>,
+) -> Result<CompressReport> {
+    let t0 = Instant::now();
+    let spec = opts.spec;
+    validate(model, opts)?;
+    let names: Vec<String> = model
+        .weights
+        .names()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
     let out = OutputDir::create(&opts.out)?;
     if let Some(ctx) = engine.gpu() {
         ctx.reset_peak();
     }
-    let mut layers = Vec::new();
-    let mut copied = 0;
-    let mut gptq = match opts.format {
-        Format::Gptq => Some(GptqWriter::new(
-            &out,
-            GptqExportOptions {
-                plain_dtype: opts.dtype,
-                ..Default::default()
-            },
-        )?),
-        Format::Dense => None,
-    };
-    let mut dense: Vec<NamedTensor> = Vec::new();
+    let mut report = CompressReport::new(engine, model, opts, "rtn");
+    let mut sink = Sink::new(&out, opts)?;
     for (i, name) in names.iter().enumerate() {
         progress(i, names.len(), name);
         let info = model.weights.info(name)?;
@@ -131,68 +255,27 @@ pub fn rtn(
             let q = crate::quant::rtn::quantize(engine, &data, rows, cols, &spec)
                 .map_err(|e| Error::tensor(&info.file, name, e.to_string()))?;
             let deq = q.dequantize();
-            layers.push(LayerReport {
+            report.layers.push(LayerReport {
                 name: name.clone(),
                 shape: [rows, cols],
                 seconds: t.elapsed().as_secs_f64(),
                 rel_weight_err: rel_err(&data, &deq),
+                rel_output_err: None,
             });
-            match gptq.as_mut() {
-                Some(w) => w.add(&ExportTensor::Quantized {
-                    name: name.trim_end_matches(".weight").to_string(),
-                    tensor: q,
-                    bias: None,
-                })?,
-                None => dense.push((name.clone(), shape, deq)),
-            }
+            sink.quantized(name, q, deq)?;
         } else {
-            copied += 1;
-            match gptq.as_mut() {
-                Some(w) => w.add(&ExportTensor::Plain {
-                    name: name.clone(),
-                    shape,
-                    data,
-                })?,
-                None => dense.push((name.clone(), shape, data)),
-            }
+            sink.plain(name, shape, data)?;
         }
     }
     progress(names.len(), names.len(), "writing");
-    match gptq {
-        Some(w) => w.finish(&model.config.raw)?,
-        None => write_dense(&out, &model.config.raw, &dense, opts.dtype)?,
-    }
-    for f in SIDE_FILES {
-        let src = model.dir.join(f);
-        if src.exists() {
-            out.copy_file(&src, f)?;
-        }
-    }
-    let peak = engine.gpu().map(|c| c.memory().1).unwrap_or(0);
-    let mut report = CompressReport {
-        tool: "wgpress",
-        version: env!("CARGO_PKG_VERSION"),
-        model: model.dir.clone(),
-        method: "rtn",
-        spec,
-        format: opts.format,
-        device: engine.describe(),
-        layers,
-        copied_tensors: copied,
-        seconds: t0.elapsed().as_secs_f64(),
-        peak_gpu_bytes: peak,
-        input_bytes: model.weights.total_bytes(),
-        output_bytes: dir_bytes(out.path()),
-    };
+    report.peak_gpu_bytes = engine.gpu().map(|c| c.memory().1).unwrap_or(0);
     report.seconds = t0.elapsed().as_secs_f64();
-    let json = serde_json::to_value(&report)
-        .map_err(|e| Error::format(out.path().join(MARKER), e.to_string()))?;
-    out.write_json(MARKER, &json)?;
+    let report = sink.finish(model, report)?;
     out.commit()?;
     Ok(report)
 }
 
-fn rel_err(w: &[f32], q: &[f32]) -> f64 {
+pub(crate) fn rel_err(w: &[f32], q: &[f32]) -> f64 {
     let (mut num, mut den) = (0f64, 0f64);
     for (&a, &b) in w.iter().zip(q) {
         num += (a as f64 - b as f64).powi(2);

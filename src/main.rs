@@ -181,6 +181,21 @@ mod wgpress_cli {
         /// Dtype of unquantized tensors (GPTQ) or of all weights (dense).
         #[arg(long, value_enum, default_value = "f16")]
         pub dtype: OutDtype,
+        /// Calibration text file(s); with them the layer-streaming pipeline runs on the GPU and
+        /// reports each layer's output error on these activations.
+        #[arg(long = "calib")]
+        pub calib: Vec<PathBuf>,
+        /// Calibration sequences (seeded random windows of the text).
+        #[arg(long, default_value_t = 128)]
+        pub nsamples: usize,
+        /// Tokens per calibration sequence.
+        #[arg(long, default_value_t = 2048)]
+        pub seqlen: usize,
+        #[arg(long, default_value_t = 0)]
+        pub seed: u64,
+        /// Start every calibration window with BOS (an attention-sink remedy).
+        #[arg(long)]
+        pub bos: bool,
         /// Output directory (written atomically; an earlier wgpress output there is replaced).
         #[arg(long, default_value = "out")]
         pub out: PathBuf,
@@ -499,11 +514,33 @@ mod compress {
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
-        let report = compress::rtn(&engine, &model, &opts, &|done, total, name| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-            bar.set_message(name.to_string());
-        })?;
+        let report = if args.calib.is_empty() {
+            compress::rtn(&engine, &model, &opts, &|done, total, name| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+                bar.set_message(name.to_string());
+            })?
+        } else {
+            let calib = wgpress::calib::CalibOptions {
+                files: args.calib.clone(),
+                nsamples: args.nsamples,
+                seqlen: args.seqlen,
+                seed: args.seed,
+                bos: args.bos,
+            };
+            wgpress::pipeline::run(
+                &engine,
+                &model,
+                &wgpress::pipeline::Rtn(spec),
+                &calib,
+                &opts,
+                &|stage, done, total| {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                    bar.set_message(stage.to_string());
+                },
+            )?
+        };
         bar.finish_and_clear();
         let n = report.layers.len().max(1) as f64;
         let mean_err = report.layers.iter().map(|l| l.rel_weight_err).sum::<f64>() / n;
@@ -523,6 +560,17 @@ mod compress {
             report.seconds
         );
         println!("mean relative weight error ||W-Q||^2/||W||^2: {mean_err:.3e}");
+        let out_errs: Vec<f64> = report
+            .layers
+            .iter()
+            .filter_map(|l| l.rel_output_err)
+            .collect();
+        if !out_errs.is_empty() {
+            println!(
+                "mean relative output error ||XWᵀ-XQᵀ||^2/||XWᵀ||^2 on calibration inputs: {:.3e}",
+                out_errs.iter().sum::<f64>() / out_errs.len() as f64
+            );
+        }
         if let Some(w) = worst {
             println!("worst layer: {} ({:.3e})", w.name, w.rel_weight_err);
         }

@@ -1,0 +1,220 @@
+//! The layer-streaming orchestrator (DESIGN.md section 3). The calibration tokens are embedded once
+//! (X0 stays on the GPU, chunked by whole sequences); then for each decoder block: upload only that
+//! block, run it on X_l while capturing the input of every linear layer, accumulate each input's
+//! Hessian H = (2/n)·XᵀX, hand weights and H to the layer method, put the compressed weights into
+//! the block, re-run it to produce X_{l+1} (so errors propagate as the real model will see them),
+//! write the block's tensors, free the block. Peak GPU memory is one block plus activations plus
+//! one Hessian, independent of the number of blocks. Methods plug in through [`LayerMethod`].
+
+use crate::calib::{CalibOptions, sample_windows};
+use crate::compress::{
+    CalibrationReport, CompressOptions, CompressReport, LayerReport, Sink, rel_err, validate,
+};
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::gpu::matmul::{Layout, matmul_into};
+use crate::gpu::stats::HessianAccumulator;
+use crate::gpu::{GpuContext, GpuDtype, GpuTensor};
+use crate::model::Model;
+use crate::model::forward::{ForwardPlan, GpuBlock, block_forward, embed};
+use crate::model::tokenizer::Tokenizer;
+use crate::model::writer::OutputDir;
+use crate::quant::{QuantSpec, QuantizedTensor};
+use std::time::Instant;
+
+/// A per-layer compression method: sees the layer's f32 weights (out x in) and the Hessian of its
+/// input (in x in, on the GPU). RTN ignores H; GPTQ, SparseGPT and low-rank methods use it.
+pub trait LayerMethod {
+    fn name(&self) -> &'static str;
+    fn compress(
+        &self,
+        ctx: &GpuContext,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        h: &GpuTensor,
+    ) -> Result<QuantizedTensor>;
+}
+
+/// Round to nearest on the shared grid.
+pub struct Rtn(pub QuantSpec);
+
+impl LayerMethod for Rtn {
+    fn name(&self) -> &'static str {
+        "rtn"
+    }
+    fn compress(
+        &self,
+        ctx: &GpuContext,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        _h: &GpuTensor,
+    ) -> Result<QuantizedTensor> {
+        let t = GpuTensor::from_f32(ctx, rows, cols, w)?;
+        crate::gpu::quant::rtn(ctx, &t, &self.0)
+    }
+}
+
+/// Progress: (stage description, step, steps).
+pub type Progress<'a> = &'a dyn Fn(&str, usize, usize);
+
+/// ||X Δᵀ||² / ||X Wᵀ||² = tr(Δ H Δᵀ) / tr(W H Wᵀ) for H ∝ XᵀX: the layer's relative output error
+/// on the calibration inputs, from two (out x in)·(in x in) products instead of two over all tokens.
+fn output_error(
+    ctx: &GpuContext,
+    w: &[f32],
+    deq: &[f32],
+    rows: usize,
+    cols: usize,
+    h: &GpuTensor,
+) -> Result<f64> {
+    let quad = |m: &[f32]| -> Result<f64> {
+        let a = GpuTensor::from_f32(ctx, rows, cols, m)?;
+        let p = GpuTensor::empty(ctx, rows, cols, GpuDtype::F32)?;
+        matmul_into(ctx, &a, h, Layout::NN, &p, false, None)?;
+        let p = p.to_f32(ctx)?;
+        Ok(p.iter().zip(m).map(|(&x, &y)| x as f64 * y as f64).sum())
+    };
+    let delta: Vec<f32> = w.iter().zip(deq).map(|(a, b)| a - b).collect();
+    let den = quad(w)?;
+    Ok(if den > 0.0 { quad(&delta)? / den } else { 0.0 })
+}
+
+/// Compresses `model` block by block on calibration text (GPU only) and writes `opts.format`.
+pub fn run(
+    engine: &Engine,
+    model: &Model,
+    method: &dyn LayerMethod,
+    calib: &CalibOptions,
+    opts: &CompressOptions,
+    progress: Progress<'_>,
+) -> Result<CompressReport> {
+    let ctx = engine.gpu().ok_or_else(|| {
+        Error::invalid("calibrated compression runs on a GPU adapter (none is available); drop --calib for plain RTN on the CPU")
+    })?;
+    let t0 = Instant::now();
+    let cfg = &model.config;
+    validate(model, opts)?;
+    if calib.seqlen > cfg.max_position_embeddings {
+        return Err(Error::invalid(format!(
+            "--seqlen {} exceeds the model's max_position_embeddings ({})",
+            calib.seqlen, cfg.max_position_embeddings
+        )));
+    }
+    let tok = Tokenizer::load(&model.dir, cfg.vocab_size)?;
+    let windows = sample_windows(&tok, calib)?;
+    let seq = calib.seqlen;
+    let ids: Vec<u32> = windows.concat();
+    let out = OutputDir::create(&opts.out)?;
+    ctx.reset_peak();
+    let mut report = CompressReport::new(engine, model, opts, method.name());
+    let mut sink = Sink::new(&out, opts)?;
+
+    // Tensors outside the blocks are copied (embeddings, final norm, lm_head).
+    let block_prefix = |n: &str| n.starts_with("model.layers.");
+    for name in model.weights.names() {
+        if !block_prefix(name) {
+            let info = model.weights.info(name)?;
+            sink.plain(name, info.shape.clone(), model.weights.to_f32(name)?)?;
+        }
+    }
+    let mut x = {
+        let table = model.weights.to_f32("model.embed_tokens.weight")?;
+        embed(ctx, model, &table, &ids, seq)?
+    };
+    let mut energy = Vec::with_capacity(cfg.num_hidden_layers);
+    let plan = ForwardPlan::new(ctx, cfg, seq)?;
+    let layers = cfg.num_hidden_layers;
+    for l in 0..layers {
+        progress(&format!("block {l}"), l, layers);
+        let p = format!("model.layers.{l}.");
+        let mut blk = GpuBlock::upload(ctx, model, l)?;
+        let (_, caps) = block_forward(ctx, &plan, &blk, &x, true)?;
+        let groups: [(Option<GpuTensor>, &[&str]); 4] = [
+            (
+                caps.qkv,
+                &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+            ),
+            (caps.o, &["self_attn.o_proj"]),
+            (caps.gate_up, &["mlp.gate_proj", "mlp.up_proj"]),
+            (caps.down, &["mlp.down_proj"]),
+        ];
+        for (input, names) in groups {
+            let input = input
+                .ok_or_else(|| Error::gpu("pipeline", &p, "block forward captured no input"))?;
+            let mut acc = HessianAccumulator::new(ctx, input.cols)?;
+            acc.add(ctx, &input)?;
+            drop(input);
+            let h = acc.finish(ctx)?;
+            for short in names {
+                let name = format!("{p}{short}.weight");
+                let info = model.weights.info(&name)?;
+                let (rows, cols) = (info.shape[0], info.shape[1]);
+                let w = model.weights.to_f32(&name)?;
+                let t = Instant::now();
+                let q = method
+                    .compress(ctx, &w, rows, cols, &h)
+                    .map_err(|e| Error::tensor(&info.file, &name, e.to_string()))?;
+                let deq = q.dequantize();
+                let seconds = t.elapsed().as_secs_f64();
+                report.layers.push(LayerReport {
+                    name: name.clone(),
+                    shape: [rows, cols],
+                    seconds,
+                    rel_weight_err: rel_err(&w, &deq),
+                    rel_output_err: Some(output_error(ctx, &w, &deq, rows, cols, &h)?),
+                });
+                let g = GpuTensor::from_f32(ctx, rows, cols, &deq)?;
+                match *short {
+                    "self_attn.q_proj" => blk.q = g,
+                    "self_attn.k_proj" => blk.k = g,
+                    "self_attn.v_proj" => blk.v = g,
+                    "self_attn.o_proj" => blk.o = g,
+                    "mlp.gate_proj" => blk.gate = g,
+                    "mlp.up_proj" => blk.up = g,
+                    _ => blk.down = g,
+                }
+                sink.quantized(&name, q, deq)?;
+            }
+        }
+        // The compressed block produces the next block's input.
+        x = block_forward(ctx, &plan, &blk, &x, false)?.0;
+        energy.push(position_energy(ctx, &x, seq)?);
+        for name in model.weights.names() {
+            if name.starts_with(&p) && !cfg.is_linear(name) {
+                let info = model.weights.info(name)?;
+                sink.plain(name, info.shape.clone(), model.weights.to_f32(name)?)?;
+            }
+        }
+        drop(blk);
+    }
+    progress("writing", layers, layers);
+    report.calibration = Some(CalibrationReport {
+        files: calib.files.clone(),
+        nsamples: calib.nsamples,
+        seqlen: seq,
+        seed: calib.seed,
+        bos: calib.bos,
+        position_energy: energy,
+    });
+    report.peak_gpu_bytes = ctx.memory().1;
+    report.seconds = t0.elapsed().as_secs_f64();
+    let report = sink.finish(model, report)?;
+    out.commit()?;
+    Ok(report)
+}
+
+/// Mean squared activation of the first 8 positions of the calibration windows at a block's
+/// output: an attention sink shows as position 0 carrying orders of magnitude more energy.
+fn position_energy(ctx: &GpuContext, x: &GpuTensor, seq: usize) -> Result<Vec<f64>> {
+    let ss = crate::gpu::reduce::reduce_rows(ctx, x, crate::gpu::reduce::ReduceOp::SumSq)?
+        .to_f32(ctx)?;
+    let n = (ss.len() / seq).max(1);
+    let mut e = vec![0f64; seq];
+    for (i, v) in ss.iter().enumerate() {
+        e[i % seq] += *v as f64 / (n * x.cols) as f64;
+    }
+    e.truncate(8);
+    Ok(e)
+}

@@ -1,0 +1,174 @@
+//! The layer-streaming pipeline: bounded GPU memory, the same RTN result as the direct path, and
+//! per-layer output errors on calibration activations.
+mod common;
+use std::path::{Path, PathBuf};
+use wgpress::calib::CalibOptions;
+use wgpress::compress::{CompressOptions, Format};
+use wgpress::engine::Engine;
+use wgpress::gpu::ContextOptions;
+use wgpress::model::Model;
+use wgpress::model::safetensors::Dtype;
+use wgpress::model::synth::{SynthSpec, write_random_llama};
+use wgpress::pipeline::{Rtn, run};
+use wgpress::quant::QuantSpec;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn engine() -> Engine {
+    let e = Engine::new(
+        &ContextOptions {
+            checked_shaders: true,
+            ..Default::default()
+        },
+        false,
+    )
+    .unwrap();
+    assert!(
+        e.gpu().is_some(),
+        "pipeline tests need a GPU adapter (lavapipe)"
+    );
+    e
+}
+
+fn calib(nsamples: usize, seqlen: usize) -> CalibOptions {
+    CalibOptions {
+        files: vec![root().join("assets/text/shakespeare-heldout-head.txt")],
+        nsamples,
+        seqlen,
+        seed: 3,
+        bos: false,
+    }
+}
+
+fn opts(out: &Path, spec: QuantSpec, format: Format) -> CompressOptions {
+    CompressOptions {
+        spec,
+        format,
+        dtype: Dtype::F16,
+        out: out.to_path_buf(),
+    }
+}
+
+/// A random model with the tiny model's tokenizer (vocabulary 2048).
+fn synth(dir: &Path, layers: usize) -> Model {
+    let spec = SynthSpec {
+        hidden: 128,
+        intermediate: 352,
+        layers,
+        heads: 4,
+        kv_heads: 2,
+        vocab: 2048,
+        ..Default::default()
+    };
+    write_random_llama(dir, &spec, 1).unwrap();
+    std::fs::copy(
+        root().join("assets/tiny/tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+    Model::open(dir).unwrap()
+}
+
+#[test]
+fn peak_gpu_memory_does_not_grow_with_the_number_of_blocks() {
+    let e = engine();
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = QuantSpec::new(4, Some(32), false).unwrap();
+    let mut peaks = Vec::new();
+    for layers in [2, 8] {
+        let m = synth(&tmp.path().join(format!("m{layers}")), layers);
+        let r = run(
+            &e,
+            &m,
+            &Rtn(spec),
+            &calib(4, 64),
+            &opts(&tmp.path().join(format!("o{layers}")), spec, Format::Gptq),
+            &|_, _, _| {},
+        )
+        .unwrap();
+        assert_eq!(r.layers.len(), 7 * layers);
+        peaks.push(r.peak_gpu_bytes);
+    }
+    // One block's weights + activations + one Hessian: the same for 2 and 8 blocks (the 8-block
+    // model is 4x larger, so streaming failures would show as ~4x).
+    assert!(peaks[0] > 0);
+    assert!(
+        (peaks[1] as f64) < peaks[0] as f64 * 1.05,
+        "peak GPU bytes 2 blocks {} vs 8 blocks {}",
+        peaks[0],
+        peaks[1]
+    );
+}
+
+#[test]
+fn pipeline_rtn_equals_direct_rtn_and_reports_output_error() {
+    let e = engine();
+    let tmp = tempfile::tempdir().unwrap();
+    let m = Model::open(&root().join("assets/tiny")).unwrap();
+    let spec = QuantSpec::new(4, Some(128), false).unwrap();
+    let a = tmp.path().join("pipeline");
+    let b = tmp.path().join("direct");
+    let r = run(
+        &e,
+        &m,
+        &Rtn(spec),
+        &calib(4, 96),
+        &opts(&a, spec, Format::Gptq),
+        &|_, _, _| {},
+    )
+    .unwrap();
+    wgpress::compress::rtn(&e, &m, &opts(&b, spec, Format::Gptq), &|_, _, _| {}).unwrap();
+    assert_eq!(r.layers.len(), 28);
+    for l in &r.layers {
+        let prefix = l.name.trim_end_matches(".weight");
+        let qa = wgpress::export::gptq::read_gptq_quantized(&a, prefix).unwrap();
+        let qb = wgpress::export::gptq::read_gptq_quantized(&b, prefix).unwrap();
+        assert!(qa == qb, "{prefix} differs between pipeline and direct RTN");
+        let oe = l.rel_output_err.unwrap();
+        // 4-bit g128 RTN moves a layer's output by ~0.1-1% of its energy on real activations.
+        assert!(
+            oe.is_finite() && oe > 1e-5 && oe < 0.05,
+            "{}: output error {oe}",
+            l.name
+        );
+    }
+    let cal = r.calibration.unwrap();
+    assert_eq!(
+        (cal.nsamples, cal.seqlen, cal.position_energy.len()),
+        (4, 96, 4)
+    );
+    // The GPTQ checker accepts the pipeline's output too (when Python is there).
+    let all = wgpress::export::gptq::read_gptq_dequantized(&a).unwrap();
+    assert!(
+        all.iter()
+            .any(|(n, _, _)| n == "model.layers.3.mlp.down_proj.weight")
+    );
+}
+
+#[test]
+fn calibration_errors_are_clear() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = Model::open(&root().join("assets/tiny")).unwrap();
+    let spec = QuantSpec::new(4, Some(128), false).unwrap();
+    let o = opts(&tmp.path().join("o"), spec, Format::Gptq);
+    let e = run(
+        &Engine::Cpu,
+        &m,
+        &Rtn(spec),
+        &calib(2, 64),
+        &o,
+        &|_, _, _| {},
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("GPU"), "{e}");
+    let g = engine();
+    let e = run(&g, &m, &Rtn(spec), &calib(2, 4096), &o, &|_, _, _| {}).unwrap_err();
+    assert!(e.to_string().contains("max_position_embeddings"), "{e}");
+    let mut c = calib(2, 64);
+    c.files = vec![tmp.path().join("missing.txt")];
+    let e = run(&g, &m, &Rtn(spec), &c, &o, &|_, _, _| {}).unwrap_err();
+    assert!(e.to_string().contains("missing.txt"), "{e}");
+    assert!(!tmp.path().join("o").exists());
+}
