@@ -271,3 +271,108 @@ fn nll(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid:
         l_out[lp.y_off + row] = m + log(red[0]) - l_x[base + l_t[lp.y_off + row]];
     }
 }
+
+// ---- kl_top1: binding 0 base logits, 1 compared logits, 2 out (kl, top-1 agreement) per row,
+// 3 params. KL(base || compared) over the vocabulary in f32 with max-shifted exponentials; top-1
+// compares the lowest-index argmax of each row (ties broken by index, as everywhere).
+struct Pair {
+    rows: u32,
+    cols: u32,
+    b_off: u32,
+    c_off: u32,
+    o_off: u32,
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
+}
+
+@group(0) @binding(0) var<storage, read> k_b: array<f32>;
+@group(0) @binding(1) var<storage, read> k_c: array<f32>;
+@group(0) @binding(2) var<storage, read_write> k_out: array<f32>;
+@group(0) @binding(3) var<uniform> kp: Pair;
+
+var<workgroup> redu: array<u32, WG>;
+
+fn wg_max(v: f32, lid: u32) -> f32 {
+    workgroupBarrier();
+    red[lid] = v;
+    workgroupBarrier();
+    for (var w = WG / 2u; w > 0u; w = w / 2u) {
+        if (lid < w) {
+            red[lid] = max(red[lid], red[lid + w]);
+        }
+        workgroupBarrier();
+    }
+    return red[0];
+}
+
+fn wg_sum(v: f32, lid: u32) -> f32 {
+    workgroupBarrier();
+    red[lid] = v;
+    workgroupBarrier();
+    for (var w = WG / 2u; w > 0u; w = w / 2u) {
+        if (lid < w) {
+            red[lid] = red[lid] + red[lid + w];
+        }
+        workgroupBarrier();
+    }
+    return red[0];
+}
+
+fn wg_min_u(v: u32, lid: u32) -> u32 {
+    workgroupBarrier();
+    redu[lid] = v;
+    workgroupBarrier();
+    for (var w = WG / 2u; w > 0u; w = w / 2u) {
+        if (lid < w) {
+            redu[lid] = min(redu[lid], redu[lid + w]);
+        }
+        workgroupBarrier();
+    }
+    return redu[0];
+}
+
+@compute @workgroup_size(256)
+fn kl_top1(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let lid = lid3.x;
+    let row = wid.x + wid.y * 65535u;
+    if (row >= kp.rows) {
+        return;
+    }
+    let bb = kp.b_off + row * kp.cols;
+    let cb = kp.c_off + row * kp.cols;
+    var mb = -3.0e38;
+    var mc = -3.0e38;
+    for (var i = lid; i < kp.cols; i += WG) {
+        mb = max(mb, k_b[bb + i]);
+        mc = max(mc, k_c[cb + i]);
+    }
+    mb = wg_max(mb, lid);
+    mc = wg_max(mc, lid);
+    var sb = 0.0;
+    var sc = 0.0;
+    var ib = 0xffffffffu;
+    var ic = 0xffffffffu;
+    for (var i = lid; i < kp.cols; i += WG) {
+        let b = k_b[bb + i];
+        let c = k_c[cb + i];
+        sb = sb + exp(b - mb);
+        sc = sc + exp(c - mc);
+        if (b == mb) { ib = min(ib, i); }
+        if (c == mc) { ic = min(ic, i); }
+    }
+    let lb = mb + log(wg_sum(sb, lid));
+    let lc = mc + log(wg_sum(sc, lid));
+    ib = wg_min_u(ib, lid);
+    ic = wg_min_u(ic, lid);
+    var kl = 0.0;
+    for (var i = lid; i < kp.cols; i += WG) {
+        let b = k_b[bb + i] - lb;
+        kl = kl + exp(b) * (b - (k_c[cb + i] - lc));
+    }
+    kl = wg_sum(kl, lid);
+    if (lid == 0u) {
+        k_out[kp.o_off + 2u * row] = kl;
+        k_out[kp.o_off + 2u * row + 1u] = select(0.0, 1.0, ib == ic);
+    }
+}

@@ -23,18 +23,36 @@ pub struct EvalReport {
     pub ppl: f64,
     pub seconds: f64,
     pub tokens_per_s: f64,
+    /// With a base model: mean KL(base || model) per scored token, in nats.
+    pub kl: Option<f64>,
+    /// With a base model: fraction of scored tokens whose top-1 prediction agrees with the base's.
+    pub top1: Option<f64>,
 }
 
 /// Progress callback: (windows done, windows total).
 pub type Progress<'a> = &'a dyn Fn(usize, usize);
 
 /// Perplexity of `model` on the given windows (each `seq_len` token ids).
+/// With `base`, also compares the model's next-token distributions with the base's on the same
+/// windows (mean KL(base || model) and top-1 agreement).
 pub fn perplexity(
     engine: &Engine,
     model: &Model,
+    base: Option<&Model>,
     windows: &[&[u32]],
     progress: Progress<'_>,
 ) -> Result<EvalReport> {
+    if let Some(b) = base
+        && b.config.vocab_size != model.config.vocab_size
+    {
+        return Err(Error::invalid(format!(
+            "base model {} has vocabulary {} but {} has {}",
+            b.dir.display(),
+            b.config.vocab_size,
+            model.dir.display(),
+            model.config.vocab_size
+        )));
+    }
     let t0 = Instant::now();
     let seq = windows.first().map(|w| w.len()).unwrap_or(0);
     if seq < 2 || windows.iter().any(|w| w.len() != seq) {
@@ -43,12 +61,22 @@ pub fn perplexity(
         ));
     }
     let (mut sum, mut count) = (0f64, 0usize);
+    let (mut kl, mut agree) = (0f64, 0f64);
     match engine.gpu() {
         Some(ctx) => {
             let gm = GpuModel::load(ctx, model, seq)?;
+            let gb = base.map(|b| GpuModel::load(ctx, b, seq)).transpose()?;
             for (i, w) in windows.iter().enumerate() {
                 progress(i, windows.len());
                 let logits = gm.logits(ctx, model, w)?;
+                if let (Some(gb), Some(b)) = (&gb, base) {
+                    let lb = gb.logits(ctx, b, w)?;
+                    let kt = crate::gpu::forward::kl_top1(ctx, &lb, &logits)?.to_f32(ctx)?;
+                    for r in 0..seq - 1 {
+                        kl += kt[2 * r] as f64;
+                        agree += kt[2 * r + 1] as f64;
+                    }
+                }
                 // Row r predicts token r + 1; the last row has no target (a dummy 0, not summed).
                 let targets: Vec<u32> = w[1..].iter().copied().chain([0]).collect();
                 let tg = GpuTensor::from_bytes(
@@ -67,15 +95,36 @@ pub fn perplexity(
         }
         None => {
             let weights = crate::model::llama::LlamaWeights::load(model)?;
+            let bw = base
+                .map(crate::model::llama::LlamaWeights::load)
+                .transpose()?;
             for (i, w) in windows.iter().enumerate() {
                 progress(i, windows.len());
                 let logits = crate::reference::forward::logits(&model.config, &weights, w)?;
+                let lb = match (&bw, base) {
+                    (Some(bw), Some(b)) => {
+                        Some(crate::reference::forward::logits(&b.config, bw, w)?)
+                    }
+                    _ => None,
+                };
                 let v = model.config.vocab_size;
                 for r in 0..seq - 1 {
                     let row = &logits[r * v..(r + 1) * v];
-                    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-                    let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+                    let lse = log_sum_exp(row);
                     sum += lse - row[w[r + 1] as usize] as f64;
+                    if let Some(lb) = &lb {
+                        let brow = &lb[r * v..(r + 1) * v];
+                        let lseb = log_sum_exp(brow);
+                        kl += brow
+                            .iter()
+                            .zip(row)
+                            .map(|(&b, &c)| {
+                                let lb = b as f64 - lseb;
+                                lb.exp() * (lb - (c as f64 - lse))
+                            })
+                            .sum::<f64>();
+                        agree += (argmax(brow) == argmax(row)) as u8 as f64;
+                    }
                 }
                 count += seq - 1;
             }
@@ -94,5 +143,23 @@ pub fn perplexity(
         ppl: mean.exp(),
         seconds: secs,
         tokens_per_s: (windows.len() * seq) as f64 / secs,
+        kl: base.map(|_| kl / count as f64),
+        top1: base.map(|_| agree / count as f64),
     })
+}
+
+fn log_sum_exp(row: &[f32]) -> f64 {
+    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()
+}
+
+/// Lowest index of the maximum (ties broken by index, as the GPU kernel does).
+fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best
 }

@@ -61,6 +61,9 @@ enum Cmd {
         /// Keep only the first N tokens of the text.
         #[arg(long)]
         max_tokens: Option<usize>,
+        /// The original checkpoint: also report mean KL divergence and top-1 agreement against it.
+        #[arg(long)]
+        base: Option<PathBuf>,
         /// Also write the report as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -274,6 +277,7 @@ fn run(cli: Cli) -> Result<()> {
             text,
             seq_len,
             max_tokens,
+            base,
             json,
             gpu,
         } => {
@@ -282,7 +286,8 @@ fn run(cli: Cli) -> Result<()> {
                 None => default_model()?,
             };
             let model = wgpress::model::Model::open(&dir)?;
-            let report = eval_cmd(&model, &text, seq_len, max_tokens, &gpu)?;
+            let base = base.map(|b| wgpress::model::Model::open(&b)).transpose()?;
+            let report = eval_cmd(&model, base.as_ref(), &text, seq_len, max_tokens, &gpu)?;
             if let Some(p) = json {
                 std::fs::write(&p, serde_json::to_string_pretty(&report)?)
                     .with_context(|| format!("writing {}", p.display()))?;
@@ -416,6 +421,7 @@ fn gpu_dtype(d: BenchDtype) -> GpuDtype {
 
 fn eval_cmd(
     model: &wgpress::model::Model,
+    base: Option<&wgpress::model::Model>,
     text: &Path,
     seq_len: usize,
     max_tokens: Option<usize>,
@@ -443,7 +449,7 @@ fn eval_cmd(
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let report = wgpress::eval::perplexity(&engine, model, &windows, &|done, _| {
+    let report = wgpress::eval::perplexity(&engine, model, base, &windows, &|done, _| {
         bar.set_position(done as u64)
     })?;
     bar.finish_and_clear();
@@ -460,6 +466,14 @@ fn eval_cmd(
         "perplexity {:.4} (mean loss {:.6} nats) in {:.2} s, {:.0} tokens/s",
         report.ppl, report.mean_nll, report.seconds, report.tokens_per_s
     );
+    if let (Some(kl), Some(top1), Some(b)) = (report.kl, report.top1, base) {
+        println!(
+            "against {}: mean KL {:.6} nats/token, top-1 agreement {:.2}%",
+            b.dir.display(),
+            kl,
+            top1 * 100.0
+        );
+    }
     Ok(report)
 }
 

@@ -52,7 +52,7 @@ fn gpu_perplexity_matches_transformers() {
     );
     let w = windows(&m, 256, 2048);
     let refs: Vec<&[u32]> = w.iter().map(|v| v.as_slice()).collect();
-    let r = wgpress::eval::perplexity(&engine, &m, &refs, &|_, _| {}).unwrap();
+    let r = wgpress::eval::perplexity(&engine, &m, None, &refs, &|_, _| {}).unwrap();
     assert_eq!((r.windows, r.scored_tokens), (8, 2040));
     // The issue asks for 0.1% relative perplexity; logits agree to ~2e-5 (see gpu_forward), so the
     // mean loss agrees to ~1e-5 nats: assert 1e-4 nats (0.01% of ppl), ten times inside the target.
@@ -68,7 +68,7 @@ fn cpu_reference_perplexity_matches_transformers() {
     let m = Model::open(&root().join("assets/tiny")).unwrap();
     let w = windows(&m, 128, 512);
     let refs: Vec<&[u32]> = w.iter().map(|v| v.as_slice()).collect();
-    let r = wgpress::eval::perplexity(&Engine::Cpu, &m, &refs, &|_, _| {}).unwrap();
+    let r = wgpress::eval::perplexity(&Engine::Cpu, &m, None, &refs, &|_, _| {}).unwrap();
     assert_eq!((r.windows, r.scored_tokens), (4, 508));
     assert!(
         (r.mean_nll - HF_LOSS_128_512).abs() < 1e-4,
@@ -133,4 +133,50 @@ fn eval_command_reports_perplexity_and_rejects_bad_input() {
     // Missing text file.
     let (ok, err) = run(&["eval", &p(&tiny), "--text", "/nonexistent/t.txt"]);
     assert!(!ok && err.contains("/nonexistent/t.txt"), "{err}");
+}
+
+#[test]
+fn kl_and_top1_against_the_base_agree_on_gpu_and_cpu() {
+    let tiny = Model::open(&root().join("assets/tiny")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("q3");
+    let gpu = Engine::new(
+        &ContextOptions {
+            checked_shaders: true,
+            ..Default::default()
+        },
+        false,
+    )
+    .unwrap();
+    let opts = wgpress::compress::CompressOptions {
+        spec: wgpress::quant::QuantSpec::new(3, Some(64), false).unwrap(),
+        format: wgpress::compress::Format::Dense,
+        dtype: wgpress::model::safetensors::Dtype::F32,
+        out: out.clone(),
+    };
+    wgpress::compress::rtn(&gpu, &tiny, &opts, &|_, _, _| {}).unwrap();
+    let q = Model::open(&out).unwrap();
+    let w = windows(&tiny, 64, 128);
+    let refs: Vec<&[u32]> = w.iter().map(|v| v.as_slice()).collect();
+
+    let same = wgpress::eval::perplexity(&gpu, &tiny, Some(&tiny), &refs, &|_, _| {}).unwrap();
+    assert!(
+        same.kl.unwrap().abs() < 1e-5,
+        "KL of a model with itself: {:?}",
+        same.kl
+    );
+    assert_eq!(same.top1, Some(1.0));
+
+    let g = wgpress::eval::perplexity(&gpu, &q, Some(&tiny), &refs, &|_, _| {}).unwrap();
+    let c = wgpress::eval::perplexity(&Engine::Cpu, &q, Some(&tiny), &refs, &|_, _| {}).unwrap();
+    let (kg, kc) = (g.kl.unwrap(), c.kl.unwrap());
+    // 3-bit RTN moves the distribution measurably; GPU (f32 sums) and CPU (f64) agree to ~1e-5.
+    assert!(kc > 1e-3 && kc < 1.0, "KL {kc}");
+    assert!(
+        (kg - kc).abs() < 1e-4 + 1e-3 * kc,
+        "GPU KL {kg} vs CPU {kc}"
+    );
+    assert!((g.top1.unwrap() - c.top1.unwrap()).abs() <= 1.0 / 126.0 + 1e-9);
+    assert!(g.top1.unwrap() < 1.0 && g.top1.unwrap() > 0.5);
+    assert!((g.mean_nll - c.mean_nll).abs() < 1e-4);
 }

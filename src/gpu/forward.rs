@@ -441,3 +441,50 @@ pub fn nll(ctx: &GpuContext, logits: &GpuTensor, targets: &GpuTensor) -> Result<
     ctx.run("nll", &logits.shape_str(), &pipe, &ds)?;
     Ok(loss)
 }
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct Pair {
+    rows: u32,
+    cols: u32,
+    b_off: u32,
+    c_off: u32,
+    o_off: u32,
+    pad: [u32; 3],
+}
+
+/// Per row: KL(softmax(base) || softmax(other)) in nats and whether the (lowest-index) argmaxes
+/// agree (1.0 or 0.0). Returns rows x 2 f32.
+pub fn kl_top1(ctx: &GpuContext, base: &GpuTensor, other: &GpuTensor) -> Result<GpuTensor> {
+    f32_only("kl_top1", &[base, other])?;
+    same_shape("kl_top1", base, other)?;
+    let out = GpuTensor::empty(ctx, base.rows, 2, GpuDtype::F32)?;
+    let pipe = pipeline(ctx, "kl_top1")?;
+    let ps = pieces(&[base, other, &out]);
+    let params: Vec<Pair> = ps
+        .iter()
+        .map(|(_, n, l)| Pair {
+            rows: *n as u32,
+            cols: base.cols as u32,
+            b_off: l[0].1 as u32,
+            c_off: l[1].1 as u32,
+            o_off: l[2].1 as u32,
+            pad: [0; 3],
+        })
+        .collect();
+    let ds: Vec<Dispatch> = ps
+        .iter()
+        .zip(&params)
+        .map(|((_, n, l), p)| Dispatch {
+            buffers: vec![
+                &base.chunks[l[0].0].buffer,
+                &other.chunks[l[1].0].buffer,
+                &out.chunks[l[2].0].buffer,
+            ],
+            uniform: Some(bytemuck::bytes_of(p)),
+            groups: grid(*n),
+        })
+        .collect();
+    ctx.run("kl_top1", &base.shape_str(), &pipe, &ds)?;
+    Ok(out)
+}
