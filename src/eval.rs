@@ -5,6 +5,7 @@
 //! The model runs on the GPU (all blocks resident, one window at a time) or, without an adapter,
 //! on the CPU reference forward.
 
+use crate::calib::EvalWindow;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::gpu::{GpuDtype, GpuTensor};
@@ -22,6 +23,7 @@ pub struct EvalReport {
     pub mean_nll: f64,
     pub ppl: f64,
     pub seconds: f64,
+    /// Scored tokens per second (with a stride, overlapping context is not counted).
     pub tokens_per_s: f64,
     /// With a base model: mean KL(base || model) per scored token, in nats.
     pub kl: Option<f64>,
@@ -39,7 +41,7 @@ pub fn perplexity(
     engine: &Engine,
     model: &Model,
     base: Option<&Model>,
-    windows: &[&[u32]],
+    windows: &[EvalWindow<'_>],
     progress: Progress<'_>,
 ) -> Result<EvalReport> {
     if let Some(b) = base
@@ -54,10 +56,14 @@ pub fn perplexity(
         )));
     }
     let t0 = Instant::now();
-    let seq = windows.first().map(|w| w.len()).unwrap_or(0);
-    if seq < 2 || windows.iter().any(|w| w.len() != seq) {
+    let seq = windows.first().map(|w| w.ids.len()).unwrap_or(0);
+    if seq < 2
+        || windows
+            .iter()
+            .any(|w| w.ids.len() != seq || w.score_from == 0 || w.score_from >= seq)
+    {
         return Err(Error::invalid(
-            "perplexity needs windows of equal length >= 2",
+            "perplexity needs windows of equal length >= 2, each scoring from a position in 1..len",
         ));
     }
     let (mut sum, mut count) = (0f64, 0usize);
@@ -66,13 +72,14 @@ pub fn perplexity(
         Some(ctx) => {
             let gm = GpuModel::load(ctx, model, seq)?;
             let gb = base.map(|b| GpuModel::load(ctx, b, seq)).transpose()?;
-            for (i, w) in windows.iter().enumerate() {
+            for (i, win) in windows.iter().enumerate() {
                 progress(i, windows.len());
+                let (w, from) = (win.ids, win.score_from - 1);
                 let logits = gm.logits(ctx, model, w)?;
                 if let (Some(gb), Some(b)) = (&gb, base) {
                     let lb = gb.logits(ctx, b, w)?;
                     let kt = crate::gpu::forward::kl_top1(ctx, &lb, &logits)?.to_f32(ctx)?;
-                    for r in 0..seq - 1 {
+                    for r in from..seq - 1 {
                         kl += kt[2 * r] as f64;
                         agree += kt[2 * r + 1] as f64;
                     }
@@ -87,10 +94,10 @@ pub fn perplexity(
                     bytemuck::cast_slice(&targets),
                 )?;
                 let loss = crate::gpu::forward::nll(ctx, &logits, &tg)?.to_f32(ctx)?;
-                for &l in &loss[..seq - 1] {
+                for &l in &loss[from..seq - 1] {
                     sum += l as f64;
                 }
-                count += seq - 1;
+                count += seq - 1 - from;
             }
         }
         None => {
@@ -98,8 +105,9 @@ pub fn perplexity(
             let bw = base
                 .map(crate::model::llama::LlamaWeights::load)
                 .transpose()?;
-            for (i, w) in windows.iter().enumerate() {
+            for (i, win) in windows.iter().enumerate() {
                 progress(i, windows.len());
+                let (w, from) = (win.ids, win.score_from - 1);
                 let logits = crate::reference::forward::logits(&model.config, &weights, w)?;
                 let lb = match (&bw, base) {
                     (Some(bw), Some(b)) => {
@@ -108,7 +116,7 @@ pub fn perplexity(
                     _ => None,
                 };
                 let v = model.config.vocab_size;
-                for r in 0..seq - 1 {
+                for r in from..seq - 1 {
                     let row = &logits[r * v..(r + 1) * v];
                     let lse = log_sum_exp(row);
                     sum += lse - row[w[r + 1] as usize] as f64;
@@ -126,7 +134,7 @@ pub fn perplexity(
                         agree += (argmax(brow) == argmax(row)) as u8 as f64;
                     }
                 }
-                count += seq - 1;
+                count += seq - 1 - from;
             }
         }
     }
@@ -142,7 +150,7 @@ pub fn perplexity(
         mean_nll: mean,
         ppl: mean.exp(),
         seconds: secs,
-        tokens_per_s: (windows.len() * seq) as f64 / secs,
+        tokens_per_s: count as f64 / secs,
         kl: base.map(|_| kl / count as f64),
         top1: base.map(|_| agree / count as f64),
     })

@@ -61,6 +61,10 @@ enum Cmd {
         /// Keep only the first N tokens of the text.
         #[arg(long)]
         max_tokens: Option<usize>,
+        /// Sliding windows advancing by N tokens, each scoring only its last N (default: the
+        /// window length, i.e. non-overlapping windows as in the GPTQ papers).
+        #[arg(long)]
+        stride: Option<usize>,
         /// The original checkpoint: also report mean KL divergence and top-1 agreement against it.
         #[arg(long)]
         base: Option<PathBuf>,
@@ -277,6 +281,7 @@ fn run(cli: Cli) -> Result<()> {
             text,
             seq_len,
             max_tokens,
+            stride,
             base,
             json,
             gpu,
@@ -287,7 +292,14 @@ fn run(cli: Cli) -> Result<()> {
             };
             let model = wgpress::model::Model::open(&dir)?;
             let base = base.map(|b| wgpress::model::Model::open(&b)).transpose()?;
-            let report = eval_cmd(&model, base.as_ref(), &text, seq_len, max_tokens, &gpu)?;
+            let report = eval_cmd(
+                &model,
+                base.as_ref(),
+                &text,
+                (seq_len, stride.unwrap_or(seq_len)),
+                max_tokens,
+                &gpu,
+            )?;
             if let Some(p) = json {
                 std::fs::write(&p, serde_json::to_string_pretty(&report)?)
                     .with_context(|| format!("writing {}", p.display()))?;
@@ -423,7 +435,7 @@ fn eval_cmd(
     model: &wgpress::model::Model,
     base: Option<&wgpress::model::Model>,
     text: &Path,
-    seq_len: usize,
+    (seq_len, stride): (usize, usize),
     max_tokens: Option<usize>,
     gpu: &GpuArgs,
 ) -> Result<wgpress::eval::EvalReport> {
@@ -438,7 +450,7 @@ fn eval_cmd(
     let body = std::fs::read_to_string(text)
         .with_context(|| format!("reading evaluation text {}", text.display()))?;
     let ids = tok.encode(&body)?;
-    let windows = wgpress::calib::eval_windows(&ids, seq_len, max_tokens)
+    let windows = wgpress::calib::stride_windows(&ids, seq_len, stride, max_tokens)
         .with_context(|| format!("evaluation text {}", text.display()))?;
     let engine = gpu.engine()?;
     eprintln!("device: {}", engine.describe());

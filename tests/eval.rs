@@ -3,6 +3,7 @@
 mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use wgpress::calib::EvalWindow;
 use wgpress::engine::Engine;
 use wgpress::gpu::ContextOptions;
 use wgpress::model::Model;
@@ -17,6 +18,19 @@ fn text() -> PathBuf {
 }
 
 fn windows(model: &Model, seq: usize, max: usize) -> Vec<Vec<u32>> {
+    windows_ids(model, seq, max)
+}
+
+fn as_windows(w: &[Vec<u32>]) -> Vec<EvalWindow<'_>> {
+    w.iter()
+        .map(|v| EvalWindow {
+            ids: v,
+            score_from: 1,
+        })
+        .collect()
+}
+
+fn windows_ids(model: &Model, seq: usize, max: usize) -> Vec<Vec<u32>> {
     let tok = Tokenizer::load(&model.dir, model.config.vocab_size).unwrap();
     let ids = tok
         .encode(&std::fs::read_to_string(text()).unwrap())
@@ -51,7 +65,7 @@ fn gpu_perplexity_matches_transformers() {
         "GPU tests need an adapter (lavapipe)"
     );
     let w = windows(&m, 256, 2048);
-    let refs: Vec<&[u32]> = w.iter().map(|v| v.as_slice()).collect();
+    let refs = as_windows(&w);
     let r = wgpress::eval::perplexity(&engine, &m, None, &refs, &|_, _| {}).unwrap();
     assert_eq!((r.windows, r.scored_tokens), (8, 2040));
     // The issue asks for 0.1% relative perplexity; logits agree to ~2e-5 (see gpu_forward), so the
@@ -67,7 +81,7 @@ fn gpu_perplexity_matches_transformers() {
 fn cpu_reference_perplexity_matches_transformers() {
     let m = Model::open(&root().join("assets/tiny")).unwrap();
     let w = windows(&m, 128, 512);
-    let refs: Vec<&[u32]> = w.iter().map(|v| v.as_slice()).collect();
+    let refs = as_windows(&w);
     let r = wgpress::eval::perplexity(&Engine::Cpu, &m, None, &refs, &|_, _| {}).unwrap();
     assert_eq!((r.windows, r.scored_tokens), (4, 508));
     assert!(
@@ -157,7 +171,7 @@ fn kl_and_top1_against_the_base_agree_on_gpu_and_cpu() {
     wgpress::compress::rtn(&gpu, &tiny, &opts, &|_, _, _| {}).unwrap();
     let q = Model::open(&out).unwrap();
     let w = windows(&tiny, 64, 128);
-    let refs: Vec<&[u32]> = w.iter().map(|v| v.as_slice()).collect();
+    let refs = as_windows(&w);
 
     let same = wgpress::eval::perplexity(&gpu, &tiny, Some(&tiny), &refs, &|_, _| {}).unwrap();
     assert!(
@@ -179,4 +193,41 @@ fn kl_and_top1_against_the_base_agree_on_gpu_and_cpu() {
     assert!((g.top1.unwrap() - c.top1.unwrap()).abs() <= 1.0 / 126.0 + 1e-9);
     assert!(g.top1.unwrap() < 1.0 && g.top1.unwrap() > 0.5);
     assert!((g.mean_nll - c.mean_nll).abs() < 1e-4);
+}
+
+#[test]
+fn strided_windows_score_each_token_once_and_need_context() {
+    let m = Model::open(&root().join("assets/tiny")).unwrap();
+    let tok = Tokenizer::load(&m.dir, m.config.vocab_size).unwrap();
+    let ids = tok
+        .encode(&std::fs::read_to_string(text()).unwrap())
+        .unwrap();
+    let ws = wgpress::calib::stride_windows(&ids, 64, 16, Some(160)).unwrap();
+    // Windows start at 0, 16, ..., 96; the first scores 63 tokens, each later one 16.
+    assert_eq!(ws.len(), 7);
+    assert_eq!(ws[0].score_from, 1);
+    assert!(ws[1..].iter().all(|w| w.score_from == 48));
+    let gpu = Engine::new(
+        &ContextOptions {
+            checked_shaders: true,
+            ..Default::default()
+        },
+        false,
+    )
+    .unwrap();
+    let s = wgpress::eval::perplexity(&gpu, &m, None, &ws, &|_, _| {}).unwrap();
+    assert_eq!(s.scored_tokens, 63 + 6 * 16);
+    // Same tokens scored by the CPU reference: equal mean loss.
+    let c = wgpress::eval::perplexity(&Engine::Cpu, &m, None, &ws, &|_, _| {}).unwrap();
+    assert!(
+        (s.mean_nll - c.mean_nll).abs() < 1e-4,
+        "{} vs {}",
+        s.mean_nll,
+        c.mean_nll
+    );
+    // More context per scored token than non-overlapping windows of the same length.
+    let plain = wgpress::calib::stride_windows(&ids, 64, 64, Some(160)).unwrap();
+    assert!(plain.iter().all(|w| w.score_from == 1) && plain.len() == 2);
+    assert!(wgpress::calib::stride_windows(&ids, 64, 0, None).is_err());
+    assert!(wgpress::calib::stride_windows(&ids, 64, 65, None).is_err());
 }

@@ -119,6 +119,53 @@ pub fn eval_windows(ids: &[u32], seq_len: usize, max_tokens: Option<usize>) -> R
     Ok(ids.chunks_exact(seq_len).collect())
 }
 
+/// One evaluation window: its ids and the first position whose token is scored (predicted from the
+/// position before it). Non-overlapping windows score from 1 (every token but the first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EvalWindow<'a> {
+    pub ids: &'a [u32],
+    pub score_from: usize,
+}
+
+/// The sliding-window variant (`--stride`): full windows of `seq_len` starting every `stride`
+/// tokens; the first window scores every token but its first, each later one only its last
+/// `stride` tokens (the ones no earlier window scored), so every token after the first is scored
+/// once with up to `seq_len - stride` tokens of context. Tokens after the last full window are
+/// dropped. `stride == seq_len` gives the non-overlapping protocol.
+pub fn stride_windows(
+    ids: &[u32],
+    seq_len: usize,
+    stride: usize,
+    max_tokens: Option<usize>,
+) -> Result<Vec<EvalWindow<'_>>> {
+    if stride == 0 || stride > seq_len {
+        return Err(Error::invalid(format!(
+            "evaluation: stride must be in 1..={seq_len} (the window length), got {stride}"
+        )));
+    }
+    let first = eval_windows(ids, seq_len, max_tokens)?;
+    let ids = &ids[..max_tokens.map_or(ids.len(), |m| m.min(ids.len()))];
+    if stride == seq_len {
+        return Ok(first
+            .into_iter()
+            .map(|w| EvalWindow {
+                ids: w,
+                score_from: 1,
+            })
+            .collect());
+    }
+    let mut out = Vec::new();
+    let mut begin = 0;
+    while begin + seq_len <= ids.len() {
+        out.push(EvalWindow {
+            ids: &ids[begin..begin + seq_len],
+            score_from: if begin == 0 { 1 } else { seq_len - stride },
+        });
+        begin += stride;
+    }
+    Ok(out)
+}
+
 /// Reads and tokenizes each file on its own and joins the id streams with the separator's ids.
 /// Tokenizing per file (not the joined text) keeps a file's ids independent of its neighbours.
 fn tokenize_files(tok: &Tokenizer, files: &[PathBuf]) -> Result<Vec<u32>> {

@@ -7,4 +7,4 @@
 
 pub mod data;
 
-pub use data::{CalibOptions, eval_windows, sample_windows};
+pub use data::{CalibOptions, EvalWindow, eval_windows, sample_windows, stride_windows};
