@@ -101,6 +101,59 @@ fn pipeline(ctx: &GpuContext, entry: &str) -> Result<std::sync::Arc<wgpu::Comput
     ctx.pipeline("forward", shaders::FORWARD, entry, true)
 }
 
+/// A binding of a row-walked dispatch: a tensor walked piece by piece with the others, or a
+/// whole single-chunk tensor bound as is (weights, tables).
+enum Bind<'a> {
+    Rows(&'a GpuTensor),
+    Whole(&'a GpuTensor),
+}
+
+/// Dispatches `entry` once per row piece of the `Rows` bindings: `params` builds the uniform from
+/// (first row, rows, per-`Rows`-tensor (chunk, element offset)), `groups` the grid from the rows.
+fn dispatch_rows<P: bytemuck::Pod>(
+    ctx: &GpuContext,
+    entry: &str,
+    shape: &str,
+    binds: &[Bind<'_>],
+    params: impl Fn(&Piece) -> P,
+    groups: impl Fn(usize) -> (u32, u32, u32),
+) -> Result<()> {
+    let rowed: Vec<&GpuTensor> = binds
+        .iter()
+        .filter_map(|b| match b {
+            Bind::Rows(t) => Some(*t),
+            Bind::Whole(_) => None,
+        })
+        .collect();
+    let ps = pieces(&rowed);
+    let uniforms: Vec<P> = ps.iter().map(&params).collect();
+    let ds: Vec<Dispatch> = ps
+        .iter()
+        .zip(&uniforms)
+        .map(|(piece, u)| {
+            let mut next = 0;
+            let buffers = binds
+                .iter()
+                .map(|b| match b {
+                    Bind::Whole(t) => &t.chunks[0].buffer,
+                    Bind::Rows(t) => {
+                        let ci = piece.2[next].0;
+                        next += 1;
+                        &t.chunks[ci].buffer
+                    }
+                })
+                .collect();
+            Dispatch {
+                buffers,
+                uniform: Some(bytemuck::bytes_of(u)),
+                groups: groups(piece.1),
+            }
+        })
+        .collect();
+    let pipe = pipeline(ctx, entry)?;
+    ctx.run(entry, shape, &pipe, &ds)
+}
+
 /// y = w * (x / rms(x)) per row; `w` is 1 x cols.
 pub fn rms_norm(ctx: &GpuContext, x: &GpuTensor, w: &GpuTensor, eps: f32) -> Result<GpuTensor> {
     f32_only("rms_norm", &[x, w])?;
@@ -112,33 +165,21 @@ pub fn rms_norm(ctx: &GpuContext, x: &GpuTensor, w: &GpuTensor, eps: f32) -> Res
         });
     }
     let y = GpuTensor::empty(ctx, x.rows, x.cols, GpuDtype::F32)?;
-    let pipe = pipeline(ctx, "rms_norm")?;
-    let ps = pieces(&[x, &y]);
-    let params: Vec<Rows> = ps
-        .iter()
-        .map(|(_, n, l)| Rows {
+    dispatch_rows(
+        ctx,
+        "rms_norm",
+        &x.shape_str(),
+        &[Bind::Rows(x), Bind::Whole(w), Bind::Rows(&y)],
+        |(_, n, l)| Rows {
             rows: *n as u32,
             cols: x.cols as u32,
             x_off: l[0].1 as u32,
             y_off: l[1].1 as u32,
             eps,
             ..Default::default()
-        })
-        .collect();
-    let ds: Vec<Dispatch> = ps
-        .iter()
-        .zip(&params)
-        .map(|((_, n, l), p)| Dispatch {
-            buffers: vec![
-                &x.chunks[l[0].0].buffer,
-                &w.chunks[0].buffer,
-                &y.chunks[l[1].0].buffer,
-            ],
-            uniform: Some(bytemuck::bytes_of(p)),
-            groups: grid(*n),
-        })
-        .collect();
-    ctx.run("rms_norm", &x.shape_str(), &pipe, &ds)?;
+        },
+        grid,
+    )?;
     Ok(y)
 }
 
@@ -183,11 +224,12 @@ pub fn rope(
             got: format!("x {}, table {}", x.shape_str(), table.shape_str()),
         });
     }
-    let pipe = pipeline(ctx, "rope")?;
-    let ps = pieces(&[x]);
-    let params: Vec<Rows> = ps
-        .iter()
-        .map(|(r0, n, l)| Rows {
+    dispatch_rows(
+        ctx,
+        "rope",
+        &x.shape_str(),
+        &[Bind::Rows(x), Bind::Whole(table)],
+        |(r0, n, l)| Rows {
             rows: *n as u32,
             cols: x.cols as u32,
             x_off: l[0].1 as u32,
@@ -196,18 +238,9 @@ pub fn rope(
             head_dim: head_dim as u32,
             pos0: (r0 % seq) as u32,
             ..Default::default()
-        })
-        .collect();
-    let ds: Vec<Dispatch> = ps
-        .iter()
-        .zip(&params)
-        .map(|((_, n, l), p)| Dispatch {
-            buffers: vec![&x.chunks[l[0].0].buffer, &table.chunks[0].buffer],
-            uniform: Some(bytemuck::bytes_of(p)),
-            groups: grid((n * heads * head_dim / 2).div_ceil(WG)),
-        })
-        .collect();
-    ctx.run("rope", &x.shape_str(), &pipe, &ds)
+        },
+        |n| grid((n * heads * head_dim / 2).div_ceil(WG)),
+    )
 }
 
 /// Causal grouped-query attention over sequences of `seq` rows: q is rows x hq*d, k and v are
@@ -322,28 +355,20 @@ pub fn attention(
 }
 
 fn elementwise(ctx: &GpuContext, entry: &str, x: &GpuTensor, y: &GpuTensor) -> Result<()> {
-    let pipe = pipeline(ctx, entry)?;
-    let ps = pieces(&[x, y]);
-    let params: Vec<Rows> = ps
-        .iter()
-        .map(|(_, n, l)| Rows {
+    dispatch_rows(
+        ctx,
+        entry,
+        &x.shape_str(),
+        &[Bind::Rows(x), Bind::Rows(y)],
+        |(_, n, l)| Rows {
             rows: *n as u32,
             cols: x.cols as u32,
             x_off: l[0].1 as u32,
             y_off: l[1].1 as u32,
             ..Default::default()
-        })
-        .collect();
-    let ds: Vec<Dispatch> = ps
-        .iter()
-        .zip(&params)
-        .map(|((_, n, l), p)| Dispatch {
-            buffers: vec![&x.chunks[l[0].0].buffer, &y.chunks[l[1].0].buffer],
-            uniform: Some(bytemuck::bytes_of(p)),
-            groups: grid((n * x.cols).div_ceil(WG)),
-        })
-        .collect();
-    ctx.run(entry, &x.shape_str(), &pipe, &ds)
+        },
+        |n| grid((n * x.cols).div_ceil(WG)),
+    )
 }
 
 /// g = silu(g) * u, in place (SwiGLU).
@@ -370,27 +395,19 @@ pub fn bias_add(ctx: &GpuContext, x: &GpuTensor, bias: &GpuTensor) -> Result<()>
             got: bias.shape_str(),
         });
     }
-    let pipe = pipeline(ctx, "bias_add")?;
-    let ps = pieces(&[x]);
-    let params: Vec<Rows> = ps
-        .iter()
-        .map(|(_, n, l)| Rows {
+    dispatch_rows(
+        ctx,
+        "bias_add",
+        &x.shape_str(),
+        &[Bind::Rows(x), Bind::Whole(bias)],
+        |(_, n, l)| Rows {
             rows: *n as u32,
             cols: x.cols as u32,
             x_off: l[0].1 as u32,
             ..Default::default()
-        })
-        .collect();
-    let ds: Vec<Dispatch> = ps
-        .iter()
-        .zip(&params)
-        .map(|((_, n, l), p)| Dispatch {
-            buffers: vec![&x.chunks[l[0].0].buffer, &bias.chunks[0].buffer],
-            uniform: Some(bytemuck::bytes_of(p)),
-            groups: grid((n * x.cols).div_ceil(WG)),
-        })
-        .collect();
-    ctx.run("bias_add", &x.shape_str(), &pipe, &ds)
+        },
+        |n| grid((n * x.cols).div_ceil(WG)),
+    )
 }
 
 /// Per row: logsumexp(logits) - logits[target], the cross-entropy (nats) of that row's token.
@@ -405,40 +422,31 @@ pub fn nll(ctx: &GpuContext, logits: &GpuTensor, targets: &GpuTensor) -> Result<
         });
     }
     let loss = GpuTensor::empty(ctx, logits.rows, 1, GpuDtype::F32)?;
-    let pipe = pipeline(ctx, "nll")?;
-    let ps = pieces(&[logits, targets, &loss]);
-    let params: Vec<Rows> = ps
+    // Targets and loss are both rows x 1 words, so they chunk alike and share one row offset.
+    if pieces(&[logits, targets, &loss])
         .iter()
-        .map(|(_, n, l)| Rows {
-            rows: *n as u32,
-            cols: logits.cols as u32,
-            x_off: l[0].1 as u32,
-            // targets and loss share the row offset only when they share chunking: check below.
-            y_off: l[1].1 as u32,
-            ..Default::default()
-        })
-        .collect();
-    if ps.iter().any(|(_, _, l)| l[1] != l[2]) {
+        .any(|(_, _, l)| l[1] != l[2])
+    {
         return Err(Error::gpu(
             "nll",
             logits.shape_str(),
             "targets and loss buffers are chunked differently",
         ));
     }
-    let ds: Vec<Dispatch> = ps
-        .iter()
-        .zip(&params)
-        .map(|((_, n, l), p)| Dispatch {
-            buffers: vec![
-                &logits.chunks[l[0].0].buffer,
-                &targets.chunks[l[1].0].buffer,
-                &loss.chunks[l[2].0].buffer,
-            ],
-            uniform: Some(bytemuck::bytes_of(p)),
-            groups: grid(*n),
-        })
-        .collect();
-    ctx.run("nll", &logits.shape_str(), &pipe, &ds)?;
+    dispatch_rows(
+        ctx,
+        "nll",
+        &logits.shape_str(),
+        &[Bind::Rows(logits), Bind::Rows(targets), Bind::Rows(&loss)],
+        |(_, n, l)| Rows {
+            rows: *n as u32,
+            cols: logits.cols as u32,
+            x_off: l[0].1 as u32,
+            y_off: l[1].1 as u32,
+            ..Default::default()
+        },
+        grid,
+    )?;
     Ok(loss)
 }
 
@@ -459,32 +467,20 @@ pub fn kl_top1(ctx: &GpuContext, base: &GpuTensor, other: &GpuTensor) -> Result<
     f32_only("kl_top1", &[base, other])?;
     same_shape("kl_top1", base, other)?;
     let out = GpuTensor::empty(ctx, base.rows, 2, GpuDtype::F32)?;
-    let pipe = pipeline(ctx, "kl_top1")?;
-    let ps = pieces(&[base, other, &out]);
-    let params: Vec<Pair> = ps
-        .iter()
-        .map(|(_, n, l)| Pair {
+    dispatch_rows(
+        ctx,
+        "kl_top1",
+        &base.shape_str(),
+        &[Bind::Rows(base), Bind::Rows(other), Bind::Rows(&out)],
+        |(_, n, l)| Pair {
             rows: *n as u32,
             cols: base.cols as u32,
             b_off: l[0].1 as u32,
             c_off: l[1].1 as u32,
             o_off: l[2].1 as u32,
             pad: [0; 3],
-        })
-        .collect();
-    let ds: Vec<Dispatch> = ps
-        .iter()
-        .zip(&params)
-        .map(|((_, n, l), p)| Dispatch {
-            buffers: vec![
-                &base.chunks[l[0].0].buffer,
-                &other.chunks[l[1].0].buffer,
-                &out.chunks[l[2].0].buffer,
-            ],
-            uniform: Some(bytemuck::bytes_of(p)),
-            groups: grid(*n),
-        })
-        .collect();
-    ctx.run("kl_top1", &base.shape_str(), &pipe, &ds)?;
+        },
+        grid,
+    )?;
     Ok(out)
 }
