@@ -2,7 +2,7 @@
 //! `iters` back-to-back launches ended by one wait (the launch gap is part of what users see).
 //! Speed is measured here and in the criterion benches, never asserted in tests.
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::gpu::matmul::{Layout, MatmulPath, matmul_into};
 use crate::gpu::stats::HessianAccumulator;
 use crate::gpu::{GpuContext, GpuDtype, GpuTensor};
@@ -30,19 +30,7 @@ fn random_tensor(
     seed: u64,
 ) -> Result<GpuTensor> {
     let mut rng = Rng::new(seed);
-    let v = rng.normal_vec(rows * cols, 1.0);
-    match dtype {
-        GpuDtype::F32 => GpuTensor::from_f32(ctx, rows, cols, &v),
-        GpuDtype::F16 => {
-            let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
-            GpuTensor::from_bytes(ctx, rows, cols, dtype, bytemuck::cast_slice(&h))
-        }
-        GpuDtype::BF16 => {
-            let h: Vec<half::bf16> = v.iter().map(|&x| half::bf16::from_f32(x)).collect();
-            GpuTensor::from_bytes(ctx, rows, cols, dtype, bytemuck::cast_slice(&h))
-        }
-        GpuDtype::U32 => Err(Error::invalid("benchmark inputs must be f32, f16 or bf16")),
-    }
+    GpuTensor::from_f32_as(ctx, rows, cols, &rng.normal_vec(rows * cols, 1.0), dtype)
 }
 
 /// Times C = A * op(B) for an m x n x k problem.

@@ -1,35 +1,8 @@
 mod common;
-use half::{bf16, f16};
 use wgpress::gpu::matmul::{Layout, MatmulPath, matmul_into};
 use wgpress::gpu::{GpuContext, GpuDtype, GpuTensor};
 use wgpress::reference;
 use wgpress::rng::Rng;
-
-/// Uploads `v` as `dtype` and returns the f32 values the GPU will actually see.
-fn upload(
-    ctx: &GpuContext,
-    rows: usize,
-    cols: usize,
-    v: &[f32],
-    dtype: GpuDtype,
-) -> (GpuTensor, Vec<f32>) {
-    match dtype {
-        GpuDtype::F32 => (GpuTensor::from_f32(ctx, rows, cols, v).unwrap(), v.to_vec()),
-        GpuDtype::F16 => {
-            let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
-            let t =
-                GpuTensor::from_bytes(ctx, rows, cols, dtype, bytemuck::cast_slice(&h)).unwrap();
-            (t, h.iter().map(|x| x.to_f32()).collect())
-        }
-        GpuDtype::BF16 => {
-            let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
-            let t =
-                GpuTensor::from_bytes(ctx, rows, cols, dtype, bytemuck::cast_slice(&h)).unwrap();
-            (t, h.iter().map(|x| x.to_f32()).collect())
-        }
-        GpuDtype::U32 => unreachable!(),
-    }
-}
 
 /// One comparison: shape (m, n, k), B's layout, input dtypes, accumulate into C, forced path.
 struct Case {
@@ -72,7 +45,7 @@ fn check(ctx: &GpuContext, seed: u64, c: Case) {
     let b = rng.normal_vec(n * k, 0.5);
     // Layout TN stores A as k x m; the reference always gets A as m x k.
     let (ga, a_seen) = if layout == Layout::TN {
-        let (g, seen) = upload(ctx, k, m, &a, da);
+        let (g, seen) = common::upload(ctx, k, m, &a, da);
         let mut t = vec![0f32; m * k];
         for r in 0..k {
             for c in 0..m {
@@ -81,10 +54,10 @@ fn check(ctx: &GpuContext, seed: u64, c: Case) {
         }
         (g, t)
     } else {
-        upload(ctx, m, k, &a, da)
+        common::upload(ctx, m, k, &a, da)
     };
     let (brows, bcols) = if layout == Layout::NT { (n, k) } else { (k, n) };
-    let (gb, b_seen) = upload(ctx, brows, bcols, &b, db);
+    let (gb, b_seen) = common::upload(ctx, brows, bcols, &b, db);
     let c0 = rng.normal_vec(m * n, 1.0);
     let gc = GpuTensor::from_f32(ctx, m, n, &c0).unwrap();
     if !accumulate {
@@ -225,9 +198,9 @@ fn cooperative_path_matches_reference_where_offered() {
         );
         let mut rng = Rng::new(3);
         let a = rng.normal_vec(64 * 16, 1.0);
-        let (ga, _) = upload(&ctx, 64, 16, &a, GpuDtype::F16);
+        let (ga, _) = common::upload(&ctx, 64, 16, &a, GpuDtype::F16);
         let gc = GpuTensor::empty(&ctx, 64, 64, GpuDtype::F32).unwrap();
-        let (gb, _) = upload(&ctx, 16, 64, &a, GpuDtype::F16);
+        let (gb, _) = common::upload(&ctx, 16, 64, &a, GpuDtype::F16);
         assert!(
             matmul_into(
                 &ctx,

@@ -9,7 +9,6 @@
 //! to 16 bits before both sides see them, so f16/bf16 cases use the same bound. The column sums of
 //! squares follow the same argument; max |x| is exact; the norm adds one rounding of the sqrt.
 mod common;
-use half::{bf16, f16};
 use wgpress::gpu::stats::{
     HessianAccumulator, channel_stats, channel_stats_into, scale_in_place, sqrt_in_place,
 };
@@ -18,32 +17,6 @@ use wgpress::reference;
 use wgpress::rng::Rng;
 
 const U: f64 = 1.0 / 16_777_216.0; // 2^-24
-
-/// Uploads `v` as `dtype` and returns the f32 values the GPU will actually see.
-fn upload(
-    ctx: &GpuContext,
-    rows: usize,
-    cols: usize,
-    v: &[f32],
-    dtype: GpuDtype,
-) -> (GpuTensor, Vec<f32>) {
-    match dtype {
-        GpuDtype::F32 => (GpuTensor::from_f32(ctx, rows, cols, v).unwrap(), v.to_vec()),
-        GpuDtype::F16 => {
-            let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
-            let t =
-                GpuTensor::from_bytes(ctx, rows, cols, dtype, bytemuck::cast_slice(&h)).unwrap();
-            (t, h.iter().map(|x| x.to_f32()).collect())
-        }
-        GpuDtype::BF16 => {
-            let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
-            let t =
-                GpuTensor::from_bytes(ctx, rows, cols, dtype, bytemuck::cast_slice(&h)).unwrap();
-            (t, h.iter().map(|x| x.to_f32()).collect())
-        }
-        GpuDtype::U32 => unreachable!(),
-    }
-}
 
 /// Random activations with a few large channels, as real layer inputs have.
 fn activations(seed: u64, n: usize, d: usize) -> Vec<f32> {
@@ -66,7 +39,7 @@ fn check_hessian(ctx: &GpuContext, seed: u64, n: usize, d: usize, chunk: usize, 
     let mut t = 0;
     while t < n {
         let e = (t + chunk).min(n);
-        let (g, s) = upload(ctx, e - t, d, &x[t * d..e * d], dtype);
+        let (g, s) = common::upload(ctx, e - t, d, &x[t * d..e * d], dtype);
         acc.add(ctx, &g).unwrap();
         seen.extend_from_slice(&s);
         t = e;
@@ -148,7 +121,7 @@ fn check_channels(ctx: &GpuContext, seed: u64, n: usize, d: usize, chunk: usize,
     let mut t = 0;
     while t < n {
         let e = (t + chunk).min(n);
-        let (g, v) = upload(ctx, e - t, d, &x[t * d..e * d], dtype);
+        let (g, v) = common::upload(ctx, e - t, d, &x[t * d..e * d], dtype);
         channel_stats_into(ctx, &g, &s, &a, t > 0).unwrap();
         seen.extend_from_slice(&v);
         t = e;

@@ -18,6 +18,15 @@ pub enum GpuDtype {
 }
 
 impl GpuDtype {
+    /// The value an f32 becomes when stored as this type (round to nearest even).
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            GpuDtype::F32 | GpuDtype::U32 => x,
+            GpuDtype::F16 => half::f16::from_f32(x).to_f32(),
+            GpuDtype::BF16 => half::bf16::from_f32(x).to_f32(),
+        }
+    }
+
     pub fn size(self) -> u64 {
         match self {
             GpuDtype::F32 | GpuDtype::U32 => 4,
@@ -170,6 +179,28 @@ impl GpuTensor {
 
     pub fn from_f32(ctx: &GpuContext, rows: usize, cols: usize, data: &[f32]) -> Result<Self> {
         Self::from_f32_aligned(ctx, rows, cols, data, 1)
+    }
+
+    /// Uploads f32 values stored as `dtype` (f32, f16 or bf16; each value rounded to nearest).
+    pub fn from_f32_as(
+        ctx: &GpuContext,
+        rows: usize,
+        cols: usize,
+        data: &[f32],
+        dtype: GpuDtype,
+    ) -> Result<Self> {
+        match dtype {
+            GpuDtype::F32 => Self::from_f32(ctx, rows, cols, data),
+            GpuDtype::F16 => {
+                let h: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
+                Self::from_bytes(ctx, rows, cols, dtype, bytemuck::cast_slice(&h))
+            }
+            GpuDtype::BF16 => {
+                let h: Vec<half::bf16> = data.iter().map(|&x| half::bf16::from_f32(x)).collect();
+                Self::from_bytes(ctx, rows, cols, dtype, bytemuck::cast_slice(&h))
+            }
+            GpuDtype::U32 => Err(Error::invalid("from_f32_as: u32 is not a float type")),
+        }
     }
 
     /// Uploads f32 rows into chunks of whole groups of `align` rows (see `empty_aligned`).

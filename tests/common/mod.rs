@@ -2,7 +2,7 @@
 //! seeded random data, and comparisons that report the worst element.
 #![allow(dead_code)]
 
-use wgpress::gpu::{ContextOptions, GpuContext};
+use wgpress::gpu::{ContextOptions, GpuContext, GpuDtype, GpuTensor};
 
 /// A checked-shader context on the adapter wgpu finds (lavapipe on CI). Panics with a clear
 /// message when there is none: GPU tests are the point of this suite, so a missing adapter is a
@@ -41,3 +41,15 @@ pub fn max_rel_err(a: &[f32], b: &[f64], floor: f64) -> (f64, usize) {
 
 /// f32 NaN bit pattern used to poison output buffers so an unwritten element fails a comparison.
 pub const POISON: u32 = 0x7FC0_0BAD;
+
+/// Uploads `v` as `dtype` and returns the f32 values the GPU will actually see.
+pub fn upload(
+    ctx: &GpuContext,
+    rows: usize,
+    cols: usize,
+    v: &[f32],
+    dtype: GpuDtype,
+) -> (GpuTensor, Vec<f32>) {
+    let t = GpuTensor::from_f32_as(ctx, rows, cols, v, dtype).unwrap();
+    (t, v.iter().map(|&x| dtype.round(x)).collect())
+}
