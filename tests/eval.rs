@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use wgpress::calib::EvalWindow;
 use wgpress::engine::Engine;
-use wgpress::gpu::ContextOptions;
 use wgpress::model::Model;
 use wgpress::model::tokenizer::Tokenizer;
 
@@ -52,18 +51,7 @@ const HF_LOSS_128_512: f64 = 2.944582;
 #[test]
 fn gpu_perplexity_matches_transformers() {
     let m = Model::open(&root().join("assets/tiny")).unwrap();
-    let engine = Engine::new(
-        &ContextOptions {
-            checked_shaders: true,
-            ..Default::default()
-        },
-        false,
-    )
-    .unwrap();
-    assert!(
-        engine.gpu().is_some(),
-        "GPU tests need an adapter (lavapipe)"
-    );
+    let engine = common::gpu_engine();
     let w = windows(&m, 256, 2048);
     let refs = as_windows(&w);
     let r = wgpress::eval::perplexity(&engine, &m, None, &refs, &|_, _| {}).unwrap();
@@ -154,14 +142,7 @@ fn kl_and_top1_against_the_base_agree_on_gpu_and_cpu() {
     let tiny = Model::open(&root().join("assets/tiny")).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("q3");
-    let gpu = Engine::new(
-        &ContextOptions {
-            checked_shaders: true,
-            ..Default::default()
-        },
-        false,
-    )
-    .unwrap();
+    let gpu = common::gpu_engine();
     let opts = wgpress::compress::CompressOptions {
         spec: wgpress::quant::QuantSpec::new(3, Some(64), false).unwrap(),
         format: wgpress::compress::Format::Dense,
@@ -207,14 +188,7 @@ fn strided_windows_score_each_token_once_and_need_context() {
     assert_eq!(ws.len(), 7);
     assert_eq!(ws[0].score_from, 1);
     assert!(ws[1..].iter().all(|w| w.score_from == 48));
-    let gpu = Engine::new(
-        &ContextOptions {
-            checked_shaders: true,
-            ..Default::default()
-        },
-        false,
-    )
-    .unwrap();
+    let gpu = common::gpu_engine();
     let s = wgpress::eval::perplexity(&gpu, &m, None, &ws, &|_, _| {}).unwrap();
     assert_eq!(s.scored_tokens, 63 + 6 * 16);
     // Same tokens scored by the CPU reference: equal mean loss.

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use wgpress::calib::CalibOptions;
 use wgpress::compress::{CompressOptions, Format};
 use wgpress::engine::Engine;
-use wgpress::gpu::ContextOptions;
 use wgpress::model::Model;
 use wgpress::model::safetensors::Dtype;
 use wgpress::model::synth::{SynthSpec, write_random_llama};
@@ -14,22 +13,6 @@ use wgpress::quant::QuantSpec;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn engine() -> Engine {
-    let e = Engine::new(
-        &ContextOptions {
-            checked_shaders: true,
-            ..Default::default()
-        },
-        false,
-    )
-    .unwrap();
-    assert!(
-        e.gpu().is_some(),
-        "pipeline tests need a GPU adapter (lavapipe)"
-    );
-    e
 }
 
 fn calib(nsamples: usize, seqlen: usize) -> CalibOptions {
@@ -73,7 +56,7 @@ fn synth(dir: &Path, layers: usize) -> Model {
 
 #[test]
 fn peak_gpu_memory_does_not_grow_with_the_number_of_blocks() {
-    let e = engine();
+    let e = common::gpu_engine();
     let tmp = tempfile::tempdir().unwrap();
     let spec = QuantSpec::new(4, Some(32), false).unwrap();
     let mut peaks = Vec::new();
@@ -104,7 +87,7 @@ fn peak_gpu_memory_does_not_grow_with_the_number_of_blocks() {
 
 #[test]
 fn pipeline_rtn_equals_direct_rtn_and_reports_output_error() {
-    let e = engine();
+    let e = common::gpu_engine();
     let tmp = tempfile::tempdir().unwrap();
     let m = Model::open(&root().join("assets/tiny")).unwrap();
     let spec = QuantSpec::new(4, Some(128), false).unwrap();
@@ -163,7 +146,7 @@ fn calibration_errors_are_clear() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("GPU"), "{e}");
-    let g = engine();
+    let g = common::gpu_engine();
     let e = run(&g, &m, &Rtn(spec), &calib(2, 4096), &o, &|_, _, _| {}).unwrap_err();
     assert!(e.to_string().contains("max_position_embeddings"), "{e}");
     let mut c = calib(2, 64);

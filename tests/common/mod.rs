@@ -53,3 +53,20 @@ pub fn upload(
     let t = GpuTensor::from_f32_as(ctx, rows, cols, v, dtype).unwrap();
     (t, v.iter().map(|&x| dtype.round(x)).collect())
 }
+
+/// A GPU engine with checked shaders; fails (not skips) without an adapter, like `ctx()`.
+pub fn gpu_engine() -> wgpress::engine::Engine {
+    let e = wgpress::engine::Engine::new(
+        &ContextOptions {
+            checked_shaders: true,
+            ..Default::default()
+        },
+        false,
+    )
+    .unwrap();
+    assert!(
+        e.gpu().is_some(),
+        "no GPU adapter: install mesa-vulkan-drivers (lavapipe) to run the GPU tests"
+    );
+    e
+}
