@@ -118,6 +118,31 @@ impl QuantSpec {
         self.fit_minmax(lo, hi)
     }
 
+    /// Fits the grid of one group by GPTQ's MSE search: the range [lo, hi] (containing 0) is
+    /// shrunk by each factor of [`mse_shrink_factors`] and the candidate with the lowest
+    /// sum |dequant(q(x)) - x|^2.4 wins (the first one on ties; factor 1 is min-max itself).
+    pub fn fit_mse(&self, values: &[f32]) -> GroupParams {
+        let (mut lo, mut hi) = (0f32, 0f32);
+        for &v in values {
+            lo = lo.min(v);
+            hi = hi.max(v);
+        }
+        let mut best = self.fit_minmax(lo, hi);
+        let mut best_err = f32::INFINITY;
+        for p in mse_shrink_factors() {
+            let cand = self.fit_minmax(p * lo, p * hi);
+            let err: f32 = values
+                .iter()
+                .map(|&v| (cand.dequantize(self.quantize(v, cand)) - v).abs().powf(MSE_NORM))
+                .sum();
+            if err < best_err {
+                best_err = err;
+                best = cand;
+            }
+        }
+        best
+    }
+
     pub fn quantize(&self, w: f32, p: GroupParams) -> u32 {
         ((w / p.scale).round_ties_even() + p.zero as f32).clamp(0.0, self.maxq() as f32) as u32
     }
@@ -127,6 +152,15 @@ impl GroupParams {
     pub fn dequantize(&self, q: u32) -> f32 {
         self.scale * (q as f32 - self.zero as f32)
     }
+}
+
+/// Exponent of the error norm in the MSE grid search (GPTQ's `norm=2.4`).
+pub const MSE_NORM: f32 = 2.4;
+
+/// The shrink factors of the MSE grid search: 1 - i/100 for i in 0..80 (GPTQ's `grid=100`,
+/// `maxshrink=0.8`), computed once in f32 so every implementation uses the same values.
+pub fn mse_shrink_factors() -> Vec<f32> {
+    (0..80).map(|i| 1.0 - i as f32 / 100.0).collect()
 }
 
 /// Rounds a positive scale to the nearest f16 within the normal range.
@@ -221,6 +255,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn mse_search_never_loses_to_minmax_and_shrinks_outlier_ranges() {
+        let s = QuantSpec::new(3, None, false).unwrap();
+        let mut rng = crate::rng::Rng::new(5);
+        let mut vals: Vec<f32> = (0..128).map(|_| rng.normal() as f32 * 0.02).collect();
+        vals[7] = 0.3; // an outlier that min-max would spend the whole range on
+        let err = |p: GroupParams| -> f32 {
+            vals.iter()
+                .map(|&v| (p.dequantize(s.quantize(v, p)) - v).abs().powf(MSE_NORM))
+                .sum()
+        };
+        let mm = s.fit(&vals);
+        let mse = s.fit_mse(&vals);
+        assert!(err(mse) <= err(mm));
+        assert!(mse.scale < mm.scale, "{} vs {}", mse.scale, mm.scale);
     }
 
     #[test]
