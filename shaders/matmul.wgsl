@@ -1,4 +1,4 @@
-// Register-tiled matrix multiply: C (m x n, f32) = [C +] op(A) * op(B), f32 accumulation.
+// Register-tiled matrix multiply: C (m x n, f32) = [C +] alpha * op(A) * op(B), f32 accumulation.
 // op(A) = A (m x k, row-major) or A^T (A stored k x m, row-major), chosen by A_TRANS;
 // op(B) = B (k x n, row-major) or B^T (B stored n x k, row-major), chosen by B_TRANS.
 // The host prepends a prelude that declares bindings 0 (A) and 1 (B), the loaders ld_a/ld_b
@@ -10,7 +10,10 @@
 struct Params {
     m: u32, n: u32, k: u32, accumulate: u32,
     a_off: u32, lda: u32, b_off: u32, ldb: u32,
-    c_off: u32, ldc: u32, pad0: u32, pad1: u32,
+    c_off: u32, ldc: u32, b_trans: u32, alpha: f32,
+    // Nonzero: only tiles that reach the lower triangle (column <= row) of C are computed; tiles
+    // entirely above the diagonal are skipped (symmetric updates such as a Cholesky's trailing one).
+    lower: u32, pad0: u32, pad1: u32, pad2: u32,
 }
 
 @group(0) @binding(2) var<storage, read_write> C: array<f32>;
@@ -35,9 +38,9 @@ fn store4(r: u32, c: u32, v: vec4<f32>) {
         if (cc < p.n) {
             let i = base + cc;
             if (p.accumulate != 0u) {
-                C[i] = C[i] + v[j];
+                C[i] = C[i] + p.alpha * v[j];
             } else {
-                C[i] = v[j];
+                C[i] = p.alpha * v[j];
             }
         }
     }
@@ -68,6 +71,10 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
     let tid = ty * 16u + tx;
     let row0 = wid.y * BM;
     let col0 = wid.x * BN;
+    // Workgroup-uniform, so the barriers below stay in uniform control flow.
+    if (p.lower != 0u && col0 >= row0 + BM) {
+        return;
+    }
 
     var c00 = vec4<f32>(0.0); var c01 = vec4<f32>(0.0);
     var c10 = vec4<f32>(0.0); var c11 = vec4<f32>(0.0);

@@ -8,6 +8,7 @@ pub const QUANT_RTN: &str = include_str!("../shaders/quant_rtn.wgsl");
 pub const FORWARD: &str = include_str!("../shaders/forward.wgsl");
 pub const STATS: &str = include_str!("../shaders/stats.wgsl");
 pub const ELEMENTWISE: &str = include_str!("../shaders/elementwise.wgsl");
+pub const LINALG: &str = include_str!("../shaders/linalg.wgsl");
 
 /// Every module as the GPU will see it: (name, source, needs cooperative matrices).
 pub fn all_modules() -> Vec<(String, String, bool)> {
@@ -15,6 +16,7 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
     v.push(("reduce.wgsl".into(), REDUCE.to_string(), false));
     v.push(("quant_rtn.wgsl".into(), QUANT_RTN.to_string(), false));
     v.push(("forward.wgsl".into(), FORWARD.to_string(), false));
+    v.push(("linalg.wgsl".into(), LINALG.to_string(), false));
     v.extend(crate::gpu::stats::all_sources());
     v
 }

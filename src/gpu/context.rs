@@ -361,6 +361,20 @@ impl GpuContext {
         pipeline: &wgpu::ComputePipeline,
         dispatches: &[Dispatch<'_>],
     ) -> Result<()> {
+        let steps: Vec<(&wgpu::ComputePipeline, &Dispatch)> =
+            dispatches.iter().map(|d| (pipeline, d)).collect();
+        self.run_steps(kernel, shape, &steps)
+    }
+
+    /// Like [`GpuContext::run`] for a sequence of dispatches of different kernels, recorded into
+    /// one compute pass and one submission (each dispatch sees the writes of the earlier ones), so
+    /// algorithms made of hundreds of small steps (blocked Cholesky, GPTQ) pay one submission.
+    pub(crate) fn run_steps(
+        &self,
+        kernel: &str,
+        shape: &str,
+        steps: &[(&wgpu::ComputePipeline, &Dispatch<'_>)],
+    ) -> Result<()> {
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let val = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let mut enc = self
@@ -368,9 +382,9 @@ impl GpuContext {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some(kernel),
             });
-        let layout = pipeline.get_bind_group_layout(0);
-        let mut groups = Vec::with_capacity(dispatches.len());
-        for d in dispatches {
+        let mut groups = Vec::with_capacity(steps.len());
+        for (pipeline, d) in steps {
+            let layout = pipeline.get_bind_group_layout(0);
             let ubuf = d.uniform.map(|bytes| {
                 use wgpu::util::DeviceExt;
                 self.device
@@ -406,8 +420,8 @@ impl GpuContext {
                 label: Some(kernel),
                 timestamp_writes: None,
             });
-            pass.set_pipeline(pipeline);
-            for (d, g) in dispatches.iter().zip(&groups) {
+            for ((pipeline, d), g) in steps.iter().zip(&groups) {
+                pass.set_pipeline(pipeline);
                 pass.set_bind_group(0, g, &[]);
                 pass.dispatch_workgroups(d.groups.0, d.groups.1, d.groups.2);
             }

@@ -49,10 +49,16 @@ struct Params {
     c_off: u32,
     ldc: u32,
     b_trans: u32,
-    pad: u32,
+    alpha: f32,
+    lower: u32,
+    pad: [u32; 3],
 }
 
 pub(crate) fn loader(name: &str, binding: u32, dtype: GpuDtype) -> Result<String> {
+    loader_access(name, binding, dtype, "read")
+}
+
+fn loader_access(name: &str, binding: u32, dtype: GpuDtype, access: &str) -> Result<String> {
     let (ty, body) = match dtype {
         GpuDtype::F32 => ("f32", format!("return {name}[i];")),
         GpuDtype::F16 => (
@@ -71,7 +77,7 @@ pub(crate) fn loader(name: &str, binding: u32, dtype: GpuDtype) -> Result<String
         }
     };
     Ok(format!(
-        "@group(0) @binding({binding}) var<storage, read> {name}: array<{ty}>;\nfn ld_{}(i: u32) -> f32 {{ {body} }}\n",
+        "@group(0) @binding({binding}) var<storage, {access}> {name}: array<{ty}>;\nfn ld_{}(i: u32) -> f32 {{ {body} }}\n",
         name.to_lowercase()
     ))
 }
@@ -88,9 +94,26 @@ pub fn tiled_source(a: GpuDtype, b: GpuDtype, layout: Layout) -> Result<String> 
     ))
 }
 
+/// The f32 tiled kernel with A and B declared read_write, so one buffer may be bound as A, B and C
+/// of the same dispatch (wgpu allows aliased writable storage bindings; read-only ones conflict
+/// with a writable one). Used by the in-place dense linear algebra of `gpu::linalg`.
+pub fn aliased_source(b_trans: bool) -> Result<String> {
+    Ok(format!(
+        "{}{}const A_TRANS: bool = false;\nconst B_TRANS: bool = {b_trans};\n{}",
+        loader_access("A", 0, GpuDtype::F32, "read_write")?,
+        loader_access("B", 1, GpuDtype::F32, "read_write")?,
+        shaders::MATMUL
+    ))
+}
+
 /// Every variant's source, for the naga validation test.
 pub fn all_sources() -> Vec<(String, String, bool)> {
     let mut v = Vec::new();
+    for t in [false, true] {
+        if let Ok(s) = aliased_source(t) {
+            v.push((format!("matmul.wgsl aliased b_trans={t}"), s, false));
+        }
+    }
     for a in [GpuDtype::F32, GpuDtype::F16, GpuDtype::BF16] {
         for b in [GpuDtype::F32, GpuDtype::F16, GpuDtype::BF16] {
             for l in [Layout::NN, Layout::NT, Layout::TN] {
@@ -221,7 +244,9 @@ fn run_coop(
         c_off: 0,
         ldc: n as u32,
         b_trans: (layout == Layout::NT) as u32,
-        pad: 0,
+        alpha: 1.0,
+        lower: 0,
+        pad: [0; 3],
     };
     let max = ctx.max_workgroups_per_dim() as usize;
     if n / 64 > max || m / 64 > max {
@@ -300,7 +325,9 @@ fn run_tiled(
                     c_off: ((cr + s - r0) * n + c_noff) as u32,
                     ldc: n as u32,
                     b_trans: (layout == Layout::NT) as u32,
-                    pad: 0,
+                    alpha: 1.0,
+                    lower: 0,
+                    pad: [0; 3],
                 });
                 binds.push((ai, bi, ci, sub_n, e - s));
             }
@@ -383,7 +410,9 @@ fn run_tiled_tn(
                     c_off: u(s * n)?,
                     ldc: u(n)?,
                     b_trans: 0,
-                    pad: 0,
+                    alpha: 1.0,
+                    lower: 0,
+                    pad: [0; 3],
                 });
                 binds.push((ai, bi, ci, e - s));
                 s = e;
@@ -415,4 +444,119 @@ fn zero_or_keep(ctx: &GpuContext, c: &GpuTensor, accumulate: bool) -> Result<()>
         c.fill_u32(ctx, 0);
     }
     Ok(())
+}
+
+/// A matrix inside one f32 storage buffer: element (r, c) is at `off + r * ld + c`; `len` is the
+/// buffer's length in elements (checked against every element the product touches).
+#[derive(Clone, Copy)]
+pub(crate) struct Region<'a> {
+    pub buf: &'a wgpu::Buffer,
+    pub len: usize,
+    pub off: usize,
+    pub ld: usize,
+}
+
+/// One C[m x n] = [C +] alpha * A[m x k] * op(B) on regions of single buffers, for algorithms that
+/// address blocks of larger matrices (blocked Cholesky, GPTQ's lazy updates). `b_trans`: B is
+/// stored n x k. `lower`: only tiles reaching C's lower triangle are computed.
+pub(crate) struct RegionGemm<'a> {
+    pub a: Region<'a>,
+    pub b: Region<'a>,
+    pub c: Region<'a>,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub b_trans: bool,
+    pub alpha: f32,
+    pub accumulate: bool,
+    pub lower: bool,
+}
+
+/// A validated region product ready to record with [`GpuContext::run_steps`]: its pipeline,
+/// uniform bytes and grid. `aliased` picks the kernel whose operands may share C's buffer.
+pub(crate) struct GemmStep<'a> {
+    pub pipeline: std::sync::Arc<wgpu::ComputePipeline>,
+    pub buffers: [&'a wgpu::Buffer; 3],
+    pub uniform: Vec<u8>,
+    pub groups: (u32, u32, u32),
+}
+
+impl GemmStep<'_> {
+    pub fn dispatch(&self) -> Dispatch<'_> {
+        Dispatch {
+            buffers: self.buffers.to_vec(),
+            uniform: Some(&self.uniform),
+            groups: self.groups,
+        }
+    }
+}
+
+impl<'a> RegionGemm<'a> {
+    pub fn prepare(&self, ctx: &GpuContext, aliased: bool) -> Result<GemmStep<'a>> {
+        let shape = format!("region {}x{}x{}", self.m, self.n, self.k);
+        let fail = |what: &str| Err(Error::gpu("matmul", &shape, what.to_string()));
+        if self.m == 0 || self.n == 0 || self.k == 0 {
+            return fail("empty region product");
+        }
+        // Last element each operand touches must lie inside its buffer (this is what makes the
+        // unchecked pipeline safe), and every index must fit in u32.
+        let last = |r: &Region, rows: usize, cols: usize| r.off + (rows - 1) * r.ld + cols;
+        let (bm, bn) = if self.b_trans {
+            (self.n, self.k)
+        } else {
+            (self.k, self.n)
+        };
+        for (r, rows, cols) in [
+            (&self.a, self.m, self.k),
+            (&self.b, bm, bn),
+            (&self.c, self.m, self.n),
+        ] {
+            if r.ld < cols || last(r, rows, cols) > r.len || r.len > u32::MAX as usize {
+                return fail("a region lies outside its buffer");
+            }
+        }
+        let max = ctx.max_workgroups_per_dim() as usize;
+        if self.m.div_ceil(TILE) > max || self.n.div_ceil(TILE) > max {
+            return fail("region exceeds the dispatch grid limit");
+        }
+        let (key, src) = if aliased {
+            (
+                format!("matmul aliased {}", self.b_trans),
+                aliased_source(self.b_trans)?,
+            )
+        } else {
+            let l = if self.b_trans { Layout::NT } else { Layout::NN };
+            (
+                format!("matmul {:?}x{:?} {:?}", GpuDtype::F32, GpuDtype::F32, l),
+                tiled_source(GpuDtype::F32, GpuDtype::F32, l)?,
+            )
+        };
+        let pipeline = ctx.pipeline(&key, &src, "main", true)?;
+        let p = Params {
+            m: self.m as u32,
+            n: self.n as u32,
+            k: self.k as u32,
+            accumulate: self.accumulate as u32,
+            a_off: self.a.off as u32,
+            lda: self.a.ld as u32,
+            b_off: self.b.off as u32,
+            ldb: self.b.ld as u32,
+            c_off: self.c.off as u32,
+            ldc: self.c.ld as u32,
+            b_trans: self.b_trans as u32,
+            alpha: self.alpha,
+            lower: self.lower as u32,
+            pad: [0; 3],
+        };
+        Ok(GemmStep {
+            pipeline,
+            buffers: [self.a.buf, self.b.buf, self.c.buf],
+            uniform: bytemuck::bytes_of(&p).to_vec(),
+            groups: (
+                self.n.div_ceil(TILE) as u32,
+                self.m.div_ceil(TILE) as u32,
+                1,
+            ),
+        })
+    }
 }

@@ -133,7 +133,11 @@ impl QuantSpec {
             let cand = self.fit_minmax(p * lo, p * hi);
             let err: f32 = values
                 .iter()
-                .map(|&v| (cand.dequantize(self.quantize(v, cand)) - v).abs().powf(MSE_NORM))
+                .map(|&v| {
+                    (cand.dequantize(self.quantize(v, cand)) - v)
+                        .abs()
+                        .powf(MSE_NORM)
+                })
                 .sum();
             if err < best_err {
                 best_err = err;

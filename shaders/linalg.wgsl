@@ -1,0 +1,161 @@
+// Dense linear algebra on one square f32 matrix M (row-major, leading dimension p.ld) in a single
+// storage buffer, in blocks of NB = 64 (the host pads n to a multiple of 64). The large products of
+// the blocked algorithms run through matmul.wgsl; these are the small, sequential pieces.
+//
+//   potrf_diag   unblocked Cholesky of the diagonal block at (k0, k0) in workgroup memory (lower
+//                factor written back, upper part of the block zeroed) and the inverse of that
+//                factor into `dinv` block k0 / 64; a non-positive or non-finite pivot sets flag[0]
+//                (the pivot is then taken as 1 so the rest stays finite; the host discards it)
+//   zero_upper   M[i][j] = 0 for j > i
+//   set_diag     copies the inverted diagonal blocks from `dinv` into M
+//   flip         M <- J M J (J reverses the index order): swaps element e with n*n - 1 - e
+
+struct Params {
+    n: u32,
+    ld: u32,
+    k0: u32,
+    pad: u32,
+}
+
+const NB: u32 = 64u;
+const WG: u32 = 256u;
+
+@group(0) @binding(0) var<storage, read_write> m: array<f32>;
+@group(0) @binding(1) var<storage, read_write> dinv: array<f32>;
+@group(0) @binding(2) var<storage, read_write> flag: array<atomic<u32>>;
+@group(0) @binding(3) var<uniform> p: Params;
+
+// zero_upper, flip (the uniform follows the storage bindings an entry point uses)
+@group(0) @binding(1) var<uniform> q: Params;
+// set_diag
+@group(0) @binding(2) var<uniform> r: Params;
+
+var<workgroup> blk: array<f32, 4096>; // NB x NB
+var<workgroup> col: array<f32, 64>;
+
+@compute @workgroup_size(256)
+fn potrf_diag(@builtin(local_invocation_index) lid: u32) {
+    let base = p.k0 * p.ld + p.k0;
+    for (var e = lid; e < NB * NB; e += WG) {
+        blk[e] = m[base + (e / NB) * p.ld + e % NB];
+    }
+    workgroupBarrier();
+    var failed = false;
+    for (var j = 0u; j < NB; j++) {
+        let d = blk[j * NB + j];
+        // NaN fails the first comparison, infinity the second.
+        let ok = d > 0.0 && d < 3.0e38;
+        let piv = select(1.0, sqrt(d), ok);
+        failed = failed || !ok;
+        workgroupBarrier();
+        if (lid == 0u) {
+            blk[j * NB + j] = piv;
+        }
+        for (var i = j + 1u + lid; i < NB; i += WG) {
+            blk[i * NB + j] = blk[i * NB + j] / piv;
+        }
+        workgroupBarrier();
+        // Trailing update of the lower triangle: (i, k) with j < k <= i.
+        let w = NB - 1u - j;
+        for (var e = lid; e < w * w; e += WG) {
+            let i = j + 1u + e / w;
+            let k = j + 1u + e % w;
+            if (k <= i) {
+                blk[i * NB + k] = blk[i * NB + k] - blk[i * NB + j] * blk[k * NB + j];
+            }
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u && failed) {
+        atomicOr(&flag[0], 1u);
+    }
+    for (var e = lid; e < NB * NB; e += WG) {
+        let i = e / NB;
+        let k = e % NB;
+        m[base + i * p.ld + k] = select(blk[e], 0.0, k > i);
+    }
+    workgroupBarrier();
+    // In-place inverse of the lower factor (LAPACK trti2, column by column from the right):
+    // column j of the inverse is -inv(L)[j+1.., j+1..] * L[j+1.., j] / L[j][j], where the columns
+    // right of j already hold the inverse.
+    for (var jj = 0u; jj < NB; jj++) {
+        let j = NB - 1u - jj;
+        let inv_jj = 1.0 / blk[j * NB + j];
+        if (lid < NB) {
+            col[lid] = blk[lid * NB + j];
+        }
+        workgroupBarrier();
+        if (lid > j && lid < NB) {
+            var s = 0.0;
+            for (var k = j + 1u; k <= lid; k++) {
+                s = s + blk[lid * NB + k] * col[k];
+            }
+            blk[lid * NB + j] = -s * inv_jj;
+        }
+        if (lid == j) {
+            blk[j * NB + j] = inv_jj;
+        }
+        workgroupBarrier();
+    }
+    let dbase = (p.k0 / NB) * NB * NB;
+    for (var e = lid; e < NB * NB; e += WG) {
+        dinv[dbase + e] = select(blk[e], 0.0, e % NB > e / NB);
+    }
+}
+
+fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.y * nwg.x + wid.x) * WG + lid;
+}
+
+@compute @workgroup_size(256)
+fn zero_upper(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let e = flat(wid, nwg, lid);
+    if (e >= q.n * q.n) {
+        return;
+    }
+    let i = e / q.n;
+    let j = e % q.n;
+    if (j > i) {
+        m[i * q.ld + j] = 0.0;
+    }
+}
+
+@compute @workgroup_size(256)
+fn set_diag(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let e = flat(wid, nwg, lid);
+    if (e >= r.n * NB) {
+        return;
+    }
+    let b = e / (NB * NB);
+    let i = (e / NB) % NB;
+    let k = e % NB;
+    m[(b * NB + i) * r.ld + b * NB + k] = dinv[e];
+}
+
+@compute @workgroup_size(256)
+fn flip(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let e = flat(wid, nwg, lid);
+    let total = q.n * q.n;
+    if (e >= total / 2u) {
+        return;
+    }
+    let i = e / q.n;
+    let j = e % q.n;
+    let a = i * q.ld + j;
+    let b = (q.n - 1u - i) * q.ld + (q.n - 1u - j);
+    let t = m[a];
+    m[a] = m[b];
+    m[b] = t;
+}

@@ -1,0 +1,330 @@
+//! Dense linear algebra on the GPU for the second-order methods (GPTQ, SparseGPT, activation-aware
+//! SVD): blocked Cholesky factorization, in-place inverse of the triangular factor, and the index
+//! reversal J·M·J. Matrices are n x n f32 in one storage binding with n a multiple of [`NB`] (callers
+//! pad with identity rows, which leaves the factors of the original block unchanged).
+//!
+//! Cholesky (right-looking, blocks of 64): per block column, `potrf_diag` factors the diagonal block
+//! in workgroup memory and inverts it; the panel below becomes L21 = A21·inv(L11)ᵀ and the trailing
+//! matrix A22 -= L21·L21ᵀ (lower tiles only), both through the matmul kernel on regions of the same
+//! buffer. Inverse (in place, bottom-up over a balanced tree of block ranges): for [lo, mid, hi),
+//! X21 = -inv(C)·(B·inv(A)), where inv(A) and inv(C) were formed lower in the tree; each tree level
+//! is independent work recorded back to back. Every step of a call is recorded into one submission.
+//! The CPU reference is `reference::linalg`. This module must not read matrices back to the host
+//! except the one-word failure flag.
+
+use super::buffer::{GpuDtype, GpuTensor};
+use super::context::{Dispatch, GpuContext};
+use super::matmul::{GemmStep, Region, RegionGemm};
+use crate::error::{Error, Result};
+use crate::shaders;
+
+/// Block size of the blocked algorithms; matrix orders must be multiples of it.
+pub const NB: usize = 64;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    ld: u32,
+    k0: u32,
+    pad: u32,
+}
+
+/// What a factorization left behind for [`invert_factor`].
+pub struct Cholesky {
+    /// Inverses of the diagonal blocks of L, (n / 64) blocks of 64 x 64 stacked as n x 64.
+    dinv: GpuTensor,
+    /// Whether every pivot was positive and finite (the factor is garbage otherwise).
+    pub ok: bool,
+}
+
+fn check_square(ctx: &GpuContext, m: &GpuTensor, op: &str) -> Result<usize> {
+    let n = m.rows;
+    if m.cols != n || n == 0 || !n.is_multiple_of(NB) || m.dtype != GpuDtype::F32 {
+        return Err(Error::Shape {
+            op: op.into(),
+            expected: format!("a square f32 matrix whose order is a positive multiple of {NB}"),
+            got: m.shape_str(),
+        });
+    }
+    if m.chunks.len() != 1 {
+        return Err(Error::gpu(
+            op,
+            &m.shape_str(),
+            format!(
+                "the {n} x {n} matrix ({} MiB) must fit one storage binding of this adapter ({} MiB)",
+                (n * n * 4) >> 20,
+                ctx.binding_limit() >> 20
+            ),
+        ));
+    }
+    if (n * n) > u32::MAX as usize {
+        return Err(Error::gpu(
+            op,
+            &m.shape_str(),
+            "matrix too large for 32-bit indices",
+        ));
+    }
+    if ctx.caps.max_workgroup_storage < 17 * 1024 {
+        return Err(Error::gpu(
+            op,
+            &m.shape_str(),
+            "the adapter offers less than 17 KiB of workgroup memory (the 64 x 64 diagonal blocks need it)",
+        ));
+    }
+    Ok(n)
+}
+
+fn region(t: &GpuTensor, off: usize, ld: usize) -> Region<'_> {
+    Region {
+        buf: &t.chunks[0].buffer,
+        len: t.rows * t.cols,
+        off,
+        ld,
+    }
+}
+
+/// A flat grid of `n` workgroups folded under the per-dimension limit.
+fn grid(ctx: &GpuContext, n: usize) -> (u32, u32, u32) {
+    let max = ctx.max_workgroups_per_dim() as usize;
+    let n = n.max(1);
+    (n.min(max) as u32, n.div_ceil(max) as u32, 1)
+}
+
+fn elementwise(
+    ctx: &GpuContext,
+    entry: &str,
+    buffers: Vec<&wgpu::Buffer>,
+    n: usize,
+    items: usize,
+) -> Result<()> {
+    let pipe = ctx.pipeline("linalg", shaders::LINALG, entry, false)?;
+    let p = Params {
+        n: n as u32,
+        ld: n as u32,
+        k0: 0,
+        pad: 0,
+    };
+    ctx.run(
+        entry,
+        &format!("{n}x{n}"),
+        &pipe,
+        &[Dispatch {
+            buffers,
+            uniform: Some(bytemuck::bytes_of(&p)),
+            groups: grid(ctx, items.div_ceil(256)),
+        }],
+    )
+}
+
+/// Replaces the SPD matrix `m` by its lower Cholesky factor L (m = L·Lᵀ), upper triangle zeroed.
+/// A failed factorization (a pivot that is not positive and finite) is reported in
+/// [`Cholesky::ok`], not as an error, so callers can retry with more damping.
+pub fn cholesky(ctx: &GpuContext, m: &GpuTensor) -> Result<Cholesky> {
+    let n = check_square(ctx, m, "cholesky")?;
+    let shape = format!("{n}x{n}");
+    let dinv = GpuTensor::empty(ctx, n, NB, GpuDtype::F32)?;
+    let flag = GpuTensor::empty(ctx, 1, 1, GpuDtype::U32)?;
+    flag.fill_u32(ctx, 0);
+    let potrf = ctx.pipeline("linalg", shaders::LINALG, "potrf_diag", false)?;
+    let mut params = Vec::new();
+    let mut gemms: Vec<Vec<GemmStep>> = Vec::new();
+    for k0 in (0..n).step_by(NB) {
+        params.push(Params {
+            n: n as u32,
+            ld: n as u32,
+            k0: k0 as u32,
+            pad: 0,
+        });
+        let rest = n - k0 - NB;
+        let mut g = Vec::new();
+        if rest > 0 {
+            let panel = region(m, (k0 + NB) * n + k0, n);
+            // In place: the panel product has N = 64 columns, one tile wide, so each workgroup
+            // reads all of its rows of A21 before it writes them.
+            g.push(
+                RegionGemm {
+                    a: panel,
+                    b: region(&dinv, k0 * NB, NB),
+                    c: panel,
+                    m: rest,
+                    n: NB,
+                    k: NB,
+                    b_trans: true,
+                    alpha: 1.0,
+                    accumulate: false,
+                    lower: false,
+                }
+                .prepare(ctx, true)?,
+            );
+            g.push(
+                RegionGemm {
+                    a: panel,
+                    b: panel,
+                    c: region(m, (k0 + NB) * (n + 1), n),
+                    m: rest,
+                    n: rest,
+                    k: NB,
+                    b_trans: true,
+                    alpha: -1.0,
+                    accumulate: true,
+                    lower: true,
+                }
+                .prepare(ctx, true)?,
+            );
+        }
+        gemms.push(g);
+    }
+    let mut dispatches: Vec<(&wgpu::ComputePipeline, Dispatch)> = Vec::new();
+    for (p, g) in params.iter().zip(&gemms) {
+        dispatches.push((
+            &potrf,
+            Dispatch {
+                buffers: vec![
+                    &m.chunks[0].buffer,
+                    &dinv.chunks[0].buffer,
+                    &flag.chunks[0].buffer,
+                ],
+                uniform: Some(bytemuck::bytes_of(p)),
+                groups: (1, 1, 1),
+            },
+        ));
+        for s in g {
+            dispatches.push((&s.pipeline, s.dispatch()));
+        }
+    }
+    let steps: Vec<(&wgpu::ComputePipeline, &Dispatch)> =
+        dispatches.iter().map(|(p, d)| (*p, d)).collect();
+    ctx.run_steps("cholesky", &shape, &steps)?;
+    elementwise(ctx, "zero_upper", vec![&m.chunks[0].buffer], n, n * n)?;
+    let ok = flag.to_u32(ctx)?[0] == 0;
+    Ok(Cholesky { dinv, ok })
+}
+
+/// Replaces the lower factor L left by [`cholesky`] with inv(L) (lower triangular).
+pub fn invert_factor(ctx: &GpuContext, m: &GpuTensor, chol: Cholesky) -> Result<()> {
+    let n = check_square(ctx, m, "invert_factor")?;
+    if !chol.ok {
+        return Err(Error::gpu(
+            "invert_factor",
+            &m.shape_str(),
+            "the Cholesky factorization failed; there is no factor to invert",
+        ));
+    }
+    if chol.dinv.rows != n {
+        return Err(Error::gpu(
+            "invert_factor",
+            &m.shape_str(),
+            "the factorization belongs to a matrix of another order",
+        ));
+    }
+    let pipe = ctx.pipeline("linalg", shaders::LINALG, "set_diag", false)?;
+    let p = Params {
+        n: n as u32,
+        ld: n as u32,
+        k0: 0,
+        pad: 0,
+    };
+    ctx.run(
+        "set_diag",
+        &format!("{n}x{n}"),
+        &pipe,
+        &[Dispatch {
+            buffers: vec![&m.chunks[0].buffer, &chol.dinv.chunks[0].buffer],
+            uniform: Some(bytemuck::bytes_of(&p)),
+            groups: grid(ctx, (n * NB).div_ceil(256)),
+        }],
+    )?;
+    drop(chol);
+    // Merges (height, lo, mid, hi) in element units; a merge only needs merges of lower height.
+    fn build(lo: usize, hi: usize, out: &mut Vec<(usize, usize, usize, usize)>) -> usize {
+        if hi - lo <= 1 {
+            return 0;
+        }
+        let mid = lo + (hi - lo) / 2;
+        let h = 1 + build(lo, mid, out).max(build(mid, hi, out));
+        out.push((h, lo * NB, mid * NB, hi * NB));
+        h
+    }
+    let mut merges = Vec::new();
+    build(0, n / NB, &mut merges);
+    if merges.is_empty() {
+        return Ok(());
+    }
+    merges.sort_by_key(|m| m.0);
+    // Scratch for the products B·inv(A): merges of one height get disjoint slices.
+    let mut offsets = Vec::with_capacity(merges.len());
+    let mut scratch_len = 0;
+    let mut level = (0, 0);
+    for &(h, lo, mid, hi) in &merges {
+        if h != level.0 {
+            level = (h, 0);
+        }
+        offsets.push(level.1);
+        level.1 += (hi - mid) * (mid - lo);
+        scratch_len = scratch_len.max(level.1);
+    }
+    let scratch = GpuTensor::empty(ctx, 1, scratch_len, GpuDtype::F32)?;
+    if scratch.chunks.len() != 1 {
+        return Err(Error::gpu(
+            "invert_factor",
+            &m.shape_str(),
+            "scratch space exceeds one storage binding",
+        ));
+    }
+    let mut steps = Vec::with_capacity(2 * merges.len());
+    for (&(_, lo, mid, hi), &off) in merges.iter().zip(&offsets) {
+        let (rows, cols) = (hi - mid, mid - lo);
+        let t = Region {
+            buf: &scratch.chunks[0].buffer,
+            len: scratch_len,
+            off,
+            ld: cols,
+        };
+        steps.push(
+            RegionGemm {
+                a: region(m, mid * n + lo, n),
+                b: region(m, lo * n + lo, n),
+                c: t,
+                m: rows,
+                n: cols,
+                k: cols,
+                b_trans: false,
+                alpha: 1.0,
+                accumulate: false,
+                lower: false,
+            }
+            .prepare(ctx, false)?,
+        );
+        steps.push(
+            RegionGemm {
+                a: region(m, mid * n + mid, n),
+                b: t,
+                c: region(m, mid * n + lo, n),
+                m: rows,
+                n: cols,
+                k: rows,
+                b_trans: false,
+                alpha: -1.0,
+                accumulate: false,
+                lower: false,
+            }
+            .prepare(ctx, true)?,
+        );
+    }
+    let dispatches: Vec<Dispatch> = steps.iter().map(|s| s.dispatch()).collect();
+    let recorded: Vec<(&wgpu::ComputePipeline, &Dispatch)> = steps
+        .iter()
+        .zip(&dispatches)
+        .map(|(s, d)| (&*s.pipeline, d))
+        .collect();
+    ctx.run_steps("invert_factor", &format!("{n}x{n}"), &recorded)
+}
+
+/// M <- J·M·J (both index orders reversed). With M = inv(L) for L the lower Cholesky factor of
+/// J·A·J, this gives the upper Cholesky factor U of inv(A) (inv(A) = UᵀU), which is what GPTQ
+/// needs, from one factorization and one triangular inverse.
+pub fn flip(ctx: &GpuContext, m: &GpuTensor) -> Result<()> {
+    let n = check_square(ctx, m, "flip")?;
+    elementwise(ctx, "flip", vec![&m.chunks[0].buffer], n, n * n / 2)
+}
