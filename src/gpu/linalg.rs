@@ -50,7 +50,7 @@ fn check_square(ctx: &GpuContext, m: &GpuTensor, op: &str) -> Result<usize> {
     if m.chunks.len() != 1 {
         return Err(Error::gpu(
             op,
-            &m.shape_str(),
+            m.shape_str(),
             format!(
                 "the {n} x {n} matrix ({} MiB) must fit one storage binding of this adapter ({} MiB)",
                 (n * n * 4) >> 20,
@@ -61,14 +61,14 @@ fn check_square(ctx: &GpuContext, m: &GpuTensor, op: &str) -> Result<usize> {
     if (n * n) > u32::MAX as usize {
         return Err(Error::gpu(
             op,
-            &m.shape_str(),
+            m.shape_str(),
             "matrix too large for 32-bit indices",
         ));
     }
     if ctx.caps.max_workgroup_storage < 17 * 1024 {
         return Err(Error::gpu(
             op,
-            &m.shape_str(),
+            m.shape_str(),
             "the adapter offers less than 17 KiB of workgroup memory (the 64 x 64 diagonal blocks need it)",
         ));
     }
@@ -207,14 +207,14 @@ pub fn invert_factor(ctx: &GpuContext, m: &GpuTensor, chol: Cholesky) -> Result<
     if !chol.ok {
         return Err(Error::gpu(
             "invert_factor",
-            &m.shape_str(),
+            m.shape_str(),
             "the Cholesky factorization failed; there is no factor to invert",
         ));
     }
     if chol.dinv.rows != n {
         return Err(Error::gpu(
             "invert_factor",
-            &m.shape_str(),
+            m.shape_str(),
             "the factorization belongs to a matrix of another order",
         ));
     }
@@ -268,7 +268,7 @@ pub fn invert_factor(ctx: &GpuContext, m: &GpuTensor, chol: Cholesky) -> Result<
     if scratch.chunks.len() != 1 {
         return Err(Error::gpu(
             "invert_factor",
-            &m.shape_str(),
+            m.shape_str(),
             "scratch space exceeds one storage binding",
         ));
     }
