@@ -4,10 +4,15 @@
 pub const MATMUL: &str = include_str!("../shaders/matmul.wgsl");
 pub const MATMUL_COOP: &str = include_str!("../shaders/matmul_coop.wgsl");
 pub const REDUCE: &str = include_str!("../shaders/reduce.wgsl");
-pub const QUANT_RTN: &str = include_str!("../shaders/quant_rtn.wgsl");
+pub const QUANT_GRID: &str = include_str!("../shaders/quant_grid.wgsl");
+pub const QUANT_RTN: &str = concat!(
+    include_str!("../shaders/quant_grid.wgsl"),
+    include_str!("../shaders/quant_rtn.wgsl")
+);
 pub const FORWARD: &str = include_str!("../shaders/forward.wgsl");
 pub const STATS: &str = include_str!("../shaders/stats.wgsl");
 pub const ELEMENTWISE: &str = include_str!("../shaders/elementwise.wgsl");
+pub const GPTQ: &str = include_str!("../shaders/gptq.wgsl");
 pub const LINALG: &str = include_str!("../shaders/linalg.wgsl");
 
 /// Every module as the GPU will see it: (name, source, needs cooperative matrices).
@@ -17,6 +22,7 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
     v.push(("quant_rtn.wgsl".into(), QUANT_RTN.to_string(), false));
     v.push(("forward.wgsl".into(), FORWARD.to_string(), false));
     v.push(("linalg.wgsl".into(), LINALG.to_string(), false));
+    v.extend(crate::gpu::gptq::all_sources());
     v.extend(crate::gpu::stats::all_sources());
     v
 }

@@ -4,6 +4,7 @@
 pub mod buffer;
 pub mod context;
 pub mod forward;
+pub mod gptq;
 pub mod linalg;
 pub mod matmul;
 pub mod quant;

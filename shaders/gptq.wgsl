@@ -1,0 +1,355 @@
+// GPTQ on the GPU (src/quant/gptq.rs states the conventions; src/gpu/gptq.rs drives these).
+// quant_grid.wgsl is prepended (fit_minmax, quantize_one).
+//
+// Columns live in "processing positions": position i holds original column perm[i]; positions
+// cols..n are padding (zero weights, identity Hessian rows). n is a multiple of 64.
+//
+//   hess_init     work = I (n x n)
+//   hess_scatter  one row chunk of H -> work[n-1-pos[a]][n-1-pos[b]] = H[a][b], with the dead-column
+//                 rule (H_aa == 0 -> 1) and damping on the diagonal: the index reversal prepares
+//                 the matrix whose reversed factor inverse is U (gpu::linalg::flip)
+//   hess_diag     diag H of one row chunk
+//   w_gather      Wp[r][i] = W[r][perm[i]] (0 for dead columns and padding)
+//   fit_groups    grid of one (row, group) per workgroup: positions [start, start + group), or with
+//                 `gather` the original columns [k·group, (k+1)·group) of static groups
+//   block         the fused in-block column loop for R rows per workgroup: quantize position i,
+//                 err = (w - deq) / U_ii, later positions of the block w_j -= err·U_ij, err kept
+//                 for the lazy update; one barrier per column, no host round trip
+
+struct Params {
+    rows: u32,      // rows of the W chunk (or of the H chunk for the hess_* entries)
+    n: u32,         // padded order (positions)
+    cols: u32,      // real input columns
+    b0: u32,        // block: first position; fit_groups: first position of group `gk`
+    bw: u32,        // block width
+    group: u32,     // group size in positions (cols for one group per row)
+    ng: u32,        // groups per row in scales/zeros
+    maxq: u32,
+    sym: u32,
+    mse: u32,       // number of MSE shrink factors to search (0: min-max)
+    stat: u32,      // static groups: the group of a position comes from gidx
+    gk: u32,        // fit_groups: group index of the first position; hess_*: first H row
+    damp: f32,      // hess_scatter: added to the diagonal
+    err_ld: u32,    // row stride of Err
+    pad0: u32,
+    pad1: u32,
+}
+
+const MSE_NORM: f32 = 2.4;
+
+// hess_init, hess_scatter, hess_diag
+@group(0) @binding(0) var<storage, read_write> work: array<f32>;
+@group(0) @binding(1) var<storage, read> hsrc: array<f32>;
+@group(0) @binding(2) var<storage, read> pos: array<u32>;
+@group(0) @binding(1) var<uniform> hp1: Params; // hess_init
+@group(0) @binding(2) var<uniform> hp2: Params; // hess_diag
+@group(0) @binding(3) var<uniform> hp3: Params; // hess_scatter
+
+fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.y * nwg.x + wid.x) * 256u + lid;
+}
+
+@compute @workgroup_size(256)
+fn hess_init(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let e = flat(wid, nwg, lid);
+    if (e >= hp1.n * hp1.n) {
+        return;
+    }
+    work[e] = select(0.0, 1.0, e / hp1.n == e % hp1.n);
+}
+
+@compute @workgroup_size(256)
+fn hess_diag(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let e = flat(wid, nwg, lid);
+    if (e >= hp2.rows) {
+        return;
+    }
+    work[hp2.gk + e] = hsrc[e * hp2.cols + hp2.gk + e];
+}
+
+@compute @workgroup_size(256)
+fn hess_scatter(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let e = flat(wid, nwg, lid);
+    if (e >= hp3.rows * hp3.cols) {
+        return;
+    }
+    let a = hp3.gk + e / hp3.cols;
+    let b = e % hp3.cols;
+    var v = hsrc[e];
+    if (a == b) {
+        v = select(v, 1.0, v == 0.0) + hp3.damp;
+    }
+    let n = hp3.n;
+    work[(n - 1u - pos[a]) * n + (n - 1u - pos[b])] = v;
+}
+
+// w_gather
+@group(0) @binding(0) var<storage, read_write> wp: array<f32>;
+@group(0) @binding(1) var<storage, read> wsrc: array<f32>;
+@group(0) @binding(2) var<storage, read> perm: array<u32>; // original column | DEAD
+@group(0) @binding(3) var<uniform> gp: Params;
+
+const DEAD: u32 = 0x80000000u;
+
+@compute @workgroup_size(256)
+fn w_gather(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let e = flat(wid, nwg, lid);
+    if (e >= gp.rows * gp.n) {
+        return;
+    }
+    let r = e / gp.n;
+    let i = e % gp.n;
+    var v = 0.0;
+    if (i < gp.cols) {
+        let c = perm[i];
+        if ((c & DEAD) == 0u) {
+            v = wsrc[r * gp.cols + c];
+        }
+    }
+    wp[e] = v;
+}
+
+// fit_groups
+@group(0) @binding(0) var<storage, read_write> fw: array<f32>;
+@group(0) @binding(1) var<storage, read> fpos: array<u32>;
+@group(0) @binding(2) var<storage, read> shrink: array<f32>;
+@group(0) @binding(3) var<storage, read_write> scales: array<f32>;
+@group(0) @binding(4) var<storage, read_write> zeros: array<u32>;
+@group(0) @binding(5) var<uniform> fp: Params;
+
+var<workgroup> red_a: array<f32, 256>;
+var<workgroup> red_b: array<f32, 256>;
+
+// Tree reduction over the 256 invocations; every invocation gets the result.
+fn reduce256_minmax(lid: u32, a: f32, b: f32) -> vec2<f32> {
+    red_a[lid] = a;
+    red_b[lid] = b;
+    for (var s = 128u; s > 0u; s = s / 2u) {
+        workgroupBarrier();
+        if (lid < s) {
+            red_a[lid] = min(red_a[lid], red_a[lid + s]);
+            red_b[lid] = max(red_b[lid], red_b[lid + s]);
+        }
+    }
+    workgroupBarrier();
+    let r = vec2<f32>(red_a[0], red_b[0]);
+    workgroupBarrier();
+    return r;
+}
+
+fn reduce256_sum(lid: u32, a: f32) -> f32 {
+    red_a[lid] = a;
+    for (var s = 128u; s > 0u; s = s / 2u) {
+        workgroupBarrier();
+        if (lid < s) {
+            red_a[lid] = red_a[lid] + red_a[lid + s];
+        }
+    }
+    workgroupBarrier();
+    let r = red_a[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn mse_err(v: f32, g: Grid, maxq: u32) -> f32 {
+    let q = quantize_one(v, g.scale, g.zero, maxq, 0);
+    let d = abs(g.scale * (f32(q) - f32(g.zero)) - v);
+    return select(0.0, pow(d, MSE_NORM), d > 0.0);
+}
+
+@compute @workgroup_size(256)
+fn fit_groups(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    // Workgroup (x + y·X) handles segment s: row s / groups_here, group s % groups_here.
+    let groups_here = select(1u, fp.ng, fp.stat != 0u);
+    let s = wid.y * nwg.x + wid.x;
+    let valid = s < fp.rows * groups_here;
+    let r = s / groups_here;
+    let k = select(fp.gk, s % groups_here, fp.stat != 0u);
+    let len = fp.group;
+    var lo = 0.0;
+    var hi = 0.0;
+    if (valid) {
+        for (var t = lid; t < len; t += 256u) {
+            var i = fp.b0 + t;
+            if (fp.stat != 0u) {
+                i = fpos[k * len + t];
+            }
+            let v = fw[r * fp.n + i];
+            lo = min(lo, v);
+            hi = max(hi, v);
+        }
+    }
+    let mm = reduce256_minmax(lid, lo, hi);
+    var best = fit_minmax(mm.x, mm.y, fp.maxq, fp.sym != 0u, 0);
+    var best_err = 3.4e38;
+    for (var c = 0u; c < fp.mse; c++) {
+        let f = shrink[c];
+        let cand = fit_minmax(f * mm.x, f * mm.y, fp.maxq, fp.sym != 0u, 0);
+        var e = 0.0;
+        if (valid) {
+            for (var t = lid; t < len; t += 256u) {
+                var i = fp.b0 + t;
+                if (fp.stat != 0u) {
+                    i = fpos[k * len + t];
+                }
+                e = e + mse_err(fw[r * fp.n + i], cand, fp.maxq);
+            }
+        }
+        let total = reduce256_sum(lid, e);
+        if (total < best_err) {
+            best_err = total;
+            best = cand;
+        }
+    }
+    if (lid == 0u && valid) {
+        scales[r * fp.ng + k] = best.scale;
+        zeros[r * fp.ng + k] = best.zero;
+    }
+}
+
+// block
+@group(0) @binding(0) var<storage, read_write> bw_w: array<f32>;
+@group(0) @binding(1) var<storage, read> bu: array<f32>;
+@group(0) @binding(2) var<storage, read_write> berr: array<f32>;
+@group(0) @binding(3) var<storage, read_write> bq: array<atomic<u32>>;
+@group(0) @binding(4) var<storage, read_write> bscales: array<f32>;
+@group(0) @binding(5) var<storage, read_write> bzeros: array<u32>;
+@group(0) @binding(6) var<storage, read> bgidx: array<u32>;
+@group(0) @binding(7) var<storage, read> bshrink: array<f32>;
+@group(0) @binding(8) var<uniform> bp: Params;
+
+const BMAX: u32 = 128u;
+const R: u32 = 2u;
+
+var<workgroup> rred_a: array<f32, 256>; // R rows x BMAX lanes
+var<workgroup> rred_b: array<f32, 256>;
+var<workgroup> errv: array<f32, 4>;      // [parity][row]
+
+// Per-row tree reduction over the BMAX lanes of row `rr`; every lane of the row gets its result.
+fn row_minmax(rr: u32, j: u32, a: f32, b: f32) -> vec2<f32> {
+    let base = rr * BMAX;
+    rred_a[base + j] = a;
+    rred_b[base + j] = b;
+    for (var s = BMAX / 2u; s > 0u; s = s / 2u) {
+        workgroupBarrier();
+        if (j < s) {
+            rred_a[base + j] = min(rred_a[base + j], rred_a[base + j + s]);
+            rred_b[base + j] = max(rred_b[base + j], rred_b[base + j + s]);
+        }
+    }
+    workgroupBarrier();
+    let r = vec2<f32>(rred_a[base], rred_b[base]);
+    workgroupBarrier();
+    return r;
+}
+
+fn row_sum(rr: u32, j: u32, a: f32) -> f32 {
+    let base = rr * BMAX;
+    rred_a[base + j] = a;
+    for (var s = BMAX / 2u; s > 0u; s = s / 2u) {
+        workgroupBarrier();
+        if (j < s) {
+            rred_a[base + j] = rred_a[base + j] + rred_a[base + j + s];
+        }
+    }
+    workgroupBarrier();
+    let r = rred_a[base];
+    workgroupBarrier();
+    return r;
+}
+
+@compute @workgroup_size(128, 2)
+fn block(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let j = lid.x;
+    let rr = lid.y;
+    let r = (wid.y * nwg.x + wid.x) * R + rr;
+    let row_ok = r < bp.rows;
+    let col_ok = j < bp.bw;
+    let p = bp.b0 + j;
+    let n = bp.n;
+    var w = 0.0;
+    if (row_ok && col_ok) {
+        w = bw_w[r * n + p];
+    }
+    // The grid in force: without static groups, the group holding b0 was fitted before this
+    // block (fit_groups) unless it starts inside the block, where it is fitted below.
+    var g = Grid(1.0, 0u);
+    let in_block_groups = bp.stat == 0u && bp.group < bp.bw;
+    if (row_ok && bp.stat == 0u && !in_block_groups) {
+        let k = min(bp.b0 / bp.group, bp.ng - 1u);
+        g = Grid(bscales[r * bp.ng + k], bzeros[r * bp.ng + k]);
+    }
+    for (var i = 0u; i < bp.bw; i++) {
+        let pi = bp.b0 + i;
+        // Uniform condition: a group starts at this position (in-block groups only).
+        if (in_block_groups && i % bp.group == 0u && pi < bp.cols) {
+            let member = col_ok && j >= i && j < i + bp.group;
+            let v = select(0.0, w, member);
+            let mm = row_minmax(rr, j, v, v);
+            var best = fit_minmax(mm.x, mm.y, bp.maxq, bp.sym != 0u, 0);
+            var best_err = 3.4e38;
+            for (var c = 0u; c < bp.mse; c++) {
+                let f = bshrink[c];
+                let cand = fit_minmax(f * mm.x, f * mm.y, bp.maxq, bp.sym != 0u, 0);
+                var e = 0.0;
+                if (member) {
+                    e = mse_err(w, cand, bp.maxq);
+                }
+                let total = row_sum(rr, j, e);
+                if (total < best_err) {
+                    best_err = total;
+                    best = cand;
+                }
+            }
+            g = best;
+            if (row_ok && j == 0u) {
+                let k = pi / bp.group;
+                bscales[r * bp.ng + k] = g.scale;
+                bzeros[r * bp.ng + k] = g.zero;
+            }
+        }
+        if (j == i && row_ok) {
+            var s = g.scale;
+            var z = g.zero;
+            if (bp.stat != 0u) {
+                let k = bgidx[p];
+                s = bscales[r * bp.ng + k];
+                z = bzeros[r * bp.ng + k];
+            }
+            let q = quantize_one(w, s, z, bp.maxq, 0);
+            let deq = s * (f32(q) - f32(z));
+            let e = (w - deq) / bu[p * n + p];
+            errv[(i & 1u) * R + rr] = e;
+            berr[r * bp.err_ld + i] = e;
+            atomicOr(&bq[r * (n / 4u) + p / 4u], q << (8u * (p % 4u)));
+        }
+        workgroupBarrier();
+        if (j > i && col_ok) {
+            w = w - errv[(i & 1u) * R + rr] * bu[pi * n + p];
+        }
+    }
+}

@@ -1,0 +1,514 @@
+//! GPTQ on the GPU (`shaders/gptq.wgsl` plus `gpu::linalg` and the matmul kernel), following the
+//! conventions of `quant::gptq` so it reproduces the f64 reference `reference::gptq`.
+//!
+//! Phases, each one submission: (1) diag H to the host (the only read-back before the result: n
+//! floats, for dead columns, damping and the act-order permutation); (2) the damped, permuted,
+//! index-reversed H is scattered into an n x n work matrix (n = cols rounded up to 64, padding is
+//! identity), factored, its factor inverted and reversed: U, the upper Cholesky factor of H⁻¹ in
+//! processing order (a failed factorization is retried with ten times the damping); (3) per row
+//! chunk of W: columns gathered into processing order, then per block of B positions the fused
+//! column-loop kernel (all rows in parallel, one barrier per column) and the lazy update
+//! W[:, rest] -= Err·U[block, rest] through the matmul kernel. Rows are independent, so W is
+//! processed one binding-sized row chunk at a time; U must fit one binding.
+//!
+//! This module must not quantize on the host or loop over columns on the host.
+
+use super::buffer::{GpuDtype, GpuTensor};
+use super::context::{Dispatch, GpuContext};
+use super::linalg::{self, NB};
+use super::matmul::{Region, RegionGemm};
+use crate::error::{Error, Result};
+use crate::quant::QuantizedTensor;
+use crate::quant::gptq::{
+    GptqOptions, GptqResult, MAX_DAMP_RETRIES, group_index, processing_order,
+};
+use crate::quant::grid::mse_shrink_factors;
+use crate::shaders;
+use std::time::Instant;
+
+const KERNEL: &str = "gptq";
+/// Widest column block the fused kernel holds (its workgroup is 128 x 2 invocations).
+pub const MAX_BLOCK: usize = 128;
+/// Rows per workgroup of the fused kernel.
+const ROWS_PER_WG: usize = 2;
+const DEAD: u32 = 0x8000_0000;
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    rows: u32,
+    n: u32,
+    cols: u32,
+    b0: u32,
+    bw: u32,
+    group: u32,
+    ng: u32,
+    maxq: u32,
+    sym: u32,
+    mse: u32,
+    stat: u32,
+    gk: u32,
+    damp: f32,
+    err_ld: u32,
+    pad0: u32,
+    pad1: u32,
+}
+
+/// Wall time of each phase (the host waits for the GPU between phases).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct GptqPhases {
+    /// diag H read-back, H preparation, Cholesky, inverse, reversal (all attempts).
+    pub factor_s: f64,
+    /// Gathering W, the fused column loops and the lazy updates.
+    pub quantize_s: f64,
+    /// Reading back the integers and grids and assembling the host tensor.
+    pub download_s: f64,
+}
+
+/// Column block for group size `g` (positions) and requested block `b`: groups must either fit
+/// whole blocks (b a multiple of g) or be whole numbers of blocks (g a multiple of b).
+pub fn block_size(g: Option<usize>, b: usize) -> usize {
+    let b = b.clamp(1, MAX_BLOCK);
+    match g {
+        None => b,
+        Some(g) if g <= b => g * (b / g),
+        Some(g) => (1..=b).rev().find(|d| g.is_multiple_of(*d)).unwrap_or(1),
+    }
+}
+
+fn one(t: &GpuTensor) -> &wgpu::Buffer {
+    &t.chunks[0].buffer
+}
+
+fn grid(ctx: &GpuContext, n: usize) -> (u32, u32, u32) {
+    let max = ctx.max_workgroups_per_dim() as usize;
+    let n = n.max(1);
+    (n.min(max) as u32, n.div_ceil(max) as u32, 1)
+}
+
+fn u32_buf(ctx: &GpuContext, v: &[u32]) -> Result<GpuTensor> {
+    GpuTensor::from_bytes(ctx, 1, v.len().max(1), GpuDtype::U32, &{
+        let mut b: Vec<u8> = bytemuck::cast_slice(v).to_vec();
+        if v.is_empty() {
+            b.extend_from_slice(&[0; 4]);
+        }
+        b
+    })
+}
+
+/// Quantizes the `rows x cols` weights `w` (row-major, host) with GPTQ given the Hessian `h`
+/// (`cols x cols` f32 on the GPU, e.g. from `HessianAccumulator::finish`).
+pub fn gptq(
+    ctx: &GpuContext,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    h: &GpuTensor,
+    opts: &GptqOptions,
+) -> Result<(GptqResult, GptqPhases)> {
+    opts.validate(cols)?;
+    let spec = opts.spec;
+    let shape = format!("{rows}x{cols}");
+    if w.len() != rows * cols || rows == 0 || cols == 0 {
+        return Err(Error::Shape {
+            op: "gptq".into(),
+            expected: format!("{} weights for {rows}x{cols} (both positive)", rows * cols),
+            got: format!("{}", w.len()),
+        });
+    }
+    if h.rows != cols || h.cols != cols || h.dtype != GpuDtype::F32 {
+        return Err(Error::Shape {
+            op: "gptq".into(),
+            expected: format!("an f32 Hessian of {cols}x{cols}"),
+            got: h.shape_str(),
+        });
+    }
+    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+        return Err(Error::invalid(format!(
+            "gptq: weight at row {}, column {} is {}",
+            i / cols,
+            i % cols,
+            w[i]
+        )));
+    }
+    let mut phases = GptqPhases::default();
+    let t0 = Instant::now();
+
+    // (1) diag H on the host.
+    let diag_t = GpuTensor::empty(ctx, 1, cols, GpuDtype::F32)?;
+    {
+        let pipe = ctx.pipeline(KERNEL, &source(), "hess_diag", false)?;
+        let params: Vec<Params> = h
+            .chunks
+            .iter()
+            .map(|c| Params {
+                rows: c.rows as u32,
+                cols: cols as u32,
+                gk: c.row_start as u32,
+                ..Default::default()
+            })
+            .collect();
+        let ds: Vec<Dispatch> = h
+            .chunks
+            .iter()
+            .zip(&params)
+            .filter(|(c, _)| c.rows > 0)
+            .map(|(c, p)| Dispatch {
+                buffers: vec![&diag_t.chunks[0].buffer, &c.buffer],
+                uniform: Some(bytemuck::bytes_of(p)),
+                groups: grid(ctx, c.rows.div_ceil(256)),
+            })
+            .collect();
+        ctx.run("gptq hess_diag", &shape, &pipe, &ds)?;
+    }
+    let diag = diag_t.to_f32(ctx)?;
+    drop(diag_t);
+    if let Some(c) = diag.iter().position(|d| !d.is_finite()) {
+        return Err(Error::invalid(format!(
+            "gptq: the Hessian is not finite (H[{c}][{c}] = {}); the layer's calibration inputs contain NaN or infinity",
+            diag[c]
+        )));
+    }
+    if let Some(c) = diag.iter().position(|&d| d < 0.0) {
+        return Err(Error::invalid(format!(
+            "gptq: H[{c}][{c}] = {} is negative; a Hessian XᵀX has a non-negative diagonal",
+            diag[c]
+        )));
+    }
+    let dead: Vec<bool> = diag.iter().map(|&d| d == 0.0).collect();
+    let fixed: Vec<f64> = diag
+        .iter()
+        .map(|&d| if d == 0.0 { 1.0 } else { d as f64 })
+        .collect();
+    let mean = fixed.iter().sum::<f64>() / cols as f64;
+    let perm = processing_order(&fixed, opts.act_order);
+    let mut pos = vec![0u32; cols];
+    for (i, &c) in perm.iter().enumerate() {
+        pos[c as usize] = i as u32;
+    }
+    let n = cols.div_ceil(NB) * NB;
+    let pos_t = u32_buf(ctx, &pos)?;
+
+    // (2) U, retrying with more damping.
+    let work = GpuTensor::empty(ctx, n, n, GpuDtype::F32)?;
+    if work.chunks.len() != 1 {
+        return Err(Error::gpu(
+            KERNEL,
+            &shape,
+            format!(
+                "GPTQ needs the {n} x {n} inverse Hessian factor ({} KiB) in one storage binding; this adapter allows {} KiB",
+                (n * n * 4) >> 10,
+                ctx.binding_limit() >> 10
+            ),
+        ));
+    }
+    let mut damp = opts.damp;
+    let mut attempt = 0;
+    loop {
+        prepare_hessian(
+            ctx,
+            h,
+            &work,
+            &pos_t,
+            n,
+            (damp as f64 * mean) as f32,
+            &shape,
+        )?;
+        let chol = linalg::cholesky(ctx, &work)?;
+        if chol.ok {
+            linalg::invert_factor(ctx, &work, chol)?;
+            break;
+        }
+        attempt += 1;
+        if attempt > MAX_DAMP_RETRIES {
+            return Err(Error::invalid(format!(
+                "gptq: the Hessian is not positive definite even with damping {damp} (x mean diag); the layer's inputs may be degenerate"
+            )));
+        }
+        log::warn!(
+            "gptq {shape}: Cholesky failed with damp {damp}; retrying with {}",
+            damp * 10.0
+        );
+        damp *= 10.0;
+    }
+    linalg::flip(ctx, &work)?;
+    ctx.sync(KERNEL, &shape)?;
+    phases.factor_s = t0.elapsed().as_secs_f64();
+    let u = work;
+
+    // (3) the column loop, one row chunk at a time.
+    let t1 = Instant::now();
+    let g = spec.group_size(cols);
+    let ng = spec.n_groups(cols);
+    let bsz = block_size(spec.group.map(|_| g), opts.block);
+    let perm_flags: Vec<u32> = perm
+        .iter()
+        .map(|&c| c | if dead[c as usize] { DEAD } else { 0 })
+        .collect();
+    let perm_t = u32_buf(ctx, &perm_flags)?;
+    let mut gidx_pos = vec![0u32; n];
+    if opts.static_groups {
+        for (i, &c) in perm.iter().enumerate() {
+            gidx_pos[i] = c / g as u32;
+        }
+    }
+    let gidx_t = u32_buf(ctx, &gidx_pos)?;
+    let shrink = if opts.mse {
+        mse_shrink_factors()
+    } else {
+        vec![1.0]
+    };
+    let shrink_t = GpuTensor::from_f32(ctx, 1, shrink.len(), &shrink)?;
+    let wp = GpuTensor::empty(ctx, rows, n, GpuDtype::F32)?;
+    let base = Params {
+        n: n as u32,
+        cols: cols as u32,
+        group: g as u32,
+        ng: ng as u32,
+        maxq: spec.maxq(),
+        sym: spec.sym as u32,
+        mse: if opts.mse { shrink.len() as u32 } else { 0 },
+        stat: opts.static_groups as u32,
+        err_ld: bsz as u32,
+        ..Default::default()
+    };
+    let src = source();
+    let p_gather = ctx.pipeline(KERNEL, &src, "w_gather", false)?;
+    let p_fit = ctx.pipeline(KERNEL, &src, "fit_groups", false)?;
+    let p_block = ctx.pipeline(KERNEL, &src, "block", false)?;
+    let mut outputs = Vec::with_capacity(wp.chunks.len());
+    for chunk in &wp.chunks {
+        let rc = chunk.rows;
+        if rc == 0 {
+            continue;
+        }
+        let r0 = chunk.row_start;
+        let wsrc = GpuTensor::from_f32(ctx, rc, cols, &w[r0 * cols..(r0 + rc) * cols])?;
+        let q = GpuTensor::empty(ctx, rc, n / 4, GpuDtype::U32)?;
+        q.fill_u32(ctx, 0);
+        let scales = GpuTensor::empty(ctx, rc, ng, GpuDtype::F32)?;
+        let zeros = GpuTensor::empty(ctx, rc, ng, GpuDtype::U32)?;
+        let err = GpuTensor::empty(ctx, rc, bsz, GpuDtype::F32)?;
+        for t in [&wsrc, &q, &scales, &zeros, &err] {
+            if t.chunks.len() != 1 {
+                return Err(Error::gpu(KERNEL, &shape, "a per-chunk buffer split"));
+            }
+        }
+        let rows_p = Params {
+            rows: rc as u32,
+            ..base
+        };
+        // Uniforms first (they must outlive the dispatch list), then the dispatches.
+        let mut uniforms: Vec<(u8, Params, (u32, u32, u32))> = Vec::new();
+        uniforms.push((0, rows_p, grid(ctx, (rc * n).div_ceil(256))));
+        if opts.static_groups {
+            uniforms.push((1, rows_p, grid(ctx, rc * ng)));
+        }
+        let mut lazy = Vec::new();
+        for b0 in (0..n).step_by(bsz) {
+            let bw = bsz.min(n - b0);
+            if !opts.static_groups && g >= bw && b0.is_multiple_of(g) && b0 < cols {
+                uniforms.push((
+                    1,
+                    Params {
+                        b0: b0 as u32,
+                        gk: (b0 / g) as u32,
+                        ..rows_p
+                    },
+                    grid(ctx, rc),
+                ));
+            }
+            uniforms.push((
+                2,
+                Params {
+                    b0: b0 as u32,
+                    bw: bw as u32,
+                    ..rows_p
+                },
+                grid(ctx, rc.div_ceil(ROWS_PER_WG)),
+            ));
+            if b0 + bw < n {
+                let rest = n - b0 - bw;
+                let step = RegionGemm {
+                    a: Region {
+                        buf: one(&err),
+                        len: rc * bsz,
+                        off: 0,
+                        ld: bsz,
+                    },
+                    b: Region {
+                        buf: one(&u),
+                        len: n * n,
+                        off: b0 * n + b0 + bw,
+                        ld: n,
+                    },
+                    c: Region {
+                        buf: &chunk.buffer,
+                        len: rc * n,
+                        off: b0 + bw,
+                        ld: n,
+                    },
+                    m: rc,
+                    n: rest,
+                    k: bw,
+                    b_trans: false,
+                    alpha: -1.0,
+                    accumulate: true,
+                    lower: false,
+                }
+                .prepare(ctx, false)?;
+                lazy.push((uniforms.len() - 1, step));
+            }
+        }
+        let mut dispatches: Vec<(&wgpu::ComputePipeline, Dispatch)> = Vec::new();
+        let mut lazy_iter = lazy.iter().peekable();
+        for (i, (kind, p, groups)) in uniforms.iter().enumerate() {
+            let (pipe, buffers): (&wgpu::ComputePipeline, Vec<&wgpu::Buffer>) = match kind {
+                0 => (&p_gather, vec![&chunk.buffer, one(&wsrc), one(&perm_t)]),
+                1 => (
+                    &p_fit,
+                    vec![
+                        &chunk.buffer,
+                        one(&pos_t),
+                        one(&shrink_t),
+                        one(&scales),
+                        one(&zeros),
+                    ],
+                ),
+                _ => (
+                    &p_block,
+                    vec![
+                        &chunk.buffer,
+                        one(&u),
+                        one(&err),
+                        one(&q),
+                        one(&scales),
+                        one(&zeros),
+                        one(&gidx_t),
+                        one(&shrink_t),
+                    ],
+                ),
+            };
+            dispatches.push((
+                pipe,
+                Dispatch {
+                    buffers,
+                    uniform: Some(bytemuck::bytes_of(p)),
+                    groups: *groups,
+                },
+            ));
+            while let Some((after, step)) = lazy_iter.peek() {
+                if *after != i {
+                    break;
+                }
+                dispatches.push((&step.pipeline, step.dispatch()));
+                lazy_iter.next();
+            }
+        }
+        let steps: Vec<(&wgpu::ComputePipeline, &Dispatch)> =
+            dispatches.iter().map(|(p, d)| (*p, d)).collect();
+        ctx.run_steps("gptq", &shape, &steps)?;
+        drop(wsrc);
+        outputs.push((r0, rc, q, scales, zeros));
+    }
+    ctx.sync(KERNEL, &shape)?;
+    phases.quantize_s = t1.elapsed().as_secs_f64();
+
+    // Results to the host, back in the original column order.
+    let t2 = Instant::now();
+    let mut qt = QuantizedTensor {
+        rows,
+        cols,
+        spec,
+        q: vec![0; rows * cols],
+        scales: vec![0.0; rows * ng],
+        zeros: vec![0; rows * ng],
+        g_idx: group_index(&perm, &spec, opts.static_groups),
+    };
+    for (r0, rc, q, scales, zeros) in outputs {
+        let words = q.to_u32(ctx)?;
+        let bytes: &[u8] = bytemuck::cast_slice(&words);
+        for r in 0..rc {
+            let src = &bytes[r * n..(r + 1) * n];
+            let dst = &mut qt.q[(r0 + r) * cols..(r0 + r + 1) * cols];
+            for (c, d) in dst.iter_mut().enumerate() {
+                *d = src[pos[c] as usize];
+            }
+        }
+        qt.scales[r0 * ng..(r0 + rc) * ng].copy_from_slice(&scales.to_f32(ctx)?);
+        qt.zeros[r0 * ng..(r0 + rc) * ng].copy_from_slice(&zeros.to_u32(ctx)?);
+    }
+    phases.download_s = t2.elapsed().as_secs_f64();
+    let result = GptqResult {
+        q: qt,
+        damp_used: damp,
+        dead_columns: dead.iter().filter(|&&d| d).count(),
+        perm,
+    };
+    Ok((result, phases))
+}
+
+/// work = J·(P·H·Pᵀ + damping, dead columns fixed, padded with identity)·J.
+fn prepare_hessian(
+    ctx: &GpuContext,
+    h: &GpuTensor,
+    work: &GpuTensor,
+    pos: &GpuTensor,
+    n: usize,
+    damp_add: f32,
+    shape: &str,
+) -> Result<()> {
+    let src = source();
+    let init = ctx.pipeline(KERNEL, &src, "hess_init", false)?;
+    let scatter = ctx.pipeline(KERNEL, &src, "hess_scatter", false)?;
+    let cols = h.cols;
+    let p0 = Params {
+        n: n as u32,
+        ..Default::default()
+    };
+    let params: Vec<Params> = h
+        .chunks
+        .iter()
+        .map(|c| Params {
+            rows: c.rows as u32,
+            n: n as u32,
+            cols: cols as u32,
+            gk: c.row_start as u32,
+            damp: damp_add,
+            ..Default::default()
+        })
+        .collect();
+    let wb = &work.chunks[0].buffer;
+    let mut ds = vec![(
+        &*init,
+        Dispatch {
+            buffers: vec![wb],
+            uniform: Some(bytemuck::bytes_of(&p0)),
+            groups: grid(ctx, (n * n).div_ceil(256)),
+        },
+    )];
+    for (c, p) in h.chunks.iter().zip(&params) {
+        if c.rows == 0 {
+            continue;
+        }
+        ds.push((
+            &*scatter,
+            Dispatch {
+                buffers: vec![wb, &c.buffer, &pos.chunks[0].buffer],
+                uniform: Some(bytemuck::bytes_of(p)),
+                groups: grid(ctx, (c.rows * cols).div_ceil(256)),
+            },
+        ));
+    }
+    let steps: Vec<(&wgpu::ComputePipeline, &Dispatch)> = ds.iter().map(|(p, d)| (*p, d)).collect();
+    ctx.run_steps("gptq prepare", shape, &steps)
+}
+
+fn source() -> String {
+    format!("{}{}", shaders::QUANT_GRID, shaders::GPTQ)
+}
+
+/// Every module variant, for the naga validation test.
+pub fn all_sources() -> Vec<(String, String, bool)> {
+    vec![("gptq.wgsl".into(), source(), false)]
+}
