@@ -30,6 +30,8 @@ pub struct CompressOptions {
     /// Dtype of dense weights and of GPTQ's unquantized tensors (F16 or BF16; dense also F32).
     pub dtype: Dtype,
     pub out: PathBuf,
+    /// GPTQ's settings when that method runs (recorded in the GPTQ format's quantize_config).
+    pub gptq: Option<crate::quant::gptq::GptqOptions>,
 }
 
 /// What happened to one linear layer.
@@ -42,6 +44,10 @@ pub struct LayerReport {
     pub rel_weight_err: f64,
     /// ||X Wᵀ - X Q(W)ᵀ||² / ||X Wᵀ||² on the calibration inputs X (with calibration only).
     pub rel_output_err: Option<f64>,
+    /// Hessian damping used (GPTQ; larger than requested when the factorization needed a retry).
+    pub damp_used: Option<f32>,
+    /// Input columns whose calibration activations were all zero (GPTQ zeroes their weights).
+    pub dead_columns: usize,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -128,6 +134,9 @@ impl<'a> Sink<'a> {
                 out,
                 GptqExportOptions {
                     plain_dtype: opts.dtype,
+                    desc_act: opts.gptq.is_some_and(|g| g.act_order),
+                    static_groups: opts.gptq.is_some_and(|g| g.static_groups),
+                    damp_percent: opts.gptq.map_or(0.01, |g| g.damp as f64),
                     ..Default::default()
                 },
             )?),
@@ -261,6 +270,8 @@ pub fn rtn(
                 seconds: t.elapsed().as_secs_f64(),
                 rel_weight_err: rel_err(&data, &deq),
                 rel_output_err: None,
+                damp_used: None,
+                dead_columns: 0,
             });
             sink.quantized(name, q, deq)?;
         } else {

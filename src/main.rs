@@ -183,6 +183,23 @@ mod wgpress_cli {
         /// Symmetric grid (zero point fixed at the middle); default asymmetric.
         #[arg(long)]
         pub sym: bool,
+        /// GPTQ: Hessian damping as a fraction of mean(diag H).
+        #[arg(long, default_value_t = 0.01)]
+        pub damp: f32,
+        /// GPTQ: process columns in input order instead of by descending Hessian diagonal
+        /// (act-order is on by default).
+        #[arg(long)]
+        pub no_act_order: bool,
+        /// GPTQ: fit every group's grid before the column loop, on the original column order
+        /// (g_idx stays c / group, which GGUF and some kernels need).
+        #[arg(long)]
+        pub static_groups: bool,
+        /// GPTQ: fit grids by an MSE search over shrunk ranges instead of min-max.
+        #[arg(long)]
+        pub mse: bool,
+        /// GPTQ: columns per lazy-update block (at most 128).
+        #[arg(long, default_value_t = 128)]
+        pub block: usize,
         #[arg(long, value_enum, default_value = "gptq")]
         pub format: Format,
         /// Dtype of unquantized tensors (GPTQ) or of all weights (dense).
@@ -210,9 +227,12 @@ mod wgpress_cli {
         pub gpu: GpuArgs,
     }
 
-    #[derive(Clone, Copy, ValueEnum, Debug)]
+    #[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
     pub enum Method {
+        /// Round to nearest (no calibration needed).
         Rtn,
+        /// GPTQ (needs --calib): second-order error compensation on the GPU.
+        Gptq,
     }
 
     #[derive(Clone, Copy, ValueEnum, Debug)]
@@ -503,7 +523,8 @@ fn parse_size(s: &str) -> Result<(usize, usize, usize)> {
 }
 
 mod compress {
-    use super::wgpress_cli::{CompressArgs, Format, OutDtype};
+    use super::wgpress_cli::{CompressArgs, Format, Method, OutDtype};
+    use wgpress::quant::gptq::GptqOptions;
     use anyhow::{Context, Result};
     use indicatif::{ProgressBar, ProgressStyle};
     use wgpress::compress::{self, CompressOptions};
@@ -518,9 +539,32 @@ mod compress {
         let spec = QuantSpec::new(args.bits, (args.group != 0).then_some(args.group), args.sym)?;
         let model = wgpress::model::Model::open(&dir)
             .with_context(|| format!("opening {}", dir.display()))?;
+        let gptq = (args.method == Method::Gptq).then(|| {
+            let mut g = GptqOptions::new(spec);
+            g.damp = args.damp;
+            g.act_order = !args.no_act_order;
+            g.static_groups = args.static_groups;
+            g.mse = args.mse;
+            g.block = args.block;
+            g
+        });
+        if let Some(g) = &gptq {
+            if args.calib.is_empty() {
+                anyhow::bail!(
+                    "--method gptq needs calibration text: pass --calib FILE (e.g. a few MB of text like the model's training data)"
+                );
+            }
+            if !(1..=wgpress::gpu::gptq::MAX_BLOCK).contains(&g.block) {
+                anyhow::bail!(
+                    "--block must be in 1..={}",
+                    wgpress::gpu::gptq::MAX_BLOCK
+                );
+            }
+        }
         let engine = args.gpu.engine()?;
         eprintln!("device: {}", engine.describe());
         let opts = CompressOptions {
+            gptq,
             spec,
             format: match args.format {
                 Format::Gptq => compress::Format::Gptq,
@@ -554,10 +598,16 @@ mod compress {
                 seed: args.seed,
                 bos: args.bos,
             };
+            let rtn = wgpress::pipeline::Rtn(spec);
+            let gptq_method = gptq.map(wgpress::pipeline::Gptq);
+            let method: &dyn wgpress::pipeline::LayerMethod = match &gptq_method {
+                Some(g) => g,
+                None => &rtn,
+            };
             wgpress::pipeline::run(
                 &engine,
                 &model,
-                &wgpress::pipeline::Rtn(spec),
+                method,
                 &calib,
                 &opts,
                 &|stage, done, total| {
@@ -575,8 +625,9 @@ mod compress {
             .iter()
             .max_by(|a, b| a.rel_weight_err.total_cmp(&b.rel_weight_err));
         println!(
-            "quantized {} linear layers with RTN {}-bit {} {} ({} tensors copied) in {:.2} s",
+            "quantized {} linear layers with {} {}-bit {} {} ({} tensors copied) in {:.2} s",
             report.layers.len(),
+            report.method.to_uppercase(),
             spec.bits,
             spec.group
                 .map(|g| format!("group {g}"))

@@ -1,8 +1,9 @@
 //! The layer-streaming orchestrator (DESIGN.md section 3). The calibration tokens are embedded once
 //! (X0 stays on the GPU, chunked by whole sequences); then for each decoder block: upload only that
-//! block, run it on X_l while capturing the input of every linear layer, accumulate each input's
-//! Hessian H = (2/n)·XᵀX, hand weights and H to the layer method, put the compressed weights into
-//! the block, re-run it to produce X_{l+1} (so errors propagate as the real model will see them),
+//! block; for each of its four linear-layer inputs in order (q/k/v, o, gate/up, down) run the block
+//! as compressed so far up to that input (true-sequential), accumulate the input's Hessian
+//! H = (2/n)·XᵀX, hand weights and H to the layer method and put the compressed weights into the
+//! block; then re-run it to produce X_{l+1} (so errors propagate as the real model will see them),
 //! write the block's tensors, free the block. Peak GPU memory is one block plus activations plus
 //! one Hessian, independent of the number of blocks. Methods plug in through [`LayerMethod`].
 
@@ -16,11 +17,21 @@ use crate::gpu::matmul::{Layout, matmul_into};
 use crate::gpu::stats::HessianAccumulator;
 use crate::gpu::{GpuContext, GpuDtype, GpuTensor};
 use crate::model::Model;
-use crate::model::forward::{ForwardPlan, GpuBlock, block_forward, embed};
+use crate::model::forward::{ForwardPlan, GpuBlock, Site, block_forward, capture_input, embed};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::writer::OutputDir;
+use crate::quant::gptq::GptqOptions;
 use crate::quant::{QuantSpec, QuantizedTensor};
 use std::time::Instant;
+
+/// What a method produced for one layer.
+pub struct Compressed {
+    pub q: QuantizedTensor,
+    /// Hessian damping actually used (second-order methods; larger than asked after a retry).
+    pub damp_used: Option<f32>,
+    /// Input columns that never saw a nonzero activation (H_ii = 0).
+    pub dead_columns: usize,
+}
 
 /// A per-layer compression method: sees the layer's f32 weights (out x in) and the Hessian of its
 /// input (in x in, on the GPU). RTN ignores H; GPTQ, SparseGPT and low-rank methods use it.
@@ -33,7 +44,7 @@ pub trait LayerMethod {
         rows: usize,
         cols: usize,
         h: &GpuTensor,
-    ) -> Result<QuantizedTensor>;
+    ) -> Result<Compressed>;
 }
 
 /// Round to nearest on the shared grid.
@@ -50,9 +61,45 @@ impl LayerMethod for Rtn {
         rows: usize,
         cols: usize,
         _h: &GpuTensor,
-    ) -> Result<QuantizedTensor> {
+    ) -> Result<Compressed> {
         let t = GpuTensor::from_f32(ctx, rows, cols, w)?;
-        crate::gpu::quant::rtn(ctx, &t, &self.0)
+        Ok(Compressed {
+            q: crate::gpu::quant::rtn(ctx, &t, &self.0)?,
+            damp_used: None,
+            dead_columns: 0,
+        })
+    }
+}
+
+/// GPTQ on the GPU (`gpu::gptq`).
+pub struct Gptq(pub GptqOptions);
+
+impl LayerMethod for Gptq {
+    fn name(&self) -> &'static str {
+        "gptq"
+    }
+    fn compress(
+        &self,
+        ctx: &GpuContext,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        h: &GpuTensor,
+    ) -> Result<Compressed> {
+        let (r, phases) = crate::gpu::gptq::gptq(ctx, w, rows, cols, h, &self.0)?;
+        log::debug!("gptq {rows}x{cols}: {phases:?}");
+        if r.damp_used != self.0.damp {
+            log::warn!(
+                "gptq {rows}x{cols}: the Hessian needed damping {} instead of {}",
+                r.damp_used,
+                self.0.damp
+            );
+        }
+        Ok(Compressed {
+            q: r.q,
+            damp_used: Some(r.damp_used),
+            dead_columns: r.dead_columns,
+        })
     }
 }
 
@@ -130,33 +177,24 @@ pub fn run(
         progress(&format!("block {l}"), l, layers);
         let p = format!("model.layers.{l}.");
         let mut blk = GpuBlock::upload(ctx, model, l)?;
-        let (_, caps) = block_forward(ctx, &plan, &blk, &x, true)?;
-        let groups: [(Option<GpuTensor>, &[&str]); 4] = [
-            (
-                caps.qkv,
-                &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-            ),
-            (caps.o, &["self_attn.o_proj"]),
-            (caps.gate_up, &["mlp.gate_proj", "mlp.up_proj"]),
-            (caps.down, &["mlp.down_proj"]),
-        ];
-        for (input, names) in groups {
-            let input = input
-                .ok_or_else(|| Error::gpu("pipeline", &p, "block forward captured no input"))?;
+        // True-sequential: each input is captured from the block as compressed so far, so o_proj
+        // sees the compressed q/k/v's attention output, and so on; only one input is alive.
+        for site in Site::ALL {
+            let input = capture_input(ctx, &plan, &blk, &x, site)?;
             let mut acc = HessianAccumulator::new(ctx, input.cols)?;
             acc.add(ctx, &input)?;
             drop(input);
             let h = acc.finish(ctx)?;
-            for short in names {
+            for short in site.layers() {
                 let name = format!("{p}{short}.weight");
                 let info = model.weights.info(&name)?;
                 let (rows, cols) = (info.shape[0], info.shape[1]);
                 let w = model.weights.to_f32(&name)?;
                 let t = Instant::now();
-                let q = method
+                let c = method
                     .compress(ctx, &w, rows, cols, &h)
                     .map_err(|e| Error::tensor(&info.file, &name, e.to_string()))?;
-                let deq = q.dequantize();
+                let deq = c.q.dequantize();
                 let seconds = t.elapsed().as_secs_f64();
                 report.layers.push(LayerReport {
                     name: name.clone(),
@@ -164,6 +202,8 @@ pub fn run(
                     seconds,
                     rel_weight_err: rel_err(&w, &deq),
                     rel_output_err: Some(output_error(ctx, &w, &deq, rows, cols, &h)?),
+                    damp_used: c.damp_used,
+                    dead_columns: c.dead_columns,
                 });
                 let g = GpuTensor::from_f32(ctx, rows, cols, &deq)?;
                 match *short {
@@ -175,11 +215,11 @@ pub fn run(
                     "mlp.up_proj" => blk.up = g,
                     _ => blk.down = g,
                 }
-                sink.quantized(&name, q, deq)?;
+                sink.quantized(&name, c.q, deq)?;
             }
         }
         // The compressed block produces the next block's input.
-        x = block_forward(ctx, &plan, &blk, &x, false)?.0;
+        x = block_forward(ctx, &plan, &blk, &x)?;
         energy.push(position_energy(ctx, &x, seq)?);
         for name in model.weights.names() {
             if name.starts_with(&p) && !cfg.is_linear(name) {

@@ -148,6 +148,7 @@ fn kl_and_top1_against_the_base_agree_on_gpu_and_cpu() {
         format: wgpress::compress::Format::Dense,
         dtype: wgpress::model::safetensors::Dtype::F32,
         out: out.clone(),
+        gptq: None,
     };
     wgpress::compress::rtn(&gpu, &tiny, &opts, &|_, _, _| {}).unwrap();
     let q = Model::open(&out).unwrap();

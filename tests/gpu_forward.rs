@@ -6,7 +6,7 @@ use wgpress::gpu::forward as k;
 use wgpress::gpu::{GpuDtype, GpuTensor};
 use wgpress::model::Model;
 use wgpress::model::config::LlamaConfig;
-use wgpress::model::forward::{ForwardPlan, GpuBlock, GpuModel, block_forward};
+use wgpress::model::forward::{ForwardPlan, GpuBlock, GpuModel, Site, block_forward, capture_input};
 use wgpress::model::safetensors::SafetensorsSet;
 use wgpress::model::synth::SynthSpec;
 use wgpress::reference::forward as r;
@@ -189,7 +189,7 @@ fn tiny_block_matches_reference_block_with_chunking() {
     let blk = GpuBlock::upload(&ctx, &m, 2).unwrap();
     let gx = GpuTensor::from_f32_aligned(&ctx, 2 * seq, c.hidden_size, &x, seq).unwrap();
     assert!(blk.gate.chunks.len() > 1 && blk.down.chunks.len() > 1);
-    let (out, caps) = block_forward(&ctx, &plan, &blk, &gx, true).unwrap();
+    let out = block_forward(&ctx, &plan, &blk, &gx).unwrap();
     let got = out.to_f32(&ctx).unwrap();
     let bw = wgpress::model::llama::BlockWeights::load(&m, 2).unwrap();
     let h = c.hidden_size;
@@ -199,10 +199,13 @@ fn tiny_block_matches_reference_block_with_chunking() {
         // Six f32 projections (k <= 768) and attention on O(1) activations: ~1e-5 expected.
         assert!(e < 1e-4, "sequence {s}: {e}");
     }
-    let qkv = caps.qkv.unwrap().to_f32(&ctx).unwrap();
+    let qkv = capture_input(&ctx, &plan, &blk, &gx, Site::Qkv)
+        .unwrap()
+        .to_f32(&ctx)
+        .unwrap();
     let n1 = r::rms_norm(&x, &bw.input_norm, c.rms_norm_eps).unwrap();
     assert!(max_abs(&qkv, &n1) < 1e-5);
-    let down_in = caps.down.unwrap();
+    let down_in = capture_input(&ctx, &plan, &blk, &gx, Site::Down).unwrap();
     assert_eq!(down_in.cols, c.intermediate_size);
     assert_eq!(down_in.chunks.len(), 2, "one sequence per chunk");
 }
@@ -266,9 +269,8 @@ fn random_blocks_match_reference_for_gqa_ratios_and_head_dims() {
         let plan = ForwardPlan::new(&ctx, c, seq).unwrap();
         let blk = GpuBlock::upload(&ctx, &m, 0).unwrap();
         let gx = GpuTensor::from_f32_aligned(&ctx, 2 * seq, c.hidden_size, &x, seq).unwrap();
-        let got = block_forward(&ctx, &plan, &blk, &gx, false)
+        let got = block_forward(&ctx, &plan, &blk, &gx)
             .unwrap()
-            .0
             .to_f32(&ctx)
             .unwrap();
         let bw = wgpress::model::llama::BlockWeights::load(&m, 0).unwrap();

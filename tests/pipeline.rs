@@ -31,6 +31,7 @@ fn opts(out: &Path, spec: QuantSpec, format: Format) -> CompressOptions {
         format,
         dtype: Dtype::F16,
         out: out.to_path_buf(),
+        gptq: None,
     }
 }
 

@@ -1,6 +1,6 @@
 //! The Llama decoder forward pass on the GPU, one block at a time: weights are uploaded per block
 //! in their stored dtype (f32, f16 or bf16; the matmul kernel converts on load), activations are
-//! f32 rows of `seq`-token sequences. `block_forward` can hand back each linear layer's input so
+//! f32 rows of `seq`-token sequences. `capture_input` hands back a linear layer's input so
 //! calibration statistics see exactly what the layer sees. The CPU oracle is
 //! `reference::forward`; this module only orchestrates `gpu::` kernels and must not hold more than
 //! the block it is given.
@@ -98,17 +98,31 @@ impl GpuBlock {
     }
 }
 
-/// Inputs of the block's linear layers, kept when asked (calibration statistics).
-#[derive(Default)]
-pub struct Captures {
+/// Where a linear layer's input is taken: the four distinct inputs of a Llama block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Site {
     /// Input of q/k/v_proj (the normed hidden state).
-    pub qkv: Option<GpuTensor>,
+    Qkv,
     /// Input of o_proj (the attention output).
-    pub o: Option<GpuTensor>,
-    /// Input of gate/up_proj.
-    pub gate_up: Option<GpuTensor>,
+    O,
+    /// Input of gate/up_proj (the normed residual after attention).
+    GateUp,
     /// Input of down_proj (silu(gate) * up).
-    pub down: Option<GpuTensor>,
+    Down,
+}
+
+impl Site {
+    pub const ALL: [Site; 4] = [Site::Qkv, Site::O, Site::GateUp, Site::Down];
+
+    /// Short names (under `model.layers.N.`) of the linear layers reading this input.
+    pub fn layers(self) -> &'static [&'static str] {
+        match self {
+            Site::Qkv => &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+            Site::O => &["self_attn.o_proj"],
+            Site::GateUp => &["mlp.gate_proj", "mlp.up_proj"],
+            Site::Down => &["mlp.down_proj"],
+        }
+    }
 }
 
 /// y = x Wᵀ (+ bias) into a new rows x out tensor aligned to `seq`.
@@ -151,45 +165,71 @@ impl ForwardPlan {
     }
 }
 
-/// One decoder block over `x` (rows = sequences of plan.seq tokens): returns the block output and,
-/// with `capture`, the input of every linear layer.
+/// One decoder block over `x` (rows = sequences of plan.seq tokens): the block output.
 pub fn block_forward(
     ctx: &GpuContext,
     plan: &ForwardPlan,
     b: &GpuBlock,
     x: &GpuTensor,
-    capture: bool,
-) -> Result<(GpuTensor, Captures)> {
+) -> Result<GpuTensor> {
+    run_block(ctx, plan, b, x, None)
+}
+
+/// The input of the linear layers at `site` when the block runs on `x`: the forward stops there,
+/// so only that activation is kept (true-sequential calibration re-runs the partly compressed
+/// block once per site).
+pub fn capture_input(
+    ctx: &GpuContext,
+    plan: &ForwardPlan,
+    b: &GpuBlock,
+    x: &GpuTensor,
+    site: Site,
+) -> Result<GpuTensor> {
+    run_block(ctx, plan, b, x, Some(site))
+}
+
+fn run_block(
+    ctx: &GpuContext,
+    plan: &ForwardPlan,
+    b: &GpuBlock,
+    x: &GpuTensor,
+    stop: Option<Site>,
+) -> Result<GpuTensor> {
     let seq = plan.seq;
     let (hq, hk, d) = plan.heads;
     let n1 = k::rms_norm(ctx, x, &b.input_norm, plan.eps)?;
+    if stop == Some(Site::Qkv) {
+        return Ok(n1);
+    }
     let q = linear(ctx, &n1, &b.q, b.q_bias.as_ref(), seq)?;
     let kk = linear(ctx, &n1, &b.k, b.k_bias.as_ref(), seq)?;
     let v = linear(ctx, &n1, &b.v, b.v_bias.as_ref(), seq)?;
+    drop(n1);
     k::rope(ctx, &q, hq, d, seq, &plan.rope)?;
     k::rope(ctx, &kk, hk, d, seq, &plan.rope)?;
     let a = k::attention(ctx, &q, &kk, &v, seq, (hq, hk, d))?;
     drop((q, kk, v));
+    if stop == Some(Site::O) {
+        return Ok(a);
+    }
     let h = linear(ctx, &a, &b.o, None, seq)?;
+    drop(a);
     k::add(ctx, &h, x)?;
     let n2 = k::rms_norm(ctx, &h, &b.post_norm, plan.eps)?;
+    if stop == Some(Site::GateUp) {
+        return Ok(n2);
+    }
     let g = linear(ctx, &n2, &b.gate, None, seq)?;
     let u = linear(ctx, &n2, &b.up, None, seq)?;
+    drop(n2);
     k::silu_mul(ctx, &g, &u)?;
     drop(u);
+    if stop == Some(Site::Down) {
+        return Ok(g);
+    }
     let out = linear(ctx, &g, &b.down, None, seq)?;
     k::add(ctx, &out, &h)?;
-    let caps = if capture {
-        Captures {
-            qkv: Some(n1),
-            o: Some(a),
-            gate_up: Some(n2),
-            down: Some(g),
-        }
-    } else {
-        Captures::default()
-    };
-    Ok((out, caps))
+    Ok(out)
 }
 
 /// Embedding lookup on the host (the table stays in the mmap), uploaded aligned to `seq`.
@@ -261,7 +301,7 @@ impl GpuModel {
         }
         let mut x = embed(ctx, model, &self.table, ids, self.plan.seq)?;
         for b in &self.blocks {
-            x = block_forward(ctx, &self.plan, b, &x, false)?.0;
+            x = block_forward(ctx, &self.plan, b, &x)?;
         }
         let xn = k::rms_norm(ctx, &x, &self.final_norm, self.plan.eps)?;
         drop(x);
