@@ -565,6 +565,119 @@ mod tests {
         assert!(e_ms <= e_mm, "mse {e_ms} vs min-max {e_mm}");
     }
 
+    /// Writes cases for `tools/gptq_torch.py check` (not run by `cargo test`):
+    /// `WGPRESS_GPTQ_DUMP=/tmp/gptq_dump.safetensors cargo test --lib \
+    ///  reference::gptq::tests::dump_for_torch_check -- --ignored`, then
+    /// `python3 tools/gptq_torch.py check --dump /tmp/gptq_dump.safetensors`.
+    #[test]
+    #[ignore]
+    fn dump_for_torch_check() {
+        use safetensors::{Dtype, tensor::TensorView};
+        let Ok(path) = std::env::var("WGPRESS_GPTQ_DUMP") else {
+            eprintln!("set WGPRESS_GPTQ_DUMP to the output file");
+            return;
+        };
+        let (rows, cols) = (24, 64);
+        let mut rng = Rng::new(77);
+        let w = rng.normal_vec(rows * cols, 0.02);
+        let h = hessian(&mut rng, 200, cols);
+        let mut h_dead = h.clone();
+        for c in [5, 17, 40] {
+            for k in 0..cols {
+                h_dead[c * cols + k] = 0.0;
+                h_dead[k * cols + c] = 0.0;
+            }
+        }
+        let mut h_indef = vec![0f32; cols * cols];
+        for i in 0..cols {
+            h_indef[i * cols + i] = 1.0 + (i % 7) as f32 * 0.1;
+        }
+        h_indef[1] = 1.06;
+        h_indef[cols] = 1.06;
+        let spec = |bits, group, sym| QuantSpec::new(bits, group, sym).unwrap();
+        let hs: [&[f32]; 3] = [&h, &h_dead, &h_indef];
+        let mut cases: Vec<(GptqOptions, usize)> = Vec::new();
+        let mut add = |s: QuantSpec, f: &dyn Fn(&mut GptqOptions), which: usize| {
+            let mut o = GptqOptions::new(s);
+            f(&mut o);
+            cases.push((o, which));
+        };
+        add(spec(4, Some(16), false), &|_| {}, 0);
+        add(spec(3, None, false), &|o| o.act_order = false, 0);
+        add(spec(4, Some(16), false), &|o| o.static_groups = true, 0);
+        add(spec(4, Some(16), true), &|_| {}, 0);
+        add(spec(3, Some(16), false), &|o| o.mse = true, 0);
+        add(
+            spec(4, Some(16), false),
+            &|o| {
+                o.act_order = false;
+                o.block = 16
+            },
+            0,
+        );
+        add(spec(4, Some(16), false), &|o| o.block = 24, 0);
+        add(spec(2, Some(32), false), &|o| o.block = 8, 0);
+        add(spec(4, Some(16), false), &|_| {}, 1);
+        add(spec(4, Some(16), false), &|o| o.damp = 1e-5, 2);
+        add(spec(8, Some(32), true), &|o| o.block = 7, 0);
+        let mut bufs: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mut meta = Vec::new();
+        let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let i32s = |v: &[u32]| {
+            v.iter()
+                .flat_map(|x| (*x as i32).to_le_bytes())
+                .collect::<Vec<u8>>()
+        };
+        for (k, &(o, which)) in cases.iter().enumerate() {
+            let h = hs[which];
+            let (res, deq) = gptq_with_dequantized(&w, rows, cols, h, &o).unwrap();
+            let g = res.q.n_groups();
+            bufs.push((format!("{k}.w"), Dtype::F32, vec![rows, cols], f32s(&w)));
+            bufs.push((format!("{k}.h"), Dtype::F32, vec![cols, cols], f32s(h)));
+            bufs.push((
+                format!("{k}.q"),
+                Dtype::U8,
+                vec![rows, cols],
+                res.q.q.clone(),
+            ));
+            bufs.push((
+                format!("{k}.scales"),
+                Dtype::F32,
+                vec![rows, g],
+                f32s(&res.q.scales),
+            ));
+            bufs.push((
+                format!("{k}.zeros"),
+                Dtype::I32,
+                vec![rows, g],
+                i32s(&res.q.zeros),
+            ));
+            bufs.push((
+                format!("{k}.g_idx"),
+                Dtype::I32,
+                vec![cols],
+                i32s(&res.q.g_idx),
+            ));
+            bufs.push((format!("{k}.perm"), Dtype::I32, vec![cols], i32s(&res.perm)));
+            bufs.push((format!("{k}.deq"), Dtype::F32, vec![rows, cols], f32s(&deq)));
+            meta.push(serde_json::json!({
+                "opts": o,
+                "damp_used": res.damp_used,
+                "dead_columns": res.dead_columns,
+            }));
+        }
+        let views: Vec<(String, TensorView)> = bufs
+            .iter()
+            .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+            .collect();
+        let info = std::collections::HashMap::from([(
+            "cases".to_string(),
+            serde_json::Value::Array(meta).to_string(),
+        )]);
+        safetensors::serialize_to_file(views, Some(info), std::path::Path::new(&path)).unwrap();
+        eprintln!("wrote {} cases to {path}", cases.len());
+    }
+
     /// `cargo test --lib reference::gptq::tests::timing -- --ignored --nocapture`
     #[test]
     #[ignore]
