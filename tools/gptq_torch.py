@@ -27,7 +27,8 @@ Subcommands:
          few heavy channels; one warm-up, then the whole per-layer GPTQ timed (synchronized) with its
          phases (factor = dead/damp/order/cholesky/inverse/cholesky, columns = in-block column loop with
          group fits, lazy = lazy updates) timed by CUDA events; prints a table, writes JSON
-         [{shape, seconds, phases, peak_mem_bytes}].
+         [{shape, seconds, phases, peak_mem_bytes}] (peak CUDA allocation of the timed run beyond
+         W and H; null on the CPU).
   model  --model HF_DIR --calib-tokens FILE.safetensors --bits 4 --group 128 [--act-order] [--sym]
          [--static-groups] [--mse] --damp 0.01 --device cuda|cpu --out OUT_DIR: layer-by-layer GPTQ of
          a Llama checkpoint in f32, saved as a dense f32 HF directory (fake-quantized weights).
