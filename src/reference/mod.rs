@@ -3,6 +3,7 @@
 //! Nothing here may call into `gpu/`.
 
 pub mod forward;
+pub mod gptq;
 pub mod linalg;
 pub mod matmul;
 pub mod quant;
