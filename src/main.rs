@@ -524,12 +524,12 @@ fn parse_size(s: &str) -> Result<(usize, usize, usize)> {
 
 mod compress {
     use super::wgpress_cli::{CompressArgs, Format, Method, OutDtype};
-    use wgpress::quant::gptq::GptqOptions;
     use anyhow::{Context, Result};
     use indicatif::{ProgressBar, ProgressStyle};
     use wgpress::compress::{self, CompressOptions};
     use wgpress::model::safetensors::Dtype;
     use wgpress::quant::QuantSpec;
+    use wgpress::quant::gptq::GptqOptions;
 
     pub fn run(args: CompressArgs) -> Result<()> {
         let dir = match args.model {
@@ -555,10 +555,7 @@ mod compress {
                 );
             }
             if !(1..=wgpress::gpu::gptq::MAX_BLOCK).contains(&g.block) {
-                anyhow::bail!(
-                    "--block must be in 1..={}",
-                    wgpress::gpu::gptq::MAX_BLOCK
-                );
+                anyhow::bail!("--block must be in 1..={}", wgpress::gpu::gptq::MAX_BLOCK);
             }
         }
         let engine = args.gpu.engine()?;

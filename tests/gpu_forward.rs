@@ -6,7 +6,9 @@ use wgpress::gpu::forward as k;
 use wgpress::gpu::{GpuDtype, GpuTensor};
 use wgpress::model::Model;
 use wgpress::model::config::LlamaConfig;
-use wgpress::model::forward::{ForwardPlan, GpuBlock, GpuModel, Site, block_forward, capture_input};
+use wgpress::model::forward::{
+    ForwardPlan, GpuBlock, GpuModel, Site, block_forward, capture_input,
+};
 use wgpress::model::safetensors::SafetensorsSet;
 use wgpress::model::synth::SynthSpec;
 use wgpress::reference::forward as r;
