@@ -353,3 +353,35 @@ fn block(
         }
     }
 }
+
+// unpermute: the packed integers back in original column order, four per u32 (byte t of word k is
+// column 4k + t), rows padded to whole words: out[r][k] from the position-ordered words of `uq`.
+@group(0) @binding(0) var<storage, read> uq: array<u32>;
+@group(0) @binding(1) var<storage, read> upos: array<u32>;
+@group(0) @binding(2) var<storage, read_write> uout: array<u32>;
+@group(0) @binding(3) var<uniform> up: Params;
+
+@compute @workgroup_size(256)
+fn unpermute(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let words = (up.cols + 3u) / 4u;
+    let e = flat(wid, nwg, lid);
+    if (e >= up.rows * words) {
+        return;
+    }
+    let r = e / words;
+    let k = e % words;
+    var v = 0u;
+    for (var t = 0u; t < 4u; t++) {
+        let c = 4u * k + t;
+        if (c < up.cols) {
+            let p = upos[c];
+            let b = (uq[r * (up.n / 4u) + p / 4u] >> (8u * (p % 4u))) & 0xFFu;
+            v = v | (b << (8u * t));
+        }
+    }
+    uout[e] = v;
+}

@@ -162,3 +162,146 @@ pub fn forward(
         tokens_per_s: (seq_len * windows) as f64 / s,
     })
 }
+
+/// One GPTQ benchmark row: a rows x cols layer with H from `tokens` random calibration rows.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct GptqBench {
+    pub rows: usize,
+    pub cols: usize,
+    pub spec: crate::quant::QuantSpec,
+    pub act_order: bool,
+    pub tokens: usize,
+    /// Best full run (seconds), W on the host and H on the GPU at the start, integers and grids on
+    /// the host at the end.
+    pub total_s: f64,
+    /// Phases of that run.
+    pub phases: crate::gpu::gptq::GptqPhases,
+    /// The column loop with only the fused block kernels (no lazy updates), and with only the lazy
+    /// updates: what each costs alone.
+    pub block_only_s: f64,
+    pub lazy_only_s: f64,
+    /// Floating-point operations per phase (multiply-add = 2) as executed.
+    pub flops_cholesky: f64,
+    pub flops_inverse: f64,
+    pub flops_block: f64,
+    pub flops_lazy: f64,
+    /// Peak live GPU bytes during the run beyond the Hessian that was already there.
+    pub peak_extra_bytes: u64,
+    pub layer_f32_bytes: u64,
+    pub hessian_bytes: u64,
+}
+
+/// Times GPU GPTQ on a random layer (std 0.02 weights) whose H = (2/n)XᵀX comes from `tokens`
+/// Gaussian rows with eight heavy channels; best of `iters` after one warm-up.
+pub fn gptq(
+    ctx: &GpuContext,
+    rows: usize,
+    cols: usize,
+    spec: crate::quant::QuantSpec,
+    act_order: bool,
+    tokens: usize,
+    iters: usize,
+) -> Result<GptqBench> {
+    use crate::gpu::gptq::{Hooks, block_size, gptq_with};
+    let mut rng = Rng::new(7);
+    let w = rng.normal_vec(rows * cols, 0.02);
+    let h = {
+        let mut acc = HessianAccumulator::new(ctx, cols)?;
+        let step = (tokens).min((256 << 20) / (4 * cols)).max(1);
+        let mut done = 0;
+        while done < tokens {
+            let t = step.min(tokens - done);
+            let mut x = rng.normal_vec(t * cols, 1.0);
+            for r in 0..t {
+                for c in 0..cols.min(8) {
+                    x[r * cols + c * (cols / 8).max(1)] *= 10.0;
+                }
+            }
+            acc.add(ctx, &GpuTensor::from_f32(ctx, t, cols, &x)?)?;
+            done += t;
+        }
+        acc.finish(ctx)?
+    };
+    let mut opts = crate::quant::gptq::GptqOptions::new(spec);
+    opts.act_order = act_order;
+    let shape = format!("{rows}x{cols}");
+    let run = |hooks: Hooks| -> Result<(f64, crate::gpu::gptq::GptqPhases)> {
+        let t = Instant::now();
+        let (_, ph) = gptq_with(ctx, &w, rows, cols, &h, &opts, hooks)?;
+        ctx.sync("gptq", &shape)?;
+        Ok((t.elapsed().as_secs_f64(), ph))
+    };
+    run(Hooks::default())?;
+    let live = ctx.memory().0;
+    ctx.reset_peak();
+    let mut best = (f64::INFINITY, Default::default());
+    for _ in 0..iters.max(1) {
+        let r = run(Hooks::default())?;
+        if r.0 < best.0 {
+            best = r;
+        }
+    }
+    let peak = ctx.memory().1.saturating_sub(live);
+    let min_loop = |hooks: Hooks| -> Result<f64> {
+        let mut b = f64::INFINITY;
+        for _ in 0..iters.max(1) {
+            b = b.min(run(hooks)?.1.loop_s);
+        }
+        Ok(b)
+    };
+    let block_only_s = min_loop(Hooks {
+        skip_lazy: true,
+        ..Default::default()
+    })?;
+    let lazy_only_s = min_loop(Hooks {
+        skip_block: true,
+        ..Default::default()
+    })?;
+    // FLOPs as executed on the padded order n.
+    let nb = crate::gpu::linalg::NB;
+    let n = cols.div_ceil(nb) * nb;
+    let (nf, rf) = (n as f64, rows as f64);
+    let mut chol = 0.0;
+    for k0 in (0..n).step_by(nb) {
+        let rest = (n - k0 - nb) as f64;
+        chol +=
+            (nb * nb * nb) as f64 / 3.0 + 2.0 * rest * (nb * nb) as f64 + rest * rest * nb as f64;
+    }
+    fn merges(lo: usize, hi: usize, nb: usize, acc: &mut f64) {
+        if hi - lo <= 1 {
+            return;
+        }
+        let mid = lo + (hi - lo) / 2;
+        merges(lo, mid, nb, acc);
+        merges(mid, hi, nb, acc);
+        let (a, c) = (((mid - lo) * nb) as f64, ((hi - mid) * nb) as f64);
+        *acc += 2.0 * c * a * a + 2.0 * c * c * a;
+    }
+    let mut inv = 0.0;
+    merges(0, n / nb, nb, &mut inv);
+    let bsz = block_size(spec.group.map(|_| spec.group_size(cols)), opts.block);
+    let (mut blk, mut lazy) = (0.0, 0.0);
+    for b0 in (0..n).step_by(bsz) {
+        let bw = bsz.min(n - b0) as f64;
+        blk += rf * bw * (bw - 1.0);
+        lazy += 2.0 * rf * bw * (nf - b0 as f64 - bw);
+    }
+    Ok(GptqBench {
+        rows,
+        cols,
+        spec,
+        act_order,
+        tokens,
+        total_s: best.0,
+        phases: best.1,
+        block_only_s,
+        lazy_only_s,
+        flops_cholesky: chol,
+        flops_inverse: inv,
+        flops_block: blk,
+        flops_lazy: lazy,
+        peak_extra_bytes: peak,
+        layer_f32_bytes: (rows * cols * 4) as u64,
+        hessian_bytes: (cols * cols * 4) as u64,
+    })
+}

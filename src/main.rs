@@ -113,7 +113,6 @@ enum BenchKernel {
         #[command(flatten)]
         gpu: GpuArgs,
     },
-    /// H += XᵀX for X tokens x dim (the calibration Hessian): prints ms and TFLOP/s (2·n·d²).
     /// Whole-model forward throughput (tokens/s) on random token ids, as `eval` runs it.
     Forward {
         /// Hugging Face checkpoint directory (default: the small model in assets/).
@@ -122,6 +121,36 @@ enum BenchKernel {
         seq_len: usize,
         #[arg(long, default_value_t = 4)]
         windows: usize,
+        #[command(flatten)]
+        gpu: GpuArgs,
+    },
+    /// GPTQ of one random layer: total time, each phase, FLOP/s and peak memory.
+    Gptq {
+        /// Output rows of the layer (use with --cols); or give --shape.
+        #[arg(long)]
+        rows: Option<usize>,
+        #[arg(long)]
+        cols: Option<usize>,
+        /// Layer shapes as ROWSxCOLS, repeatable (e.g. 4096x4096 11008x4096).
+        #[arg(long = "shape")]
+        shapes: Vec<String>,
+        #[arg(long, default_value_t = 4)]
+        bits: u8,
+        /// Group size; 0 means per output channel.
+        #[arg(long, default_value_t = 128)]
+        group: usize,
+        #[arg(long)]
+        sym: bool,
+        #[arg(long)]
+        no_act_order: bool,
+        /// Calibration rows behind the random Hessian.
+        #[arg(long, default_value_t = 4096)]
+        tokens: usize,
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+        /// Also write the rows as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
         #[command(flatten)]
         gpu: GpuArgs,
     },
@@ -408,6 +437,88 @@ fn run(cli: Cli) -> Result<()> {
                     r.ms_per_window,
                     r.tokens_per_s
                 );
+                Ok(())
+            }
+            BenchKernel::Gptq {
+                rows,
+                cols,
+                mut shapes,
+                bits,
+                group,
+                sym,
+                no_act_order,
+                tokens,
+                iters,
+                json,
+                gpu,
+            } => {
+                match (rows, cols) {
+                    (Some(r), Some(c)) => shapes.push(format!("{r}x{c}")),
+                    (None, None) => {}
+                    _ => bail!("--rows and --cols go together"),
+                }
+                if shapes.is_empty() {
+                    shapes.push("4096x4096".into());
+                }
+                let spec =
+                    wgpress::quant::QuantSpec::new(bits, (group != 0).then_some(group), sym)?;
+                let engine = gpu.engine()?;
+                let Some(ctx) = engine.gpu() else {
+                    bail!("`bench` measures GPU kernels and needs an adapter")
+                };
+                println!("adapter: {}", engine.describe());
+                println!(
+                    "{:>12} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9}",
+                    "shape",
+                    "total ms",
+                    "prep",
+                    "chol",
+                    "inverse",
+                    "upload",
+                    "loop",
+                    "(block",
+                    "lazy)",
+                    "peak MiB"
+                );
+                let mut rows_out = Vec::new();
+                for s in &shapes {
+                    let (r, c) = s
+                        .split_once('x')
+                        .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)))
+                        .with_context(|| format!("shape `{s}`: expected ROWSxCOLS"))?;
+                    let b = wgpress::bench::gptq(ctx, r, c, spec, !no_act_order, tokens, iters)
+                        .with_context(|| format!("gptq {s}"))?;
+                    let p = &b.phases;
+                    println!(
+                        "{:>12} {:>9.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>9.2} {:>8.2} {:>9.1}",
+                        s,
+                        b.total_s * 1e3,
+                        p.prepare_s * 1e3,
+                        p.cholesky_s * 1e3,
+                        p.inverse_s * 1e3,
+                        p.upload_s * 1e3,
+                        p.loop_s * 1e3,
+                        b.block_only_s * 1e3,
+                        b.lazy_only_s * 1e3,
+                        b.peak_extra_bytes as f64 / 1048576.0
+                    );
+                    println!(
+                        "{:>12} GFLOP/s: cholesky {:.0}, inverse {:.0}, block loop {:.0}, lazy updates {:.0}; download {:.2} ms; layer f32 {:.1} MiB + H {:.1} MiB",
+                        "",
+                        b.flops_cholesky / p.cholesky_s / 1e9,
+                        b.flops_inverse / p.inverse_s / 1e9,
+                        b.flops_block / b.block_only_s / 1e9,
+                        b.flops_lazy / b.lazy_only_s / 1e9,
+                        p.download_s * 1e3,
+                        b.layer_f32_bytes as f64 / 1048576.0,
+                        b.hessian_bytes as f64 / 1048576.0
+                    );
+                    rows_out.push(b);
+                }
+                if let Some(p) = json {
+                    std::fs::write(&p, serde_json::to_string_pretty(&rows_out)?)
+                        .with_context(|| format!("writing {}", p.display()))?;
+                }
                 Ok(())
             }
             BenchKernel::Hessian {

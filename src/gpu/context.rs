@@ -382,18 +382,32 @@ impl GpuContext {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some(kernel),
             });
+        // All uniforms of the submission share one buffer (a slot per dispatch at the adapter's
+        // offset alignment): creating a buffer per dispatch costs more than a small kernel when
+        // an algorithm records hundreds of steps.
+        let align = self.limits.min_uniform_buffer_offset_alignment.max(16) as usize;
+        let mut slots = Vec::with_capacity(steps.len());
+        let mut arena: Vec<u8> = Vec::new();
+        for (_, d) in steps {
+            slots.push(d.uniform.map(|bytes| {
+                let off = arena.len().div_ceil(align) * align;
+                arena.resize(off, 0);
+                arena.extend_from_slice(bytes);
+                (off as u64, bytes.len() as u64)
+            }));
+        }
+        let ubuf = (!arena.is_empty()).then(|| {
+            use wgpu::util::DeviceExt;
+            self.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("uniforms"),
+                    contents: &arena,
+                    usage: wgpu::BufferUsages::UNIFORM,
+                })
+        });
         let mut groups = Vec::with_capacity(steps.len());
-        for (pipeline, d) in steps {
+        for ((pipeline, d), slot) in steps.iter().zip(&slots) {
             let layout = pipeline.get_bind_group_layout(0);
-            let ubuf = d.uniform.map(|bytes| {
-                use wgpu::util::DeviceExt;
-                self.device
-                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                        label: Some("uniform"),
-                        contents: bytes,
-                        usage: wgpu::BufferUsages::UNIFORM,
-                    })
-            });
             let mut entries: Vec<wgpu::BindGroupEntry> = d
                 .buffers
                 .iter()
@@ -403,10 +417,14 @@ impl GpuContext {
                     resource: b.as_entire_binding(),
                 })
                 .collect();
-            if let Some(u) = &ubuf {
+            if let (Some((off, len)), Some(u)) = (slot, &ubuf) {
                 entries.push(wgpu::BindGroupEntry {
                     binding: d.buffers.len() as u32,
-                    resource: u.as_entire_binding(),
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: u,
+                        offset: *off,
+                        size: std::num::NonZeroU64::new(*len),
+                    }),
                 });
             }
             groups.push(self.device.create_bind_group(&wgpu::BindGroupDescriptor {

@@ -54,15 +54,41 @@ struct Params {
     pad1: u32,
 }
 
-/// Wall time of each phase (the host waits for the GPU between phases).
+/// Wall time of each phase (the host waits for the GPU between phases; all attempts counted).
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct GptqPhases {
-    /// diag H read-back, H preparation, Cholesky, inverse, reversal (all attempts).
-    pub factor_s: f64,
-    /// Gathering W, the fused column loops and the lazy updates.
-    pub quantize_s: f64,
+    /// diag H read-back and the damped, permuted, reversed copy of H.
+    pub prepare_s: f64,
+    /// Blocked Cholesky factorization.
+    pub cholesky_s: f64,
+    /// Triangular inverse and reversal (U).
+    pub inverse_s: f64,
+    /// Host -> GPU copy of W.
+    pub upload_s: f64,
+    /// Column gather, fused in-block loops and lazy updates.
+    pub loop_s: f64,
     /// Reading back the integers and grids and assembling the host tensor.
     pub download_s: f64,
+}
+
+impl GptqPhases {
+    pub fn total(&self) -> f64 {
+        self.prepare_s
+            + self.cholesky_s
+            + self.inverse_s
+            + self.upload_s
+            + self.loop_s
+            + self.download_s
+    }
+}
+
+/// Benchmark hooks: leave out the fused block kernels or the lazy updates so `wgpress bench gptq`
+/// can time each alone (the result is then not GPTQ). `Hooks::default()` is production.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Hooks {
+    pub skip_block: bool,
+    pub skip_lazy: bool,
 }
 
 /// Column block for group size `g` (positions) and requested block `b`: groups must either fit
@@ -105,6 +131,19 @@ pub fn gptq(
     cols: usize,
     h: &GpuTensor,
     opts: &GptqOptions,
+) -> Result<(GptqResult, GptqPhases)> {
+    gptq_with(ctx, w, rows, cols, h, opts, Hooks::default())
+}
+
+#[doc(hidden)]
+pub fn gptq_with(
+    ctx: &GpuContext,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    h: &GpuTensor,
+    opts: &GptqOptions,
+    hooks: Hooks,
 ) -> Result<(GptqResult, GptqPhases)> {
     opts.validate(cols)?;
     let spec = opts.spec;
@@ -204,17 +243,20 @@ pub fn gptq(
     }
     let mut damp = opts.damp;
     let mut attempt = 0;
+    let mut mark = Instant::now();
+    let mut lap = |ctx: &GpuContext, slot: &mut f64| -> Result<()> {
+        ctx.sync(KERNEL, &shape)?;
+        *slot += mark.elapsed().as_secs_f64();
+        mark = Instant::now();
+        Ok(())
+    };
+    phases.prepare_s = t0.elapsed().as_secs_f64();
     loop {
-        prepare_hessian(
-            ctx,
-            h,
-            &work,
-            &pos_t,
-            n,
-            (damp as f64 * mean) as f32,
-            &shape,
-        )?;
+        let damp_add = (damp as f64 * mean) as f32;
+        prepare_hessian(ctx, h, &work, &pos_t, n, damp_add, &shape)?;
+        lap(ctx, &mut phases.prepare_s)?;
         let chol = linalg::cholesky(ctx, &work)?;
+        lap(ctx, &mut phases.cholesky_s)?;
         if chol.ok {
             linalg::invert_factor(ctx, &work, chol)?;
             break;
@@ -232,12 +274,12 @@ pub fn gptq(
         damp *= 10.0;
     }
     linalg::flip(ctx, &work)?;
-    ctx.sync(KERNEL, &shape)?;
-    phases.factor_s = t0.elapsed().as_secs_f64();
+    lap(ctx, &mut phases.inverse_s)?;
     let u = work;
 
     // (3) the column loop, one row chunk at a time.
     let t1 = Instant::now();
+    let mut upload_s = 0.0;
     let g = spec.group_size(cols);
     let ng = spec.n_groups(cols);
     let bsz = block_size(spec.group.map(|_| g), opts.block);
@@ -283,7 +325,10 @@ pub fn gptq(
             continue;
         }
         let r0 = chunk.row_start;
+        let tu = Instant::now();
         let wsrc = GpuTensor::from_f32(ctx, rc, cols, &w[r0 * cols..(r0 + rc) * cols])?;
+        ctx.sync(KERNEL, &shape)?;
+        upload_s += tu.elapsed().as_secs_f64();
         let q = GpuTensor::empty(ctx, rc, n / 4, GpuDtype::U32)?;
         q.fill_u32(ctx, 0);
         let scales = GpuTensor::empty(ctx, rc, ng, GpuDtype::F32)?;
@@ -319,7 +364,7 @@ pub fn gptq(
                 ));
             }
             uniforms.push((
-                2,
+                if hooks.skip_block { 3 } else { 2 },
                 Params {
                     b0: b0 as u32,
                     bw: bw as u32,
@@ -327,7 +372,7 @@ pub fn gptq(
                 },
                 grid(ctx, rc.div_ceil(ROWS_PER_WG)),
             ));
-            if b0 + bw < n {
+            if b0 + bw < n && !hooks.skip_lazy {
                 let rest = n - b0 - bw;
                 let step = RegionGemm {
                     a: Region {
@@ -363,6 +408,17 @@ pub fn gptq(
         let mut dispatches: Vec<(&wgpu::ComputePipeline, Dispatch)> = Vec::new();
         let mut lazy_iter = lazy.iter().peekable();
         for (i, (kind, p, groups)) in uniforms.iter().enumerate() {
+            if *kind == 3 {
+                // Skipped block kernel (benchmark hook): keep the lazy update that follows it.
+                while let Some((after, step)) = lazy_iter.peek() {
+                    if *after != i {
+                        break;
+                    }
+                    dispatches.push((&step.pipeline, step.dispatch()));
+                    lazy_iter.next();
+                }
+                continue;
+            }
             let (pipe, buffers): (&wgpu::ComputePipeline, Vec<&wgpu::Buffer>) = match kind {
                 0 => (&p_gather, vec![&chunk.buffer, one(&wsrc), one(&perm_t)]),
                 1 => (
@@ -412,7 +468,8 @@ pub fn gptq(
         outputs.push((r0, rc, q, scales, zeros));
     }
     ctx.sync(KERNEL, &shape)?;
-    phases.quantize_s = t1.elapsed().as_secs_f64();
+    phases.upload_s = upload_s;
+    phases.loop_s = t1.elapsed().as_secs_f64() - upload_s;
 
     // Results to the host, back in the original column order.
     let t2 = Instant::now();
@@ -425,15 +482,31 @@ pub fn gptq(
         zeros: vec![0; rows * ng],
         g_idx: group_index(&perm, &spec, opts.static_groups),
     };
+    let p_unperm = ctx.pipeline(KERNEL, &source(), "unpermute", false)?;
+    let words = cols.div_ceil(4);
     for (r0, rc, q, scales, zeros) in outputs {
-        let words = q.to_u32(ctx)?;
-        let bytes: &[u8] = bytemuck::cast_slice(&words);
+        // Back to the original column order on the GPU, so the host only copies bytes.
+        let orig = GpuTensor::empty(ctx, rc, words, GpuDtype::U32)?;
+        let p = Params {
+            rows: rc as u32,
+            ..base
+        };
+        ctx.run(
+            "gptq unpermute",
+            &shape,
+            &p_unperm,
+            &[Dispatch {
+                buffers: vec![one(&q), one(&pos_t), one(&orig)],
+                uniform: Some(bytemuck::bytes_of(&p)),
+                groups: grid(ctx, (rc * words).div_ceil(256)),
+            }],
+        )?;
+        drop(q);
+        let packed = orig.to_u32(ctx)?;
+        let bytes: &[u8] = bytemuck::cast_slice(&packed);
         for r in 0..rc {
-            let src = &bytes[r * n..(r + 1) * n];
-            let dst = &mut qt.q[(r0 + r) * cols..(r0 + r + 1) * cols];
-            for (c, d) in dst.iter_mut().enumerate() {
-                *d = src[pos[c] as usize];
-            }
+            qt.q[(r0 + r) * cols..(r0 + r + 1) * cols]
+                .copy_from_slice(&bytes[r * words * 4..r * words * 4 + cols]);
         }
         qt.scales[r0 * ng..(r0 + rc) * ng].copy_from_slice(&scales.to_f32(ctx)?);
         qt.zeros[r0 * ng..(r0 + rc) * ng].copy_from_slice(&zeros.to_u32(ctx)?);
