@@ -303,6 +303,8 @@ fn block(
         let k = min(bp.b0 / bp.group, bp.ng - 1u);
         g = Grid(bscales[r * bp.ng + k], bzeros[r * bp.ng + k]);
     }
+    var my_q = 0u;
+    var my_e = 0.0;
     for (var i = 0u; i < bp.bw; i++) {
         let pi = bp.b0 + i;
         // Uniform condition: a group starts at this position (in-block groups only).
@@ -344,13 +346,18 @@ fn block(
             let deq = s * (f32(q) - f32(z));
             let e = (w - deq) / bu[p * n + p];
             errv[(i & 1u) * R + rr] = e;
-            berr[r * bp.err_ld + i] = e;
-            atomicOr(&bq[r * (n / 4u) + p / 4u], q << (8u * (p % 4u)));
+            // This invocation's own column: stored after the loop, off the sequential path.
+            my_q = q;
+            my_e = e;
         }
         workgroupBarrier();
         if (j > i && col_ok) {
             w = w - errv[(i & 1u) * R + rr] * bu[pi * n + p];
         }
+    }
+    if (row_ok && col_ok) {
+        berr[r * bp.err_ld + j] = my_e;
+        atomicOr(&bq[r * (n / 4u) + p / 4u], my_q << (8u * (p % 4u)));
     }
 }
 

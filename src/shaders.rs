@@ -13,6 +13,7 @@ pub const FORWARD: &str = include_str!("../shaders/forward.wgsl");
 pub const STATS: &str = include_str!("../shaders/stats.wgsl");
 pub const ELEMENTWISE: &str = include_str!("../shaders/elementwise.wgsl");
 pub const GPTQ: &str = include_str!("../shaders/gptq.wgsl");
+pub const GPTQ_SG: &str = include_str!("../shaders/gptq_sg.wgsl");
 pub const LINALG: &str = include_str!("../shaders/linalg.wgsl");
 
 /// Every module as the GPU will see it: (name, source, needs cooperative matrices).

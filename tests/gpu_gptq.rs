@@ -241,3 +241,47 @@ fn bad_hessians_are_clear_errors_or_damped() {
         .to_string();
     assert!(e.contains("does not divide"), "{e}");
 }
+
+/// Where the adapter has 32-wide subgroups the column loop runs with subgroup operations; it must
+/// give exactly the integers of the workgroup-barrier loop (same arithmetic, same order). On
+/// adapters without them (lavapipe) only the barrier loop exists and this has nothing to compare.
+#[test]
+fn subgroup_loop_equals_barrier_loop() {
+    use wgpress::gpu::gptq::{Hooks, gptq_with, subgroup_loop};
+    let ctx = ctx();
+    if !subgroup_loop(&ctx) {
+        eprintln!("adapter without 32-wide subgroups: only the barrier loop exists here");
+        return;
+    }
+    let (rows, cols) = (33, 200);
+    let (w, h) = layer(rows, cols, 300, 10);
+    let ht = GpuTensor::from_f32(&ctx, cols, cols, &h).unwrap();
+    for (group, mse, stat) in [
+        (Some(40), false, false),
+        (None, true, false),
+        (Some(8), true, false),
+        (Some(40), false, true),
+    ] {
+        let mut o = GptqOptions::new(QuantSpec::new(4, group, false).unwrap());
+        o.mse = mse;
+        o.static_groups = stat;
+        let a = gptq_with(&ctx, &w, rows, cols, &ht, &o, Hooks::default())
+            .unwrap()
+            .0;
+        let b = gptq_with(
+            &ctx,
+            &w,
+            rows,
+            cols,
+            &ht,
+            &o,
+            Hooks {
+                no_subgroups: true,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .0;
+        assert_eq!(a.q, b.q, "group {group:?} mse {mse} static {stat}");
+    }
+}

@@ -375,6 +375,7 @@ impl GpuContext {
         shape: &str,
         steps: &[(&wgpu::ComputePipeline, &Dispatch<'_>)],
     ) -> Result<()> {
+        let started = std::time::Instant::now();
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let val = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let mut enc = self
@@ -447,6 +448,13 @@ impl GpuContext {
         self.queue.submit([enc.finish()]);
         let v = pollster::block_on(val.pop());
         let o = pollster::block_on(oom.pop());
+        if steps.len() > 16 {
+            log::debug!(
+                "{kernel} {shape}: {} dispatches recorded and submitted in {:.2} ms (host)",
+                steps.len(),
+                started.elapsed().as_secs_f64() * 1e3
+            );
+        }
         if let Some(e) = v.or(o) {
             return Err(Error::gpu(kernel, shape, e.to_string()));
         }

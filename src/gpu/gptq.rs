@@ -89,6 +89,8 @@ impl GptqPhases {
 pub struct Hooks {
     pub skip_block: bool,
     pub skip_lazy: bool,
+    /// Use the workgroup-barrier column loop even where the subgroup one could run.
+    pub no_subgroups: bool,
 }
 
 /// Column block for group size `g` (positions) and requested block `b`: groups must either fit
@@ -317,7 +319,13 @@ pub fn gptq_with(
     let src = source();
     let p_gather = ctx.pipeline(KERNEL, &src, "w_gather", false)?;
     let p_fit = ctx.pipeline(KERNEL, &src, "fit_groups", false)?;
-    let p_block = ctx.pipeline(KERNEL, &src, "block", false)?;
+    let use_sg = subgroup_loop(ctx) && !hooks.no_subgroups;
+    let p_block = if use_sg {
+        ctx.pipeline("gptq_sg", &source_sg(), "block_sg", false)?
+    } else {
+        ctx.pipeline(KERNEL, &src, "block", false)?
+    };
+    let block_rows = if use_sg { 1 } else { ROWS_PER_WG };
     let mut outputs = Vec::with_capacity(wp.chunks.len());
     for chunk in &wp.chunks {
         let rc = chunk.rows;
@@ -370,7 +378,7 @@ pub fn gptq_with(
                     bw: bw as u32,
                     ..rows_p
                 },
-                grid(ctx, rc.div_ceil(ROWS_PER_WG)),
+                grid(ctx, rc.div_ceil(block_rows)),
             ));
             if b0 + bw < n && !hooks.skip_lazy {
                 let rest = n - b0 - bw;
@@ -581,7 +589,25 @@ fn source() -> String {
     format!("{}{}", shaders::QUANT_GRID, shaders::GPTQ)
 }
 
-/// Every module variant, for the naga validation test.
+/// The module with the subgroup variant of the column loop.
+fn source_sg() -> String {
+    format!(
+        "{}{}{}",
+        shaders::QUANT_GRID,
+        shaders::GPTQ,
+        shaders::GPTQ_SG
+    )
+}
+
+/// Whether the subgroup column loop can run here: 32-wide subgroups, exactly.
+pub fn subgroup_loop(ctx: &GpuContext) -> bool {
+    ctx.caps.subgroups && ctx.caps.subgroup_size == (32, 32)
+}
+
+/// Every module variant, for the naga validation test: (name, source, needs subgroups).
 pub fn all_sources() -> Vec<(String, String, bool)> {
-    vec![("gptq.wgsl".into(), source(), false)]
+    vec![
+        ("gptq.wgsl".into(), source(), false),
+        ("gptq.wgsl + gptq_sg.wgsl".into(), source_sg(), true),
+    ]
 }
