@@ -74,6 +74,25 @@ enum Cmd {
         #[command(flatten)]
         gpu: GpuArgs,
     },
+    /// Write the calibration windows `compress --calib` would use, as int32 `input_ids` [N, T] in
+    /// a safetensors file, so an external reference (tools/gptq_torch.py) calibrates on the same
+    /// tokens.
+    CalibTokens {
+        /// Hugging Face checkpoint directory (its tokenizer; default: the small model in assets/).
+        model: Option<PathBuf>,
+        #[arg(long = "calib", required = true)]
+        calib: Vec<PathBuf>,
+        #[arg(long, default_value_t = 128)]
+        nsamples: usize,
+        #[arg(long, default_value_t = 2048)]
+        seqlen: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        bos: bool,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Write a random-weight Hugging Face checkpoint of a named shape (for benchmarks at scale).
     Synth {
         /// tiny, smollm2-135m, llama-7b or llama-13b.
@@ -353,6 +372,54 @@ fn run(cli: Cli) -> Result<()> {
                 std::fs::write(&p, serde_json::to_string_pretty(&report)?)
                     .with_context(|| format!("writing {}", p.display()))?;
             }
+            Ok(())
+        }
+        Cmd::CalibTokens {
+            model,
+            calib,
+            nsamples,
+            seqlen,
+            seed,
+            bos,
+            out,
+        } => {
+            let dir = match model {
+                Some(m) => m,
+                None => default_model()?,
+            };
+            let m = wgpress::model::Model::open(&dir)
+                .with_context(|| format!("opening {}", dir.display()))?;
+            let tok = wgpress::model::tokenizer::Tokenizer::load(&m.dir, m.config.vocab_size)?;
+            let opts = wgpress::calib::CalibOptions {
+                files: calib,
+                nsamples,
+                seqlen,
+                seed,
+                bos,
+            };
+            let windows = wgpress::calib::sample_windows(&tok, &opts)?;
+            let data: Vec<u8> = windows
+                .iter()
+                .flatten()
+                .flat_map(|&t| (t as i32).to_le_bytes())
+                .collect();
+            let tmp = out.with_extension("tmp");
+            wgpress::model::writer::write_safetensors(
+                &tmp,
+                &[wgpress::model::writer::TensorOut {
+                    name: "input_ids".into(),
+                    dtype: safetensors::Dtype::I32,
+                    shape: vec![windows.len(), seqlen],
+                    data,
+                }],
+                &Default::default(),
+            )?;
+            std::fs::rename(&tmp, &out).with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote {} x {seqlen} calibration tokens to {}",
+                windows.len(),
+                out.display()
+            );
             Ok(())
         }
         Cmd::Synth { shape, out, seed } => {

@@ -644,3 +644,47 @@ fn bench_matmul_small() {
     let tflops: f64 = row[7].parse().expect("TFLOP/s column");
     assert!(ms.is_finite() && ms >= 0.0 && tflops.is_finite(), "{row:?}");
 }
+
+#[test]
+fn calib_tokens_writes_the_windows_compress_uses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("calib.safetensors");
+    let text =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/text/shakespeare-heldout-head.txt");
+    let o = run_with(
+        &[
+            "calib-tokens",
+            tiny().to_str().unwrap(),
+            "--calib",
+            text.to_str().unwrap(),
+            "--nsamples",
+            "3",
+            "--seqlen",
+            "17",
+            "--seed",
+            "5",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let set = wgpress::model::safetensors::SafetensorsSet::open_file(&out).unwrap();
+    assert_eq!(set.info("input_ids").unwrap().shape, vec![3, 17]);
+    let got = set.to_i32("input_ids").unwrap();
+    let m = wgpress::model::Model::open(&tiny()).unwrap();
+    let tok = wgpress::model::tokenizer::Tokenizer::load(&m.dir, m.config.vocab_size).unwrap();
+    let want = wgpress::calib::sample_windows(
+        &tok,
+        &wgpress::calib::CalibOptions {
+            files: vec![text],
+            nsamples: 3,
+            seqlen: 17,
+            seed: 5,
+            bos: false,
+        },
+    )
+    .unwrap();
+    let want: Vec<i32> = want.concat().iter().map(|&t| t as i32).collect();
+    assert_eq!(got, want);
+}
