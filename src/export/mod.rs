@@ -5,6 +5,7 @@
 
 pub mod compressed_tensors;
 pub mod dense;
+pub mod gguf;
 pub mod gptq;
 
 use crate::error::{Error, Result};
