@@ -242,7 +242,11 @@ fn compressed_tensors_round_trip_is_bit_exact() {
                             .find(|d| d.0 == format!("{name}.weight"))
                             .unwrap();
                         assert_eq!(shape, &vec![tensor.rows, tensor.cols]);
-                        assert_eq!(f32_bits(v), f32_bits(&tensor.dequantize()), "{spec:?} {name}");
+                        assert_eq!(
+                            f32_bits(v),
+                            f32_bits(&tensor.dequantize()),
+                            "{spec:?} {name}"
+                        );
                     }
                 }
                 let cfg: serde_json::Value =
