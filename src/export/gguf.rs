@@ -548,12 +548,8 @@ impl<'a> GgufWriter<'a> {
                     Permute::Q => c.num_attention_heads,
                     Permute::K => c.num_key_value_heads,
                 };
+                // ne = [cols, rows] for a matrix, [rows] for a bias.
                 let rows = *t.ne.last().unwrap_or(&1) as usize;
-                let rows = if t.ne.len() == 1 {
-                    t.ne[0] as usize
-                } else {
-                    rows
-                };
                 check_permutable(rows, heads, &t.name)?;
                 t.data = permute_rows(&t.data, t.data.len() / rows, heads);
             }
