@@ -306,10 +306,15 @@ fn python_compressed_tensors_decompressor_accepts_our_export() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let mut rng = Rng::new(32);
-    for (bits, group, sym) in [(4, Some(32), false), (8, None, true), (2, Some(64), true)] {
+    for (bits, group, sym) in [
+        (4, Some(32), false),
+        (8, None, true),
+        (4, None, false),
+        (2, Some(64), true),
+    ] {
         let spec = QuantSpec::new(bits, group, sym).unwrap();
         let tensors = model_tensors(&mut rng, spec, false);
-        let name = format!("ct{bits}{sym}");
+        let name = format!("ct{bits}{group:?}{sym}");
         let ct = export_ct(&tmp.path().join(&name), &tensors, Dtype::F16);
         let dense = write_dense_ref(&tmp.path().join(format!("{name}-dense")), &tensors, None);
         let (ok, out) = run_tool("check_compressed_tensors.py", &ct, &dense);
