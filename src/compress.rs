@@ -6,7 +6,9 @@
 
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::export::compressed_tensors::CompressedTensorsWriter;
 use crate::export::dense::{NamedTensor, write_dense};
+use crate::export::gguf::GgufWriter;
 use crate::export::gptq::{ExportTensor, GptqExportOptions, GptqWriter};
 use crate::model::Model;
 use crate::model::safetensors::Dtype;
@@ -17,10 +19,14 @@ use std::time::Instant;
 
 /// Output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Format {
     Gptq,
     Dense,
+    /// compressed-tensors `pack-quantized` (vLLM, llm-compressor).
+    CompressedTensors,
+    /// GGUF v3 (llama.cpp): Q4_0, Q4_1 or Q8_0 chosen from the grid.
+    Gguf,
 }
 
 #[derive(Clone, Debug)]
@@ -107,30 +113,67 @@ pub(crate) fn validate(model: &Model, opts: &CompressOptions) -> Result<()> {
             crate::quant::pack::packed_len(cols, spec.bits, n)?;
         }
     }
-    if opts.format == Format::Gptq {
-        crate::quant::pack::check_bits(spec.bits)?;
-        if !matches!(opts.dtype, Dtype::F16 | Dtype::BF16) {
-            return Err(Error::invalid(
-                "the GPTQ format stores unquantized tensors in f16 or bf16",
-            ));
+    match opts.format {
+        Format::Gptq => {
+            crate::quant::pack::check_bits(spec.bits)?;
+            if !matches!(opts.dtype, Dtype::F16 | Dtype::BF16) {
+                return Err(Error::invalid(
+                    "the GPTQ format stores unquantized tensors in f16 or bf16",
+                ));
+            }
         }
+        Format::CompressedTensors => {
+            crate::export::compressed_tensors::check_spec(&spec)?;
+            if !matches!(opts.dtype, Dtype::F16 | Dtype::BF16) {
+                return Err(Error::invalid(
+                    "the compressed-tensors format stores unquantized tensors in f16 or bf16",
+                ));
+            }
+        }
+        Format::Gguf => {
+            crate::export::gguf::gguf_type_for(&spec)?;
+            crate::export::gguf::check_config(&model.config, &model.dir)?;
+        }
+        Format::Dense => {}
     }
     Ok(())
 }
 
-/// Where compressed tensors go: the streaming GPTQ writer, or dense tensors kept until the end.
+/// Where compressed tensors go: a streaming format writer, or dense tensors kept until the end.
+enum Writer<'a> {
+    Gptq(GptqWriter<'a>),
+    CompressedTensors(CompressedTensorsWriter<'a>),
+    Gguf(GgufWriter<'a>),
+    Dense(Vec<NamedTensor>),
+}
+
+impl Writer<'_> {
+    fn add(&mut self, t: ExportTensor) -> Result<()> {
+        match self {
+            Writer::Gptq(w) => w.add(&t),
+            Writer::CompressedTensors(w) => w.add(&t),
+            Writer::Gguf(w) => w.add(&t),
+            Writer::Dense(v) => {
+                if let ExportTensor::Plain { name, shape, data } = t {
+                    v.push((name, shape, data));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 pub(crate) struct Sink<'a> {
     out: &'a OutputDir,
-    gptq: Option<GptqWriter<'a>>,
-    dense: Vec<NamedTensor>,
+    writer: Writer<'a>,
     dtype: Dtype,
     pub copied: usize,
 }
 
 impl<'a> Sink<'a> {
     pub fn new(out: &'a OutputDir, opts: &CompressOptions) -> Result<Self> {
-        let gptq = match opts.format {
-            Format::Gptq => Some(GptqWriter::new(
+        let writer = match opts.format {
+            Format::Gptq => Writer::Gptq(GptqWriter::new(
                 out,
                 GptqExportOptions {
                     plain_dtype: opts.dtype,
@@ -140,12 +183,15 @@ impl<'a> Sink<'a> {
                     ..Default::default()
                 },
             )?),
-            Format::Dense => None,
+            Format::CompressedTensors => {
+                Writer::CompressedTensors(CompressedTensorsWriter::new(out, opts.dtype)?)
+            }
+            Format::Gguf => Writer::Gguf(GgufWriter::new(out, opts.dtype)?),
+            Format::Dense => Writer::Dense(Vec::new()),
         };
         Ok(Sink {
             out,
-            gptq,
-            dense: Vec::new(),
+            writer,
             dtype: opts.dtype,
             copied: 0,
         })
@@ -153,42 +199,46 @@ impl<'a> Sink<'a> {
 
     /// A quantized linear layer `name` (ending in `.weight`) with its dequantized values.
     pub fn quantized(&mut self, name: &str, q: QuantizedTensor, deq: Vec<f32>) -> Result<()> {
-        let shape = vec![q.rows, q.cols];
-        match self.gptq.as_mut() {
-            Some(w) => w.add(&ExportTensor::Quantized {
+        let t = match self.writer {
+            Writer::Dense(_) => ExportTensor::Plain {
+                name: name.to_string(),
+                shape: vec![q.rows, q.cols],
+                data: deq,
+            },
+            _ => ExportTensor::Quantized {
                 name: name.trim_end_matches(".weight").to_string(),
                 tensor: q,
                 bias: None,
-            }),
-            None => {
-                self.dense.push((name.to_string(), shape, deq));
-                Ok(())
-            }
-        }
+            },
+        };
+        self.writer.add(t)
     }
 
     /// A tensor copied as it is (converted to the output dtype).
     pub fn plain(&mut self, name: &str, shape: Vec<usize>, data: Vec<f32>) -> Result<()> {
         self.copied += 1;
-        match self.gptq.as_mut() {
-            Some(w) => w.add(&ExportTensor::Plain {
-                name: name.to_string(),
-                shape,
-                data,
-            }),
-            None => {
-                self.dense.push((name.to_string(), shape, data));
-                Ok(())
-            }
-        }
+        self.writer.add(ExportTensor::Plain {
+            name: name.to_string(),
+            shape,
+            data,
+        })
     }
 
     /// Writes the weights, the side files and report.json; the caller then commits the output.
     pub fn finish(self, model: &Model, mut report: CompressReport) -> Result<CompressReport> {
         let out = self.out;
-        match self.gptq {
-            Some(w) => w.finish(&model.config.raw)?,
-            None => write_dense(self.out, &model.config.raw, &self.dense, self.dtype)?,
+        match self.writer {
+            Writer::Gptq(w) => w.finish(&model.config.raw)?,
+            Writer::CompressedTensors(w) => w.finish(&model.config.raw)?,
+            Writer::Gguf(w) => {
+                let name = model
+                    .dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_else(|| "model".into());
+                w.finish(&model.config, &model.dir, &name)?
+            }
+            Writer::Dense(d) => write_dense(self.out, &model.config.raw, &d, self.dtype)?,
         }
         for f in SIDE_FILES {
             let src = model.dir.join(f);

@@ -250,7 +250,8 @@ mod wgpress_cli {
         pub block: usize,
         #[arg(long, value_enum, default_value = "gptq")]
         pub format: Format,
-        /// Dtype of unquantized tensors (GPTQ) or of all weights (dense).
+        /// Dtype of unquantized tensors (GPTQ, compressed-tensors, GGUF matrices) or of all
+        /// weights (dense).
         #[arg(long, value_enum, default_value = "f16")]
         pub dtype: OutDtype,
         /// Calibration text file(s); with them the layer-streaming pipeline runs on the GPU and
@@ -296,6 +297,11 @@ mod wgpress_cli {
         Gptq,
         /// Dequantized weights in the input's names (f16), for any runtime.
         Dense,
+        /// compressed-tensors `pack-quantized` (vLLM, llm-compressor); bits 2, 4 or 8.
+        CompressedTensors,
+        /// GGUF v3 for llama.cpp: Q4_0 (--bits 4 --group 32 --sym), Q4_1 (--bits 4 --group 32)
+        /// or Q8_0 (--bits 8 --group 32 --sym); --dtype sets the unquantized matrices' type.
+        Gguf,
     }
 }
 
@@ -744,6 +750,8 @@ mod compress {
             format: match args.format {
                 Format::Gptq => compress::Format::Gptq,
                 Format::Dense => compress::Format::Dense,
+                Format::CompressedTensors => compress::Format::CompressedTensors,
+                Format::Gguf => compress::Format::Gguf,
             },
             dtype: match args.dtype {
                 OutDtype::F16 => Dtype::F16,

@@ -687,4 +687,161 @@ fn calib_tokens_writes_the_windows_compress_uses() {
     .unwrap();
     let want: Vec<i32> = want.concat().iter().map(|&t| t as i32).collect();
     assert_eq!(got, want);
+
+fn python_has(modules: &str) -> Result<(), String> {
+    match Command::new("python3")
+        .args(["-c", &format!("import {modules}")])
+        .output()
+    {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(text(&o.stderr)
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or("")
+            .to_string()),
+        Err(e) => Err(format!("python3 not runnable: {e}")),
+    }
+}
+
+fn check_tool(script: &str, export: &Path, dense: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tools")
+        .join(script);
+    let o = Command::new("python3")
+        .arg(&script)
+        .arg(export)
+        .arg(dense)
+        .output()
+        .expect("running the checker");
+    let out = text(&o.stdout);
+    assert!(
+        o.status.success() && out.contains("0 mismatched, 0 problems"),
+        "{} rejected the export ({}):\n{out}\n{}",
+        script.display(),
+        o.status,
+        text(&o.stderr)
+    );
+}
+
+/// The shipped model to compressed-tensors (4-bit g128 asymmetric) and to GGUF Q4_0 / Q8_0;
+/// files and configs; the external package checks against dense f32 exports of the same grids.
+#[test]
+fn compress_tiny_compressed_tensors_and_gguf() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let (ct, ct_dense) = (t.join("ct"), t.join("ct-dense"));
+    let (stdout, _) = compress(&tiny(), &ct, &["--format", "compressed-tensors"], &[]);
+    assert!(stdout.contains("quantized 28 linear layers"), "{stdout}");
+    compress(
+        &tiny(),
+        &ct_dense,
+        &["--format", "dense", "--dtype", "f32"],
+        &[],
+    );
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "report.json",
+    ] {
+        assert!(ct.join(f).is_file(), "compressed-tensors output lacks {f}");
+    }
+    let cfg = read_json(&ct.join("config.json"));
+    let qc = &cfg["quantization_config"];
+    assert_eq!(qc["quant_method"], "compressed-tensors");
+    assert_eq!(qc["format"], "pack-quantized");
+    let w = &qc["config_groups"]["group_0"]["weights"];
+    assert_eq!(
+        (
+            w["num_bits"].clone(),
+            w["group_size"].clone(),
+            w["symmetric"].clone()
+        ),
+        (
+            serde_json::json!(4),
+            serde_json::json!(128),
+            serde_json::json!(false)
+        )
+    );
+    assert_eq!(
+        read_json(&ct.join("report.json"))["format"],
+        "compressed-tensors"
+    );
+    let (h, _) = split_safetensors(&ct.join("model.safetensors"));
+    assert_eq!(
+        h["model.layers.0.mlp.down_proj.weight_packed"]["shape"],
+        serde_json::json!([256, 96])
+    );
+    assert_eq!(
+        h["model.layers.0.mlp.down_proj.weight_zero_point"]["shape"],
+        serde_json::json!([32, 6])
+    );
+
+    let mut ggufs = vec![];
+    for (name, opts) in [
+        ("q4_0", vec!["--bits", "4", "--group", "32", "--sym"]),
+        ("q8_0", vec!["--bits", "8", "--group", "32", "--sym"]),
+    ] {
+        let (g, d) = (t.join(name), t.join(format!("{name}-dense")));
+        let mut a = opts.clone();
+        a.extend(["--format", "gguf"]);
+        compress(&tiny(), &g, &a, &[]);
+        let mut a = opts.clone();
+        a.extend(["--format", "dense", "--dtype", "f32"]);
+        compress(&tiny(), &d, &a, &[]);
+        assert!(g.join("model.gguf").is_file() && g.join("tokenizer.json").is_file());
+        assert!(
+            !g.join("config.json").exists(),
+            "a GGUF output has no config.json"
+        );
+        assert_eq!(&read(&g.join("model.gguf"))[..8], b"GGUF\x03\0\0\0");
+        assert_eq!(read_json(&g.join("report.json"))["format"], "gguf");
+        ggufs.push((g, d));
+    }
+
+    match python_has("torch, safetensors, compressed_tensors") {
+        Ok(()) => check_tool("check_compressed_tensors.py", &ct, &ct_dense),
+        Err(why) => eprintln!("SKIPPING check_compressed_tensors.py: {why}"),
+    }
+    match python_has("numpy, safetensors, gguf") {
+        Ok(()) => {
+            for (g, d) in &ggufs {
+                check_tool("check_gguf.py", &g.join("model.gguf"), d);
+            }
+        }
+        Err(why) => eprintln!("SKIPPING check_gguf.py: {why}"),
+    }
+}
+
+/// Format/grid combinations a format cannot hold fail before anything is written, naming the
+/// settings that would work.
+#[test]
+fn bad_format_combinations_fail_before_writing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = compress_fails(
+        tmp.path(),
+        &tiny(),
+        &["--format", "gguf"],
+        &["GGUF", "group 128", "--group 32"],
+    );
+    assert!(e.contains("Q4_0"), "{e}");
+    compress_fails(
+        tmp.path(),
+        &tiny(),
+        &["--format", "gguf", "--bits", "8", "--group", "32"],
+        &["8-bit group 32 asymmetric", "--sym"],
+    );
+    compress_fails(
+        tmp.path(),
+        &tiny(),
+        &["--format", "compressed-tensors", "--bits", "3"],
+        &["compressed-tensors", "2, 4 or 8 bits, got 3"],
+    );
+    compress_fails(
+        tmp.path(),
+        &tiny(),
+        &["--format", "compressed-tensors", "--dtype", "f32"],
+        &["compressed-tensors", "f16 or bf16"],
+    );
 }

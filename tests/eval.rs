@@ -206,3 +206,95 @@ fn strided_windows_score_each_token_once_and_need_context() {
     assert!(wgpress::calib::stride_windows(&ids, 64, 0, None).is_err());
     assert!(wgpress::calib::stride_windows(&ids, 64, 65, None).is_err());
 }
+
+/// `compress` the tiny model into `dir` with `args` (on the CPU path: bit-identical to the GPU).
+fn compress_into(dir: &Path, args: &[&str]) {
+    let o = Command::new(env!("CARGO_BIN_EXE_wgpress"))
+        .args([
+            "compress",
+            root().join("assets/tiny").to_str().unwrap(),
+            "--out",
+        ])
+        .arg(dir)
+        .args(args)
+        .arg("--cpu")
+        .env_remove("WGPRESS_ADAPTER")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "compress {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Eval reads each export itself (dequantized on load) and gets the perplexity of the dense export
+/// of the same RTN grid: GPTQ and compressed-tensors vs dense (4-bit g128 asymmetric), GGUF Q4_0
+/// vs dense (4-bit g32 symmetric). The dequantized weights are identical (unquantized tensors in
+/// bf16, the input's dtype, so nothing is rounded), so the losses agree to 1e-6 relative.
+#[test]
+fn eval_of_exports_equals_eval_of_dense() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    compress_into(&t.join("gptq"), &["--dtype", "bf16"]);
+    compress_into(
+        &t.join("ct"),
+        &["--format", "compressed-tensors", "--dtype", "bf16"],
+    );
+    compress_into(&t.join("dense"), &["--format", "dense", "--dtype", "f32"]);
+    let g32 = ["--bits", "4", "--group", "32", "--sym"];
+    compress_into(
+        &t.join("gguf"),
+        &[&g32[..], &["--format", "gguf", "--dtype", "bf16"]].concat(),
+    );
+    compress_into(
+        &t.join("dense32"),
+        &[&g32[..], &["--format", "dense", "--dtype", "f32"]].concat(),
+    );
+
+    let loss = |dir: &Path| {
+        let m = Model::open(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let w = windows(&m, 128, 512);
+        let r =
+            wgpress::eval::perplexity(&Engine::Cpu, &m, None, &as_windows(&w), &|_, _| {}).unwrap();
+        assert_eq!(r.scored_tokens, 508);
+        r.mean_nll
+    };
+    let dense = loss(&t.join("dense"));
+    for name in ["gptq", "ct"] {
+        let l = loss(&t.join(name));
+        assert!(
+            ((l - dense) / dense).abs() < 1e-6,
+            "{name}: loss {l} vs dense {dense}"
+        );
+    }
+    let dense32 = loss(&t.join("dense32"));
+    // The .gguf file itself and its directory both open.
+    for p in [t.join("gguf"), t.join("gguf/model.gguf")] {
+        let l = loss(&p);
+        assert!(
+            ((l - dense32) / dense32).abs() < 1e-6,
+            "{}: loss {l} vs dense {dense32}",
+            p.display()
+        );
+    }
+    // The quantized model is worse than the original, but not broken.
+    assert!(
+        dense > HF_LOSS_128_512 && dense < HF_LOSS_128_512 + 0.5,
+        "{dense}"
+    );
+
+    // The eval command reads a GGUF file directly.
+    let o = Command::new(env!("CARGO_BIN_EXE_wgpress"))
+        .args([
+            "eval",
+            t.join("gguf/model.gguf").to_str().unwrap(),
+            "--text",
+            text().to_str().unwrap(),
+        ])
+        .args(["--seq-len", "128", "--max-tokens", "256", "--cpu"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("perplexity"));
+}

@@ -1,4 +1,80 @@
-//! Exporters: dense safetensors and the GPTQ v1 checkpoint format (DESIGN.md section 5).
+//! Exporters (DESIGN.md section 5): dense safetensors, GPTQ v1, compressed-tensors
+//! `pack-quantized` and GGUF v3, each with the reader our round-trip tests and `wgpress eval` use;
+//! plus the structural checks every quantized exporter applies to a [`QuantizedTensor`] before
+//! encoding it. Exporters never quantize: the grid comes in finished.
 
+pub mod compressed_tensors;
 pub mod dense;
+pub mod gguf;
 pub mod gptq;
+
+use crate::error::{Error, Result};
+use crate::quant::QuantizedTensor;
+use half::f16;
+use std::path::Path;
+
+/// Checks that a quantized tensor is internally consistent (lengths of q, scales, zeros, g_idx;
+/// g_idx within the groups; integers and zeros within 0..=maxq) and that every scale is a positive,
+/// finite value exactly representable in f16 (the formats store f16 scales). Errors name `file`,
+/// `name` and the first offending position.
+pub(crate) fn check_quantized(t: &QuantizedTensor, file: &Path, name: &str) -> Result<()> {
+    let err = |p: String| Error::tensor(file, name, p);
+    let (rows, cols) = (t.rows, t.cols);
+    let ng = t.n_groups();
+    if t.q.len() != rows * cols
+        || t.scales.len() != rows * ng
+        || t.zeros.len() != rows * ng
+        || t.g_idx.len() != cols
+    {
+        return Err(err(format!(
+            "inconsistent quantized tensor {rows} x {cols}, {ng} groups: q {}, scales {}, zeros {}, g_idx {}",
+            t.q.len(),
+            t.scales.len(),
+            t.zeros.len(),
+            t.g_idx.len()
+        )));
+    }
+    let maxq = t.spec.maxq();
+    if let Some(i) = t.q.iter().position(|&q| q as u32 > maxq) {
+        return Err(err(format!(
+            "integer {} at (row {}, col {}) exceeds {maxq} for {} bits",
+            t.q[i],
+            i / cols,
+            i % cols,
+            t.spec.bits
+        )));
+    }
+    for (c, &g) in t.g_idx.iter().enumerate() {
+        if g as usize >= ng {
+            return Err(err(format!("g_idx[{c}] = {g} but there are {ng} groups")));
+        }
+    }
+    for (i, &s) in t.scales.iter().enumerate() {
+        if !(s.is_finite() && s > 0.0 && f16::from_f32(s).to_f32() == s) {
+            return Err(err(format!(
+                "scale {s} at (row {}, group {}) is not a positive f16 value",
+                i / ng,
+                i % ng
+            )));
+        }
+    }
+    if let Some(i) = t.zeros.iter().position(|&z| z > maxq) {
+        return Err(err(format!(
+            "zero point {} at (row {}, group {}) exceeds {maxq}",
+            t.zeros[i],
+            i / ng,
+            i % ng
+        )));
+    }
+    Ok(())
+}
+
+/// The first input column whose `g_idx` differs from the static map `c / group_size` (an
+/// act-order permutation), or `None` when the map is static.
+pub(crate) fn first_act_order_column(t: &QuantizedTensor) -> Option<usize> {
+    let gs = t.spec.group_size(t.cols);
+    t.g_idx
+        .iter()
+        .enumerate()
+        .position(|(c, &g)| g as usize != c / gs)
+}

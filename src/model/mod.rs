@@ -5,6 +5,7 @@
 //! Nothing here touches the GPU: the CLI adds the adapter list to `inspect`'s report itself.
 
 pub mod config;
+pub mod formats;
 pub mod forward;
 pub mod llama;
 pub mod safetensors;
@@ -28,7 +29,12 @@ pub struct Model {
 impl Model {
     /// Opens `dir`, checking that every tensor the config implies is present with the right shape
     /// and a float dtype. Extra tensors (e.g. a tied lm_head, rotary caches) are allowed and logged.
+    /// A GPTQ or compressed-tensors export directory, or a GGUF file (or a directory holding one),
+    /// is dequantized to f32 on load (see [`formats`]).
     pub fn open(dir: &Path) -> Result<Self> {
+        if let Some((d, config, weights)) = formats::open_exported(dir)? {
+            return Self::checked(&d, config, weights);
+        }
         if !dir.is_dir() {
             return Err(Error::format(
                 dir,
@@ -37,6 +43,11 @@ impl Model {
         }
         let config = LlamaConfig::load(dir)?;
         let weights = SafetensorsSet::open(dir)?;
+        Self::checked(dir, config, weights)
+    }
+
+    /// Checks `weights` against `config` (see [`Model::open`]).
+    fn checked(dir: &Path, config: LlamaConfig, weights: SafetensorsSet) -> Result<Self> {
         let expected = config.expected_tensors();
         for (name, shape) in &expected {
             let info = weights.info(name).map_err(|_| {

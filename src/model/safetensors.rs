@@ -7,6 +7,10 @@
 //! index naming a missing shard or tensor, a tensor in two shards) becomes an error naming the file
 //! and the tensor. Only the crate's `Dtype` enum is reused.
 //!
+//! A set can also hold tensors that never were a file ([`SafetensorsSet::from_f32`]): the
+//! dequantized weights of a GPTQ, compressed-tensors or GGUF export (`model::formats`), so the
+//! rest of the crate reads every checkpoint through this one type.
+//!
 //! This module must not write files (see `writer.rs`), must not copy whole files into memory, and
 //! must not interpret tensor names (that is `config.rs`'s job).
 
@@ -52,10 +56,26 @@ impl TensorInfo {
     }
 }
 
-/// One memory-mapped file.
+/// A shard's bytes: a read-only map of a file, or an owned buffer built in memory.
+enum ShardBytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for ShardBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ShardBytes::Mapped(m) => m,
+            ShardBytes::Owned(v) => v,
+        }
+    }
+}
+
+/// One memory-mapped file (or one in-memory buffer).
 struct Shard {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: ShardBytes,
     /// Byte offset in the file where the data section starts (8 + header length).
     data_start: usize,
     metadata: BTreeMap<String, String>,
@@ -237,6 +257,52 @@ impl SafetensorsSet {
         })
     }
 
+    /// A set holding `tensors` (name, shape, row-major f32 values) in memory as F32, as if read
+    /// from `origin` (named in errors and returned by `origin()` and `files()`). Errors on a
+    /// duplicate name or a shape that does not match its values.
+    pub fn from_f32(origin: &Path, tensors: Vec<(String, Vec<usize>, Vec<f32>)>) -> Result<Self> {
+        let total: usize = tensors.iter().map(|t| t.2.len() * 4).sum();
+        let mut data = Vec::with_capacity(total);
+        let mut entries = BTreeMap::new();
+        for (name, shape, values) in tensors {
+            if shape.iter().product::<usize>() != values.len() {
+                return Err(Error::tensor(
+                    origin,
+                    &name,
+                    format!("shape {shape:?} does not match {} values", values.len()),
+                ));
+            }
+            let start = data.len();
+            for v in &values {
+                data.extend_from_slice(&v.to_le_bytes());
+            }
+            let entry = Entry {
+                info: TensorInfo {
+                    name: name.clone(),
+                    dtype: Dtype::F32,
+                    shape,
+                    file: origin.to_path_buf(),
+                },
+                shard: 0,
+                start,
+                end: data.len(),
+            };
+            if entries.insert(name.clone(), entry).is_some() {
+                return Err(Error::tensor(origin, &name, "appears twice"));
+            }
+        }
+        Ok(SafetensorsSet {
+            origin: origin.to_path_buf(),
+            shards: vec![Shard {
+                path: origin.to_path_buf(),
+                mmap: ShardBytes::Owned(data),
+                data_start: 0,
+                metadata: BTreeMap::new(),
+            }],
+            entries,
+        })
+    }
+
     /// All tensor names, sorted.
     pub fn names(&self) -> Vec<&str> {
         self.entries.keys().map(|s| s.as_str()).collect()
@@ -412,7 +478,7 @@ fn map_shard(path: &Path) -> Result<(Shard, Header)> {
     // SAFETY: the map is read-only and private to this process. If another process truncates or
     // rewrites the file while it is mapped, reads may fault or see new bytes; checkpoints are not
     // modified while being compressed, and this is the same contract every mmap-based loader has.
-    let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let mmap = ShardBytes::Mapped(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?);
     let mut lenb = [0u8; 8];
     lenb.copy_from_slice(&mmap[..8]);
     let hlen = u64::from_le_bytes(lenb);
