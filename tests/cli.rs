@@ -687,6 +687,7 @@ fn calib_tokens_writes_the_windows_compress_uses() {
     .unwrap();
     let want: Vec<i32> = want.concat().iter().map(|&t| t as i32).collect();
     assert_eq!(got, want);
+}
 
 fn python_has(modules: &str) -> Result<(), String> {
     match Command::new("python3")
