@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Quality table of the small model (BENCHMARKS.md): original, RTN, our GPTQ and tools/gptq_torch.py's
+# GPTQ on the same calibration tokens, each evaluated by `wgpress eval` on the held-out split.
+# Usage: tools/quality_tiny.sh WGPRESS_BIN TEXT_DIR WORK_DIR [torch|ours|all]
+# TEXT_DIR holds shakespeare-train.txt (calibration) and shakespeare-heldout.txt (evaluation),
+# made by tools/shakespeare_splits.py. Calibration: 128 windows of 256 tokens, seed 0.
+set -euo pipefail
+BIN=$1; TXT=$2; W=$3; WHAT=${4:-all}
+MODEL=assets/tiny
+mkdir -p "$W"
+CAL="--calib $TXT/shakespeare-train.txt --nsamples 128 --seqlen 256 --seed 0"
+EVAL="--text $TXT/shakespeare-heldout.txt --seq-len 256"
+ev() { "$BIN" eval "$1" $EVAL --json "$W/$2.json" >/dev/null 2>&1 && python3 -c "import json;r=json.load(open('$W/$2.json'));print('$2', r['ppl'])"; }
+"$BIN" calib-tokens $MODEL $CAL --out "$W/calib.safetensors" >/dev/null
+if [ "$WHAT" != torch ]; then
+  ev $MODEL original
+  for cfg in "4 128" "3 128" "4 32 --sym"; do
+    set -- $cfg; b=$1; g=$2; sym=${3:-}; tag="b${b}g${g}${sym:+sym}"
+    "$BIN" compress $MODEL --bits $b --group $g $sym --format dense --dtype f32 --out "$W/rtn_$tag" >/dev/null 2>&1
+    ev "$W/rtn_$tag" "rtn_$tag"
+    for act in "" "--no-act-order"; do
+      a=${act:+_noact}; a=${a:-_act}
+      "$BIN" compress $MODEL --method gptq --bits $b --group $g $sym $act $CAL --format dense --dtype f32 --out "$W/gptq_$tag$a" >/dev/null 2>&1
+      ev "$W/gptq_$tag$a" "gptq_$tag$a"
+    done
+  done
+fi
+if [ "$WHAT" != ours ]; then
+  for cfg in "4 128" "3 128" "4 32 --sym"; do
+    set -- $cfg; b=$1; g=$2; sym=${3:-}; tag="b${b}g${g}${sym:+sym}"
+    for act in "--act-order" ""; do
+      a=${act:+_act}; a=${a:-_noact}
+      python3 tools/gptq_torch.py model --model $MODEL --calib-tokens "$W/calib.safetensors" --bits $b --group $g $sym $act --damp 0.01 --device cuda --out "$W/torch_$tag$a" >/dev/null 2>&1
+      ev "$W/torch_$tag$a" "torch_$tag$a"
+    done
+  done
+fi
