@@ -18,6 +18,9 @@ struct Params {
 }
 
 const NB: u32 = 64u;
+// Row stride of the block in workgroup memory: 65 puts the rows of one column in 32 different
+// banks (the column-wise loops below would otherwise be 32-way bank conflicts).
+const LD: u32 = 65u;
 const WG: u32 = 256u;
 
 @group(0) @binding(0) var<storage, read_write> m: array<f32>;
@@ -30,29 +33,29 @@ const WG: u32 = 256u;
 // set_diag
 @group(0) @binding(2) var<uniform> r: Params;
 
-var<workgroup> blk: array<f32, 4096>; // NB x NB
+var<workgroup> blk: array<f32, 4160>; // NB x LD
 var<workgroup> col: array<f32, 64>;
 
 @compute @workgroup_size(256)
 fn potrf_diag(@builtin(local_invocation_index) lid: u32) {
     let base = p.k0 * p.ld + p.k0;
     for (var e = lid; e < NB * NB; e += WG) {
-        blk[e] = m[base + (e / NB) * p.ld + e % NB];
+        blk[(e / NB) * LD + e % NB] = m[base + (e / NB) * p.ld + e % NB];
     }
     workgroupBarrier();
     var failed = false;
     for (var j = 0u; j < NB; j++) {
-        let d = blk[j * NB + j];
+        let d = blk[j * LD + j];
         // NaN fails the first comparison, infinity the second.
         let ok = d > 0.0 && d < 3.0e38;
         let piv = select(1.0, sqrt(d), ok);
         failed = failed || !ok;
         workgroupBarrier();
         if (lid == 0u) {
-            blk[j * NB + j] = piv;
+            blk[j * LD + j] = piv;
         }
         for (var i = j + 1u + lid; i < NB; i += WG) {
-            blk[i * NB + j] = blk[i * NB + j] / piv;
+            blk[i * LD + j] = blk[i * LD + j] / piv;
         }
         workgroupBarrier();
         // Trailing update of the lower triangle: (i, k) with j < k <= i.
@@ -61,7 +64,7 @@ fn potrf_diag(@builtin(local_invocation_index) lid: u32) {
             let i = j + 1u + e / w;
             let k = j + 1u + e % w;
             if (k <= i) {
-                blk[i * NB + k] = blk[i * NB + k] - blk[i * NB + j] * blk[k * NB + j];
+                blk[i * LD + k] = blk[i * LD + k] - blk[i * LD + j] * blk[k * LD + j];
             }
         }
         workgroupBarrier();
@@ -72,7 +75,7 @@ fn potrf_diag(@builtin(local_invocation_index) lid: u32) {
     for (var e = lid; e < NB * NB; e += WG) {
         let i = e / NB;
         let k = e % NB;
-        m[base + i * p.ld + k] = select(blk[e], 0.0, k > i);
+        m[base + i * p.ld + k] = select(blk[i * LD + k], 0.0, k > i);
     }
     workgroupBarrier();
     // In-place inverse of the lower factor (LAPACK trti2, column by column from the right):
@@ -80,26 +83,26 @@ fn potrf_diag(@builtin(local_invocation_index) lid: u32) {
     // right of j already hold the inverse.
     for (var jj = 0u; jj < NB; jj++) {
         let j = NB - 1u - jj;
-        let inv_jj = 1.0 / blk[j * NB + j];
+        let inv_jj = 1.0 / blk[j * LD + j];
         if (lid < NB) {
-            col[lid] = blk[lid * NB + j];
+            col[lid] = blk[lid * LD + j];
         }
         workgroupBarrier();
         if (lid > j && lid < NB) {
             var s = 0.0;
             for (var k = j + 1u; k <= lid; k++) {
-                s = s + blk[lid * NB + k] * col[k];
+                s = s + blk[lid * LD + k] * col[k];
             }
-            blk[lid * NB + j] = -s * inv_jj;
+            blk[lid * LD + j] = -s * inv_jj;
         }
         if (lid == j) {
-            blk[j * NB + j] = inv_jj;
+            blk[j * LD + j] = inv_jj;
         }
         workgroupBarrier();
     }
     let dbase = (p.k0 / NB) * NB * NB;
     for (var e = lid; e < NB * NB; e += WG) {
-        dinv[dbase + e] = select(blk[e], 0.0, e % NB > e / NB);
+        dinv[dbase + e] = select(blk[(e / NB) * LD + e % NB], 0.0, e % NB > e / NB);
     }
 }
 

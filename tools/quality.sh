@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Quality table of the small model (BENCHMARKS.md): original, RTN, our GPTQ and tools/gptq_torch.py's
-# GPTQ on the same calibration tokens, each evaluated by `wgpress eval` on the held-out split.
-# Usage: tools/quality_tiny.sh WGPRESS_BIN TEXT_DIR WORK_DIR [torch|ours|all]
+# Quality tables (BENCHMARKS.md): original, RTN, our GPTQ and tools/gptq_torch.py's GPTQ on the
+# same calibration tokens, each evaluated by `wgpress eval` on the held-out split.
+# Usage: tools/quality.sh WGPRESS_BIN MODEL TEXT_DIR WORK_DIR [torch|ours|all] [SEQLEN] [NSAMPLES] [MAX_EVAL_TOKENS]
 # TEXT_DIR holds shakespeare-train.txt (calibration) and shakespeare-heldout.txt (evaluation),
-# made by tools/shakespeare_splits.py. Calibration: 128 windows of 256 tokens, seed 0.
+# made by tools/shakespeare_splits.py. Calibration: NSAMPLES (128) windows of SEQLEN (256) tokens,
+# seed 0; evaluation windows of SEQLEN tokens over the held-out text (or its first MAX_EVAL_TOKENS).
 set -euo pipefail
-BIN=$1; TXT=$2; W=$3; WHAT=${4:-all}
-MODEL=assets/tiny
+BIN=$1; MODEL=$2; TXT=$3; W=$4; WHAT=${5:-all}; SEQ=${6:-256}; NS=${7:-128}; MAXT=${8:-}
 mkdir -p "$W"
-CAL="--calib $TXT/shakespeare-train.txt --nsamples 128 --seqlen 256 --seed 0"
-EVAL="--text $TXT/shakespeare-heldout.txt --seq-len 256"
+CAL="--calib $TXT/shakespeare-train.txt --nsamples $NS --seqlen $SEQ --seed 0"
+EVAL="--text $TXT/shakespeare-heldout.txt --seq-len $SEQ ${MAXT:+--max-tokens $MAXT}"
 ev() { "$BIN" eval "$1" $EVAL --json "$W/$2.json" >/dev/null 2>&1 && python3 -c "import json;r=json.load(open('$W/$2.json'));print('$2', r['ppl'])"; }
 "$BIN" calib-tokens $MODEL $CAL --out "$W/calib.safetensors" >/dev/null
 if [ "$WHAT" != torch ]; then
