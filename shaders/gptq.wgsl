@@ -9,7 +9,8 @@
 //                 rule (H_aa == 0 -> 1) and damping on the diagonal: the index reversal prepares
 //                 the matrix whose reversed factor inverse is U (gpu::linalg::flip)
 //   hess_diag     diag H of one row chunk
-//   w_gather      Wp[r][i] = W[r][perm[i]] (0 for dead columns and padding)
+//   w_gather      Wp[r][i] = W[r][perm[i]] (0 for dead columns and padding) for a piece of rows of
+//                 W, written at element offset `gk` of the chunk
 //   fit_groups    grid of one (row, group) per workgroup: positions [start, start + group), or with
 //                 `gather` the original columns [k·group, (k+1)·group) of static groups
 //   block         the fused in-block column loop for R rows per workgroup: quantize position i,
@@ -122,7 +123,7 @@ fn w_gather(
             v = wsrc[r * gp.cols + c];
         }
     }
-    wp[e] = v;
+    wp[gp.gk + e] = v;
 }
 
 // fit_groups

@@ -333,8 +333,34 @@ pub fn gptq_with(
             continue;
         }
         let r0 = chunk.row_start;
+        // W arrives in input order a few MiB at a time and is gathered into processing order
+        // piece by piece, so only the padded copy and one small piece are ever alive.
         let tu = Instant::now();
-        let wsrc = GpuTensor::from_f32(ctx, rc, cols, &w[r0 * cols..(r0 + rc) * cols])?;
+        // (A quarter of the binding limit at most, so tests with a lowered limit cover the pieces.)
+        let piece_bytes = (8usize << 20).min(ctx.binding_limit() as usize / 4);
+        let piece_rows = (piece_bytes / (4 * cols)).clamp(1, rc);
+        let mut p0 = 0;
+        while p0 < rc {
+            let pr = piece_rows.min(rc - p0);
+            let rows = r0 + p0..r0 + p0 + pr;
+            let piece = GpuTensor::from_f32(ctx, pr, cols, &w[rows.start * cols..rows.end * cols])?;
+            let p = Params {
+                rows: pr as u32,
+                gk: (p0 * n) as u32,
+                ..base
+            };
+            ctx.run(
+                "gptq w_gather",
+                &shape,
+                &p_gather,
+                &[Dispatch {
+                    buffers: vec![&chunk.buffer, one(&piece), one(&perm_t)],
+                    uniform: Some(bytemuck::bytes_of(&p)),
+                    groups: grid(ctx, (pr * n).div_ceil(256)),
+                }],
+            )?;
+            p0 += pr;
+        }
         ctx.sync(KERNEL, &shape)?;
         upload_s += tu.elapsed().as_secs_f64();
         let q = GpuTensor::empty(ctx, rc, n / 4, GpuDtype::U32)?;
@@ -342,7 +368,7 @@ pub fn gptq_with(
         let scales = GpuTensor::empty(ctx, rc, ng, GpuDtype::F32)?;
         let zeros = GpuTensor::empty(ctx, rc, ng, GpuDtype::U32)?;
         let err = GpuTensor::empty(ctx, rc, bsz, GpuDtype::F32)?;
-        for t in [&wsrc, &q, &scales, &zeros, &err] {
+        for t in [&q, &scales, &zeros, &err] {
             if t.chunks.len() != 1 {
                 return Err(Error::gpu(KERNEL, &shape, "a per-chunk buffer split"));
             }
@@ -353,7 +379,6 @@ pub fn gptq_with(
         };
         // Uniforms first (they must outlive the dispatch list), then the dispatches.
         let mut uniforms: Vec<(u8, Params, (u32, u32, u32))> = Vec::new();
-        uniforms.push((0, rows_p, grid(ctx, (rc * n).div_ceil(256))));
         if opts.static_groups {
             uniforms.push((1, rows_p, grid(ctx, rc * ng)));
         }
@@ -428,7 +453,6 @@ pub fn gptq_with(
                 continue;
             }
             let (pipe, buffers): (&wgpu::ComputePipeline, Vec<&wgpu::Buffer>) = match kind {
-                0 => (&p_gather, vec![&chunk.buffer, one(&wsrc), one(&perm_t)]),
                 1 => (
                     &p_fit,
                     vec![
@@ -472,7 +496,6 @@ pub fn gptq_with(
         let steps: Vec<(&wgpu::ComputePipeline, &Dispatch)> =
             dispatches.iter().map(|(p, d)| (*p, d)).collect();
         ctx.run_steps("gptq", &shape, &steps)?;
-        drop(wsrc);
         outputs.push((r0, rc, q, scales, zeros));
     }
     ctx.sync(KERNEL, &shape)?;
