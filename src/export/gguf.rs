@@ -135,15 +135,38 @@ enum Permute {
     K,
 }
 
-/// The llama.cpp name of a Hugging Face tensor, and the row permutation it needs.
-fn gguf_name(hf: &str) -> Option<(String, Option<Permute>)> {
-    match hf {
-        "model.embed_tokens.weight" => return Some(("token_embd.weight".into(), None)),
-        "model.norm.weight" => return Some(("output_norm.weight".into(), None)),
-        "lm_head.weight" => return Some(("output.weight".into(), None)),
-        _ => {}
+/// Whole-tensor names outside the blocks: (Hugging Face, llama.cpp).
+const TOP_NAMES: [(&str, &str); 3] = [
+    ("model.embed_tokens.weight", "token_embd.weight"),
+    ("model.norm.weight", "output_norm.weight"),
+    ("lm_head.weight", "output.weight"),
+];
+
+/// Block modules: (Hugging Face, llama.cpp, row permutation llama.cpp applies).
+const BLOCK_NAMES: [(&str, &str, Option<Permute>); 9] = [
+    ("input_layernorm", "attn_norm", None),
+    ("self_attn.q_proj", "attn_q", Some(Permute::Q)),
+    ("self_attn.k_proj", "attn_k", Some(Permute::K)),
+    ("self_attn.v_proj", "attn_v", None),
+    ("self_attn.o_proj", "attn_output", None),
+    ("post_attention_layernorm", "ffn_norm", None),
+    ("mlp.gate_proj", "ffn_gate", None),
+    ("mlp.up_proj", "ffn_up", None),
+    ("mlp.down_proj", "ffn_down", None),
+];
+
+/// Translates a tensor name between the two conventions through the tables above: `to_gguf`
+/// picks the direction.
+fn translate(name: &str, to_gguf: bool) -> Option<(String, Option<Permute>)> {
+    let pick = |hf: &'static str, g: &'static str| if to_gguf { (hf, g) } else { (g, hf) };
+    for (hf, g) in TOP_NAMES {
+        let (from, to) = pick(hf, g);
+        if name == from {
+            return Some((to.to_string(), None));
+        }
     }
-    let rest = hf.strip_prefix("model.layers.")?;
+    let (from_prefix, to_prefix) = pick("model.layers.", "blk.");
+    let rest = name.strip_prefix(from_prefix)?;
     let (idx, rest) = rest.split_once('.')?;
     if idx.is_empty() || !idx.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -152,51 +175,20 @@ fn gguf_name(hf: &str) -> Option<(String, Option<Permute>)> {
     if kind != "weight" && kind != "bias" {
         return None;
     }
-    let (g, p) = match module {
-        "input_layernorm" => ("attn_norm", None),
-        "self_attn.q_proj" => ("attn_q", Some(Permute::Q)),
-        "self_attn.k_proj" => ("attn_k", Some(Permute::K)),
-        "self_attn.v_proj" => ("attn_v", None),
-        "self_attn.o_proj" => ("attn_output", None),
-        "post_attention_layernorm" => ("ffn_norm", None),
-        "mlp.gate_proj" => ("ffn_gate", None),
-        "mlp.up_proj" => ("ffn_up", None),
-        "mlp.down_proj" => ("ffn_down", None),
-        _ => return None,
-    };
-    Some((format!("blk.{idx}.{g}.{kind}"), p))
+    BLOCK_NAMES.iter().find_map(|&(hf, g, p)| {
+        let (from, to) = pick(hf, g);
+        (module == from).then(|| (format!("{to_prefix}{idx}.{to}.{kind}"), p))
+    })
+}
+
+/// The llama.cpp name of a Hugging Face tensor, and the row permutation it needs.
+fn gguf_name(hf: &str) -> Option<(String, Option<Permute>)> {
+    translate(hf, true)
 }
 
 /// The Hugging Face name of a llama.cpp tensor (inverse of [`gguf_name`]).
 fn hf_name(g: &str) -> Option<(String, Option<Permute>)> {
-    match g {
-        "token_embd.weight" => return Some(("model.embed_tokens.weight".into(), None)),
-        "output_norm.weight" => return Some(("model.norm.weight".into(), None)),
-        "output.weight" => return Some(("lm_head.weight".into(), None)),
-        _ => {}
-    }
-    let rest = g.strip_prefix("blk.")?;
-    let (idx, rest) = rest.split_once('.')?;
-    if idx.is_empty() || !idx.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let (module, kind) = rest.rsplit_once('.')?;
-    if kind != "weight" && kind != "bias" {
-        return None;
-    }
-    let (h, p) = match module {
-        "attn_norm" => ("input_layernorm", None),
-        "attn_q" => ("self_attn.q_proj", Some(Permute::Q)),
-        "attn_k" => ("self_attn.k_proj", Some(Permute::K)),
-        "attn_v" => ("self_attn.v_proj", None),
-        "attn_output" => ("self_attn.o_proj", None),
-        "ffn_norm" => ("post_attention_layernorm", None),
-        "ffn_gate" => ("mlp.gate_proj", None),
-        "ffn_up" => ("mlp.up_proj", None),
-        "ffn_down" => ("mlp.down_proj", None),
-        _ => return None,
-    };
-    Some((format!("model.layers.{idx}.{h}.{kind}"), p))
+    translate(g, false)
 }
 
 /// For llama.cpp's row order of attn_q/attn_k (convert_hf_to_gguf's `permute`:

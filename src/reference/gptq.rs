@@ -15,6 +15,7 @@ use crate::quant::gptq::{
     GptqOptions, GptqResult, MAX_DAMP_RETRIES, group_index, processing_order,
 };
 use crate::quant::{GroupParams, QuantizedTensor};
+use crate::reference::linalg::{cholesky_pivot, lower_inverse};
 
 /// GPTQ of the row-major `rows x cols` matrix `w` with the `cols x cols` row-major Hessian
 /// `h` = (2/n) XᵀX (only its lower triangle, in processing order, is read by the factorization).
@@ -211,50 +212,14 @@ fn gptq_with_dequantized(
     Ok((result, deq))
 }
 
-/// Lower Cholesky factor L (A = L Lᵀ) of the symmetric `n x n` matrix `a`, reading its lower
-/// triangle; on a non-positive or non-finite pivot, returns its position and value.
-fn cholesky_lower(a: &[f64], n: usize) -> std::result::Result<Vec<f64>, (usize, f64)> {
-    let mut l = vec![0f64; n * n];
-    for j in 0..n {
-        let mut d = a[j * n + j];
-        for k in 0..j {
-            d -= l[j * n + k] * l[j * n + k];
-        }
-        if !(d > 0.0 && d.is_finite()) {
-            return Err((j, d));
-        }
-        let ljj = d.sqrt();
-        l[j * n + j] = ljj;
-        for i in j + 1..n {
-            let mut s = a[i * n + j];
-            for k in 0..j {
-                s -= l[i * n + k] * l[j * n + k];
-            }
-            l[i * n + j] = s / ljj;
-        }
-    }
-    Ok(l)
-}
-
 /// U with H⁻¹ = UᵀU (rule 4): H = L Lᵀ, H⁻¹ = L⁻ᵀ L⁻¹, then the Cholesky factor of H⁻¹.
 /// Returns U row-major (upper triangle set) or which factorization failed, where and its pivot.
 fn upper_cholesky_of_inverse(
     hp: &[f64],
     n: usize,
 ) -> std::result::Result<Vec<f64>, (&'static str, usize, f64)> {
-    let l = cholesky_lower(hp, n).map_err(|(p, v)| ("the damped Hessian", p, v))?;
-    // L⁻¹ (lower) by forward substitution, column by column.
-    let mut linv = vec![0f64; n * n];
-    for j in 0..n {
-        linv[j * n + j] = 1.0 / l[j * n + j];
-        for i in j + 1..n {
-            let mut s = 0f64;
-            for k in j..i {
-                s += l[i * n + k] * linv[k * n + j];
-            }
-            linv[i * n + j] = -s / l[i * n + i];
-        }
-    }
+    let l = cholesky_pivot(hp, n).map_err(|(p, v)| ("the damped Hessian", p, v))?;
+    let linv = lower_inverse(&l, n);
     // H⁻¹[i][j] = Σ_k L⁻¹[k][i] L⁻¹[k][j], k >= max(i, j).
     let mut hinv = vec![0f64; n * n];
     for i in 0..n {
@@ -267,7 +232,7 @@ fn upper_cholesky_of_inverse(
             hinv[j * n + i] = s;
         }
     }
-    let l2 = cholesky_lower(&hinv, n).map_err(|(p, v)| ("the inverse Hessian", p, v))?;
+    let l2 = cholesky_pivot(&hinv, n).map_err(|(p, v)| ("the inverse Hessian", p, v))?;
     let mut u = vec![0f64; n * n];
     for i in 0..n {
         for j in i..n {

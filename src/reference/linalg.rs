@@ -6,6 +6,16 @@ use crate::error::{Error, Result};
 
 /// Lower L with a = L·Lᵀ; an error names the first pivot that is not positive.
 pub fn cholesky(a: &[f64], n: usize) -> Result<Vec<f64>> {
+    cholesky_pivot(a, n).map_err(|(j, d)| {
+        Error::invalid(format!(
+            "cholesky: pivot {j} is {d} (the matrix is not positive definite)"
+        ))
+    })
+}
+
+/// [`cholesky`] reading only the lower triangle of `a`; a failure returns the first pivot's
+/// position and value (callers such as GPTQ's damping retry build their own message).
+pub fn cholesky_pivot(a: &[f64], n: usize) -> std::result::Result<Vec<f64>, (usize, f64)> {
     let mut l = vec![0f64; n * n];
     for j in 0..n {
         let mut d = a[j * n + j];
@@ -13,9 +23,7 @@ pub fn cholesky(a: &[f64], n: usize) -> Result<Vec<f64>> {
             d -= l[j * n + k] * l[j * n + k];
         }
         if !(d > 0.0 && d.is_finite()) {
-            return Err(Error::invalid(format!(
-                "cholesky: pivot {j} is {d} (the matrix is not positive definite)"
-            )));
+            return Err((j, d));
         }
         let djj = d.sqrt();
         l[j * n + j] = djj;
