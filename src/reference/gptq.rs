@@ -168,7 +168,11 @@ fn gptq_with_dequantized(
                     cur.extend(wp[i..end].iter().map(|&v| v as f32));
                     params[k] = Some(fit(&cur));
                 }
-                let p = params[k].expect("every group's grid is fitted before its first column");
+                let p = params[k].ok_or_else(|| {
+                    Error::invalid(format!(
+                        "gptq: group {k} reached before its grid was fitted"
+                    ))
+                })?;
                 let x = wp[i];
                 let qv = spec.quantize(x as f32, p);
                 let d = p.dequantize(qv);
@@ -189,7 +193,9 @@ fn gptq_with_dequantized(
             }
         }
         for (k, p) in params.iter().enumerate() {
-            let p = p.expect("every group's grid is fitted");
+            let p = p.ok_or_else(|| {
+                Error::invalid(format!("gptq: group {k} of row {r} was never fitted"))
+            })?;
             scales[r * n_groups + k] = p.scale;
             zeros[r * n_groups + k] = p.zero;
         }
@@ -535,7 +541,7 @@ mod tests {
     ///  reference::gptq::tests::dump_for_torch_check -- --ignored`, then
     /// `python3 tools/gptq_torch.py check --dump /tmp/gptq_dump.safetensors`.
     #[test]
-    #[ignore]
+    #[ignore = "writes cases for tools/gptq_torch.py check; run by hand with WGPRESS_GPTQ_DUMP set"]
     fn dump_for_torch_check() {
         use safetensors::{Dtype, tensor::TensorView};
         let Ok(path) = std::env::var("WGPRESS_GPTQ_DUMP") else {
@@ -645,7 +651,7 @@ mod tests {
 
     /// `cargo test --lib reference::gptq::tests::timing -- --ignored --nocapture`
     #[test]
-    #[ignore]
+    #[ignore = "prints the reference's wall time (no assertion on speed); run by hand with --ignored"]
     fn timing_256x512() {
         let (rows, cols) = (256, 512);
         let mut rng = Rng::new(2);
