@@ -1,14 +1,18 @@
 //! Matrix multiply on the GPU: C = [C +] A * B, A * B^T or A^T * B with f32 accumulation, for f32 inputs and
-//! f16/bf16-stored inputs (converted on load). Two kernels: the register-tiled one (every adapter,
-//! any shape, any chunking) and a cooperative-matrix one (f16 inputs on adapters with 16x16x16
-//! f16 -> f32 cooperative matrices and 32-wide subgroups) chosen at run time where its shape rules
-//! hold. The CPU reference is `reference::matmul`.
+//! f16/bf16-stored inputs (converted on load). Two kernels with one interface, so both run every
+//! shape, layout and chunking through the same walk below: the register-tiled f32 one (every
+//! adapter) and a cooperative-matrix one (tensor cores: inputs rounded to f16, f32 accumulation)
+//! on adapters with 16x16x16 f16 -> f32 cooperative matrices and 32-wide subgroups. The
+//! cooperative kernel is picked automatically only when both operands are stored as f16 (so the
+//! rounding loses nothing); bf16 or f32 operands take it only when the caller asks
+//! (`MatmulPath::Coop`), having checked that f16's range and precision suffice.
+//! The CPU reference is `reference::matmul`.
 //!
 //! Chunked operands: A and C are walked in row ranges that lie inside one chunk of each; B's
 //! chunks split K (layout NN, accumulated pass by pass) or N (layout NT, a column range of C).
 //! Layout TN (A stored k x m, so both operands are chunked along K, as X in XᵀX is by tokens)
 //! walks the K ranges common to A's and B's chunks, accumulating pass by pass, and for each one
-//! every chunk of C (a row range of C = a column range of A). Only the tiled kernel runs TN.
+//! every chunk of C (a row range of C = a column range of A).
 
 use super::buffer::{GpuDtype, GpuTensor};
 use super::context::{Dispatch, GpuContext};
@@ -51,7 +55,19 @@ struct Params {
     b_trans: u32,
     alpha: f32,
     lower: u32,
-    pad: [u32; 3],
+    /// Cooperative kernel only: A's (B's) offset and leading dimension are even.
+    a_pairs: u32,
+    b_pairs: u32,
+    pad: u32,
+}
+
+impl Params {
+    /// Even offsets and leading dimensions let the cooperative kernel load interior slices two
+    /// elements at a time (the tiled kernel ignores these fields).
+    fn set_pairs(&mut self) {
+        self.a_pairs = (self.a_off % 2 == 0 && self.lda % 2 == 0) as u32;
+        self.b_pairs = (self.b_off % 2 == 0 && self.ldb % 2 == 0) as u32;
+    }
 }
 
 pub(crate) fn loader(name: &str, binding: u32, dtype: GpuDtype) -> Result<String> {
@@ -94,6 +110,52 @@ pub fn tiled_source(a: GpuDtype, b: GpuDtype, layout: Layout) -> Result<String> 
     ))
 }
 
+/// The cooperative kernel's loaders of binding `name`: element i as f16, and the pair at even i.
+fn coop_loader(name: &str, binding: u32, dtype: GpuDtype) -> Result<String> {
+    let f = name.to_lowercase();
+    let (ty, one, two) = match dtype {
+        GpuDtype::F32 => (
+            "f32",
+            format!("return f16({name}[i]);"),
+            format!("return vec2<f16>(f16({name}[i]), f16({name}[i + 1u]));"),
+        ),
+        GpuDtype::F16 => (
+            "u32",
+            format!("return f16(unpack2x16float({name}[i >> 1u])[i & 1u]);"),
+            format!("return vec2<f16>(unpack2x16float({name}[i >> 1u]));"),
+        ),
+        // bf16 is the top half of an f32; the host checked (or the caller vouched) that the
+        // values fit f16's range.
+        GpuDtype::BF16 => (
+            "u32",
+            format!(
+                "let w = {name}[i >> 1u]; return f16(bitcast<f32>(select(w << 16u, w & 0xffff0000u, (i & 1u) == 1u)));"
+            ),
+            format!(
+                "let w = {name}[i >> 1u]; return vec2<f16>(f16(bitcast<f32>(w << 16u)), f16(bitcast<f32>(w & 0xffff0000u)));"
+            ),
+        ),
+        GpuDtype::U32 => {
+            return Err(Error::invalid("matmul inputs must be f32, f16 or bf16"));
+        }
+    };
+    Ok(format!(
+        "@group(0) @binding({binding}) var<storage, read> {name}: array<{ty}>;\nfn ld_{f}(i: u32) -> f16 {{ {one} }}\nfn ld2_{f}(i: u32) -> vec2<f16> {{ {two} }}\n"
+    ))
+}
+
+/// The cooperative-matrix kernel's source for one (A dtype, B dtype, layout) variant.
+pub fn coop_source(a: GpuDtype, b: GpuDtype, layout: Layout) -> Result<String> {
+    Ok(format!(
+        "enable f16;\nenable wgpu_cooperative_matrix;\n{}{}const A_TRANS: bool = {};\nconst B_TRANS: bool = {};\n{}",
+        coop_loader("MA", 0, a)?,
+        coop_loader("MB", 1, b)?,
+        layout == Layout::TN,
+        layout == Layout::NT,
+        shaders::MATMUL_COOP
+    ))
+}
+
 /// The f32 tiled kernel with A and B declared read_write, so one buffer may be bound as A, B and C
 /// of the same dispatch (wgpu allows aliased writable storage bindings; read-only ones conflict
 /// with a writable one). Used by the in-place dense linear algebra of `gpu::linalg`.
@@ -120,14 +182,12 @@ pub fn all_sources() -> Vec<(String, String, bool)> {
                 if let Ok(s) = tiled_source(a, b, l) {
                     v.push((format!("matmul.wgsl {a:?}x{b:?} {l:?}"), s, false));
                 }
+                if let Ok(s) = coop_source(a, b, l) {
+                    v.push((format!("matmul_coop.wgsl {a:?}x{b:?} {l:?}"), s, true));
+                }
             }
         }
     }
-    v.push((
-        "matmul_coop.wgsl".into(),
-        shaders::MATMUL_COOP.to_string(),
-        true,
-    ));
     v
 }
 
@@ -139,23 +199,15 @@ fn dims(a: &GpuTensor, b: &GpuTensor, layout: Layout) -> (usize, usize, usize) {
     }
 }
 
-/// Whether the cooperative-matrix kernel can run these operands on this context.
-pub fn coop_eligible(ctx: &GpuContext, a: &GpuTensor, b: &GpuTensor, layout: Layout) -> bool {
-    let (m, n, k) = dims(a, b, layout);
-    ctx.caps.coop_f16_16x16
-        && ctx.caps.shader_f16
-        && ctx.caps.subgroup_size == (32, 32)
-        && layout != Layout::TN
-        && a.dtype == GpuDtype::F16
-        && b.dtype == GpuDtype::F16
-        && a.chunks.len() == 1
-        && b.chunks.len() == 1
-        && (m * n * 4) as u64 <= ctx.binding_limit()
-        && m % 64 == 0
-        && n % 64 == 0
-        && k % 16 == 0
-        && m > 0
-        && n > 0
+/// Whether this context can run the cooperative-matrix kernel at all.
+pub fn coop_available(ctx: &GpuContext) -> bool {
+    ctx.caps.coop_f16_16x16 && ctx.caps.shader_f16 && ctx.caps.subgroup_size == (32, 32)
+}
+
+/// Whether `matmul_into` with `path: None` picks the cooperative kernel for these operands: only
+/// where rounding them to f16 is exact (both stored as f16).
+pub fn coop_eligible(ctx: &GpuContext, a: &GpuTensor, b: &GpuTensor, _layout: Layout) -> bool {
+    coop_available(ctx) && a.dtype == GpuDtype::F16 && b.dtype == GpuDtype::F16
 }
 
 /// C = A * op(B) into a new m x n f32 tensor, on the fastest eligible path.
@@ -203,25 +255,31 @@ pub fn matmul_into(
     }
     let coop = coop_eligible(ctx, a, b, layout);
     let use_coop = match path {
-        Some(MatmulPath::Coop) if !coop => {
+        Some(MatmulPath::Coop) if !coop_available(ctx) => {
             return Err(Error::gpu(
                 "matmul_coop",
                 &shape,
-                "the cooperative-matrix kernel needs layout NN or NT, f16 inputs, m and n multiples of 64, k a multiple of 16, single-chunk operands and an adapter with 16x16x16 f16 cooperative matrices and 32-wide subgroups",
+                format!(
+                    "adapter {} lacks 16x16x16 f16 -> f32 cooperative matrices with 32-wide subgroups",
+                    ctx.adapter
+                ),
             ));
         }
+        Some(MatmulPath::Coop) => true,
         Some(MatmulPath::Tiled) => false,
-        _ => coop,
+        None => coop,
     };
-    if use_coop {
-        run_coop(ctx, a, b, layout, c, accumulate, &shape)?;
-        return Ok(MatmulPath::Coop);
-    }
-    run_tiled(ctx, a, b, layout, c, accumulate, &shape)?;
-    Ok(MatmulPath::Tiled)
+    run_walk(ctx, a, b, layout, c, accumulate, &shape, use_coop)?;
+    Ok(if use_coop {
+        MatmulPath::Coop
+    } else {
+        MatmulPath::Tiled
+    })
 }
 
-fn run_coop(
+/// Records the kernel's dispatches over the operands' chunks (both kernels tile C by 128 x 128).
+#[allow(clippy::too_many_arguments)]
+fn run_walk(
     ctx: &GpuContext,
     a: &GpuTensor,
     b: &GpuTensor,
@@ -229,64 +287,25 @@ fn run_coop(
     c: &GpuTensor,
     accumulate: bool,
     shape: &str,
-) -> Result<()> {
-    let (m, n, k) = dims(a, b, layout);
-    let pipe = ctx.pipeline("matmul_coop", shaders::MATMUL_COOP, "main", true)?;
-    let params = Params {
-        m: m as u32,
-        n: n as u32,
-        k: k as u32,
-        accumulate: accumulate as u32,
-        a_off: 0,
-        lda: k as u32,
-        b_off: 0,
-        ldb: b.cols as u32,
-        c_off: 0,
-        ldc: n as u32,
-        b_trans: (layout == Layout::NT) as u32,
-        alpha: 1.0,
-        lower: 0,
-        pad: [0; 3],
-    };
-    let max = ctx.max_workgroups_per_dim() as usize;
-    if n / 64 > max || m / 64 > max {
-        return Err(Error::gpu(
-            "matmul_coop",
-            shape,
-            "grid exceeds the dispatch limit",
-        ));
-    }
-    let bytes = bytemuck::bytes_of(&params);
-    let c_chunk = &c.chunks[0].buffer;
-    ctx.run(
-        "matmul_coop",
-        shape,
-        &pipe,
-        &[Dispatch {
-            buffers: vec![&a.chunks[0].buffer, &b.chunks[0].buffer, c_chunk],
-            uniform: Some(bytes),
-            groups: ((n / 64) as u32, (m / 64) as u32, 1),
-        }],
-    )
-}
-
-fn run_tiled(
-    ctx: &GpuContext,
-    a: &GpuTensor,
-    b: &GpuTensor,
-    layout: Layout,
-    c: &GpuTensor,
-    accumulate: bool,
-    shape: &str,
+    coop: bool,
 ) -> Result<()> {
     let (_, n, k) = dims(a, b, layout);
-    let key = format!("matmul {:?}x{:?} {:?}", a.dtype, b.dtype, layout);
-    let src = tiled_source(a.dtype, b.dtype, layout)?;
+    let (key, src) = if coop {
+        (
+            format!("matmul_coop {:?}x{:?} {:?}", a.dtype, b.dtype, layout),
+            coop_source(a.dtype, b.dtype, layout)?,
+        )
+    } else {
+        (
+            format!("matmul {:?}x{:?} {:?}", a.dtype, b.dtype, layout),
+            tiled_source(a.dtype, b.dtype, layout)?,
+        )
+    };
     // Trusted: every offset and extent below is derived from the chunk table, so each index the
     // kernel forms (guarded by m, n, k) stays inside its binding.
     let pipe = ctx.pipeline(&key, &src, "main", true)?;
     if layout == Layout::TN {
-        return run_tiled_tn(ctx, a, b, c, accumulate, shape, &pipe);
+        return run_tiled_tn(ctx, a, b, c, accumulate, shape, &pipe, &key);
     }
     let max_rows = ctx.max_workgroups_per_dim() as usize * TILE;
     if n.div_ceil(TILE) > ctx.max_workgroups_per_dim() as usize {
@@ -327,7 +346,9 @@ fn run_tiled(
                     b_trans: (layout == Layout::NT) as u32,
                     alpha: 1.0,
                     lower: 0,
-                    pad: [0; 3],
+                    a_pairs: 0,
+                    b_pairs: 0,
+                    pad: 0,
                 });
                 binds.push((ai, bi, ci, sub_n, e - s));
             }
@@ -337,6 +358,9 @@ fn run_tiled(
     if layout == Layout::NN && b.chunks.iter().all(|ch| ch.rows == 0) {
         // k == 0: the product is zero.
         return zero_or_keep(ctx, c, accumulate);
+    }
+    for p in &mut params {
+        p.set_pairs();
     }
     let dispatches: Vec<Dispatch> = params
         .iter()
@@ -351,7 +375,7 @@ fn run_tiled(
             groups: (sub_n.div_ceil(TILE) as u32, rows.div_ceil(TILE) as u32, 1),
         })
         .collect();
-    ctx.run("matmul", shape, &pipe, &dispatches)
+    ctx.run(&key, shape, &pipe, &dispatches)
 }
 
 /// Layout TN: C (m x n) = [C +] A^T (A: k x m) * B (k x n). Dispatches are recorded in K order
@@ -366,6 +390,7 @@ fn run_tiled_tn(
     accumulate: bool,
     shape: &str,
     pipe: &wgpu::ComputePipeline,
+    label: &str,
 ) -> Result<()> {
     let (m, n) = (a.cols, b.cols);
     let max_wg = ctx.max_workgroups_per_dim() as usize;
@@ -412,7 +437,9 @@ fn run_tiled_tn(
                     b_trans: 0,
                     alpha: 1.0,
                     lower: 0,
-                    pad: [0; 3],
+                    a_pairs: 0,
+                    b_pairs: 0,
+                    pad: 0,
                 });
                 binds.push((ai, bi, ci, e - s));
                 s = e;
@@ -422,6 +449,9 @@ fn run_tiled_tn(
     if params.is_empty() {
         // k == 0: the product is zero.
         return zero_or_keep(ctx, c, accumulate);
+    }
+    for p in &mut params {
+        p.set_pairs();
     }
     let dispatches: Vec<Dispatch> = params
         .iter()
@@ -436,7 +466,7 @@ fn run_tiled_tn(
             groups: (n.div_ceil(TILE) as u32, rows.div_ceil(TILE) as u32, 1),
         })
         .collect();
-    ctx.run("matmul", shape, pipe, &dispatches)
+    ctx.run(label, shape, pipe, &dispatches)
 }
 
 fn zero_or_keep(ctx: &GpuContext, c: &GpuTensor, accumulate: bool) -> Result<()> {
@@ -546,7 +576,9 @@ impl<'a> RegionGemm<'a> {
             b_trans: self.b_trans as u32,
             alpha: self.alpha,
             lower: self.lower as u32,
-            pad: [0; 3],
+            a_pairs: 0,
+            b_pairs: 0,
+            pad: 0,
         };
         Ok(GemmStep {
             pipeline,

@@ -3,21 +3,24 @@
 //! per-input-channel sum of squares and max |x| over tokens ([`channel_stats`], accumulable across
 //! calls; the L2 norm is [`sqrt_in_place`] of the sum at the end).
 //!
-//! XᵀX of a chunk is one call of the register-tiled matmul in layout TN (A = B = X, tokens x
-//! features, both chunked along the token axis, which is K), accumulated into H, so H costs
-//! 2·n·d² flops at the matmul kernel's speed. The column statistics use `shaders/stats.wgsl`, a
+//! XᵀX of a chunk is one matmul call in layout TN (A = B = X, tokens x features, both chunked
+//! along the token axis, which is K), accumulated into H, so H costs 2·n·d² flops at the matmul
+//! kernel's speed. Where the adapter has cooperative matrices, f16 X goes through the tensor-core
+//! kernel (exact inputs, f32 accumulation), and so does bf16 X once its max |x| is known to fit
+//! f16's range (values below f16's normal range, |x| < 6.1e-5, keep fewer bits, which moves H by
+//! less than 1e-8 per product); f32 X and any out-of-range bf16 chunk take the f32 tiled kernel. The column statistics use `shaders/stats.wgsl`, a
 //! one-pass column reduction (X is read once; a transposed view would cost a copy of X) whose
 //! cost, n·d loads, is negligible next to the product. `shaders/elementwise.wgsl` applies the
 //! final 2/n and the square root in place.
 //!
 //! Every shape, offset and extent is validated on the host before a dispatch (this is what lets the
-//! pipelines be built without runtime bounds checks). This module must not download data, fall
-//! back to the CPU, or know about models and layers (`calib/` decides what X is); the reference is
+//! pipelines be built without runtime bounds checks). This module must not download data (beyond
+//! the d column maxima of the bf16 range check), fall back to the CPU, or know about models and layers (`calib/` decides what X is); the reference is
 //! `reference::stats`.
 
 use super::buffer::{GpuDtype, GpuTensor};
 use super::context::{Dispatch, GpuContext};
-use super::matmul::{Layout, MatmulPath, loader, matmul_into};
+use super::matmul::{Layout, MatmulPath, coop_available, loader, matmul_into};
 use super::reduce::{check_workgroup_size, plan, to_u32};
 use crate::error::{Error, Result};
 use crate::shaders;
@@ -67,15 +70,16 @@ impl HessianAccumulator {
         if x.rows == 0 {
             return Ok(());
         }
-        matmul_into(
-            ctx,
-            x,
-            x,
-            Layout::TN,
-            &self.h,
-            true,
-            Some(MatmulPath::Tiled),
-        )?;
+        let path = if !coop_available(ctx) {
+            MatmulPath::Tiled
+        } else {
+            match x.dtype {
+                GpuDtype::F16 => MatmulPath::Coop,
+                GpuDtype::BF16 if fits_f16(ctx, x)? => MatmulPath::Coop,
+                _ => MatmulPath::Tiled,
+            }
+        };
+        matmul_into(ctx, x, x, Layout::TN, &self.h, true, Some(path))?;
         self.n += x.rows as u64;
         Ok(())
     }
@@ -90,6 +94,20 @@ impl HessianAccumulator {
         scale_in_place(ctx, &self.h, (2.0 / self.n as f64) as f32)?;
         Ok(self.h)
     }
+}
+
+/// Largest finite f16.
+const F16_MAX: f32 = 65504.0;
+
+/// Whether every element of `x` lies within f16's range (so rounding it to f16 cannot overflow).
+fn fits_f16(ctx: &GpuContext, x: &GpuTensor) -> Result<bool> {
+    let (_, absmax) = channel_stats(ctx, x)?;
+    let m = absmax.to_f32(ctx)?;
+    let ok = m.iter().all(|&v| v <= F16_MAX);
+    if !ok {
+        log::debug!("hessian: bf16 input exceeds f16's range, using the f32 kernel");
+    }
+    Ok(ok)
 }
 
 /// Per-input-channel statistics of `x` (tokens x d, f32/f16/bf16): (Σ_t x_tj², max_t |x_tj|),
