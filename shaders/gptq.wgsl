@@ -32,7 +32,7 @@ struct Params {
     gk: u32,        // fit_groups: group index of the first position; hess_*: first H row
     damp: f32,      // hess_scatter: added to the diagonal
     err_ld: u32,    // row stride of Err
-    pad0: u32,
+    err_col: u32,   // block: Err column of the block's first position
     pad1: u32,
 }
 
@@ -357,7 +357,7 @@ fn block(
         }
     }
     if (row_ok && col_ok) {
-        berr[r * bp.err_ld + j] = my_e;
+        berr[r * bp.err_ld + bp.err_col + j] = my_e;
         atomicOr(&bq[r * (n / 4u) + p / 4u], my_q << (8u * (p % 4u)));
     }
 }

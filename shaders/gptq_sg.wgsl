@@ -136,7 +136,7 @@ fn block_sg(
     }
     if (row_ok) {
         let qb = r * (n / 4u);
-        let eb = r * bp.err_ld;
+        let eb = r * bp.err_ld + bp.err_col;
         if (c0 < bw) { berr[eb + c0] = e0; atomicOr(&bq[qb + (bp.b0 + c0) / 4u], q0 << (8u * ((bp.b0 + c0) % 4u))); }
         if (c1 < bw) { berr[eb + c1] = e1; atomicOr(&bq[qb + (bp.b0 + c1) / 4u], q1 << (8u * ((bp.b0 + c1) % 4u))); }
         if (c2 < bw) { berr[eb + c2] = e2; atomicOr(&bq[qb + (bp.b0 + c2) / 4u], q2 << (8u * ((bp.b0 + c2) % 4u))); }

@@ -177,6 +177,7 @@ fn equals_the_f64_reference() {
             .zip(&want.q.q)
             .filter(|(a, b)| a != b)
             .count();
+        eprintln!("{label}: {differ} differ");
         assert!(
             differ * 100 <= got.q.q.len(),
             "{label}: {differ} of {} integers differ",
@@ -190,7 +191,7 @@ fn equals_the_f64_reference() {
             (e_g - e_r).abs() <= 0.02 * e_r,
             "{label}: gpu {e_g} reference {e_r}"
         );
-        eprintln!("{label}: {differ} differ, output error gpu {e_g:.4e} ref {e_r:.4e}");
+        eprintln!("{label}: output error gpu {e_g:.4e} ref {e_r:.4e}");
     }
 }
 
@@ -283,5 +284,75 @@ fn subgroup_loop_equals_barrier_loop() {
         .unwrap()
         .0;
         assert_eq!(a.q, b.q, "group {group:?} mse {mse} static {stat}");
+    }
+}
+
+#[test]
+fn two_level_lazy_updates_equal_the_reference() {
+    // Spans of a few blocks on a 200-column layer, so near updates (rest of a span), far updates
+    // (every column after a span) and groups wider than a block (span rounded to whole groups)
+    // all run; the result must match the f64 reference as closely as the one-level order does.
+    use wgpress::gpu::gptq::{Hooks, gptq_with, lazy_span};
+    let ctx = ctx();
+    let (rows, cols) = (33, 200);
+    let (w, h) = layer(rows, cols, 300, 12);
+    let ht = GpuTensor::from_f32(&ctx, cols, cols, &h).unwrap();
+    for (group, block, span, act) in [
+        (None, 16, 32, true),
+        (Some(8), 16, 48, false),
+        (Some(40), 16, 30, true),
+    ] {
+        let mut o = GptqOptions::new(QuantSpec::new(4, group, false).unwrap());
+        o.block = block;
+        o.act_order = act;
+        let label = format!("group {group:?} block {block} span {span} act {act}");
+        let bsz = wgpress::gpu::gptq::block_size(group, block);
+        let s = lazy_span(span, bsz, group);
+        assert!(s < cols && s.is_multiple_of(bsz), "{label}: span {s}");
+        if let Some(g) = group.filter(|&g| g > bsz) {
+            assert!(s.is_multiple_of(g), "{label}: a group straddles a span");
+        }
+        let got = gptq_with(
+            &ctx,
+            &w,
+            rows,
+            cols,
+            &ht,
+            &o,
+            Hooks {
+                lazy_span: Some(span),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .0;
+        // The GPU shrinks the block so groups and blocks nest (group 40: blocks of 10); the
+        // reference takes its block literally, so it gets the same one.
+        let mut ro = o;
+        ro.block = bsz;
+        let want = wgpress::reference::gptq::gptq(&w, rows, cols, &h, &ro).unwrap();
+        let differ = got
+            .q
+            .q
+            .iter()
+            .zip(&want.q.q)
+            .filter(|(a, b)| a != b)
+            .count();
+        // Same bound as `equals_the_f64_reference`: f32 summation order may flip a rounding tie.
+        eprintln!("{label}: {differ} differ");
+        assert!(
+            differ * 100 <= got.q.q.len(),
+            "{label}: {differ} of {} integers differ",
+            got.q.q.len()
+        );
+        let e_g =
+            wgpress::reference::gptq::layer_output_error(&w, &got.q.dequantize(), rows, cols, &h);
+        let e_r =
+            wgpress::reference::gptq::layer_output_error(&w, &want.q.dequantize(), rows, cols, &h);
+        assert!(
+            (e_g - e_r).abs() <= 0.02 * e_r,
+            "{label}: gpu {e_g} reference {e_r}"
+        );
+        eprintln!("{label}: output error gpu {e_g:.4e} ref {e_r:.4e}");
     }
 }

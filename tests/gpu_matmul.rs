@@ -71,7 +71,9 @@ fn check(ctx: &GpuContext, seed: u64, c: Case) {
     // The cooperative kernel rounds its inputs to f16 when it stages them; the reference sees
     // the same rounded values, so the bound below is again f32 accumulation only.
     let (a_seen, b_seen) = if took == MatmulPath::Coop {
-        let r = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect() };
+        let r = |v: &[f32]| -> Vec<f32> {
+            v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
+        };
         (r(&a_seen), r(&b_seen))
     } else {
         (a_seen, b_seen)
@@ -228,7 +230,13 @@ fn cooperative_path_matches_reference_where_offered() {
     // Edge tiles in m, n and k (k below one 32-deep slice and not a multiple of 16), several
     // workgroups in both directions, every layout, f16 and converted bf16/f32 sources.
     let mut seed = 500;
-    for &(m, n, k) in &[(64, 64, 16), (37, 203, 29), (129, 96, 200), (1, 131, 7), (250, 300, 61)] {
+    for &(m, n, k) in &[
+        (64, 64, 16),
+        (37, 203, 29),
+        (129, 96, 200),
+        (1, 131, 7),
+        (250, 300, 61),
+    ] {
         for layout in [Layout::NN, Layout::NT, Layout::TN] {
             for (da, db) in [
                 (GpuDtype::F16, GpuDtype::F16),
@@ -265,7 +273,10 @@ fn cooperative_path_walks_chunked_operands_where_offered() {
     // 2 KiB bindings: every operand is split, as in the tiled kernel's chunk tests.
     let ctx = common::ctx_with(Some(2048));
     if !wgpress::gpu::matmul::coop_available(&ctx) {
-        eprintln!("adapter {} has no f16 cooperative matrices: skipped", ctx.adapter);
+        eprintln!(
+            "adapter {} has no f16 cooperative matrices: skipped",
+            ctx.adapter
+        );
         return;
     }
     for (seed, (m, n, k), layout, accumulate) in [

@@ -7,8 +7,9 @@
 //! identity), factored, its factor inverted and reversed: U, the upper Cholesky factor of H⁻¹ in
 //! processing order (a failed factorization is retried with ten times the damping); (3) per row
 //! chunk of W: columns gathered into processing order, then per block of B positions the fused
-//! column-loop kernel (all rows in parallel, one barrier per column) and the lazy update
-//! W[:, rest] -= Err·U[block, rest] through the matmul kernel. Rows are independent, so W is
+//! column-loop kernel (all rows in parallel, one barrier per column) and the lazy updates
+//! W[:, rest] -= Err·U[block, rest] through the matmul kernel, in two levels (see [`LAZY_SPAN`]):
+//! each block updates the rest of its span, each span's end every column after it. Rows are independent, so W is
 //! processed one binding-sized row chunk at a time; U must fit one binding.
 //!
 //! This module must not quantize on the host or loop over columns on the host.
@@ -50,7 +51,7 @@ struct Params {
     gk: u32,
     damp: f32,
     err_ld: u32,
-    pad0: u32,
+    err_col: u32,
     pad1: u32,
 }
 
@@ -91,6 +92,26 @@ pub struct Hooks {
     pub skip_lazy: bool,
     /// Use the workgroup-barrier column loop even where the subgroup one could run.
     pub no_subgroups: bool,
+    /// Span of the far lazy updates in positions (rounded to whole blocks and groups);
+    /// `None` picks [`LAZY_SPAN`]. Tests lower it to cover the two-level path on small layers.
+    pub lazy_span: Option<usize>,
+}
+
+/// Positions whose errors are gathered before they update the columns beyond them. Each block
+/// updates only the rest of its span (K = block width); at a span's end one product with
+/// K = span updates every later column. The FLOPs are those of one-level lazy updates, but most
+/// of them run with K = 1024, where the matmul kernel is several times faster than at K = 128.
+pub const LAZY_SPAN: usize = 1024;
+
+/// The far-update span for block `bsz` and group `g` (positions, when groups are fitted as
+/// they are reached): whole blocks and whole groups, so a group never straddles a span's end
+/// (its fit must see every earlier update).
+pub fn lazy_span(want: usize, bsz: usize, g: Option<usize>) -> usize {
+    let unit = match g {
+        Some(g) if g > bsz => g,
+        _ => bsz,
+    };
+    unit * want.div_ceil(unit).max(1)
 }
 
 /// Column block for group size `g` (positions) and requested block `b`: groups must either fit
@@ -285,6 +306,13 @@ pub fn gptq_with(
     let g = spec.group_size(cols);
     let ng = spec.n_groups(cols);
     let bsz = block_size(spec.group.map(|_| g), opts.block);
+    let span = lazy_span(
+        hooks.lazy_span.unwrap_or(LAZY_SPAN),
+        bsz,
+        spec.group.map(|_| g),
+    );
+    // Err holds the errors of one span (never wider than the layer).
+    let err_w = span.min(n);
     let perm_flags: Vec<u32> = perm
         .iter()
         .map(|&c| c | if dead[c as usize] { DEAD } else { 0 })
@@ -313,7 +341,7 @@ pub fn gptq_with(
         sym: spec.sym as u32,
         mse: if opts.mse { shrink.len() as u32 } else { 0 },
         stat: opts.static_groups as u32,
-        err_ld: bsz as u32,
+        err_ld: err_w as u32,
         ..Default::default()
     };
     let src = source();
@@ -367,7 +395,7 @@ pub fn gptq_with(
         q.fill_u32(ctx, 0);
         let scales = GpuTensor::empty(ctx, rc, ng, GpuDtype::F32)?;
         let zeros = GpuTensor::empty(ctx, rc, ng, GpuDtype::U32)?;
-        let err = GpuTensor::empty(ctx, rc, bsz, GpuDtype::F32)?;
+        let err = GpuTensor::empty(ctx, rc, err_w, GpuDtype::F32)?;
         for t in [&q, &scales, &zeros, &err] {
             if t.chunks.len() != 1 {
                 return Err(Error::gpu(KERNEL, &shape, "a per-chunk buffer split"));
@@ -396,39 +424,48 @@ pub fn gptq_with(
                     grid(ctx, rc),
                 ));
             }
+            let s0 = b0 - b0 % span;
+            let s1 = (s0 + span).min(n);
             uniforms.push((
                 if hooks.skip_block { 3 } else { 2 },
                 Params {
                     b0: b0 as u32,
                     bw: bw as u32,
+                    err_col: (b0 - s0) as u32,
                     ..rows_p
                 },
                 grid(ctx, rc.div_ceil(block_rows)),
             ));
-            if b0 + bw < n && !hooks.skip_lazy {
-                let rest = n - b0 - bw;
+            if hooks.skip_lazy {
+                continue;
+            }
+            // Near update: the rest of this span, from this block's errors (K = bw).
+            // Far update at the span's end: every later column, from the whole span (K = s1 - s0).
+            let near = (b0 + bw < s1).then_some((b0 - s0, b0, bw, b0 + bw, s1));
+            let far = (b0 + bw == s1 && s1 < n).then_some((0, s0, s1 - s0, s1, n));
+            for (e0, u_row, k, c0, c1) in near.into_iter().chain(far) {
                 let step = RegionGemm {
                     a: Region {
                         buf: one(&err),
-                        len: rc * bsz,
-                        off: 0,
-                        ld: bsz,
+                        len: rc * err_w,
+                        off: e0,
+                        ld: err_w,
                     },
                     b: Region {
                         buf: one(&u),
                         len: n * n,
-                        off: b0 * n + b0 + bw,
+                        off: u_row * n + c0,
                         ld: n,
                     },
                     c: Region {
                         buf: &chunk.buffer,
                         len: rc * n,
-                        off: b0 + bw,
+                        off: c0,
                         ld: n,
                     },
                     m: rc,
-                    n: rest,
-                    k: bw,
+                    n: c1 - c0,
+                    k,
                     b_trans: false,
                     alpha: -1.0,
                     accumulate: true,

@@ -65,8 +65,8 @@ impl Params {
     /// Even offsets and leading dimensions let the cooperative kernel load interior slices two
     /// elements at a time (the tiled kernel ignores these fields).
     fn set_pairs(&mut self) {
-        self.a_pairs = (self.a_off % 2 == 0 && self.lda % 2 == 0) as u32;
-        self.b_pairs = (self.b_off % 2 == 0 && self.ldb % 2 == 0) as u32;
+        self.a_pairs = (self.a_off.is_multiple_of(2) && self.lda.is_multiple_of(2)) as u32;
+        self.b_pairs = (self.b_off.is_multiple_of(2) && self.ldb.is_multiple_of(2)) as u32;
     }
 }
 
@@ -305,7 +305,7 @@ fn run_walk(
     // kernel forms (guarded by m, n, k) stays inside its binding.
     let pipe = ctx.pipeline(&key, &src, "main", true)?;
     if layout == Layout::TN {
-        return run_tiled_tn(ctx, a, b, c, accumulate, shape, &pipe, &key);
+        return run_walk_tn(ctx, a, b, c, accumulate, shape, &pipe, &key);
     }
     let max_rows = ctx.max_workgroups_per_dim() as usize * TILE;
     if n.div_ceil(TILE) > ctx.max_workgroups_per_dim() as usize {
@@ -382,7 +382,8 @@ fn run_walk(
 /// (every chunk of C once per K range) and run in one pass, so the later ones accumulate onto
 /// the earlier ones' results. Every offset and extent is checked to fit the u32 indices the
 /// kernel forms inside its chunk (that check is what makes the unchecked pipeline safe).
-fn run_tiled_tn(
+#[allow(clippy::too_many_arguments)]
+fn run_walk_tn(
     ctx: &GpuContext,
     a: &GpuTensor,
     b: &GpuTensor,
