@@ -158,6 +158,8 @@ fn equals_the_f64_reference() {
         (4, Some(8), false, true, true, false),
         (3, Some(8), false, true, false, true),
         (4, None, false, false, false, true),
+        (4, Some(8), true, false, false, false),
+        (4, Some(52), true, false, false, false),
     ];
     for (bits, group, sym, act, stat, mse) in cases {
         let mut o = GptqOptions::new(QuantSpec::new(bits, group, sym).unwrap());
@@ -257,13 +259,17 @@ fn subgroup_loop_equals_barrier_loop() {
     let (rows, cols) = (33, 200);
     let (w, h) = layer(rows, cols, 300, 10);
     let ht = GpuTensor::from_f32(&ctx, cols, cols, &h).unwrap();
-    for (group, mse, stat) in [
-        (Some(40), false, false),
-        (None, true, false),
-        (Some(8), true, false),
-        (Some(40), false, true),
+    for (group, mse, stat, sym, act) in [
+        (Some(40), false, false, false, true),
+        (None, true, false, false, true),
+        (Some(8), true, false, false, true),
+        (Some(40), false, true, false, true),
+        (Some(8), false, false, true, false),
+        (Some(40), false, false, true, false),
+        (Some(40), false, false, true, true),
     ] {
-        let mut o = GptqOptions::new(QuantSpec::new(4, group, false).unwrap());
+        let mut o = GptqOptions::new(QuantSpec::new(4, group, sym).unwrap());
+        o.act_order = act;
         o.mse = mse;
         o.static_groups = stat;
         let a = gptq_with(&ctx, &w, rows, cols, &ht, &o, Hooks::default())
@@ -283,7 +289,10 @@ fn subgroup_loop_equals_barrier_loop() {
         )
         .unwrap()
         .0;
-        assert_eq!(a.q, b.q, "group {group:?} mse {mse} static {stat}");
+        assert_eq!(
+            a.q, b.q,
+            "group {group:?} mse {mse} static {stat} sym {sym} act {act}"
+        );
     }
 }
 
