@@ -27,15 +27,49 @@ struct GpuArgs {
     /// Run on the CPU reference path instead of a GPU.
     #[arg(long)]
     cpu: bool,
+    /// Time every GPU kernel by family with timestamp queries and print the table when the command
+    /// ends (each kernel then runs in its own pass: slower; for finding bottlenecks).
+    #[arg(long)]
+    profile: bool,
 }
 
 impl GpuArgs {
-    fn engine(&self) -> Result<Engine> {
+    fn engine(&self) -> Result<ProfiledEngine> {
         let opts = ContextOptions {
             adapter: self.adapter.clone(),
             ..Default::default()
         };
-        Ok(Engine::new(&opts, self.cpu)?)
+        let engine = Engine::new(&opts, self.cpu)?;
+        if self.profile {
+            match &engine {
+                Engine::Gpu(ctx) => ctx.start_profiling()?,
+                Engine::Cpu => bail!("--profile times GPU kernels; it cannot be used with --cpu"),
+            }
+        }
+        Ok(ProfiledEngine(engine))
+    }
+}
+
+/// The engine of one command; with `--profile`, prints the kernel time table to stderr when the
+/// command ends (also after an error, so a failing run still shows where its time went).
+struct ProfiledEngine(Engine);
+
+impl std::ops::Deref for ProfiledEngine {
+    type Target = Engine;
+    fn deref(&self) -> &Engine {
+        &self.0
+    }
+}
+
+impl Drop for ProfiledEngine {
+    fn drop(&mut self) {
+        if let Engine::Gpu(ctx) = &self.0 {
+            match ctx.take_profile() {
+                Ok(Some(p)) => eprintln!("\n{}", p.table()),
+                Ok(None) => {}
+                Err(e) => eprintln!("profile: {e}"),
+            }
+        }
     }
 }
 

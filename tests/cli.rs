@@ -645,6 +645,39 @@ fn bench_matmul_small() {
     assert!(ms.is_finite() && ms >= 0.0 && tflops.is_finite(), "{row:?}");
 }
 
+/// `--profile` prints the kernel-family table after the command's own output; with `--cpu` it is
+/// a clear error.
+#[test]
+fn profile_flag_prints_kernel_families() {
+    let (out, err) = ok(&run(&[
+        "bench",
+        "matmul",
+        "--size",
+        "64x48x40",
+        "--iters",
+        "2",
+        "--profile",
+    ]));
+    assert!(out.contains("64"), "{out}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("matmul F32xF32 NN/main"))
+        .unwrap_or_else(|| panic!("no matmul family in the profile:\n{err}"));
+    // Warm-up plus two timed iterations, each one dispatch.
+    let n: u64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+    assert!(n >= 2, "{line}");
+    assert!(err.contains("total"), "{err}");
+    let e = fails(&run(&[
+        "bench",
+        "matmul",
+        "--size",
+        "8",
+        "--cpu",
+        "--profile",
+    ]));
+    assert!(e.contains("--profile"), "{e}");
+}
+
 #[test]
 fn calib_tokens_writes_the_windows_compress_uses() {
     let tmp = tempfile::tempdir().unwrap();

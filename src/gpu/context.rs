@@ -3,6 +3,7 @@
 //! Kernel families (matmul, reduce, quant, ...) live in sibling files and only borrow this context;
 //! nothing outside `gpu/` touches wgpu.
 
+use super::profile::{self, Profile};
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -158,6 +159,10 @@ pub struct GpuContext {
     pub(crate) peak_bytes: Arc<AtomicU64>,
     lost: Arc<AtomicBool>,
     uncaptured: Arc<Mutex<Option<String>>>,
+    /// `Some` while `--profile` timing is on.
+    profile: Mutex<Option<Profile>>,
+    /// Kernel family of each cached pipeline (by address), for the profile.
+    pipeline_names: Mutex<HashMap<usize, String>>,
 }
 
 impl GpuContext {
@@ -270,7 +275,31 @@ impl GpuContext {
             peak_bytes: Arc::new(AtomicU64::new(0)),
             lost,
             uncaptured,
+            profile: Mutex::new(None),
+            pipeline_names: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Starts timing every dispatch by kernel family (timestamp queries; see `gpu::profile`).
+    /// An error on adapters without timestamp queries.
+    pub fn start_profiling(&self) -> Result<()> {
+        if !self.caps.timestamps {
+            return Err(Error::gpu(
+                "profile",
+                "-",
+                format!(
+                    "adapter {} offers no timestamp queries, which --profile needs",
+                    self.adapter
+                ),
+            ));
+        }
+        *self.profile.lock().map_err(poisoned)? = Some(Profile::default());
+        Ok(())
+    }
+
+    /// Stops timing and returns what was measured since `start_profiling` (None if it was off).
+    pub fn take_profile(&self) -> Result<Option<Profile>> {
+        Ok(self.profile.lock().map_err(poisoned)?.take())
     }
 
     /// Largest byte size of one storage binding (and so of one buffer chunk).
@@ -343,6 +372,10 @@ impl GpuContext {
             ));
         }
         let p = Arc::new(pipeline);
+        self.pipeline_names
+            .lock()
+            .map_err(poisoned)?
+            .insert(Arc::as_ptr(&p) as usize, format!("{key}/{entry}"));
         self.pipelines
             .lock()
             .map_err(poisoned)?
@@ -378,11 +411,6 @@ impl GpuContext {
         let started = std::time::Instant::now();
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let val = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let mut enc = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some(kernel),
-            });
         // All uniforms of the submission share one buffer (a slot per dispatch at the adapter's
         // offset alignment): creating a buffer per dispatch costs more than a small kernel when
         // an algorithm records hundreds of steps.
@@ -434,18 +462,29 @@ impl GpuContext {
                 entries: &entries,
             }));
         }
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some(kernel),
-                timestamp_writes: None,
-            });
-            for ((pipeline, d), g) in steps.iter().zip(&groups) {
-                pass.set_pipeline(pipeline);
-                pass.set_bind_group(0, g, &[]);
-                pass.dispatch_workgroups(d.groups.0, d.groups.1, d.groups.2);
+        let mut profile = self.profile.lock().map_err(poisoned)?;
+        if let Some(prof) = profile.as_mut() {
+            self.record_timed(kernel, steps, &groups, prof)?;
+        } else {
+            let mut enc = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some(kernel),
+                });
+            {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some(kernel),
+                    timestamp_writes: None,
+                });
+                for ((pipeline, d), g) in steps.iter().zip(&groups) {
+                    pass.set_pipeline(pipeline);
+                    pass.set_bind_group(0, g, &[]);
+                    pass.dispatch_workgroups(d.groups.0, d.groups.1, d.groups.2);
+                }
             }
+            self.queue.submit([enc.finish()]);
         }
-        self.queue.submit([enc.finish()]);
+        drop(profile);
         let v = pollster::block_on(val.pop());
         let o = pollster::block_on(oom.pop());
         if steps.len() > 16 {
@@ -459,6 +498,72 @@ impl GpuContext {
             return Err(Error::gpu(kernel, shape, e.to_string()));
         }
         self.check_health(kernel, shape)
+    }
+
+    /// Profiling: each dispatch in its own pass between two timestamps, submitted in batches of
+    /// `profile::MAX_TIMED`, each batch waited for and its times added to `prof` by family.
+    fn record_timed(
+        &self,
+        kernel: &str,
+        steps: &[(&wgpu::ComputePipeline, &Dispatch<'_>)],
+        groups: &[wgpu::BindGroup],
+        prof: &mut Profile,
+    ) -> Result<()> {
+        let period = self.queue.get_timestamp_period();
+        let names = self.pipeline_names.lock().map_err(poisoned)?.clone();
+        for (w, window) in steps.chunks(profile::MAX_TIMED).enumerate() {
+            let n = window.len();
+            let qs = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("profile"),
+                ty: wgpu::QueryType::Timestamp,
+                count: (2 * n) as u32,
+            });
+            let bytes = (16 * n) as u64;
+            let resolve = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("profile resolve"),
+                size: bytes,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            let readback = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("profile readback"),
+                size: bytes,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let mut enc = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some(kernel),
+                });
+            let mut families = Vec::with_capacity(n);
+            for (i, (pipeline, d)) in window.iter().enumerate() {
+                let g = &groups[w * profile::MAX_TIMED + i];
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some(kernel),
+                    timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                        query_set: &qs,
+                        beginning_of_pass_write_index: Some((2 * i) as u32),
+                        end_of_pass_write_index: Some((2 * i + 1) as u32),
+                    }),
+                });
+                pass.set_pipeline(pipeline);
+                pass.set_bind_group(0, g, &[]);
+                pass.dispatch_workgroups(d.groups.0, d.groups.1, d.groups.2);
+                let addr = *pipeline as *const wgpu::ComputePipeline as usize;
+                families.push(
+                    names
+                        .get(&addr)
+                        .cloned()
+                        .unwrap_or_else(|| kernel.to_string()),
+                );
+            }
+            enc.resolve_query_set(&qs, 0..(2 * n) as u32, &resolve, 0);
+            enc.copy_buffer_to_buffer(&resolve, 0, &readback, 0, bytes);
+            self.queue.submit([enc.finish()]);
+            profile::collect(&self.device, &readback, n, period, &families, prof)?;
+        }
+        Ok(())
     }
 
     /// Waits for all submitted work; turns a lost device or an uncaptured error into an `Error`.

@@ -1,0 +1,111 @@
+//! Per-kernel GPU time from timestamp queries, for `--profile`: while profiling is on, every
+//! dispatch the context records gets its own compute pass with begin/end timestamps, and the
+//! elapsed GPU time is added to its kernel family (the pipeline's cache key and entry point, e.g.
+//! `matmul F32xF32 NN/main`, `gptq_sg/block_sg`). Host-side gaps between submissions are not
+//! counted, so the families' sum is the GPU's busy time, to be read against the wall clock.
+//!
+//! Profiling changes how work is submitted (one pass per dispatch, a wait after every batch), so
+//! it slows the run and must only be switched on by an explicit `--profile`. This module must not
+//! decide what to time: the context calls it for every dispatch.
+
+use crate::error::{Error, Result};
+use std::collections::BTreeMap;
+
+/// Dispatches per query set (two timestamps each, within wgpu's 4096-query limit).
+pub(crate) const MAX_TIMED: usize = 2048;
+
+/// Accumulated GPU time of one kernel family.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Family {
+    pub dispatches: u64,
+    pub seconds: f64,
+}
+
+/// GPU time per kernel family since profiling was switched on.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Profile {
+    pub families: BTreeMap<String, Family>,
+}
+
+impl Profile {
+    pub(crate) fn add(&mut self, family: &str, seconds: f64) {
+        let f = self.families.entry(family.to_string()).or_default();
+        f.dispatches += 1;
+        f.seconds += seconds;
+    }
+
+    /// Total GPU time over all families.
+    pub fn total_seconds(&self) -> f64 {
+        self.families.values().map(|f| f.seconds).sum()
+    }
+
+    /// Families by descending time: name, dispatches, milliseconds, share of the total, mean µs.
+    pub fn table(&self) -> String {
+        let total = self.total_seconds().max(1e-30);
+        let mut rows: Vec<(&String, &Family)> = self.families.iter().collect();
+        rows.sort_by(|a, b| b.1.seconds.total_cmp(&a.1.seconds));
+        let mut s = format!(
+            "{:<44} {:>10} {:>11} {:>7} {:>11}\n",
+            "kernel family (GPU time, timestamp queries)", "dispatches", "ms", "share", "µs each"
+        );
+        for (name, f) in rows {
+            s.push_str(&format!(
+                "{:<44} {:>10} {:>11.3} {:>6.1}% {:>11.2}\n",
+                name,
+                f.dispatches,
+                f.seconds * 1e3,
+                100.0 * f.seconds / total,
+                f.seconds * 1e6 / f.dispatches.max(1) as f64
+            ));
+        }
+        s.push_str(&format!(
+            "{:<44} {:>10} {:>11.3}\n",
+            "total",
+            "",
+            total * 1e3
+        ));
+        s
+    }
+}
+
+/// Reads back the resolved timestamps of `n` dispatches and adds each one's GPU time to its family.
+pub(crate) fn collect(
+    device: &wgpu::Device,
+    readback: &wgpu::Buffer,
+    n: usize,
+    period_ns: f32,
+    families: &[String],
+    into: &mut Profile,
+) -> Result<()> {
+    let slice = readback.slice(..(n * 16) as u64);
+    let (tx, rx) = std::sync::mpsc::channel();
+    slice.map_async(wgpu::MapMode::Read, move |r| {
+        let _ = tx.send(r);
+    });
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| {
+            Error::gpu(
+                "profile",
+                "-",
+                format!("waiting for timestamps failed: {e}"),
+            )
+        })?;
+    rx.recv()
+        .map_err(|e| Error::gpu("profile", "-", e.to_string()))?
+        .map_err(|e| Error::gpu("profile", "-", format!("mapping timestamps failed: {e}")))?;
+    {
+        let data = slice
+            .get_mapped_range()
+            .map_err(|e| Error::gpu("profile", "-", format!("reading timestamps failed: {e:?}")))?;
+        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&data);
+        for (i, family) in families.iter().enumerate().take(n) {
+            let (a, b) = (ticks[2 * i], ticks[2 * i + 1]);
+            // A pass whose end precedes its start (some drivers reset counters) counts as zero.
+            let ns = b.saturating_sub(a) as f64 * period_ns as f64;
+            into.add(family, ns * 1e-9);
+        }
+    }
+    readback.unmap();
+    Ok(())
+}
