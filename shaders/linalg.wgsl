@@ -34,7 +34,7 @@ const WG: u32 = 256u;
 @group(0) @binding(2) var<uniform> r: Params;
 
 var<workgroup> blk: array<f32, 4160>; // NB x LD
-var<workgroup> col: array<f32, 64>;
+var<workgroup> xin: array<f32, 4160>; // NB x LD: inv(L) of the block
 
 @compute @workgroup_size(256)
 fn potrf_diag(@builtin(local_invocation_index) lid: u32) {
@@ -43,32 +43,37 @@ fn potrf_diag(@builtin(local_invocation_index) lid: u32) {
         blk[(e / NB) * LD + e % NB] = m[base + (e / NB) * p.ld + e % NB];
     }
     workgroupBarrier();
+    // Right-looking, one barrier per column: step j updates the trailing lower triangle from the
+    // still unscaled column j (a_ik -= a_ij a_kj / d), and column j is scaled by 1/sqrt(d) after
+    // the barrier, while step j + 1 (which never reads column j) runs. Three barriers per column
+    // made this kernel ~0.3 ms per 64-column block on an H200 (`--profile`).
     var failed = false;
     for (var j = 0u; j < NB; j++) {
         let d = blk[j * LD + j];
         // NaN fails the first comparison, infinity the second.
         let ok = d > 0.0 && d < 3.0e38;
-        let piv = select(1.0, sqrt(d), ok);
         failed = failed || !ok;
-        workgroupBarrier();
-        if (lid == 0u) {
-            blk[j * LD + j] = piv;
-        }
-        for (var i = j + 1u + lid; i < NB; i += WG) {
-            blk[i * LD + j] = blk[i * LD + j] / piv;
-        }
-        workgroupBarrier();
+        let dd = select(1.0, d, ok);
+        let inv_d = 1.0 / dd;
         // Trailing update of the lower triangle: (i, k) with j < k <= i.
-        let w = NB - 1u - j;
-        for (var e = lid; e < w * w; e += WG) {
-            let i = j + 1u + e / w;
-            let k = j + 1u + e % w;
-            if (k <= i) {
-                blk[i * LD + k] = blk[i * LD + k] - blk[i * LD + j] * blk[k * LD + j];
+        for (var e = lid; e < NB * NB; e += WG) {
+            let i = e / NB;
+            let k = e % NB;
+            if (k > j && k <= i) {
+                blk[i * LD + k] = blk[i * LD + k] - blk[i * LD + j] * blk[k * LD + j] * inv_d;
             }
         }
         workgroupBarrier();
+        let piv = sqrt(dd);
+        for (var i = j + lid; i < NB; i += WG) {
+            if (i == j) {
+                blk[j * LD + j] = piv;
+            } else {
+                blk[i * LD + j] = blk[i * LD + j] / piv;
+            }
+        }
     }
+    workgroupBarrier();
     if (lid == 0u && failed) {
         atomicOr(&flag[0], 1u);
     }
@@ -78,31 +83,27 @@ fn potrf_diag(@builtin(local_invocation_index) lid: u32) {
         m[base + i * p.ld + k] = select(blk[i * LD + k], 0.0, k > i);
     }
     workgroupBarrier();
-    // In-place inverse of the lower factor (LAPACK trti2, column by column from the right):
-    // column j of the inverse is -inv(L)[j+1.., j+1..] * L[j+1.., j] / L[j][j], where the columns
-    // right of j already hold the inverse.
-    for (var jj = 0u; jj < NB; jj++) {
-        let j = NB - 1u - jj;
-        let inv_jj = 1.0 / blk[j * LD + j];
-        if (lid < NB) {
-            col[lid] = blk[lid * LD + j];
+    // Inverse of the lower factor with no barriers: invocation j (< NB) forward-substitutes
+    // column j of inv(L) (L x = e_j: x_j = 1 / L_jj, x_i = -sum_{j<=k<i} L_ik x_k / L_ii) into
+    // `xin`; the column-by-column trti2 it replaces paid two barriers per column.
+    if (lid < NB) {
+        let j = lid;
+        for (var i = 0u; i < j; i++) {
+            xin[i * LD + j] = 0.0;
         }
-        workgroupBarrier();
-        if (lid > j && lid < NB) {
+        xin[j * LD + j] = 1.0 / blk[j * LD + j];
+        for (var i = j + 1u; i < NB; i++) {
             var s = 0.0;
-            for (var k = j + 1u; k <= lid; k++) {
-                s = s + blk[lid * LD + k] * col[k];
+            for (var k = j; k < i; k++) {
+                s = s + blk[i * LD + k] * xin[k * LD + j];
             }
-            blk[lid * LD + j] = -s * inv_jj;
+            xin[i * LD + j] = -s / blk[i * LD + i];
         }
-        if (lid == j) {
-            blk[j * LD + j] = inv_jj;
-        }
-        workgroupBarrier();
     }
+    workgroupBarrier();
     let dbase = (p.k0 / NB) * NB * NB;
     for (var e = lid; e < NB * NB; e += WG) {
-        dinv[dbase + e] = select(blk[(e / NB) * LD + e % NB], 0.0, e % NB > e / NB);
+        dinv[dbase + e] = select(xin[(e / NB) * LD + e % NB], 0.0, e % NB > e / NB);
     }
 }
 
