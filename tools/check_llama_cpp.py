@@ -80,7 +80,8 @@ def main():
     print(f"loaded {args.gguf}: n_vocab {llm.n_vocab()}, n_ctx_train {llm._model.n_ctx_train()}, "
           f"n_embd {llm._model.n_embd()}, params {llm._model.n_params()}")
     for k in sorted(llm.metadata):
-        print(f"  {k} = {llm.metadata[k]}")
+        v = llm.metadata[k]
+        print(f"  {k} = {v if len(v) <= 80 and chr(10) not in v else repr(v[:77]) + '...'}")
 
     # -- tokenizer agreement -------------------------------------------------------------------
     hf_dir = args.hf_dir
