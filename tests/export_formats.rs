@@ -457,12 +457,21 @@ fn compressed_tensors_bad_inputs_give_clear_errors() {
 // ----------------------------------------------------------------------------- GGUF
 
 fn export_gguf(dir: &Path, tensors: &[ExportTensor], dtype: Dtype) -> PathBuf {
+    export_gguf_with_tokenizer(dir, tensors, dtype, &tiny())
+}
+
+fn export_gguf_with_tokenizer(
+    dir: &Path,
+    tensors: &[ExportTensor],
+    dtype: Dtype,
+    tokenizer_dir: &Path,
+) -> PathBuf {
     let out = OutputDir::create(dir).unwrap();
     let mut w = GgufWriter::new(&out, dtype).unwrap();
     for t in tensors {
         w.add(t).unwrap();
     }
-    w.finish(&config(), &tiny(), "test").unwrap();
+    w.finish(&config(), tokenizer_dir, "test").unwrap();
     out.commit().unwrap().join(GGUF_FILE)
 }
 
@@ -710,4 +719,70 @@ fn gguf_parser_rejects_damaged_files() {
     let mut b = bytes.clone();
     b[16..24].copy_from_slice(&u64::MAX.to_le_bytes()); // key-value count
     assert!(err(&b).contains("key-value count"));
+}
+
+/// `tokenizer.ggml.pre` names the llama.cpp regexes that split text as tokenizer.json's
+/// pre-tokenizer does: ByteLevel -> `gpt-2`, SmolLM2's [Digits(individual), ByteLevel] ->
+/// `smollm` (it used to be `default`, whose punctuation split made llama.cpp tokenize SmolLM2
+/// exports differently from Hugging Face); anything else stays `default`. Where llama-cpp-python
+/// is installed, tools/check_llama_cpp.py loads each recognised export and compares llama.cpp's
+/// token ids with the Hugging Face tokenizer's.
+#[test]
+fn gguf_pre_tokenizer_matches_llama_cpp() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rng = Rng::new(45);
+    let tensors = model_tensors(&mut rng, QuantSpec::new(4, Some(32), true).unwrap(), false);
+    let mut tok: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tiny().join("tokenizer.json")).unwrap()).unwrap();
+    let byte_level = tok["pre_tokenizer"].clone();
+    assert_eq!(byte_level["type"], "ByteLevel");
+    let digits = |individual: bool| {
+        serde_json::json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": individual}, byte_level.clone()]})
+    };
+    let llama_cpp = python("llama_cpp, tokenizers");
+    if let Err(why) = &llama_cpp {
+        eprintln!("SKIPPED check_llama_cpp.py: {why}");
+    }
+    for (name, pre_tokenizer, want) in [
+        ("byte-level", byte_level.clone(), "gpt-2"),
+        ("smollm", digits(true), "smollm"),
+        ("digit-runs", digits(false), "default"),
+    ] {
+        let dir = tmp.path().join(format!("tok-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        tok["pre_tokenizer"] = pre_tokenizer;
+        std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+        let file = export_gguf_with_tokenizer(
+            &tmp.path().join(format!("out-{name}")),
+            &tensors,
+            Dtype::F16,
+            &dir,
+        );
+        let g = GgufFile::open(&file).unwrap();
+        assert_eq!(
+            g.metadata["tokenizer.ggml.pre"].as_str(),
+            Some(want),
+            "{name}"
+        );
+        if llama_cpp.is_ok() && want != "default" {
+            let o = std::process::Command::new("python3")
+                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/check_llama_cpp.py"))
+                .arg(&file)
+                .arg("--hf-dir")
+                .arg(&dir)
+                .args(["--n", "4"])
+                .output()
+                .unwrap();
+            let out = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            assert!(
+                o.status.success(),
+                "{name}: check_llama_cpp.py failed:\n{out}"
+            );
+        }
+    }
 }

@@ -720,16 +720,13 @@ fn tokenizer_kv(dir: &Path, config: &LlamaConfig) -> Result<Vec<(String, Kv)>> {
             _ => return Err(bad(format!("merge {m} is neither \"a b\" nor [a, b]"))),
         }
     }
-    let pre = match v.pointer("/pre_tokenizer/type").and_then(|t| t.as_str()) {
-        Some("ByteLevel") => "gpt-2",
-        _ => {
-            log::warn!(
-                "{}: pre-tokenizer is not plain ByteLevel; writing tokenizer.ggml.pre `default` (llama.cpp may split text differently)",
-                path.display()
-            );
-            "default"
-        }
-    };
+    let pre = llama_cpp_pre(v.get("pre_tokenizer")).unwrap_or_else(|| {
+        log::warn!(
+            "{}: pre-tokenizer is neither ByteLevel nor [Digits(individual), ByteLevel]; writing tokenizer.ggml.pre `default` (llama.cpp will split text differently)",
+            path.display()
+        );
+        "default"
+    });
     let mut kv = vec![
         ("tokenizer.ggml.model".to_string(), Kv::Str("gpt2".into())),
         ("tokenizer.ggml.pre".to_string(), Kv::Str(pre.into())),
@@ -759,6 +756,37 @@ fn tokenizer_kv(dir: &Path, config: &LlamaConfig) -> Result<Vec<(String, Kv)>> {
         kv.push(("tokenizer.ggml.add_bos_token".into(), Kv::Bool(a)));
     }
     Ok(kv)
+}
+
+/// The `tokenizer.ggml.pre` whose regexes in llama.cpp (llama-vocab.cpp) split text as this
+/// tokenizer.json pre-tokenizer does, for the two byte-level layouts we recognise:
+/// - `ByteLevel` (GPT-2 regex) -> `gpt-2`: the GPT-2 regex alone;
+/// - `Sequence[Digits(individual_digits), ByteLevel]` (SmolLM, StarCoder) -> `smollm`: `\p{N}`
+///   (every digit on its own), then the GPT-2 regex; what convert_hf_to_gguf writes for SmolLM2.
+///
+/// The `default` pre-type is not a neutral fallback: it first splits off runs of punctuation, so
+/// ` 'quotes'` becomes ` ` + `'` + ... where the Hugging Face tokenizer keeps ` '` together.
+fn llama_cpp_pre(p: Option<&serde_json::Value>) -> Option<&'static str> {
+    let byte_level = |x: &serde_json::Value| {
+        x.get("type").and_then(|t| t.as_str()) == Some("ByteLevel")
+            && x.get("use_regex").and_then(|u| u.as_bool()) != Some(false)
+    };
+    let p = p?;
+    if byte_level(p) {
+        return Some("gpt-2");
+    }
+    match p.get("pretokenizers").and_then(|s| s.as_array()) {
+        Some(seq)
+            if p.get("type").and_then(|t| t.as_str()) == Some("Sequence")
+                && seq.len() == 2
+                && seq[0].get("type").and_then(|t| t.as_str()) == Some("Digits")
+                && seq[0].get("individual_digits").and_then(|d| d.as_bool()) == Some(true)
+                && byte_level(&seq[1]) =>
+        {
+            Some("smollm")
+        }
+        _ => None,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
