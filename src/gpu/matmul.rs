@@ -98,16 +98,20 @@ fn loader_access(name: &str, binding: u32, dtype: GpuDtype, access: &str) -> Res
     ))
 }
 
-/// The register-tiled kernel's source for one (A dtype, B dtype, layout) variant.
-pub fn tiled_source(a: GpuDtype, b: GpuDtype, layout: Layout) -> Result<String> {
-    Ok(format!(
-        "{}{}const A_TRANS: bool = {};\nconst B_TRANS: bool = {};\n{}",
-        loader("A", 0, a)?,
-        loader("B", 1, b)?,
+/// A matmul kernel's source: its prelude (directives and loaders), the layout constants both
+/// kernels read, then the kernel body.
+fn compose(prelude: String, layout: Layout, body: &str) -> String {
+    format!(
+        "{prelude}const A_TRANS: bool = {};\nconst B_TRANS: bool = {};\n{body}",
         layout == Layout::TN,
         layout == Layout::NT,
-        shaders::MATMUL
-    ))
+    )
+}
+
+/// The register-tiled kernel's source for one (A dtype, B dtype, layout) variant.
+pub fn tiled_source(a: GpuDtype, b: GpuDtype, layout: Layout) -> Result<String> {
+    let prelude = loader("A", 0, a)? + &loader("B", 1, b)?;
+    Ok(compose(prelude, layout, shaders::MATMUL))
 }
 
 /// The cooperative kernel's loaders of binding `name`: element i as f16, and the pair at even i.
@@ -146,26 +150,20 @@ fn coop_loader(name: &str, binding: u32, dtype: GpuDtype) -> Result<String> {
 
 /// The cooperative-matrix kernel's source for one (A dtype, B dtype, layout) variant.
 pub fn coop_source(a: GpuDtype, b: GpuDtype, layout: Layout) -> Result<String> {
-    Ok(format!(
-        "enable f16;\nenable wgpu_cooperative_matrix;\n{}{}const A_TRANS: bool = {};\nconst B_TRANS: bool = {};\n{}",
-        coop_loader("MA", 0, a)?,
-        coop_loader("MB", 1, b)?,
-        layout == Layout::TN,
-        layout == Layout::NT,
-        shaders::MATMUL_COOP
-    ))
+    let prelude = "enable f16;\nenable wgpu_cooperative_matrix;\n".to_string()
+        + &coop_loader("MA", 0, a)?
+        + &coop_loader("MB", 1, b)?;
+    Ok(compose(prelude, layout, shaders::MATMUL_COOP))
 }
 
 /// The f32 tiled kernel with A and B declared read_write, so one buffer may be bound as A, B and C
 /// of the same dispatch (wgpu allows aliased writable storage bindings; read-only ones conflict
 /// with a writable one). Used by the in-place dense linear algebra of `gpu::linalg`.
 pub fn aliased_source(b_trans: bool) -> Result<String> {
-    Ok(format!(
-        "{}{}const A_TRANS: bool = false;\nconst B_TRANS: bool = {b_trans};\n{}",
-        loader_access("A", 0, GpuDtype::F32, "read_write")?,
-        loader_access("B", 1, GpuDtype::F32, "read_write")?,
-        shaders::MATMUL
-    ))
+    let prelude = loader_access("A", 0, GpuDtype::F32, "read_write")?
+        + &loader_access("B", 1, GpuDtype::F32, "read_write")?;
+    let layout = if b_trans { Layout::NT } else { Layout::NN };
+    Ok(compose(prelude, layout, shaders::MATMUL))
 }
 
 /// Every variant's source, for the naga validation test.
