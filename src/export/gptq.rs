@@ -191,39 +191,17 @@ impl<'a> GptqWriter<'a> {
         }
         let (rows, cols) = (t.rows, t.cols);
         spec.check_cols(cols, name)?;
+        // Lengths, g_idx range, integer and zero ranges, f16-exact positive scales.
+        super::check_quantized(t, &file, name)?;
         let ng = t.n_groups();
-        if t.q.len() != rows * cols
-            || t.scales.len() != rows * ng
-            || t.zeros.len() != rows * ng
-            || t.g_idx.len() != cols
+        let gs = spec.group_size(cols);
+        if !self.opts.desc_act
+            && let Some(c) = super::first_act_order_column(t)
         {
             return Err(err(format!(
-                "inconsistent quantized tensor {rows} x {cols}, {ng} groups: q {}, scales {}, zeros {}, g_idx {}",
-                t.q.len(),
-                t.scales.len(),
-                t.zeros.len(),
-                t.g_idx.len()
+                "g_idx[{c}] = {} is not {c} / {gs}; set desc_act for act-order tensors",
+                t.g_idx[c]
             )));
-        }
-        let gs = spec.group_size(cols);
-        for (c, &g) in t.g_idx.iter().enumerate() {
-            if g as usize >= ng {
-                return Err(err(format!("g_idx[{c}] = {g} but there are {ng} groups")));
-            }
-            if !self.opts.desc_act && g as usize != c / gs {
-                return Err(err(format!(
-                    "g_idx[{c}] = {g} is not {c} / {gs}; set desc_act for act-order tensors"
-                )));
-            }
-        }
-        for (i, &s) in t.scales.iter().enumerate() {
-            if !(s.is_finite() && s > 0.0 && f16::from_f32(s).to_f32() == s) {
-                return Err(err(format!(
-                    "scale {s} at (row {}, group {}) is not a positive f16 value",
-                    i / ng,
-                    i % ng
-                )));
-            }
         }
         let half = 1u32 << (spec.bits - 1);
         for (i, &z) in t.zeros.iter().enumerate() {
