@@ -19,50 +19,8 @@ use wgpress::model::writer::OutputDir;
 use wgpress::quant::{QuantSpec, QuantizedTensor};
 use wgpress::rng::Rng;
 
-/// RTN on `spec`'s grid with the static column -> group map, or a random act-order map.
-fn quantized(
-    rng: &mut Rng,
-    rows: usize,
-    cols: usize,
-    spec: QuantSpec,
-    act_order: bool,
-) -> QuantizedTensor {
-    let w = rng.normal_vec(rows * cols, 0.05);
-    let gs = spec.group_size(cols);
-    let ng = spec.n_groups(cols);
-    let mut perm: Vec<usize> = (0..cols).collect();
-    if act_order {
-        for i in (1..cols).rev() {
-            perm.swap(i, rng.below(i as u64 + 1) as usize);
-        }
-    }
-    let mut g_idx = vec![0u32; cols];
-    for (k, &c) in perm.iter().enumerate() {
-        g_idx[c] = (k / gs) as u32;
-    }
-    let (mut q, mut scales, mut zeros) = (vec![0u8; rows * cols], vec![], vec![]);
-    for r in 0..rows {
-        for g in 0..ng {
-            let members: Vec<usize> = (0..cols).filter(|&c| g_idx[c] as usize == g).collect();
-            let vals: Vec<f32> = members.iter().map(|&c| w[r * cols + c]).collect();
-            let p = spec.fit(&vals);
-            for &c in &members {
-                q[r * cols + c] = spec.quantize(w[r * cols + c], p) as u8;
-            }
-            scales.push(p.scale);
-            zeros.push(p.zero);
-        }
-    }
-    QuantizedTensor {
-        rows,
-        cols,
-        spec,
-        q,
-        scales,
-        zeros,
-        g_idx,
-    }
-}
+mod common;
+use common::random_quantized as quantized;
 
 fn f32_bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()

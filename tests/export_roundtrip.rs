@@ -12,66 +12,11 @@ use wgpress::export::gptq::{
 };
 use wgpress::model::safetensors::SafetensorsSet;
 use wgpress::model::writer::OutputDir;
-use wgpress::quant::{QuantSpec, QuantizedTensor};
+use wgpress::quant::QuantSpec;
 use wgpress::rng::Rng;
 
-/// Quantizes random normal weights on `spec`'s grid (RTN), optionally with a random act-order
-/// column -> group map, so every field of the tensor is exercised.
-fn random_quantized(
-    rng: &mut Rng,
-    rows: usize,
-    cols: usize,
-    spec: QuantSpec,
-    act_order: bool,
-) -> QuantizedTensor {
-    let w = rng.normal_vec(rows * cols, 0.05);
-    quantize_weights(&w, rows, cols, spec, act_order, rng)
-}
-
-fn quantize_weights(
-    w: &[f32],
-    rows: usize,
-    cols: usize,
-    spec: QuantSpec,
-    act_order: bool,
-    rng: &mut Rng,
-) -> QuantizedTensor {
-    let gs = spec.group_size(cols);
-    let ng = spec.n_groups(cols);
-    let mut perm: Vec<usize> = (0..cols).collect();
-    if act_order {
-        for i in (1..cols).rev() {
-            perm.swap(i, rng.below(i as u64 + 1) as usize);
-        }
-    }
-    // Column perm[k] is the k-th quantized column, so it belongs to group k / gs.
-    let mut g_idx = vec![0u32; cols];
-    for (k, &c) in perm.iter().enumerate() {
-        g_idx[c] = (k / gs) as u32;
-    }
-    let (mut q, mut scales, mut zeros) = (vec![0u8; rows * cols], vec![], vec![]);
-    for r in 0..rows {
-        for g in 0..ng {
-            let members: Vec<usize> = (0..cols).filter(|&c| g_idx[c] as usize == g).collect();
-            let vals: Vec<f32> = members.iter().map(|&c| w[r * cols + c]).collect();
-            let p = spec.fit(&vals);
-            for &c in &members {
-                q[r * cols + c] = spec.quantize(w[r * cols + c], p) as u8;
-            }
-            scales.push(p.scale);
-            zeros.push(p.zero);
-        }
-    }
-    QuantizedTensor {
-        rows,
-        cols,
-        spec,
-        q,
-        scales,
-        zeros,
-        g_idx,
-    }
-}
+mod common;
+use common::{quantize_weights, random_quantized};
 
 fn config() -> serde_json::Value {
     serde_json::json!({

@@ -70,3 +70,62 @@ pub fn gpu_engine() -> wgpress::engine::Engine {
     );
     e
 }
+
+/// Quantizes random normal weights on `spec`'s grid (RTN), optionally with a random act-order
+/// column -> group map, so every field of the tensor is exercised.
+pub fn random_quantized(
+    rng: &mut wgpress::rng::Rng,
+    rows: usize,
+    cols: usize,
+    spec: wgpress::quant::QuantSpec,
+    act_order: bool,
+) -> wgpress::quant::QuantizedTensor {
+    let w = rng.normal_vec(rows * cols, 0.05);
+    quantize_weights(&w, rows, cols, spec, act_order, rng)
+}
+
+/// RTN of `w` on `spec`'s grid with the static column -> group map or a random act-order one.
+pub fn quantize_weights(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    spec: wgpress::quant::QuantSpec,
+    act_order: bool,
+    rng: &mut wgpress::rng::Rng,
+) -> wgpress::quant::QuantizedTensor {
+    let gs = spec.group_size(cols);
+    let ng = spec.n_groups(cols);
+    let mut perm: Vec<usize> = (0..cols).collect();
+    if act_order {
+        for i in (1..cols).rev() {
+            perm.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+    }
+    // Column perm[k] is the k-th quantized column, so it belongs to group k / gs.
+    let mut g_idx = vec![0u32; cols];
+    for (k, &c) in perm.iter().enumerate() {
+        g_idx[c] = (k / gs) as u32;
+    }
+    let (mut q, mut scales, mut zeros) = (vec![0u8; rows * cols], vec![], vec![]);
+    for r in 0..rows {
+        for g in 0..ng {
+            let members: Vec<usize> = (0..cols).filter(|&c| g_idx[c] as usize == g).collect();
+            let vals: Vec<f32> = members.iter().map(|&c| w[r * cols + c]).collect();
+            let p = spec.fit(&vals);
+            for &c in &members {
+                q[r * cols + c] = spec.quantize(w[r * cols + c], p) as u8;
+            }
+            scales.push(p.scale);
+            zeros.push(p.zero);
+        }
+    }
+    wgpress::quant::QuantizedTensor {
+        rows,
+        cols,
+        spec,
+        q,
+        scales,
+        zeros,
+        g_idx,
+    }
+}
