@@ -38,6 +38,12 @@ fn profile_times_every_dispatch_by_family() {
         .unwrap_or_else(|| panic!("no matmul family in {:?}", p.families.keys()));
     assert_eq!(mm.dispatches, 3);
     assert!(mm.seconds > 0.0 && mm.seconds < 60.0, "{mm:?}");
+    // Declared work: 2·m·n·k FLOPs per product; A and B read (37 x 53 f32 each), C written.
+    assert_eq!(mm.flops, 3.0 * 2.0 * 37.0 * 37.0 * 53.0);
+    assert_eq!(
+        mm.bytes,
+        3.0 * (2.0 * 37.0 * 53.0 * 4.0 + 37.0 * 37.0 * 4.0)
+    );
     assert!(
         p.families.keys().any(|k| k.starts_with("reduce")),
         "no reduce family in {:?}",

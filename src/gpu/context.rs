@@ -297,6 +297,23 @@ impl GpuContext {
         Ok(())
     }
 
+    /// Declares the work (FLOPs, bytes) of a dispatch of `pipeline` for the profile's rates; a
+    /// no-op unless profiling is on. Wrappers call it for each dispatch they record.
+    pub(crate) fn add_work(&self, pipeline: &wgpu::ComputePipeline, flops: f64, bytes: f64) {
+        let Ok(mut guard) = self.profile.lock() else {
+            return;
+        };
+        let Some(prof) = guard.as_mut() else {
+            return;
+        };
+        let addr = pipeline as *const wgpu::ComputePipeline as usize;
+        if let Ok(names) = self.pipeline_names.lock()
+            && let Some(name) = names.get(&addr)
+        {
+            prof.add_work(name, flops, bytes);
+        }
+    }
+
     /// Stops timing and returns what was measured since `start_profiling` (None if it was off).
     pub fn take_profile(&self) -> Result<Option<Profile>> {
         Ok(self.profile.lock().map_err(poisoned)?.take())

@@ -62,6 +62,14 @@ struct Params {
 }
 
 impl Params {
+    /// FLOPs and the bytes read and written at least once (A, B with their element sizes, C
+    /// written, and read too when accumulating), for `--profile`.
+    fn work(&self, ea: u64, eb: u64) -> (f64, f64) {
+        let (m, n, k) = (self.m as f64, self.n as f64, self.k as f64);
+        let c = m * n * 4.0 * if self.accumulate != 0 { 2.0 } else { 1.0 };
+        (2.0 * m * n * k, m * k * ea as f64 + k * n * eb as f64 + c)
+    }
+
     /// Even offsets and leading dimensions let the cooperative kernel load interior slices two
     /// elements at a time (the tiled kernel ignores these fields).
     fn set_pairs(&mut self) {
@@ -359,6 +367,8 @@ fn run_walk(
     }
     for p in &mut params {
         p.set_pairs();
+        let (f, b) = p.work(a.dtype.size(), b.dtype.size());
+        ctx.add_work(&pipe, f, b);
     }
     let dispatches: Vec<Dispatch> = params
         .iter()
@@ -451,6 +461,8 @@ fn run_walk_tn(
     }
     for p in &mut params {
         p.set_pairs();
+        let (f, b) = p.work(a.dtype.size(), b.dtype.size());
+        ctx.add_work(pipe, f, b);
     }
     let dispatches: Vec<Dispatch> = params
         .iter()
@@ -579,6 +591,11 @@ impl<'a> RegionGemm<'a> {
             b_pairs: 0,
             pad: 0,
         };
+        // Every prepared step is recorded by its caller, so its work is declared here (a
+        // lower-triangle product does about half of the square one's work).
+        let (f, b) = p.work(4, 4);
+        let half = if self.lower { 0.5 } else { 1.0 };
+        ctx.add_work(&pipeline, f * half, b);
         Ok(GemmStep {
             pipeline,
             buffers: [self.a.buf, self.b.buf, self.c.buf],

@@ -14,11 +14,14 @@ use std::collections::BTreeMap;
 /// Dispatches per query set (two timestamps each, within wgpu's 4096-query limit).
 pub(crate) const MAX_TIMED: usize = 2048;
 
-/// Accumulated GPU time of one kernel family.
+/// Accumulated GPU time of one kernel family, and the work its wrappers declared (FLOPs and
+/// bytes moved to or from memory at least once; 0 where a family declares none).
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct Family {
     pub dispatches: u64,
     pub seconds: f64,
+    pub flops: f64,
+    pub bytes: f64,
 }
 
 /// GPU time per kernel family since profiling was switched on.
@@ -34,28 +37,50 @@ impl Profile {
         f.seconds += seconds;
     }
 
+    pub(crate) fn add_work(&mut self, family: &str, flops: f64, bytes: f64) {
+        let f = self.families.entry(family.to_string()).or_default();
+        f.flops += flops;
+        f.bytes += bytes;
+    }
+
     /// Total GPU time over all families.
     pub fn total_seconds(&self) -> f64 {
         self.families.values().map(|f| f.seconds).sum()
     }
 
-    /// Families by descending time: name, dispatches, milliseconds, share of the total, mean µs.
+    /// Families by descending time: name, dispatches, milliseconds, share of the total, mean µs,
+    /// and the achieved TFLOP/s and GB/s where the family declares its work ("-" otherwise).
     pub fn table(&self) -> String {
         let total = self.total_seconds().max(1e-30);
         let mut rows: Vec<(&String, &Family)> = self.families.iter().collect();
         rows.sort_by(|a, b| b.1.seconds.total_cmp(&a.1.seconds));
         let mut s = format!(
-            "{:<44} {:>10} {:>11} {:>7} {:>11}\n",
-            "kernel family (GPU time, timestamp queries)", "dispatches", "ms", "share", "µs each"
+            "{:<44} {:>10} {:>11} {:>7} {:>11} {:>9} {:>9}\n",
+            "kernel family (GPU time, timestamp queries)",
+            "dispatches",
+            "ms",
+            "share",
+            "µs each",
+            "TFLOP/s",
+            "GB/s"
         );
+        let rate = |x: f64, secs: f64, unit: f64| -> String {
+            if x > 0.0 && secs > 0.0 {
+                format!("{:.2}", x / secs / unit)
+            } else {
+                "-".into()
+            }
+        };
         for (name, f) in rows {
             s.push_str(&format!(
-                "{:<44} {:>10} {:>11.3} {:>6.1}% {:>11.2}\n",
+                "{:<44} {:>10} {:>11.3} {:>6.1}% {:>11.2} {:>9} {:>9}\n",
                 name,
                 f.dispatches,
                 f.seconds * 1e3,
                 100.0 * f.seconds / total,
-                f.seconds * 1e6 / f.dispatches.max(1) as f64
+                f.seconds * 1e6 / f.dispatches.max(1) as f64,
+                rate(f.flops, f.seconds, 1e12),
+                rate(f.bytes, f.seconds, 1e9)
             ));
         }
         s.push_str(&format!(
