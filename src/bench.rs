@@ -202,7 +202,8 @@ pub fn gptq(
     tokens: usize,
     iters: usize,
 ) -> Result<GptqBench> {
-    use crate::gpu::gptq::{Hooks, block_size, gptq_with};
+    use crate::gpu::gptq::{Hooks, gptq_with};
+    use crate::quant::gptq::block_size;
     let mut rng = Rng::new(7);
     let w = rng.normal_vec(rows * cols, 0.02);
     let h = {

@@ -772,8 +772,8 @@ mod compress {
                     "--method gptq needs calibration text: pass --calib FILE (e.g. a few MB of text like the model's training data)"
                 );
             }
-            if !(1..=wgpress::gpu::gptq::MAX_BLOCK).contains(&g.block) {
-                anyhow::bail!("--block must be in 1..={}", wgpress::gpu::gptq::MAX_BLOCK);
+            if !(1..=wgpress::quant::gptq::MAX_BLOCK).contains(&g.block) {
+                anyhow::bail!("--block must be in 1..={}", wgpress::quant::gptq::MAX_BLOCK);
             }
         }
         let engine = args.gpu.engine()?;

@@ -21,15 +21,13 @@ use super::matmul::{Region, RegionGemm};
 use crate::error::{Error, Result};
 use crate::quant::QuantizedTensor;
 use crate::quant::gptq::{
-    GptqOptions, GptqResult, MAX_DAMP_RETRIES, group_index, processing_order,
+    GptqOptions, GptqResult, MAX_DAMP_RETRIES, block_size, group_index, processing_order,
 };
 use crate::quant::grid::mse_shrink_factors;
 use crate::shaders;
 use std::time::Instant;
 
 const KERNEL: &str = "gptq";
-/// Widest column block the fused kernel holds (its workgroup is 128 x 2 invocations).
-pub const MAX_BLOCK: usize = 128;
 /// Rows per workgroup of the fused kernel.
 const ROWS_PER_WG: usize = 2;
 const DEAD: u32 = 0x8000_0000;
@@ -112,17 +110,6 @@ pub fn lazy_span(want: usize, bsz: usize, g: Option<usize>) -> usize {
         _ => bsz,
     };
     unit * want.div_ceil(unit).max(1)
-}
-
-/// Column block for group size `g` (positions) and requested block `b`: groups must either fit
-/// whole blocks (b a multiple of g) or be whole numbers of blocks (g a multiple of b).
-pub fn block_size(g: Option<usize>, b: usize) -> usize {
-    let b = b.clamp(1, MAX_BLOCK);
-    match g {
-        None => b,
-        Some(g) if g <= b => g * (b / g),
-        Some(g) => (1..=b).rev().find(|d| g.is_multiple_of(*d)).unwrap_or(1),
-    }
 }
 
 fn one(t: &GpuTensor) -> &wgpu::Buffer {

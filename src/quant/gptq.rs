@@ -10,7 +10,8 @@
 //! 3. Act-order: columns are processed in the order of descending diag H (after steps 1-2; ties
 //!    keep the lower index first: a stable sort). Without act-order the order is the identity.
 //! 4. U = the upper Cholesky factor of H⁻¹ (in processing order), so H⁻¹ = UᵀU.
-//! 5. Columns are processed in blocks of [`GptqOptions::block`] positions. For position i of a
+//! 5. Columns are processed in blocks of [`block_size`] positions: [`GptqOptions::block`] clamped
+//!    to 1..=[`MAX_BLOCK`] and shrunk so groups nest in blocks or blocks in groups. For position i of a
 //!    block: q_i = quant(w_i) on the current grid, err = (w_i - deq(q_i)) / U_ii, and every later
 //!    position j of the same block gets w_j -= err · U_ij. After the block, all later positions get
 //!    W[:, rest] -= Err · U[block, rest].
@@ -110,6 +111,22 @@ pub fn group_index(perm: &[u32], spec: &QuantSpec, static_groups: bool) -> Vec<u
         };
     }
     g_idx
+}
+
+/// Widest column block (the GPU's fused column loop holds one block per workgroup).
+pub const MAX_BLOCK: usize = 128;
+
+/// The block every implementation uses (rule 5) for group size `g` (positions) and requested
+/// block `b`: `b` clamped to 1..=[`MAX_BLOCK`], then shrunk so that groups either fit whole
+/// blocks (b a multiple of g) or are whole numbers of blocks (g a multiple of b). A group then
+/// never straddles a block, so its grid (rule 6) sees every update before it.
+pub fn block_size(g: Option<usize>, b: usize) -> usize {
+    let b = b.clamp(1, MAX_BLOCK);
+    match g {
+        None => b,
+        Some(g) if g <= b => g * (b / g),
+        Some(g) => (1..=b).rev().find(|d| g.is_multiple_of(*d)).unwrap_or(1),
+    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@
 
 use crate::error::{Error, Result};
 use crate::quant::gptq::{
-    GptqOptions, GptqResult, MAX_DAMP_RETRIES, group_index, processing_order,
+    GptqOptions, GptqResult, MAX_DAMP_RETRIES, block_size, group_index, processing_order,
 };
 use crate::quant::{GroupParams, QuantizedTensor};
 use crate::reference::linalg::{cholesky_pivot, lower_inverse};
@@ -143,7 +143,8 @@ fn gptq_with_dequantized(
     let mut scales = vec![0f32; rows * n_groups];
     let mut zeros = vec![0u32; rows * n_groups];
     let mut wp = vec![0f64; cols];
-    let mut err = vec![0f64; opts.block.min(cols)];
+    let block = block_size(spec.group.map(|_| g), opts.block);
+    let mut err = vec![0f64; block.min(cols)];
     let mut cur = vec![0f32; g];
     for r in 0..rows {
         let row = &w0[r * cols..(r + 1) * cols];
@@ -157,8 +158,8 @@ fn gptq_with_dequantized(
             wp[pos] = row[c as usize] as f64;
         }
         // Rule 5: blocks, in-block updates, lazy update after each block.
-        for b0 in (0..cols).step_by(opts.block) {
-            let b1 = (b0 + opts.block).min(cols);
+        for b0 in (0..cols).step_by(block) {
+            let b1 = (b0 + block).min(cols);
             for i in b0..b1 {
                 let c = perm[i] as usize;
                 let k = g_idx[c] as usize;
