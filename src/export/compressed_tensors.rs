@@ -35,7 +35,7 @@ use crate::export::dense::{
     NamedTensor, WEIGHTS_FILE, config_object, encode_floats, safetensors_metadata, torch_dtype_name,
 };
 use crate::export::gptq::ExportTensor;
-use crate::export::{check_quantized, first_act_order_column};
+use crate::export::{check_quantized, first_act_order_column, read_dequantized_with};
 use crate::model::safetensors::SafetensorsSet;
 use crate::model::writer::{OutputDir, TensorOut};
 use crate::quant::{QuantSpec, QuantizedTensor};
@@ -590,32 +590,10 @@ const PACKED_SUFFIXES: [&str; 4] = [
 pub fn read_compressed_tensors_dequantized(dir: &Path) -> Result<Vec<NamedTensor>> {
     let spec = read_spec(dir)?;
     let set = SafetensorsSet::open(dir)?;
-    let mut names: Vec<&str> = set.names();
-    names.sort_unstable();
-    let prefixes: BTreeSet<&str> = names
-        .iter()
-        .filter_map(|n| n.strip_suffix(".weight_packed"))
-        .collect();
-    let mut out = Vec::with_capacity(names.len());
-    for name in names {
-        let packed = name
-            .rsplit_once('.')
-            .filter(|(p, s)| PACKED_SUFFIXES.contains(s) && prefixes.contains(p));
-        if let Some((prefix, suffix)) = packed {
-            if suffix == "weight_packed" {
-                let t = read_tensor(&set, &spec, prefix)?;
-                out.push((
-                    format!("{prefix}.weight"),
-                    vec![t.rows, t.cols],
-                    t.dequantize(),
-                ));
-            }
-            continue;
-        }
-        let shape = set.info(name)?.shape.clone();
-        out.push((name.to_string(), shape, set.to_f32(name)?));
-    }
-    Ok(out)
+    read_dequantized_with(&set, "weight_packed", &PACKED_SUFFIXES, |prefix| {
+        let t = read_tensor(&set, &spec, prefix)?;
+        Ok((t.rows, t.cols, t.dequantize()))
+    })
 }
 
 #[cfg(test)]

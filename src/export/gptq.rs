@@ -472,39 +472,21 @@ pub fn read_gptq_quantized(dir: &Path, prefix: &str) -> Result<QuantizedTensor> 
 pub fn read_gptq_dequantized(dir: &Path) -> Result<Vec<NamedTensor>> {
     let spec = read_spec(dir)?;
     let set = SafetensorsSet::open(dir)?;
-    let mut names: Vec<&str> = set.names();
-    names.sort_unstable();
-    let prefixes: BTreeSet<&str> = names
-        .iter()
-        .filter_map(|n| n.strip_suffix(".qweight"))
-        .collect();
-    let mut out = Vec::with_capacity(names.len());
-    for name in names {
-        let packed = name
-            .rsplit_once('.')
-            .filter(|(p, s)| PACKED_SUFFIXES.contains(s) && prefixes.contains(p));
-        if let Some((prefix, suffix)) = packed {
-            if suffix == "qweight" {
-                let s = read_stored(&set, &spec, prefix)?;
-                let stored = pack::unpack_qzeros_stored(&s.qzeros, s.groups, s.rows, spec.bits)?;
-                let mut w = Vec::with_capacity(s.rows * s.cols);
-                for r in 0..s.rows {
-                    for c in 0..s.cols {
-                        let gi = s.g_idx[c] as usize * s.rows + r;
-                        // Same operation order as QuantizedTensor::dequantize, so equal inputs give
-                        // equal bits.
-                        let zero = (stored[gi] + 1) as f32;
-                        w.push(s.scales[gi] * (s.q[r * s.cols + c] as f32 - zero));
-                    }
-                }
-                out.push((format!("{prefix}.weight"), vec![s.rows, s.cols], w));
+    super::read_dequantized_with(&set, "qweight", &PACKED_SUFFIXES, |prefix| {
+        let s = read_stored(&set, &spec, prefix)?;
+        let stored = pack::unpack_qzeros_stored(&s.qzeros, s.groups, s.rows, spec.bits)?;
+        let mut w = Vec::with_capacity(s.rows * s.cols);
+        for r in 0..s.rows {
+            for c in 0..s.cols {
+                let gi = s.g_idx[c] as usize * s.rows + r;
+                // Same operation order as QuantizedTensor::dequantize, so equal inputs give
+                // equal bits.
+                let zero = (stored[gi] + 1) as f32;
+                w.push(s.scales[gi] * (s.q[r * s.cols + c] as f32 - zero));
             }
-            continue;
         }
-        let shape = set.info(name)?.shape.clone();
-        out.push((name.to_string(), shape, set.to_f32(name)?));
-    }
-    Ok(out)
+        Ok((s.rows, s.cols, w))
+    })
 }
 
 const PACKED_SUFFIXES: [&str; 4] = ["qweight", "qzeros", "scales", "g_idx"];

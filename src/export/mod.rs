@@ -9,6 +9,8 @@ pub mod gguf;
 pub mod gptq;
 
 use crate::error::{Error, Result};
+use crate::export::dense::NamedTensor;
+use crate::model::safetensors::SafetensorsSet;
 use crate::quant::QuantizedTensor;
 use half::f16;
 use std::path::Path;
@@ -77,4 +79,40 @@ pub(crate) fn first_act_order_column(t: &QuantizedTensor) -> Option<usize> {
         .iter()
         .enumerate()
         .position(|(c, &g)| g as usize != c / gs)
+}
+
+/// Every tensor of a packed-quantization checkpoint as f32, sorted by name: each module whose
+/// `<prefix>.<main>` exists (its other tensors being `<prefix>.<member>` for `members`) becomes
+/// `<prefix>.weight` [out, in] from `dequant(prefix)` = (rows, cols, values); every other tensor
+/// (biases, norms, embeddings) is read with its stored shape. The formats differ only in
+/// `main`, `members` and `dequant`.
+pub(crate) fn read_dequantized_with(
+    set: &SafetensorsSet,
+    main: &str,
+    members: &[&str],
+    mut dequant: impl FnMut(&str) -> Result<(usize, usize, Vec<f32>)>,
+) -> Result<Vec<NamedTensor>> {
+    let mut names: Vec<&str> = set.names();
+    names.sort_unstable();
+    let suffix = format!(".{main}");
+    let prefixes: std::collections::BTreeSet<&str> = names
+        .iter()
+        .filter_map(|n| n.strip_suffix(suffix.as_str()))
+        .collect();
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        let packed = name
+            .rsplit_once('.')
+            .filter(|(p, s)| members.contains(s) && prefixes.contains(p));
+        if let Some((prefix, member)) = packed {
+            if member == main {
+                let (rows, cols, w) = dequant(prefix)?;
+                out.push((format!("{prefix}.weight"), vec![rows, cols], w));
+            }
+            continue;
+        }
+        let shape = set.info(name)?.shape.clone();
+        out.push((name.to_string(), shape, set.to_f32(name)?));
+    }
+    Ok(out)
 }
