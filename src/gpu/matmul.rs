@@ -212,7 +212,7 @@ pub fn coop_available(ctx: &GpuContext) -> bool {
 
 /// Whether `matmul_into` with `path: None` picks the cooperative kernel for these operands: only
 /// where rounding them to f16 is exact (both stored as f16).
-pub fn coop_eligible(ctx: &GpuContext, a: &GpuTensor, b: &GpuTensor, _layout: Layout) -> bool {
+pub fn coop_eligible(ctx: &GpuContext, a: &GpuTensor, b: &GpuTensor) -> bool {
     coop_available(ctx) && a.dtype == GpuDtype::F16 && b.dtype == GpuDtype::F16
 }
 
@@ -259,7 +259,7 @@ pub fn matmul_into(
     if m == 0 || n == 0 {
         return Ok(MatmulPath::Tiled);
     }
-    let coop = coop_eligible(ctx, a, b, layout);
+    let coop = coop_eligible(ctx, a, b);
     let use_coop = match path {
         Some(MatmulPath::Coop) if !coop_available(ctx) => {
             return Err(Error::gpu(

@@ -70,16 +70,10 @@ impl HessianAccumulator {
         if x.rows == 0 {
             return Ok(());
         }
-        let path = if !coop_available(ctx) {
-            MatmulPath::Tiled
-        } else {
-            match x.dtype {
-                GpuDtype::F16 => MatmulPath::Coop,
-                GpuDtype::BF16 if fits_f16(ctx, x)? => MatmulPath::Coop,
-                _ => MatmulPath::Tiled,
-            }
-        };
-        matmul_into(ctx, x, x, Layout::TN, &self.h, true, Some(path))?;
+        // f16 X takes the cooperative kernel by matmul's own rule; bf16 X only once it fits f16.
+        let bf16_coop = x.dtype == GpuDtype::BF16 && coop_available(ctx) && fits_f16(ctx, x)?;
+        let path = bf16_coop.then_some(MatmulPath::Coop);
+        matmul_into(ctx, x, x, Layout::TN, &self.h, true, path)?;
         self.n += x.rows as u64;
         Ok(())
     }
