@@ -180,6 +180,8 @@ pub struct GptqBench {
     /// updates: what each costs alone.
     pub block_only_s: f64,
     pub lazy_only_s: f64,
+    /// The column-loop kernel that ran (`gpu::gptq::ColumnLoop::name`).
+    pub column_loop: &'static str,
     /// Floating-point operations per phase (multiply-add = 2) as executed.
     pub flops_cholesky: f64,
     pub flops_inverse: f64,
@@ -191,18 +193,33 @@ pub struct GptqBench {
     pub hessian_bytes: u64,
 }
 
+/// What `bench gptq` runs: the grid, act-order, the calibration rows behind the random Hessian,
+/// timed iterations, and optionally a forced column-loop kernel.
+#[derive(Clone, Copy, Debug)]
+pub struct GptqBenchOptions {
+    pub spec: crate::quant::QuantSpec,
+    pub act_order: bool,
+    pub tokens: usize,
+    pub iters: usize,
+    pub column_loop: Option<crate::gpu::gptq::ColumnLoop>,
+}
+
 /// Times GPU GPTQ on a random layer (std 0.02 weights) whose H = (2/n)XᵀX comes from `tokens`
 /// Gaussian rows with eight heavy channels; best of `iters` after one warm-up.
-pub fn gptq(
-    ctx: &GpuContext,
-    rows: usize,
-    cols: usize,
-    spec: crate::quant::QuantSpec,
-    act_order: bool,
-    tokens: usize,
-    iters: usize,
-) -> Result<GptqBench> {
+pub fn gptq(ctx: &GpuContext, rows: usize, cols: usize, o: &GptqBenchOptions) -> Result<GptqBench> {
+    let GptqBenchOptions {
+        spec,
+        act_order,
+        tokens,
+        iters,
+        column_loop,
+    } = *o;
     use crate::gpu::gptq::{Hooks, gptq_with};
+    let column_loop = column_loop.unwrap_or(crate::gpu::gptq::column_loop(ctx, rows));
+    let prod = Hooks {
+        column_loop: Some(column_loop),
+        ..Default::default()
+    };
     use crate::quant::gptq::block_size;
     let mut rng = Rng::new(7);
     let w = rng.normal_vec(rows * cols, 0.02);
@@ -232,12 +249,12 @@ pub fn gptq(
         ctx.sync("gptq", &shape)?;
         Ok((t.elapsed().as_secs_f64(), ph))
     };
-    run(Hooks::default())?;
+    run(prod)?;
     let live = ctx.memory().0;
     ctx.reset_peak();
     let mut best = (f64::INFINITY, Default::default());
     for _ in 0..iters.max(1) {
-        let r = run(Hooks::default())?;
+        let r = run(prod)?;
         if r.0 < best.0 {
             best = r;
         }
@@ -252,11 +269,11 @@ pub fn gptq(
     };
     let block_only_s = min_loop(Hooks {
         skip_lazy: true,
-        ..Default::default()
+        ..prod
     })?;
     let lazy_only_s = min_loop(Hooks {
         skip_block: true,
-        ..Default::default()
+        ..prod
     })?;
     // FLOPs as executed on the padded order n.
     let nb = crate::gpu::linalg::NB;
@@ -297,6 +314,7 @@ pub fn gptq(
         phases: best.1,
         block_only_s,
         lazy_only_s,
+        column_loop: column_loop.name(),
         flops_cholesky: chol,
         flops_inverse: inv,
         flops_block: blk,

@@ -201,6 +201,9 @@ enum BenchKernel {
         tokens: usize,
         #[arg(long, default_value_t = 3)]
         iters: usize,
+        /// Column-loop kernel: barrier, subgroup or rows (default: chosen per adapter and shape).
+        #[arg(long)]
+        column_loop: Option<String>,
         /// Also write the rows as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -556,9 +559,14 @@ fn run(cli: Cli) -> Result<()> {
                 no_act_order,
                 tokens,
                 iters,
+                column_loop,
                 json,
                 gpu,
             } => {
+                let column_loop = column_loop
+                    .as_deref()
+                    .map(wgpress::gpu::gptq::ColumnLoop::parse)
+                    .transpose()?;
                 match (rows, cols) {
                     (Some(r), Some(c)) => shapes.push(format!("{r}x{c}")),
                     (None, None) => {}
@@ -569,6 +577,13 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 let spec =
                     wgpress::quant::QuantSpec::new(bits, (group != 0).then_some(group), sym)?;
+                let opts = wgpress::bench::GptqBenchOptions {
+                    spec,
+                    act_order: !no_act_order,
+                    tokens,
+                    iters,
+                    column_loop,
+                };
                 let engine = gpu.engine()?;
                 let Some(ctx) = engine.gpu() else {
                     bail!("`bench` measures GPU kernels and needs an adapter")
@@ -593,7 +608,7 @@ fn run(cli: Cli) -> Result<()> {
                         .split_once('x')
                         .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)))
                         .with_context(|| format!("shape `{s}`: expected ROWSxCOLS"))?;
-                    let b = wgpress::bench::gptq(ctx, r, c, spec, !no_act_order, tokens, iters)
+                    let b = wgpress::bench::gptq(ctx, r, c, &opts)
                         .with_context(|| format!("gptq {s}"))?;
                     let p = &b.phases;
                     println!(
@@ -610,10 +625,11 @@ fn run(cli: Cli) -> Result<()> {
                         b.peak_extra_bytes as f64 / 1048576.0
                     );
                     println!(
-                        "{:>12} GFLOP/s: cholesky {:.0}, inverse {:.0}, block loop {:.0}, lazy updates {:.0}; download {:.2} ms; layer f32 {:.1} MiB + H {:.1} MiB",
+                        "{:>12} GFLOP/s: cholesky {:.0}, inverse {:.0}, block loop ({}) {:.0}, lazy updates {:.0}; download {:.2} ms; layer f32 {:.1} MiB + H {:.1} MiB",
                         "",
                         b.flops_cholesky / p.cholesky_s / 1e9,
                         b.flops_inverse / p.inverse_s / 1e9,
+                        b.column_loop,
                         b.flops_block / b.block_only_s / 1e9,
                         b.flops_lazy / b.lazy_only_s / 1e9,
                         p.download_s * 1e3,

@@ -104,14 +104,15 @@ fn run(
 #[test]
 fn diagonal_hessian_without_act_order_is_rtn() {
     let ctx = ctx();
-    let (rows, cols) = (13, 40);
+    // 42 columns: rows of the packed result are not whole words, so the read-back unpacks them.
+    let (rows, cols) = (13, 42);
     let (w, _) = layer(rows, cols, 1, 1);
     let mut rng = Rng::new(2);
     let mut h = vec![0f32; cols * cols];
     for i in 0..cols {
         h[i * cols + i] = 0.5 + rng.uniform() as f32;
     }
-    for (bits, group, sym) in [(4, Some(8), false), (3, None, true), (2, Some(20), false)] {
+    for (bits, group, sym) in [(4, Some(6), false), (3, None, true), (2, Some(21), false)] {
         let spec = QuantSpec::new(bits, group, sym).unwrap();
         let mut o = GptqOptions::new(spec);
         o.act_order = false;
@@ -257,20 +258,22 @@ fn bad_hessians_are_clear_errors_or_damped() {
     assert!(e.contains("does not divide"), "{e}");
 }
 
-/// Where the adapter has 32-wide subgroups the column loop runs with subgroup operations; it must
-/// give exactly the integers of the workgroup-barrier loop (same arithmetic, same order). On
-/// adapters without them (lavapipe) only the barrier loop exists and this has nothing to compare.
+/// Every column-loop kernel the adapter can run (the barrier and per-row loops everywhere, the
+/// subgroup loop where subgroups are exactly 32 wide) must give exactly the integers of the
+/// barrier loop: same arithmetic, same order of updates per weight. 33 rows leave the per-row
+/// kernel's second workgroup one row; group 8 and 40 fit grids inside blocks, with and without
+/// the MSE search, static groups take their grids from g_idx.
 #[test]
-fn subgroup_loop_equals_barrier_loop() {
-    use wgpress::gpu::gptq::{Hooks, gptq_with, subgroup_loop};
+fn column_loops_agree() {
+    use wgpress::gpu::gptq::{ColumnLoop, Hooks, gptq_with, subgroup_loop};
     let ctx = ctx();
-    if !subgroup_loop(&ctx) {
-        eprintln!("adapter without 32-wide subgroups: only the barrier loop exists here");
-        return;
-    }
     let (rows, cols) = (33, 200);
     let (w, h) = layer(rows, cols, 300, 10);
     let ht = GpuTensor::from_f32(&ctx, cols, cols, &h).unwrap();
+    let kinds: Vec<ColumnLoop> = ColumnLoop::ALL
+        .into_iter()
+        .filter(|&k| k != ColumnLoop::Subgroup || subgroup_loop(&ctx))
+        .collect();
     for (group, mse, stat, sym, act) in [
         (Some(40), false, false, false, true),
         (None, true, false, false, true),
@@ -284,27 +287,33 @@ fn subgroup_loop_equals_barrier_loop() {
         o.act_order = act;
         o.mse = mse;
         o.static_groups = stat;
-        let a = gptq_with(&ctx, &w, rows, cols, &ht, &o, Hooks::default())
-            .unwrap()
-            .0;
-        let b = gptq_with(
-            &ctx,
-            &w,
-            rows,
-            cols,
-            &ht,
-            &o,
-            Hooks {
-                no_subgroups: true,
+        let run = |k: ColumnLoop| {
+            let hooks = Hooks {
+                column_loop: Some(k),
                 ..Default::default()
-            },
-        )
-        .unwrap()
-        .0;
-        assert_eq!(
-            a.q, b.q,
-            "group {group:?} mse {mse} static {stat} sym {sym} act {act}"
-        );
+            };
+            gptq_with(&ctx, &w, rows, cols, &ht, &o, hooks).unwrap().0
+        };
+        let base = run(ColumnLoop::Barrier);
+        for &k in &kinds[1..] {
+            let got = run(k);
+            let label =
+                format!("{k:?}: group {group:?} mse {mse} static {stat} sym {sym} act {act}");
+            assert_eq!(got.q.q, base.q.q, "{label}: integers");
+            assert_eq!(got.q.scales, base.q.scales, "{label}: scales");
+            assert_eq!(got.q.zeros, base.q.zeros, "{label}: zeros");
+        }
+    }
+    if !subgroup_loop(&ctx) {
+        let hooks = Hooks {
+            column_loop: Some(ColumnLoop::Subgroup),
+            ..Default::default()
+        };
+        let o = GptqOptions::new(QuantSpec::new(4, None, false).unwrap());
+        let e = gptq_with(&ctx, &w, rows, cols, &ht, &o, hooks)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("32-wide subgroups"), "{e}");
     }
 }
 

@@ -236,49 +236,38 @@ impl GpuTensor {
         }
     }
 
-    /// Downloads the raw bytes, row-major, without padding.
+    /// Downloads the raw bytes, row-major, without padding (through the context's cached
+    /// staging buffer, in bounded pieces).
     pub fn to_bytes(&self, ctx: &GpuContext) -> Result<Vec<u8>> {
-        let shape = format!("{}x{}", self.rows, self.cols);
-        let total: u64 = self.chunks.iter().map(|c| c.bytes).sum();
-        let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("readback"),
-            size: total.max(4),
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let mut enc = ctx
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("readback"),
-            });
-        let mut off = 0;
-        for c in &self.chunks {
-            enc.copy_buffer_to_buffer(&c.buffer, 0, &staging, off, c.bytes);
-            off += c.bytes;
-        }
-        ctx.queue.submit([enc.finish()]);
-        let slice = staging.slice(..);
-        let (tx, rx) = std::sync::mpsc::channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        ctx.sync("readback", &shape)?;
-        rx.recv()
-            .map_err(|_| Error::gpu("readback", &shape, "map callback never ran"))?
-            .map_err(|e| Error::gpu("readback", &shape, format!("buffer map failed: {e}")))?;
-        let data = slice
-            .get_mapped_range()
-            .map_err(|e| Error::gpu("readback", &shape, format!("mapped range: {e}")))?;
-        let rb = self.cols * self.dtype.size() as usize;
-        let mut out = Vec::with_capacity(self.rows * rb);
-        let mut off = 0usize;
-        for c in &self.chunks {
-            out.extend_from_slice(&data[off..off + c.rows * rb]);
-            off += c.bytes as usize;
-        }
-        drop(data);
-        staging.unmap();
+        let mut out = vec![0u8; self.rows * self.row_bytes()];
+        self.read_into(ctx, &mut out)?;
         Ok(out)
+    }
+
+    /// Bytes of one row.
+    pub fn row_bytes(&self) -> usize {
+        self.cols * self.dtype.size() as usize
+    }
+
+    /// Downloads the raw bytes, row-major, straight into `out` (exactly rows x row bytes), so a
+    /// caller that owns the destination avoids an intermediate copy.
+    pub fn read_into(&self, ctx: &GpuContext, out: &mut [u8]) -> Result<()> {
+        let shape = format!("{}x{}", self.rows, self.cols);
+        let rb = self.row_bytes();
+        if out.len() != self.rows * rb {
+            return Err(Error::Shape {
+                op: "readback".into(),
+                expected: format!("{} bytes for {shape}", self.rows * rb),
+                got: format!("{}", out.len()),
+            });
+        }
+        for c in &self.chunks {
+            if c.rows > 0 {
+                let dst = &mut out[c.row_start * rb..(c.row_start + c.rows) * rb];
+                ctx.read_buffer(&c.buffer, 0, dst, &shape)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn to_f32(&self, ctx: &GpuContext) -> Result<Vec<f32>> {

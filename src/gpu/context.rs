@@ -163,7 +163,15 @@ pub struct GpuContext {
     profile: Mutex<Option<Profile>>,
     /// Kernel family of each cached pipeline (by address), for the profile.
     pipeline_names: Mutex<HashMap<usize, String>>,
+    /// The read-back staging buffer, reused: mapping a freshly allocated buffer per read-back
+    /// pins new host memory every time, which made large read-backs run at ~0.5 GB/s.
+    staging: Mutex<Option<wgpu::Buffer>>,
 }
+
+/// Largest read-back piece: large reads go through the cached staging buffer in pieces of at most
+/// this size (and at most a quarter of the binding limit, so tests with a lowered limit read
+/// chunks in several pieces), so host memory for staging stays bounded whatever the tensor size.
+pub const READBACK_PIECE: u64 = 64 << 20;
 
 impl GpuContext {
     pub fn new(opts: &ContextOptions) -> Result<Self> {
@@ -277,6 +285,7 @@ impl GpuContext {
             uncaptured,
             profile: Mutex::new(None),
             pipeline_names: Mutex::new(HashMap::new()),
+            staging: Mutex::new(None),
         })
     }
 
@@ -589,6 +598,78 @@ impl GpuContext {
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| Error::gpu(kernel, shape, format!("waiting for the GPU failed: {e}")))?;
         self.check_health(kernel, shape)
+    }
+
+    /// Fills `out` with the bytes of `buf` from byte `offset` (a multiple of 4; the end rounded
+    /// up to 4 must lie inside `buf`), through the cached staging buffer, in pieces of at most
+    /// [`READBACK_PIECE`] bytes.
+    pub(crate) fn read_buffer(
+        &self,
+        buf: &wgpu::Buffer,
+        offset: u64,
+        out: &mut [u8],
+        shape: &str,
+    ) -> Result<()> {
+        let len = out.len();
+        let mut staging = self.staging.lock().map_err(poisoned)?;
+        let piece = (READBACK_PIECE.min(self.binding_limit / 4) / 4 * 4)
+            .min((len as u64).div_ceil(4) * 4)
+            .max(4);
+        if staging.as_ref().is_none_or(|s| s.size() < piece) {
+            // Grown to the largest piece seen so far (never past READBACK_PIECE), then reused.
+            *staging = Some(self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("readback staging"),
+                size: piece,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }));
+        }
+        let Some(st) = staging.as_ref() else {
+            return Err(Error::gpu("readback", shape, "no staging buffer"));
+        };
+        let (t0, mut wait_s) = (std::time::Instant::now(), 0.0);
+        let mut done = 0usize;
+        while done < len {
+            let n = (len - done).min(st.size() as usize);
+            let copy = (n as u64).div_ceil(4) * 4;
+            let mut enc = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("readback"),
+                });
+            enc.copy_buffer_to_buffer(buf, offset + done as u64, st, 0, copy);
+            self.queue.submit([enc.finish()]);
+            let slice = st.slice(..copy);
+            let (tx, rx) = std::sync::mpsc::channel();
+            slice.map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send(r);
+            });
+            let tw = std::time::Instant::now();
+            self.sync("readback", shape)?;
+            wait_s += tw.elapsed().as_secs_f64();
+            rx.recv()
+                .map_err(|_| Error::gpu("readback", shape, "map callback never ran"))?
+                .map_err(|e| Error::gpu("readback", shape, format!("buffer map failed: {e}")))?;
+            {
+                let data = slice
+                    .get_mapped_range()
+                    .map_err(|e| Error::gpu("readback", shape, format!("mapped range: {e}")))?;
+                out[done..done + n].copy_from_slice(&data[..n]);
+            }
+            st.unmap();
+            done += n;
+        }
+        if len >= 16 << 20 {
+            let total = t0.elapsed().as_secs_f64();
+            log::debug!(
+                "readback {shape}: {} MiB in {:.1} ms ({:.1} ms waiting for copy and map, {:.1} ms host copy)",
+                len >> 20,
+                total * 1e3,
+                wait_s * 1e3,
+                (total - wait_s) * 1e3
+            );
+        }
+        Ok(())
     }
 
     fn check_health(&self, kernel: &str, shape: &str) -> Result<()> {

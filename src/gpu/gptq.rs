@@ -88,8 +88,8 @@ impl GptqPhases {
 pub struct Hooks {
     pub skip_block: bool,
     pub skip_lazy: bool,
-    /// Use the workgroup-barrier column loop even where the subgroup one could run.
-    pub no_subgroups: bool,
+    /// Force one column-loop kernel instead of [`column_loop`]'s choice.
+    pub column_loop: Option<ColumnLoop>,
     /// Span of the far lazy updates in positions (rounded to whole blocks and groups);
     /// `None` picks [`LAZY_SPAN`]. Tests lower it to cover the two-level path on small layers.
     pub lazy_span: Option<usize>,
@@ -334,13 +334,20 @@ pub fn gptq_with(
     let src = source();
     let p_gather = ctx.pipeline(KERNEL, &src, "w_gather", false)?;
     let p_fit = ctx.pipeline(KERNEL, &src, "fit_groups", false)?;
-    let use_sg = subgroup_loop(ctx) && !hooks.no_subgroups;
-    let p_block = if use_sg {
-        ctx.pipeline("gptq_sg", &source_sg(), "block_sg", false)?
-    } else {
-        ctx.pipeline(KERNEL, &src, "block", false)?
+    let kind = hooks.column_loop.unwrap_or(column_loop(ctx, rows));
+    if kind == ColumnLoop::Subgroup && !subgroup_loop(ctx) {
+        return Err(Error::gpu(
+            KERNEL,
+            &shape,
+            "the subgroup column loop needs 32-wide subgroups, which this adapter lacks",
+        ));
+    }
+    let p_block = match kind {
+        ColumnLoop::Subgroup => ctx.pipeline("gptq_sg", &source_sg(), "block_sg", false)?,
+        ColumnLoop::Barrier => ctx.pipeline(KERNEL, &src, "block", false)?,
+        ColumnLoop::Rows => ctx.pipeline(KERNEL, &src, "block_rows", false)?,
     };
-    let block_rows = if use_sg { 1 } else { ROWS_PER_WG };
+    let block_rows = kind.rows_per_workgroup();
     let mut outputs = Vec::with_capacity(wp.chunks.len());
     for chunk in &wp.chunks {
         let rc = chunk.rows;
@@ -557,11 +564,12 @@ pub fn gptq_with(
             }],
         )?;
         drop(q);
-        let packed = orig.to_u32(ctx)?;
-        let bytes: &[u8] = bytemuck::cast_slice(&packed);
-        for r in 0..rc {
-            qt.q[(r0 + r) * cols..(r0 + r + 1) * cols]
-                .copy_from_slice(&bytes[r * words * 4..r * words * 4 + cols]);
+        let dst = &mut qt.q[r0 * cols..(r0 + rc) * cols];
+        if cols.is_multiple_of(4) {
+            // Packed rows are exactly the host rows: read them in place.
+            orig.read_into(ctx, dst)?;
+        } else {
+            super::quant::unpack_q_into(&orig.to_bytes(ctx)?, rc, cols, dst)?;
         }
         qt.scales[r0 * ng..(r0 + rc) * ng].copy_from_slice(&scales.to_f32(ctx)?);
         qt.zeros[r0 * ng..(r0 + rc) * ng].copy_from_slice(&zeros.to_u32(ctx)?);
@@ -644,6 +652,58 @@ fn source_sg() -> String {
         shaders::GPTQ,
         shaders::GPTQ_SG
     )
+}
+
+/// The fused in-block column loop kernels; all give the same integers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ColumnLoop {
+    /// `block`: one invocation per (row, column), a workgroup barrier per column; any adapter.
+    Barrier,
+    /// `block_sg`: one 32-wide subgroup per row, shuffles instead of barriers.
+    Subgroup,
+    /// `block_rows`: one invocation per row, the block in workgroup memory; any adapter.
+    Rows,
+}
+
+impl ColumnLoop {
+    pub const ALL: [ColumnLoop; 3] = [ColumnLoop::Barrier, ColumnLoop::Subgroup, ColumnLoop::Rows];
+
+    fn rows_per_workgroup(self) -> usize {
+        match self {
+            ColumnLoop::Barrier => ROWS_PER_WG,
+            ColumnLoop::Subgroup => 1,
+            ColumnLoop::Rows => 32,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ColumnLoop::Barrier => "barrier",
+            ColumnLoop::Subgroup => "subgroup",
+            ColumnLoop::Rows => "rows",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "unknown column loop `{s}` (known: barrier, subgroup, rows)"
+                ))
+            })
+    }
+}
+
+/// The column-loop kernel for a layer of `rows` rows on this adapter.
+pub fn column_loop(ctx: &GpuContext, rows: usize) -> ColumnLoop {
+    let _ = rows;
+    if subgroup_loop(ctx) {
+        ColumnLoop::Subgroup
+    } else {
+        ColumnLoop::Barrier
+    }
 }
 
 /// Whether the subgroup column loop can run here: 32-wide subgroups, exactly.

@@ -167,7 +167,7 @@ pub fn fit_grid_into(
 }
 
 /// Quantizes `w` with the fitted `grid`: a `rows x ceil(cols / 4)` u32 tensor whose word k of a
-/// row holds columns 4k..4k+3 in bytes 0..3 (padding bytes are 0). Unpack with [`unpack_q`].
+/// row holds columns 4k..4k+3 in bytes 0..3 (padding bytes are 0). Unpack with [`unpack_q_into`].
 pub fn quantize_packed(
     ctx: &GpuContext,
     w: &GpuTensor,
@@ -265,34 +265,41 @@ pub fn download(
 ) -> Result<QuantizedTensor> {
     let group = spec.group_size(cols).max(1);
     check_out(packed, rows, cols.div_ceil(4), GpuDtype::U32, "packed q")?;
-    let words = packed.to_u32(ctx)?;
+    let mut q = vec![0u8; rows * cols];
+    unpack_q_into(&packed.to_bytes(ctx)?, rows, cols, &mut q)?;
     Ok(QuantizedTensor {
         rows,
         cols,
         spec: *spec,
-        q: unpack_q(&words, rows, cols)?,
+        q,
         scales: grid.scales.to_f32(ctx)?,
         zeros: grid.zeros.to_u32(ctx)?,
         g_idx: (0..cols).map(|c| (c / group) as u32).collect(),
     })
 }
 
-/// Unpacks `rows x ceil(cols / 4)` words (byte j of word k = column 4k + j) into row-major u8.
-pub fn unpack_q(words: &[u32], rows: usize, cols: usize) -> Result<Vec<u8>> {
-    let wpr = cols.div_ceil(4);
-    if words.len() != rows * wpr {
+/// Copies `rows` packed rows of `ceil(cols / 4)` little-endian words each (byte j of word k is
+/// column 4k + j), as read back, into `out`: row-major u8, `rows x cols`.
+pub fn unpack_q_into(packed: &[u8], rows: usize, cols: usize, out: &mut [u8]) -> Result<()> {
+    let stride = cols.div_ceil(4) * 4;
+    if packed.len() != rows * stride || out.len() != rows * cols {
         return Err(Error::Shape {
             op: "unpack_q".into(),
-            expected: format!("{} words for {rows}x{cols}", rows * wpr),
-            got: format!("{} words", words.len()),
+            expected: format!(
+                "{} packed bytes into {} for {rows}x{cols}",
+                rows * stride,
+                rows * cols
+            ),
+            got: format!("{} into {}", packed.len(), out.len()),
         });
     }
-    let mut q = Vec::with_capacity(rows * cols);
-    for row in words.chunks_exact(wpr.max(1)).take(rows) {
-        let bytes: Vec<u8> = row.iter().flat_map(|w| w.to_le_bytes()).collect();
-        q.extend_from_slice(&bytes[..cols]);
+    for (src, dst) in packed
+        .chunks_exact(stride.max(1))
+        .zip(out.chunks_exact_mut(cols.max(1)))
+    {
+        dst.copy_from_slice(&src[..cols]);
     }
-    Ok(q)
+    Ok(())
 }
 
 fn limit(ctx: &GpuContext, grid_limit: Option<u32>) -> u32 {
