@@ -3,7 +3,7 @@
 // (lane, lane + 32, lane + 64, lane + 96). The error of column i reaches every lane by a shuffle
 // and group grids are reduced with subgroup min/max/add, so the loop has no workgroup barriers; the
 // U row of the next column is loaded while the current one is applied. Same bindings and results
-// as `block` in gptq.wgsl (which is prepended, with quant_grid.wgsl).
+// as `block_rows` in gptq.wgsl (which is prepended, with quant_grid.wgsl).
 
 fn sel4(t: u32, a: f32, b: f32, c: f32, d: f32) -> f32 {
     return select(select(select(a, b, t == 1u), c, t == 2u), d, t == 3u);

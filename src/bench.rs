@@ -215,7 +215,7 @@ pub fn gptq(ctx: &GpuContext, rows: usize, cols: usize, o: &GptqBenchOptions) ->
         column_loop,
     } = *o;
     use crate::gpu::gptq::{Hooks, gptq_with};
-    let column_loop = column_loop.unwrap_or(crate::gpu::gptq::column_loop(ctx, rows));
+    let column_loop = column_loop.unwrap_or(crate::gpu::gptq::column_loop(ctx));
     let prod = Hooks {
         column_loop: Some(column_loop),
         ..Default::default()

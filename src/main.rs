@@ -201,7 +201,8 @@ enum BenchKernel {
         tokens: usize,
         #[arg(long, default_value_t = 3)]
         iters: usize,
-        /// Column-loop kernel: barrier, subgroup or rows (default: chosen per adapter and shape).
+        /// Column-loop kernel: rows or subgroup (default: subgroup where the adapter has 32-wide
+        /// subgroups, else rows).
         #[arg(long)]
         column_loop: Option<String>,
         /// Also write the rows as JSON to this file.

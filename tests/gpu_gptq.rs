@@ -258,11 +258,12 @@ fn bad_hessians_are_clear_errors_or_damped() {
     assert!(e.contains("does not divide"), "{e}");
 }
 
-/// Every column-loop kernel the adapter can run (the barrier and per-row loops everywhere, the
-/// subgroup loop where subgroups are exactly 32 wide) must give exactly the integers of the
-/// barrier loop: same arithmetic, same order of updates per weight. 33 rows leave the per-row
-/// kernel's second workgroup one row; group 8 and 40 fit grids inside blocks, with and without
-/// the MSE search, static groups take their grids from g_idx.
+/// Both column-loop kernels (the per-row loop runs everywhere, the subgroup loop where subgroups
+/// are exactly 32 wide) must give exactly the same integers and grids: same arithmetic, same order
+/// of updates per weight. The per-row loop is also checked against the f64 reference below on
+/// adapters where it is the default (lavapipe), and here with the same bound everywhere. 33 rows
+/// leave the per-row kernel's second workgroup one row; group 8 and 40 fit grids inside blocks,
+/// with and without the MSE search, static groups take their grids from g_idx.
 #[test]
 fn column_loops_agree() {
     use wgpress::gpu::gptq::{ColumnLoop, Hooks, gptq_with, subgroup_loop};
@@ -294,7 +295,10 @@ fn column_loops_agree() {
             };
             gptq_with(&ctx, &w, rows, cols, &ht, &o, hooks).unwrap().0
         };
-        let base = run(ColumnLoop::Barrier);
+        let base = run(ColumnLoop::Rows);
+        let label = format!("group {group:?} mse {mse} static {stat} sym {sym} act {act}");
+        let want = wgpress::reference::gptq::gptq(&w, rows, cols, &h, &o).unwrap();
+        assert_close_to_reference(&label, &base, &want, &w, &h, rows, cols);
         for &k in &kinds[1..] {
             let got = run(k);
             let label =

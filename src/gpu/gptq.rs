@@ -7,7 +7,7 @@
 //! identity), factored, its factor inverted and reversed: U, the upper Cholesky factor of H⁻¹ in
 //! processing order (a failed factorization is retried with ten times the damping); (3) per row
 //! chunk of W: columns gathered into processing order, then per block of B positions the fused
-//! column-loop kernel (all rows in parallel, one barrier per column) and the lazy updates
+//! column-loop kernel (all rows in parallel; see [`ColumnLoop`]) and the lazy updates
 //! W[:, rest] -= Err·U[block, rest] through the matmul kernel, in two levels (see [`LAZY_SPAN`]):
 //! each block updates the rest of its span, each span's end every column after it. Rows are independent, so W is
 //! processed one binding-sized row chunk at a time; U must fit one binding.
@@ -28,8 +28,6 @@ use crate::shaders;
 use std::time::Instant;
 
 const KERNEL: &str = "gptq";
-/// Rows per workgroup of the fused kernel.
-const ROWS_PER_WG: usize = 2;
 const DEAD: u32 = 0x8000_0000;
 
 #[repr(C)]
@@ -334,7 +332,7 @@ pub fn gptq_with(
     let src = source();
     let p_gather = ctx.pipeline(KERNEL, &src, "w_gather", false)?;
     let p_fit = ctx.pipeline(KERNEL, &src, "fit_groups", false)?;
-    let kind = hooks.column_loop.unwrap_or(column_loop(ctx, rows));
+    let kind = hooks.column_loop.unwrap_or(column_loop(ctx));
     if kind == ColumnLoop::Subgroup && !subgroup_loop(ctx) {
         return Err(Error::gpu(
             KERNEL,
@@ -344,7 +342,6 @@ pub fn gptq_with(
     }
     let p_block = match kind {
         ColumnLoop::Subgroup => ctx.pipeline("gptq_sg", &source_sg(), "block_sg", false)?,
-        ColumnLoop::Barrier => ctx.pipeline(KERNEL, &src, "block", false)?,
         ColumnLoop::Rows => ctx.pipeline(KERNEL, &src, "block_rows", false)?,
     };
     let block_rows = kind.rows_per_workgroup();
@@ -657,20 +654,18 @@ fn source_sg() -> String {
 /// The fused in-block column loop kernels; all give the same integers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ColumnLoop {
-    /// `block`: one invocation per (row, column), a workgroup barrier per column; any adapter.
-    Barrier,
-    /// `block_sg`: one 32-wide subgroup per row, shuffles instead of barriers.
-    Subgroup,
     /// `block_rows`: one invocation per row, the block in workgroup memory; any adapter.
     Rows,
+    /// `block_sg`: one 32-wide subgroup per row, shuffles instead of barriers (1.1-1.6x faster
+    /// than `Rows` on an H200, BENCHMARKS.md).
+    Subgroup,
 }
 
 impl ColumnLoop {
-    pub const ALL: [ColumnLoop; 3] = [ColumnLoop::Barrier, ColumnLoop::Subgroup, ColumnLoop::Rows];
+    pub const ALL: [ColumnLoop; 2] = [ColumnLoop::Rows, ColumnLoop::Subgroup];
 
     fn rows_per_workgroup(self) -> usize {
         match self {
-            ColumnLoop::Barrier => ROWS_PER_WG,
             ColumnLoop::Subgroup => 1,
             ColumnLoop::Rows => 32,
         }
@@ -678,7 +673,6 @@ impl ColumnLoop {
 
     pub fn name(self) -> &'static str {
         match self {
-            ColumnLoop::Barrier => "barrier",
             ColumnLoop::Subgroup => "subgroup",
             ColumnLoop::Rows => "rows",
         }
@@ -689,20 +683,18 @@ impl ColumnLoop {
             .into_iter()
             .find(|k| k.name() == s)
             .ok_or_else(|| {
-                Error::invalid(format!(
-                    "unknown column loop `{s}` (known: barrier, subgroup, rows)"
-                ))
+                Error::invalid(format!("unknown column loop `{s}` (known: rows, subgroup)"))
             })
     }
 }
 
-/// The column-loop kernel for a layer of `rows` rows on this adapter.
-pub fn column_loop(ctx: &GpuContext, rows: usize) -> ColumnLoop {
-    let _ = rows;
+/// The column-loop kernel for this adapter: the subgroup loop where it can run (faster on every
+/// shape measured on an H200), else the per-row loop.
+pub fn column_loop(ctx: &GpuContext) -> ColumnLoop {
     if subgroup_loop(ctx) {
         ColumnLoop::Subgroup
     } else {
-        ColumnLoop::Barrier
+        ColumnLoop::Rows
     }
 }
 
