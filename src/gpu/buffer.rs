@@ -277,11 +277,21 @@ impl GpuTensor {
                 self.dtype
             )));
         }
-        Ok(bytemuck::pod_collect_to_vec(&self.to_bytes(ctx)?))
+        let mut v = vec![0f32; self.rows * self.cols];
+        self.read_into(ctx, bytemuck::cast_slice_mut(&mut v))?;
+        Ok(v)
     }
 
     pub fn to_u32(&self, ctx: &GpuContext) -> Result<Vec<u32>> {
-        Ok(bytemuck::pod_collect_to_vec(&self.to_bytes(ctx)?))
+        if self.dtype.size() != 4 {
+            return Err(Error::invalid(format!(
+                "to_u32 on a {:?} tensor",
+                self.dtype
+            )));
+        }
+        let mut v = vec![0u32; self.rows * self.cols];
+        self.read_into(ctx, bytemuck::cast_slice_mut(&mut v))?;
+        Ok(v)
     }
 
     /// The chunk holding `row` and the row's index inside it.
