@@ -190,23 +190,39 @@ impl Site {
     }
 }
 
-/// y = x Wᵀ (+ bias) into a new rows x out f32 tensor aligned to `plan.seq`. Under F16 an f16
-/// weight gets its input rounded to f16 first (odd widths, which no Llama has, stay f32 since the
-/// conversion works on whole 32-bit words).
+/// A linear input `x` with, under F16, its f16 copy when any of the weights `ws` reading it is f16
+/// (made once, so q/k/v and gate/up share one conversion). Odd widths, which no Llama has, stay
+/// f32: the conversion works on whole 32-bit words.
+fn linear_input<'a>(
+    ctx: &GpuContext,
+    plan: &ForwardPlan,
+    x: &'a GpuTensor,
+    ws: &[&GpuTensor],
+) -> Result<(&'a GpuTensor, Option<GpuTensor>)> {
+    let f16 = plan.precision == Precision::F16
+        && x.cols.is_multiple_of(2)
+        && ws.iter().any(|w| w.dtype == GpuDtype::F16);
+    let xh = f16
+        .then(|| k::to_f16(ctx, x, &plan.range_flag))
+        .transpose()?;
+    Ok((x, xh))
+}
+
+/// y = x Wᵀ (+ bias) into a new rows x out f32 tensor aligned to `plan.seq`; an f16 weight
+/// multiplies the f16 copy of the input where [`linear_input`] made one.
 fn linear(
     ctx: &GpuContext,
     plan: &ForwardPlan,
-    x: &GpuTensor,
+    (x, xh): &(&GpuTensor, Option<GpuTensor>),
     w: &GpuTensor,
     bias: Option<&GpuTensor>,
 ) -> Result<GpuTensor> {
     let y = GpuTensor::empty_aligned(ctx, x.rows, w.rows, GpuDtype::F32, plan.seq)?;
-    if plan.precision == Precision::F16 && w.dtype == GpuDtype::F16 && x.cols.is_multiple_of(2) {
-        let xh = k::to_f16(ctx, x, &plan.range_flag)?;
-        matmul_into(ctx, &xh, w, Layout::NT, &y, false, None)?;
-    } else {
-        matmul_into(ctx, x, w, Layout::NT, &y, false, None)?;
-    }
+    let a = match xh {
+        Some(h) if w.dtype == GpuDtype::F16 => h,
+        _ => *x,
+    };
+    matmul_into(ctx, a, w, Layout::NT, &y, false, None)?;
     if let Some(b) = bias {
         k::bias_add(ctx, &y, b)?;
     }
@@ -297,9 +313,11 @@ fn run_block(
     if stop == Some(Site::Qkv) {
         return Ok(n1);
     }
-    let q = linear(ctx, plan, &n1, &b.q, b.q_bias.as_ref())?;
-    let kk = linear(ctx, plan, &n1, &b.k, b.k_bias.as_ref())?;
-    let v = linear(ctx, plan, &n1, &b.v, b.v_bias.as_ref())?;
+    let x1 = linear_input(ctx, plan, &n1, &[&b.q, &b.k, &b.v])?;
+    let q = linear(ctx, plan, &x1, &b.q, b.q_bias.as_ref())?;
+    let kk = linear(ctx, plan, &x1, &b.k, b.k_bias.as_ref())?;
+    let v = linear(ctx, plan, &x1, &b.v, b.v_bias.as_ref())?;
+    drop(x1);
     drop(n1);
     k::rope(ctx, &q, hq, d, seq, &plan.rope)?;
     k::rope(ctx, &kk, hk, d, seq, &plan.rope)?;
@@ -308,22 +326,27 @@ fn run_block(
     if stop == Some(Site::O) {
         return Ok(a);
     }
-    let h = linear(ctx, plan, &a, &b.o, None)?;
+    let xa = linear_input(ctx, plan, &a, &[&b.o])?;
+    let h = linear(ctx, plan, &xa, &b.o, None)?;
+    drop(xa);
     drop(a);
     k::add(ctx, &h, x)?;
     let n2 = k::rms_norm(ctx, &h, &b.post_norm, plan.eps)?;
     if stop == Some(Site::GateUp) {
         return Ok(n2);
     }
-    let g = linear(ctx, plan, &n2, &b.gate, None)?;
-    let u = linear(ctx, plan, &n2, &b.up, None)?;
+    let x2 = linear_input(ctx, plan, &n2, &[&b.gate, &b.up])?;
+    let g = linear(ctx, plan, &x2, &b.gate, None)?;
+    let u = linear(ctx, plan, &x2, &b.up, None)?;
+    drop(x2);
     drop(n2);
     k::silu_mul(ctx, &g, &u)?;
     drop(u);
     if stop == Some(Site::Down) {
         return Ok(g);
     }
-    let out = linear(ctx, plan, &g, &b.down, None)?;
+    let xg = linear_input(ctx, plan, &g, &[&b.down])?;
+    let out = linear(ctx, plan, &xg, &b.down, None)?;
     k::add(ctx, &out, &h)?;
     Ok(out)
 }
@@ -399,6 +422,7 @@ impl GpuModel {
         }
         let xn = k::rms_norm(ctx, &x, &self.final_norm, self.plan.eps)?;
         drop(x);
-        linear(ctx, &self.plan, &xn, &self.head, None)
+        let xh = linear_input(ctx, &self.plan, &xn, &[&self.head])?;
+        linear(ctx, &self.plan, &xh, &self.head, None)
     }
 }
