@@ -11,6 +11,8 @@
 //   silu_mul    g = silu(g) * u in place (SwiGLU)
 //   add         x += y (residual), optionally y + bias broadcast per column (bias_add)
 //   nll         per row: logsumexp(logits) - logits[target] (the cross-entropy of one token)
+//   to_f16      y (f16 pairs) = x (f32) rounded to f16, for the f16 forward's linear inputs; a value
+//               beyond f16's range is saturated and raises a flag the host checks
 
 struct Rows {
     rows: u32,
@@ -375,4 +377,30 @@ fn kl_top1(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id)
         k_out[kp.o_off + 2u * row] = kl;
         k_out[kp.o_off + 2u * row + 1u] = select(0.0, 1.0, ib == ic);
     }
+}
+
+// ---- to_f16: binding 0 x (f32), 1 y (f16, two per word), 2 flag (one atomic word), 3 params.
+// One invocation per pair of elements: the host only converts rows of even width, so every row,
+// and so every dispatch's first element (y_off), starts on a word of y and no word is shared
+// between invocations or dispatches. pack2x16float's result for a value outside f16's finite
+// range is indeterminate, so such values are clamped first; the flag turns the clamp into an
+// error on the host instead of a silently wrong activation.
+@group(0) @binding(0) var<storage, read> h_x: array<f32>;
+@group(0) @binding(1) var<storage, read_write> h_y: array<u32>;
+@group(0) @binding(2) var<storage, read_write> h_flag: array<atomic<u32>>;
+@group(0) @binding(3) var<uniform> hp: Rows;
+
+const F16_MAX: f32 = 65504.0;
+
+@compute @workgroup_size(256)
+fn to_f16(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x + gid.y * 65535u * 256u;
+    if (i >= hp.rows * hp.cols / 2u) {
+        return;
+    }
+    let v = vec2<f32>(h_x[hp.x_off + 2u * i], h_x[hp.x_off + 2u * i + 1u]);
+    if (max(abs(v.x), abs(v.y)) > F16_MAX) {
+        atomicMax(&h_flag[0], 1u);
+    }
+    h_y[hp.y_off / 2u + i] = pack2x16float(clamp(v, vec2<f32>(-F16_MAX), vec2<f32>(F16_MAX)));
 }

@@ -139,8 +139,9 @@ pub fn forward(
     model: &crate::model::Model,
     seq_len: usize,
     windows: usize,
+    precision: crate::model::forward::Precision,
 ) -> Result<ForwardBench> {
-    let gm = crate::model::forward::GpuModel::load(ctx, model, seq_len)?;
+    let gm = crate::model::forward::GpuModel::load(ctx, model, seq_len, precision)?;
     let mut rng = Rng::new(7);
     let vocab = model.config.vocab_size as u64;
     let mut ids = || -> Vec<u32> { (0..seq_len).map(|_| rng.below(vocab) as u32).collect() };

@@ -38,6 +38,8 @@ pub struct CompressOptions {
     pub out: PathBuf,
     /// GPTQ's settings when that method runs (recorded in the GPTQ format's quantize_config).
     pub gptq: Option<crate::quant::gptq::GptqOptions>,
+    /// The calibration forward's linear-layer precision (calibrated runs only).
+    pub precision: crate::model::forward::Precision,
 }
 
 /// What happened to one linear layer.
@@ -82,6 +84,8 @@ pub struct CalibrationReport {
     pub seqlen: usize,
     pub seed: u64,
     pub bos: bool,
+    /// The forward's linear-layer precision the calibration activations were computed in.
+    pub precision: crate::model::forward::Precision,
     /// Per block, the mean squared activation of its output at positions 0..8 (attention sinks
     /// show as position 0 dominating).
     pub position_energy: Vec<Vec<f64>>,

@@ -10,7 +10,7 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::gpu::{GpuDtype, GpuTensor};
 use crate::model::Model;
-use crate::model::forward::GpuModel;
+use crate::model::forward::{GpuModel, Precision};
 use std::time::Instant;
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -18,6 +18,8 @@ pub struct EvalReport {
     pub model: std::path::PathBuf,
     pub device: String,
     pub seq_len: usize,
+    /// The GPU forward's linear-layer precision (the CPU reference is always f64/f32).
+    pub precision: Precision,
     pub windows: usize,
     pub scored_tokens: usize,
     pub mean_nll: f64,
@@ -34,7 +36,8 @@ pub struct EvalReport {
 /// Progress callback: (windows done, windows total).
 pub type Progress<'a> = &'a dyn Fn(usize, usize);
 
-/// Perplexity of `model` on the given windows (each `seq_len` token ids).
+/// Perplexity of `model` on the given windows (each `seq_len` token ids), on the GPU with the
+/// linear layers in `precision` (the CPU path ignores it).
 /// With `base`, also compares the model's next-token distributions with the base's on the same
 /// windows (mean KL(base || model) and top-1 agreement).
 pub fn perplexity(
@@ -42,6 +45,7 @@ pub fn perplexity(
     model: &Model,
     base: Option<&Model>,
     windows: &[EvalWindow<'_>],
+    precision: Precision,
     progress: Progress<'_>,
 ) -> Result<EvalReport> {
     if let Some(b) = base
@@ -70,8 +74,10 @@ pub fn perplexity(
     let (mut kl, mut agree) = (0f64, 0f64);
     match engine.gpu() {
         Some(ctx) => {
-            let gm = GpuModel::load(ctx, model, seq)?;
-            let gb = base.map(|b| GpuModel::load(ctx, b, seq)).transpose()?;
+            let gm = GpuModel::load(ctx, model, seq, precision)?;
+            let gb = base
+                .map(|b| GpuModel::load(ctx, b, seq, precision))
+                .transpose()?;
             for (i, win) in windows.iter().enumerate() {
                 progress(i, windows.len());
                 let (w, from) = (win.ids, win.score_from - 1);
@@ -94,6 +100,11 @@ pub fn perplexity(
                     bytemuck::cast_slice(&targets),
                 )?;
                 let loss = crate::gpu::forward::nll(ctx, &logits, &tg)?.to_f32(ctx)?;
+                // After the download, so the check costs no extra wait.
+                gm.plan.check_range(ctx)?;
+                if let Some(gb) = &gb {
+                    gb.plan.check_range(ctx)?;
+                }
                 for &l in &loss[from..seq - 1] {
                     sum += l as f64;
                 }
@@ -145,6 +156,10 @@ pub fn perplexity(
         model: model.dir.clone(),
         device: engine.describe(),
         seq_len: seq,
+        precision: match engine.gpu() {
+            Some(_) => precision,
+            None => Precision::F32,
+        },
         windows: windows.len(),
         scored_tokens: count,
         mean_nll: mean,

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use wgpress::engine::Engine;
 use wgpress::gpu::matmul::{Layout, MatmulPath};
 use wgpress::gpu::{ContextOptions, GpuDtype};
+use wgpress::model::forward::Precision;
 
 #[derive(Parser)]
 #[command(
@@ -105,6 +106,9 @@ enum Cmd {
         /// Also write the report as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Precision of the GPU forward's linear layers.
+        #[arg(long, value_enum, default_value = "f32")]
+        precision: PrecisionArg,
         #[command(flatten)]
         gpu: GpuArgs,
     },
@@ -174,6 +178,9 @@ enum BenchKernel {
         seq_len: usize,
         #[arg(long, default_value_t = 4)]
         windows: usize,
+        /// Precision of the GPU forward's linear layers.
+        #[arg(long, value_enum, default_value = "f32")]
+        precision: PrecisionArg,
         #[command(flatten)]
         gpu: GpuArgs,
     },
@@ -229,6 +236,26 @@ enum BenchKernel {
     },
 }
 
+/// Precision of the GPU forward's linear layers (`wgpress::model::forward::Precision`).
+#[derive(Clone, Copy, ValueEnum, Debug)]
+pub enum PrecisionArg {
+    /// Weights as stored times f32 activations: the reference numerics.
+    F32,
+    /// f16 weights times f16-rounded inputs, f32 accumulation: tensor cores on adapters with
+    /// cooperative matrices (perplexity within 0.01% of f32 on the small model; an activation
+    /// beyond f16's range is an error, a weight beyond it keeps that layer in f32).
+    F16,
+}
+
+impl From<PrecisionArg> for Precision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::F32 => Precision::F32,
+            PrecisionArg::F16 => Precision::F16,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum BenchDtype {
     F32,
@@ -250,7 +277,7 @@ enum BenchPath {
 }
 
 mod wgpress_cli {
-    use super::GpuArgs;
+    use super::{GpuArgs, PrecisionArg};
     use clap::{Args, ValueEnum};
     use std::path::PathBuf;
 
@@ -307,6 +334,10 @@ mod wgpress_cli {
         /// Start every calibration window with BOS (an attention-sink remedy).
         #[arg(long)]
         pub bos: bool,
+        /// Precision of the calibration forward's linear layers (with --calib; the captured
+        /// layer inputs stay f32 either way).
+        #[arg(long, value_enum, default_value = "f32")]
+        pub precision: PrecisionArg,
         /// Output directory (written atomically; an earlier wgpress output there is replaced).
         #[arg(long, default_value = "out")]
         pub out: PathBuf,
@@ -396,6 +427,7 @@ fn run(cli: Cli) -> Result<()> {
             stride,
             base,
             json,
+            precision,
             gpu,
         } => {
             let dir = match model {
@@ -410,6 +442,7 @@ fn run(cli: Cli) -> Result<()> {
                 &text,
                 (seq_len, stride.unwrap_or(seq_len)),
                 max_tokens,
+                precision.into(),
                 &gpu,
             )?;
             if let Some(p) = json {
@@ -527,6 +560,7 @@ fn run(cli: Cli) -> Result<()> {
                 model,
                 seq_len,
                 windows,
+                precision,
                 gpu,
             } => {
                 let dir = match model {
@@ -539,7 +573,7 @@ fn run(cli: Cli) -> Result<()> {
                     bail!("`bench` measures GPU kernels and needs an adapter")
                 };
                 println!("adapter: {}", engine.describe());
-                let r = wgpress::bench::forward(ctx, &model, seq_len, windows)?;
+                let r = wgpress::bench::forward(ctx, &model, seq_len, windows, precision.into())?;
                 println!(
                     "forward {}: seq {} x {} windows: {:.2} ms/window, {:.0} tokens/s",
                     dir.display(),
@@ -692,6 +726,7 @@ fn eval_cmd(
     text: &Path,
     (seq_len, stride): (usize, usize),
     max_tokens: Option<usize>,
+    precision: Precision,
     gpu: &GpuArgs,
 ) -> Result<wgpress::eval::EvalReport> {
     let cfg = &model.config;
@@ -716,9 +751,10 @@ fn eval_cmd(
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let report = wgpress::eval::perplexity(&engine, model, base, &windows, &|done, _| {
-        bar.set_position(done as u64)
-    })?;
+    let report =
+        wgpress::eval::perplexity(&engine, model, base, &windows, precision, &|done, _| {
+            bar.set_position(done as u64)
+        })?;
     bar.finish_and_clear();
     println!(
         "{}: {} tokens of {} in {} windows of {}, {} scored",
@@ -730,8 +766,8 @@ fn eval_cmd(
         report.scored_tokens
     );
     println!(
-        "perplexity {:.4} (mean loss {:.6} nats) in {:.2} s, {:.0} tokens/s",
-        report.ppl, report.mean_nll, report.seconds, report.tokens_per_s
+        "perplexity {:.4} (mean loss {:.6} nats) in {:.2} s, {:.0} tokens/s ({:?} linear layers)",
+        report.ppl, report.mean_nll, report.seconds, report.tokens_per_s, report.precision
     );
     if let (Some(kl), Some(top1), Some(b)) = (report.kl, report.top1, base) {
         println!(
@@ -810,6 +846,7 @@ mod compress {
                 OutDtype::F32 => Dtype::F32,
             },
             out: args.out.clone(),
+            precision: args.precision.into(),
         };
         let bar = ProgressBar::new(0);
         bar.set_style(

@@ -17,7 +17,9 @@ use crate::gpu::matmul::{Layout, matmul_into};
 use crate::gpu::stats::HessianAccumulator;
 use crate::gpu::{GpuContext, GpuDtype, GpuTensor};
 use crate::model::Model;
-use crate::model::forward::{ForwardPlan, GpuBlock, Site, block_forward, capture_input, embed};
+use crate::model::forward::{
+    ForwardPlan, GpuBlock, Site, block_forward, capture_input, embed, linear_weight,
+};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::writer::OutputDir;
 use crate::quant::gptq::GptqOptions;
@@ -171,12 +173,12 @@ pub fn run(
         embed(ctx, model, &table, &ids, seq)?
     };
     let mut energy = Vec::with_capacity(cfg.num_hidden_layers);
-    let plan = ForwardPlan::new(ctx, cfg, seq)?;
+    let plan = ForwardPlan::new(ctx, cfg, seq, opts.precision)?;
     let layers = cfg.num_hidden_layers;
     for l in 0..layers {
         progress(&format!("block {l}"), l, layers);
         let p = format!("model.layers.{l}.");
-        let mut blk = GpuBlock::upload(ctx, model, l)?;
+        let mut blk = GpuBlock::upload(ctx, model, l, opts.precision)?;
         // True-sequential: each input is captured from the block as compressed so far, so o_proj
         // sees the compressed q/k/v's attention output, and so on; only one input is alive.
         for site in Site::ALL {
@@ -205,7 +207,7 @@ pub fn run(
                     damp_used: c.damp_used,
                     dead_columns: c.dead_columns,
                 });
-                let g = GpuTensor::from_f32(ctx, rows, cols, &deq)?;
+                let g = linear_weight(ctx, opts.precision, &name, (rows, cols), &deq, None)?;
                 match *short {
                     "self_attn.q_proj" => blk.q = g,
                     "self_attn.k_proj" => blk.k = g,
@@ -220,6 +222,9 @@ pub fn run(
         }
         // The compressed block produces the next block's input.
         x = block_forward(ctx, &plan, &blk, &x)?;
+        // The energies below download (synchronize) anyway; an f16 overflow in this block's
+        // captures or output stops the run here rather than corrupting later Hessians.
+        plan.check_range(ctx)?;
         energy.push(position_energy(ctx, &x, seq)?);
         for name in model.weights.names() {
             if name.starts_with(&p) && !cfg.is_linear(name) {
@@ -236,6 +241,7 @@ pub fn run(
         seqlen: seq,
         seed: calib.seed,
         bos: calib.bos,
+        precision: opts.precision,
         position_energy: energy,
     });
     report.peak_gpu_bytes = ctx.memory().1;

@@ -879,3 +879,40 @@ fn bad_format_combinations_fail_before_writing() {
         &["compressed-tensors", "f16 or bf16"],
     );
 }
+
+#[test]
+fn compress_precision_flag_reaches_the_calibration_forward() {
+    let tmp = tempfile::tempdir().unwrap();
+    let calib_text =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/text/shakespeare-heldout-head.txt");
+    let out = tmp.path().join("q");
+    let calib = [
+        "--calib",
+        p(&calib_text),
+        "--nsamples",
+        "2",
+        "--seqlen",
+        "32",
+    ];
+    let mut args = calib.to_vec();
+    args.extend(["--precision", "f16"]);
+    compress(&tiny(), &out, &args, &[]);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["calibration"]["precision"], "f16");
+    // f32 is the default; unknown values are refused with the choices.
+    let out32 = tmp.path().join("q32");
+    compress(&tiny(), &out32, &calib, &[]);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out32.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["calibration"]["precision"], "f32");
+    let o = run(&["compress", p(&tiny()), "--precision", "f8"]);
+    assert!(!o.status.success() && text(&o.stderr).contains("f16"));
+    let (help, _) = ok(&run(&["compress", "--help"]));
+    assert!(help.contains("--precision"), "{help}");
+    let (help, _) = ok(&run(&["eval", "--help"]));
+    assert!(
+        help.contains("--precision") && help.contains("tensor cores"),
+        "{help}"
+    );
+}

@@ -6,6 +6,7 @@ use std::process::Command;
 use wgpress::calib::EvalWindow;
 use wgpress::engine::Engine;
 use wgpress::model::Model;
+use wgpress::model::forward::Precision;
 use wgpress::model::tokenizer::Tokenizer;
 
 fn root() -> PathBuf {
@@ -54,7 +55,8 @@ fn gpu_perplexity_matches_transformers() {
     let engine = common::gpu_engine();
     let w = windows(&m, 256, 2048);
     let refs = as_windows(&w);
-    let r = wgpress::eval::perplexity(&engine, &m, None, &refs, &|_, _| {}).unwrap();
+    let r =
+        wgpress::eval::perplexity(&engine, &m, None, &refs, Precision::F32, &|_, _| {}).unwrap();
     assert_eq!((r.windows, r.scored_tokens), (8, 2040));
     // The issue asks for 0.1% relative perplexity; logits agree to ~2e-5 (see gpu_forward), so the
     // mean loss agrees to ~1e-5 nats: assert 1e-4 nats (0.01% of ppl), ten times inside the target.
@@ -66,11 +68,35 @@ fn gpu_perplexity_matches_transformers() {
 }
 
 #[test]
+fn f16_perplexity_is_within_a_tenth_of_a_percent_of_f32() {
+    let m = Model::open(&root().join("assets/tiny")).unwrap();
+    let engine = common::gpu_engine();
+    let w = windows(&m, 256, 512);
+    let refs = as_windows(&w);
+    let run = |p| wgpress::eval::perplexity(&engine, &m, None, &refs, p, &|_, _| {}).unwrap();
+    let (a, b) = (run(Precision::F32), run(Precision::F16));
+    assert_eq!((a.precision, b.precision), (Precision::F32, Precision::F16));
+    assert_eq!(b.scored_tokens, 510);
+    let rel = b.ppl / a.ppl - 1.0;
+    println!("ppl f32 {} f16 {} (relative {rel:e})", a.ppl, b.ppl);
+    // The issue's bound: 0.1% of perplexity (1e-3 nats of mean loss). Each token's loss moves by
+    // the f16 rounding of its logits' inputs (~1e-4 nats, random sign), so the mean over 510
+    // tokens moves far less; a nonzero difference shows the f16 path ran.
+    assert!(
+        rel.abs() < 1e-3 && rel != 0.0,
+        "ppl f32 {} f16 {} ({rel:e})",
+        a.ppl,
+        b.ppl
+    );
+}
+
+#[test]
 fn cpu_reference_perplexity_matches_transformers() {
     let m = Model::open(&root().join("assets/tiny")).unwrap();
     let w = windows(&m, 128, 512);
     let refs = as_windows(&w);
-    let r = wgpress::eval::perplexity(&Engine::Cpu, &m, None, &refs, &|_, _| {}).unwrap();
+    let r = wgpress::eval::perplexity(&Engine::Cpu, &m, None, &refs, Precision::F32, &|_, _| {})
+        .unwrap();
     assert_eq!((r.windows, r.scored_tokens), (4, 508));
     assert!(
         (r.mean_nll - HF_LOSS_128_512).abs() < 1e-4,
@@ -89,6 +115,49 @@ fn run(args: &[&str]) -> (bool, String) {
         o.status.success(),
         String::from_utf8_lossy(&o.stderr).to_string(),
     )
+}
+
+#[test]
+fn eval_precision_flag_selects_the_forward_and_rejects_unknown_values() {
+    let tiny = root().join("assets/tiny");
+    let t = text();
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let report = |prec: &str| -> serde_json::Value {
+        let json = tmp.path().join(format!("{prec}.json"));
+        let o = Command::new(env!("CARGO_BIN_EXE_wgpress"))
+            .args(["eval", &p(&tiny), "--text", &p(&t), "--seq-len", "64"])
+            .args([
+                "--max-tokens",
+                "128",
+                "--precision",
+                prec,
+                "--json",
+                &p(&json),
+            ])
+            .env_remove("WGPRESS_ADAPTER")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let out = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(
+            out.contains(&format!("({} linear layers)", prec.to_uppercase())),
+            "{out}"
+        );
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+    };
+    let (a, b) = (report("f32"), report("f16"));
+    assert_eq!(
+        (a["precision"].as_str(), b["precision"].as_str()),
+        (Some("f32"), Some("f16"))
+    );
+    let (la, lb) = (
+        a["mean_nll"].as_f64().unwrap(),
+        b["mean_nll"].as_f64().unwrap(),
+    );
+    assert!(la != lb && (la - lb).abs() < 1e-3, "{la} vs {lb}");
+    let (ok, err) = run(&["eval", &p(&tiny), "--text", &p(&t), "--precision", "bf16"]);
+    assert!(!ok && err.contains("f32") && err.contains("f16"), "{err}");
 }
 
 #[test]
@@ -149,13 +218,16 @@ fn kl_and_top1_against_the_base_agree_on_gpu_and_cpu() {
         dtype: wgpress::model::safetensors::Dtype::F32,
         out: out.clone(),
         gptq: None,
+        precision: Precision::F32,
     };
     wgpress::compress::rtn(&gpu, &tiny, &opts, &|_, _, _| {}).unwrap();
     let q = Model::open(&out).unwrap();
     let w = windows(&tiny, 64, 128);
     let refs = as_windows(&w);
 
-    let same = wgpress::eval::perplexity(&gpu, &tiny, Some(&tiny), &refs, &|_, _| {}).unwrap();
+    let same =
+        wgpress::eval::perplexity(&gpu, &tiny, Some(&tiny), &refs, Precision::F32, &|_, _| {})
+            .unwrap();
     assert!(
         same.kl.unwrap().abs() < 1e-5,
         "KL of a model with itself: {:?}",
@@ -163,8 +235,17 @@ fn kl_and_top1_against_the_base_agree_on_gpu_and_cpu() {
     );
     assert_eq!(same.top1, Some(1.0));
 
-    let g = wgpress::eval::perplexity(&gpu, &q, Some(&tiny), &refs, &|_, _| {}).unwrap();
-    let c = wgpress::eval::perplexity(&Engine::Cpu, &q, Some(&tiny), &refs, &|_, _| {}).unwrap();
+    let g = wgpress::eval::perplexity(&gpu, &q, Some(&tiny), &refs, Precision::F32, &|_, _| {})
+        .unwrap();
+    let c = wgpress::eval::perplexity(
+        &Engine::Cpu,
+        &q,
+        Some(&tiny),
+        &refs,
+        Precision::F32,
+        &|_, _| {},
+    )
+    .unwrap();
     let (kg, kc) = (g.kl.unwrap(), c.kl.unwrap());
     // 3-bit RTN moves the distribution measurably; GPU (f32 sums) and CPU (f64) agree to ~1e-5.
     assert!(kc > 1e-3 && kc < 1.0, "KL {kc}");
@@ -190,10 +271,11 @@ fn strided_windows_score_each_token_once_and_need_context() {
     assert_eq!(ws[0].score_from, 1);
     assert!(ws[1..].iter().all(|w| w.score_from == 48));
     let gpu = common::gpu_engine();
-    let s = wgpress::eval::perplexity(&gpu, &m, None, &ws, &|_, _| {}).unwrap();
+    let s = wgpress::eval::perplexity(&gpu, &m, None, &ws, Precision::F32, &|_, _| {}).unwrap();
     assert_eq!(s.scored_tokens, 63 + 6 * 16);
     // Same tokens scored by the CPU reference: equal mean loss.
-    let c = wgpress::eval::perplexity(&Engine::Cpu, &m, None, &ws, &|_, _| {}).unwrap();
+    let c =
+        wgpress::eval::perplexity(&Engine::Cpu, &m, None, &ws, Precision::F32, &|_, _| {}).unwrap();
     assert!(
         (s.mean_nll - c.mean_nll).abs() < 1e-4,
         "{} vs {}",
@@ -255,8 +337,15 @@ fn eval_of_exports_equals_eval_of_dense() {
     let loss = |dir: &Path| {
         let m = Model::open(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         let w = windows(&m, 128, 512);
-        let r =
-            wgpress::eval::perplexity(&Engine::Cpu, &m, None, &as_windows(&w), &|_, _| {}).unwrap();
+        let r = wgpress::eval::perplexity(
+            &Engine::Cpu,
+            &m,
+            None,
+            &as_windows(&w),
+            Precision::F32,
+            &|_, _| {},
+        )
+        .unwrap();
         assert_eq!(r.scored_tokens, 508);
         r.mean_nll
     };

@@ -7,7 +7,7 @@ use wgpress::gpu::{GpuDtype, GpuTensor};
 use wgpress::model::Model;
 use wgpress::model::config::LlamaConfig;
 use wgpress::model::forward::{
-    ForwardPlan, GpuBlock, GpuModel, Site, block_forward, capture_input,
+    ForwardPlan, GpuBlock, GpuModel, Precision, Site, block_forward, capture_input, linear_weight,
 };
 use wgpress::model::safetensors::SafetensorsSet;
 use wgpress::model::synth::SynthSpec;
@@ -187,8 +187,8 @@ fn tiny_block_matches_reference_block_with_chunking() {
     let seq = 37;
     let mut rng = Rng::new(11);
     let x = rng.normal_vec(2 * seq * c.hidden_size, 1.0);
-    let plan = ForwardPlan::new(&ctx, c, seq).unwrap();
-    let blk = GpuBlock::upload(&ctx, &m, 2).unwrap();
+    let plan = ForwardPlan::new(&ctx, c, seq, Precision::F32).unwrap();
+    let blk = GpuBlock::upload(&ctx, &m, 2, Precision::F32).unwrap();
     let gx = GpuTensor::from_f32_aligned(&ctx, 2 * seq, c.hidden_size, &x, seq).unwrap();
     assert!(blk.gate.chunks.len() > 1 && blk.down.chunks.len() > 1);
     let out = block_forward(&ctx, &plan, &blk, &gx).unwrap();
@@ -227,7 +227,7 @@ fn tiny_logits_match_transformers_fixture() {
         .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
         .collect();
     let want = fx.to_f32("logits").unwrap();
-    let gm = GpuModel::load(&ctx, &m, ids.len()).unwrap();
+    let gm = GpuModel::load(&ctx, &m, ids.len(), Precision::F32).unwrap();
     let got = gm.logits(&ctx, &m, &ids).unwrap().to_f32(&ctx).unwrap();
     let e = max_abs(&got, &want);
     // transformers' own CPU and GPU f32 forwards differ by 2.1e-5 on these logits (|logit| <= 22.5);
@@ -268,8 +268,8 @@ fn random_blocks_match_reference_for_gqa_ratios_and_head_dims() {
         let c = &m.config;
         let mut rng = Rng::new(40 + i as u64);
         let x = rng.normal_vec(2 * seq * c.hidden_size, 1.0);
-        let plan = ForwardPlan::new(&ctx, c, seq).unwrap();
-        let blk = GpuBlock::upload(&ctx, &m, 0).unwrap();
+        let plan = ForwardPlan::new(&ctx, c, seq, Precision::F32).unwrap();
+        let blk = GpuBlock::upload(&ctx, &m, 0, Precision::F32).unwrap();
         let gx = GpuTensor::from_f32_aligned(&ctx, 2 * seq, c.hidden_size, &x, seq).unwrap();
         let got = block_forward(&ctx, &plan, &blk, &gx)
             .unwrap()
@@ -286,4 +286,157 @@ fn random_blocks_match_reference_for_gqa_ratios_and_head_dims() {
             );
         }
     }
+}
+
+/// The tiny model's block 2 on two random sequences, in `precision`, and the f64 reference output.
+fn tiny_block_2(precision: Precision) -> (Vec<f32>, Vec<f32>, GpuBlock) {
+    let ctx = common::ctx_with(Some(128 * 1024));
+    let m = tiny();
+    let c = &m.config;
+    let (seq, h) = (37, c.hidden_size);
+    let x = Rng::new(11).normal_vec(2 * seq * h, 1.0);
+    let plan = ForwardPlan::new(&ctx, c, seq, precision).unwrap();
+    let blk = GpuBlock::upload(&ctx, &m, 2, precision).unwrap();
+    let gx = GpuTensor::from_f32_aligned(&ctx, 2 * seq, h, &x, seq).unwrap();
+    let got = block_forward(&ctx, &plan, &blk, &gx)
+        .unwrap()
+        .to_f32(&ctx)
+        .unwrap();
+    plan.check_range(&ctx).unwrap();
+    let bw = wgpress::model::llama::BlockWeights::load(&m, 2).unwrap();
+    let want: Vec<f32> = (0..2)
+        .flat_map(|s| r::block_forward(c, &bw, &x[s * seq * h..(s + 1) * seq * h], seq).unwrap())
+        .collect();
+    (got, want, blk)
+}
+
+#[test]
+fn f16_block_error_against_f64_reference_is_bounded() {
+    let (got32, want, _) = tiny_block_2(Precision::F32);
+    let (got16, want16, blk) = tiny_block_2(Precision::F16);
+    assert_eq!(want, want16);
+    for w in [
+        &blk.q, &blk.k, &blk.v, &blk.o, &blk.gate, &blk.up, &blk.down,
+    ] {
+        assert_eq!(
+            w.dtype,
+            GpuDtype::F16,
+            "bf16 weights in f16's range convert"
+        );
+    }
+    let (e32, e16) = (max_abs(&got32, &want), max_abs(&got16, &want));
+    // The block output is O(1) (max 4.0). The bf16 weights convert to f16 exactly; each linear's
+    // input is rounded to f16 (relative error <= 2^-11, random sign), so a K-term product
+    // y = Σ x_i w_i moves by ~2^-11/√3 · sqrt(Σ (x_i w_i)²) ≈ 2^-11/√3 · |y| for incoherent terms:
+    // ~1.5e-4 on the O(1) contributions of o_proj and down_proj, plus the smaller propagated errors
+    // of q/k/v/gate/up. The largest of 19k outputs (~4 sigma) should then be ~3e-4 (measured
+    // 2.5e-4, f32 7e-7): 1e-3 leaves 4x, while rounding inputs to 8 bits (bf16) or a wrong
+    // conversion moves outputs by 2e-3 and more.
+    assert!(e16 < 1e-3, "f16 block: max |err| {e16}");
+    // ... and the f16 path really rounded (f32 agrees with the reference to 1e-6).
+    assert!(e32 < 1e-5 && e16 > 20.0 * e32, "f32 {e32}, f16 {e16}");
+}
+
+#[test]
+fn f16_conversion_rounds_to_nearest_and_flags_overflow() {
+    // 64 KiB bindings: 256-wide f32 rows split the input into several chunks and pieces.
+    let ctx = common::ctx_with(Some(64 * 1024));
+    let (rows, cols) = (150, 256);
+    let mut x = Rng::new(5).normal_vec(rows * cols, 3.0);
+    // Ties, the largest finite f16 and tiny values.
+    x[..4].copy_from_slice(&[
+        1.0 + 2f32.powi(-11),
+        1.0 + 3.0 * 2f32.powi(-11),
+        65504.0,
+        1e-3,
+    ]);
+    let gx = GpuTensor::from_f32(&ctx, rows, cols, &x).unwrap();
+    assert!(gx.chunks.len() > 1);
+    let flag = k::range_flag(&ctx).unwrap();
+    let h = k::to_f16(&ctx, &gx, &flag).unwrap();
+    assert_eq!(h.dtype, GpuDtype::F16);
+    let got: Vec<u16> = bytemuck::pod_collect_to_vec(&h.to_bytes(&ctx).unwrap());
+    for (i, (&g, &v)) in got.iter().zip(&x).enumerate() {
+        assert_eq!(g, half::f16::from_f32(v).to_bits(), "element {i}: {v}");
+    }
+    assert_eq!(flag.to_u32(&ctx).unwrap()[0], 0);
+    // One value beyond f16's range sets the flag (and is saturated, not garbage).
+    x[7 * cols + 3] = -7e4;
+    let gx = GpuTensor::from_f32(&ctx, rows, cols, &x).unwrap();
+    let h = k::to_f16(&ctx, &gx, &flag).unwrap();
+    let got: Vec<u16> = bytemuck::pod_collect_to_vec(&h.to_bytes(&ctx).unwrap());
+    assert_eq!(got[7 * cols + 3], half::f16::from_f32(-65504.0).to_bits());
+    assert_eq!(flag.to_u32(&ctx).unwrap()[0], 1);
+    // Odd widths are refused (a word would straddle rows).
+    let odd = GpuTensor::from_f32(&ctx, 3, 5, &[0.0; 15]).unwrap();
+    assert!(k::to_f16(&ctx, &odd, &flag).is_err());
+}
+
+#[test]
+fn f16_forward_keeps_out_of_range_weights_and_refuses_overflowing_activations() {
+    let ctx = common::ctx();
+    let m = tiny();
+    let c = &m.config;
+    let (seq, h) = (16, c.hidden_size);
+    let name = "model.layers.0.self_attn.o_proj.weight";
+    let mut w = m.weights.to_f32(name).unwrap();
+    let (rows, cols) = (h, c.num_attention_heads * c.head_dim);
+    // One bf16 weight beyond f16's range (bf16 reaches 3e38): that tensor keeps its stored bytes
+    // and multiplies f32 activations; an in-range one converts to f16.
+    w[5 * cols + 9] = 1.5e5;
+    let raw: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+    let stored = Some((GpuDtype::BF16, bytemuck::cast_slice::<_, u8>(&raw)));
+    let kept = linear_weight(&ctx, Precision::F16, name, (rows, cols), &w, stored).unwrap();
+    assert_eq!(kept.dtype, GpuDtype::BF16);
+    assert_eq!(
+        kept.to_bytes(&ctx).unwrap(),
+        bytemuck::cast_slice::<_, u8>(&raw)
+    );
+    let f32_kept = linear_weight(&ctx, Precision::F16, name, (rows, cols), &w, None).unwrap();
+    assert_eq!(f32_kept.dtype, GpuDtype::F32);
+    w[5 * cols + 9] = 0.5;
+    let conv = linear_weight(&ctx, Precision::F16, name, (rows, cols), &w, stored).unwrap();
+    assert_eq!(conv.dtype, GpuDtype::F16);
+    let as_stored = linear_weight(&ctx, Precision::F32, name, (rows, cols), &w, stored).unwrap();
+    assert_eq!(as_stored.dtype, GpuDtype::BF16);
+
+    // The block with the kept o_proj still matches the reference with that weight. Its input, the
+    // attention output, carries the f16 error of q/k/v (relative ~2^-11), which the 1.5e5 weight
+    // lifts to ~2.5e-4 of the outputs it blows up to ~2e4 (measured); 1e-3 of that scale leaves
+    // 4x, while saturating the weight to 65504 would move that output by ~half its size.
+    let x = Rng::new(3).normal_vec(seq * h, 1.0);
+    let plan = ForwardPlan::new(&ctx, c, seq, Precision::F16).unwrap();
+    let mut blk = GpuBlock::upload(&ctx, &m, 0, Precision::F16).unwrap();
+    let mut big = m.weights.to_f32(name).unwrap();
+    big[5 * cols + 9] = 1.5e5;
+    blk.o = linear_weight(&ctx, Precision::F16, name, (rows, cols), &big, None).unwrap();
+    assert_eq!(blk.o.dtype, GpuDtype::F32);
+    let gx = GpuTensor::from_f32(&ctx, seq, h, &x).unwrap();
+    let got = block_forward(&ctx, &plan, &blk, &gx)
+        .unwrap()
+        .to_f32(&ctx)
+        .unwrap();
+    plan.check_range(&ctx).unwrap();
+    let mut bw = wgpress::model::llama::BlockWeights::load(&m, 0).unwrap();
+    bw.o.weight = big;
+    let want = r::block_forward(c, &bw, &x, seq).unwrap();
+    let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+    assert!(scale > 1e3, "the big weight shows: {scale}");
+    let e = max_abs(&got, &want);
+    assert!(e < 1e-3 * scale, "max |err| {e} at scale {scale}");
+
+    // An activation beyond f16's range (here the MLP input, through a post-norm weight of 1e5)
+    // is an error at the plan's check, not a silently saturated result.
+    let pn: Vec<f32> = bw
+        .post_norm
+        .iter()
+        .map(|v| v * 1e5 / v.abs().max(1e-3))
+        .collect();
+    blk.post_norm = GpuTensor::from_f32(&ctx, 1, h, &pn).unwrap();
+    block_forward(&ctx, &plan, &blk, &gx).unwrap();
+    let err = plan.check_range(&ctx).unwrap_err().to_string();
+    assert!(
+        err.contains("f16") && err.contains("--precision f32"),
+        "{err}"
+    );
 }

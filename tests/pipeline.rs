@@ -6,6 +6,7 @@ use wgpress::calib::CalibOptions;
 use wgpress::compress::{CompressOptions, Format};
 use wgpress::engine::Engine;
 use wgpress::model::Model;
+use wgpress::model::forward::Precision;
 use wgpress::model::safetensors::Dtype;
 use wgpress::model::synth::{SynthSpec, write_random_llama};
 use wgpress::pipeline::{Rtn, run};
@@ -32,6 +33,7 @@ fn opts(out: &Path, spec: QuantSpec, format: Format) -> CompressOptions {
         dtype: Dtype::F16,
         out: out.to_path_buf(),
         gptq: None,
+        precision: Precision::F32,
     }
 }
 
@@ -129,6 +131,39 @@ fn pipeline_rtn_equals_direct_rtn_and_reports_output_error() {
         all.iter()
             .any(|(n, _, _)| n == "model.layers.3.mlp.down_proj.weight")
     );
+}
+
+#[test]
+fn f16_calibration_forward_captures_nearly_the_same_inputs() {
+    let e = common::gpu_engine();
+    let tmp = tempfile::tempdir().unwrap();
+    let m = Model::open(&root().join("assets/tiny")).unwrap();
+    let spec = QuantSpec::new(4, Some(128), false).unwrap();
+    let go = |p: Precision| {
+        let mut o = opts(&tmp.path().join(format!("{p:?}")), spec, Format::Gptq);
+        o.precision = p;
+        run(&e, &m, &Rtn(spec), &calib(2, 64), &o, &|_, _, _| {}).unwrap()
+    };
+    let (a, b) = (go(Precision::F32), go(Precision::F16));
+    assert_eq!(b.calibration.as_ref().unwrap().precision, Precision::F16);
+    let (mut moved, mut worst) = (0, 0f64);
+    for (la, lb) in a.layers.iter().zip(&b.layers) {
+        assert_eq!(la.name, lb.name);
+        let (oa, ob) = (la.rel_output_err.unwrap(), lb.rel_output_err.unwrap());
+        if la.name.starts_with("model.layers.0.self_attn.") && !la.name.contains("o_proj") {
+            // Block 0's q/k/v input precedes every linear layer: the very same Hessian.
+            assert_eq!(oa, ob, "{}", la.name);
+        } else {
+            // Later inputs carry the f16 rounding of earlier layers (relative ~1e-4, averaging
+            // out over the tokens in H), which moves a layer's output error (a ratio of two traces
+            // of H) by less (measured 3.6e-5); 1e-3 would still catch a broken capture.
+            assert!((ob / oa - 1.0).abs() < 1e-3, "{}: {oa} vs {ob}", la.name);
+            moved += (oa != ob) as usize;
+            worst = worst.max((ob / oa - 1.0).abs());
+        }
+    }
+    println!("largest relative change of a layer's output error: {worst:e}");
+    assert!(moved > 0, "the f16 forward changed no captured input");
 }
 
 #[test]

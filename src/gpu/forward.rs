@@ -1,7 +1,8 @@
 //! GPU kernels of the Llama forward pass other than matrix products (shaders/forward.wgsl):
 //! RMSNorm, rotary embeddings, causal grouped-query attention, SwiGLU, residual/bias adds and the
-//! per-token cross-entropy. All f32, all row-chunk aware. The CPU references are in
-//! `reference::forward`; this module must not orchestrate a whole block (that is the model's job).
+//! per-token cross-entropy, all f32; plus [`to_f16`], the f32 -> f16 rounding of a linear layer's
+//! input for the f16 forward. All row-chunk aware. The CPU references are in `reference::forward`;
+//! this module must not orchestrate a whole block (that is the model's job).
 
 use super::buffer::{GpuDtype, GpuTensor};
 use super::context::{Dispatch, GpuContext};
@@ -463,6 +464,55 @@ pub fn nll(ctx: &GpuContext, logits: &GpuTensor, targets: &GpuTensor) -> Result<
         grid,
     )?;
     Ok(loss)
+}
+
+/// A zeroed one-word flag for [`to_f16`] (1 x 1 u32): nonzero once any converted value was beyond
+/// f16's range. It stays set until the caller zeroes it again.
+pub fn range_flag(ctx: &GpuContext) -> Result<GpuTensor> {
+    let f = GpuTensor::empty(ctx, 1, 1, GpuDtype::U32)?;
+    f.fill_u32(ctx, 0);
+    Ok(f)
+}
+
+/// `x` (f32) rounded to f16 (to nearest) into a new tensor, for the matmul's A operand. `cols` must
+/// be even (every row then starts on a 32-bit word, so pieces never share a word). A value with
+/// |x| > 65504 (or a non-finite one) is saturated to ±65504 and sets `flag` (see [`range_flag`]);
+/// the caller must check it before trusting anything computed from the result.
+pub fn to_f16(ctx: &GpuContext, x: &GpuTensor, flag: &GpuTensor) -> Result<GpuTensor> {
+    f32_only("to_f16", &[x])?;
+    if !x.cols.is_multiple_of(2) {
+        return Err(Error::Shape {
+            op: "to_f16".into(),
+            expected: "an even number of columns".into(),
+            got: x.shape_str(),
+        });
+    }
+    if flag.dtype != GpuDtype::U32 || flag.rows * flag.cols != 1 {
+        return Err(Error::Shape {
+            op: "to_f16".into(),
+            expected: "a 1x1 U32 flag".into(),
+            got: flag.shape_str(),
+        });
+    }
+    let y = GpuTensor::empty(ctx, x.rows, x.cols, GpuDtype::F16)?;
+    if x.rows == 0 || x.cols == 0 {
+        return Ok(y);
+    }
+    dispatch_rows(
+        ctx,
+        "to_f16",
+        &x.shape_str(),
+        &[Bind::Rows(x), Bind::Rows(&y), Bind::Whole(flag)],
+        |(_, n, l)| Rows {
+            rows: *n as u32,
+            cols: x.cols as u32,
+            x_off: l[0].1 as u32,
+            y_off: l[1].1 as u32,
+            ..Default::default()
+        },
+        |n| grid((n * x.cols / 2).div_ceil(WG)),
+    )?;
+    Ok(y)
 }
 
 #[repr(C)]

@@ -91,7 +91,7 @@ impl HessianAccumulator {
 }
 
 /// Largest finite f16.
-const F16_MAX: f32 = 65504.0;
+pub(crate) const F16_MAX: f32 = 65504.0;
 
 /// Whether every element of `x` lies within f16's range (so rounding it to f16 cannot overflow).
 fn fits_f16(ctx: &GpuContext, x: &GpuTensor) -> Result<bool> {

@@ -1,13 +1,31 @@
-//! The Llama decoder forward pass on the GPU, one block at a time: weights are uploaded per block
-//! in their stored dtype (f32, f16 or bf16; the matmul kernel converts on load), activations are
-//! f32 rows of `seq`-token sequences. `capture_input` hands back a linear layer's input so
-//! calibration statistics see exactly what the layer sees. The CPU oracle is
-//! `reference::forward`; this module only orchestrates `gpu::` kernels and must not hold more than
-//! the block it is given.
+//! The Llama decoder forward pass on the GPU, one block at a time: activations are f32 rows of
+//! `seq`-token sequences. `capture_input` hands back a linear layer's input so calibration
+//! statistics see exactly what the layer sees. The CPU oracle is `reference::forward`; this module
+//! only orchestrates `gpu::` kernels and must not hold more than the block it is given.
+//!
+//! [`Precision`] picks how the linear layers (q/k/v/o, gate/up/down and the head) multiply:
+//! - `F32` (the default): weights are uploaded in their stored dtype (f32, f16 or bf16; the matmul
+//!   kernel converts on load) and multiply f32 activations, so only the stored weights round.
+//! - `F16`: weights are converted to f16 once, at upload, and each linear's input is rounded to f16
+//!   by `gpu::forward::to_f16` right before the product, so F16 x F16 takes the tensor-core kernel
+//!   where the adapter has one (and the tiled kernel, with the same f16-input / f32-accumulate
+//!   numerics, elsewhere). Norms, rotary, attention, residuals and the captured inputs stay f32.
+//!   A weight tensor with a value beyond f16's range keeps its stored dtype and f32 activations
+//!   (logged, naming the tensor); an activation beyond f16's range is an error at the next
+//!   [`ForwardPlan::check_range`] (rerun with f32). Rounding each input to f16 costs a relative
+//!   2^-11 per factor, so a K-term product moves by ~2^-11·sqrt(K) of its typical term; on the
+//!   shipped small model a block's output moves by 2.5e-4 (outputs up to 4) against the f64
+//!   reference and perplexity by 0.003% (tests/gpu_forward.rs, tests/eval.rs).
+//!
+//! F32 stays the default for `eval` and `compress`: perplexity is compared against published f32
+//! numbers, the f16 error is measured on the small model only, and large models carry outlier
+//! activations (thousands, on a few channels) near enough to f16's range that the f16 forward may
+//! refuse a run the f32 one completes.
 
 use crate::error::{Error, Result};
 use crate::gpu::forward as k;
 use crate::gpu::matmul::{Layout, matmul_into};
+use crate::gpu::stats::F16_MAX;
 use crate::gpu::{GpuContext, GpuDtype, GpuTensor};
 use crate::model::Model;
 use crate::model::config::LlamaConfig;
@@ -28,8 +46,49 @@ pub fn gpu_dtype(model: &Model, name: &str) -> Result<GpuDtype> {
     }
 }
 
-/// One weight tensor uploaded as stored.
-fn upload(ctx: &GpuContext, model: &Model, name: &str) -> Result<GpuTensor> {
+/// How the forward's linear layers multiply (see the module doc).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Stored-dtype weights times f32 activations.
+    #[default]
+    F32,
+    /// f16 weights times f16-rounded activations, f32 accumulation (tensor cores where available).
+    F16,
+}
+
+/// A linear layer's weight (`rows` x `cols`, values `v`) on the GPU for `precision`: under F16 as
+/// f16 unless some |value| exceeds f16's range, in which case (logged, naming the tensor) the
+/// tensor keeps `stored` (its dtype and raw bytes) or f32; under F32 as `stored` or f32.
+pub fn linear_weight(
+    ctx: &GpuContext,
+    precision: Precision,
+    name: &str,
+    (rows, cols): (usize, usize),
+    v: &[f32],
+    stored: Option<(GpuDtype, &[u8])>,
+) -> Result<GpuTensor> {
+    if precision == Precision::F16 && stored.map(|s| s.0) != Some(GpuDtype::F16) {
+        let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+        if max <= F16_MAX {
+            // Values below f16's normal range (|w| < 6.1e-5) keep fewer bits: an absolute error
+            // under 2^-25 per weight, far below the activations' 2^-11 relative rounding.
+            return GpuTensor::from_f32_as(ctx, rows, cols, v, GpuDtype::F16);
+        }
+        log::warn!(
+            "{name}: max |w| = {max} exceeds f16's range (65504); this layer keeps {} weights and f32 activations",
+            stored.map_or("f32".to_string(), |s| format!("{:?}", s.0).to_lowercase())
+        );
+    }
+    match stored {
+        Some((dtype, bytes)) => GpuTensor::from_bytes(ctx, rows, cols, dtype, bytes),
+        None => GpuTensor::from_f32(ctx, rows, cols, v),
+    }
+}
+
+/// One weight tensor uploaded for `precision`: norm weights and biases as f32, matrices through
+/// [`linear_weight`].
+fn upload(ctx: &GpuContext, model: &Model, name: &str, precision: Precision) -> Result<GpuTensor> {
     let info = model.weights.info(name)?;
     let (rows, cols) = match info.shape[..] {
         [r, c] => (r, c),
@@ -49,7 +108,8 @@ fn upload(ctx: &GpuContext, model: &Model, name: &str) -> Result<GpuTensor> {
         // Norm weights and biases feed f32-only kernels (they are tiny).
         return GpuTensor::from_f32(ctx, 1, cols, &v);
     }
-    GpuTensor::from_bytes(ctx, rows, cols, dtype, model.weights.bytes(name)?)
+    let stored = Some((dtype, model.weights.bytes(name)?));
+    linear_weight(ctx, precision, name, (rows, cols), &v, stored)
 }
 
 /// A decoder block's weights on the GPU.
@@ -69,14 +129,19 @@ pub struct GpuBlock {
 }
 
 impl GpuBlock {
-    /// Uploads block `layer` of `model`.
-    pub fn upload(ctx: &GpuContext, model: &Model, layer: usize) -> Result<Self> {
+    /// Uploads block `layer` of `model` for `precision` (the plan's).
+    pub fn upload(
+        ctx: &GpuContext,
+        model: &Model,
+        layer: usize,
+        precision: Precision,
+    ) -> Result<Self> {
         let p = format!("model.layers.{layer}.");
-        let get = |s: &str| upload(ctx, model, &format!("{p}{s}"));
+        let get = |s: &str| upload(ctx, model, &format!("{p}{s}"), precision);
         let opt = |s: &str| -> Result<Option<GpuTensor>> {
             let n = format!("{p}{s}");
             if model.weights.contains(&n) {
-                upload(ctx, model, &n).map(Some)
+                upload(ctx, model, &n, precision).map(Some)
             } else {
                 Ok(None)
             }
@@ -125,32 +190,64 @@ impl Site {
     }
 }
 
-/// y = x Wᵀ (+ bias) into a new rows x out tensor aligned to `seq`.
+/// A linear input `x` with, under F16, its f16 copy when any of the weights `ws` reading it is f16
+/// (made once, so q/k/v and gate/up share one conversion). Odd widths, which no Llama has, stay
+/// f32: the conversion works on whole 32-bit words.
+fn linear_input<'a>(
+    ctx: &GpuContext,
+    plan: &ForwardPlan,
+    x: &'a GpuTensor,
+    ws: &[&GpuTensor],
+) -> Result<(&'a GpuTensor, Option<GpuTensor>)> {
+    let f16 = plan.precision == Precision::F16
+        && x.cols.is_multiple_of(2)
+        && ws.iter().any(|w| w.dtype == GpuDtype::F16);
+    let xh = f16
+        .then(|| k::to_f16(ctx, x, &plan.range_flag))
+        .transpose()?;
+    Ok((x, xh))
+}
+
+/// y = x Wᵀ (+ bias) into a new rows x out f32 tensor aligned to `plan.seq`; an f16 weight
+/// multiplies the f16 copy of the input where [`linear_input`] made one.
 fn linear(
     ctx: &GpuContext,
-    x: &GpuTensor,
+    plan: &ForwardPlan,
+    (x, xh): &(&GpuTensor, Option<GpuTensor>),
     w: &GpuTensor,
     bias: Option<&GpuTensor>,
-    seq: usize,
 ) -> Result<GpuTensor> {
-    let y = GpuTensor::empty_aligned(ctx, x.rows, w.rows, GpuDtype::F32, seq)?;
-    matmul_into(ctx, x, w, Layout::NT, &y, false, None)?;
+    let y = GpuTensor::empty_aligned(ctx, x.rows, w.rows, GpuDtype::F32, plan.seq)?;
+    let a = match xh {
+        Some(h) if w.dtype == GpuDtype::F16 => h,
+        _ => *x,
+    };
+    matmul_into(ctx, a, w, Layout::NT, &y, false, None)?;
     if let Some(b) = bias {
         k::bias_add(ctx, &y, b)?;
     }
     Ok(y)
 }
 
-/// Static per-model pieces of the forward: the rotary table and shapes.
+/// Static per-model pieces of the forward: the rotary table, shapes and the linear layers'
+/// precision (blocks must be uploaded with the same precision).
 pub struct ForwardPlan {
     pub seq: usize,
     pub rope: GpuTensor,
     pub heads: (usize, usize, usize),
     pub eps: f32,
+    pub precision: Precision,
+    /// Set by `to_f16` when an activation exceeded f16's range (F16 only).
+    range_flag: GpuTensor,
 }
 
 impl ForwardPlan {
-    pub fn new(ctx: &GpuContext, cfg: &LlamaConfig, seq: usize) -> Result<Self> {
+    pub fn new(
+        ctx: &GpuContext,
+        cfg: &LlamaConfig,
+        seq: usize,
+        precision: Precision,
+    ) -> Result<Self> {
         let inv = crate::reference::forward::rope_inv_freq(cfg)?;
         Ok(ForwardPlan {
             seq,
@@ -161,7 +258,22 @@ impl ForwardPlan {
                 cfg.head_dim,
             ),
             eps: cfg.rms_norm_eps as f32,
+            precision,
+            range_flag: k::range_flag(ctx)?,
         })
+    }
+
+    /// An error if any linear input since the plan was made exceeded f16's range (their f16 copies
+    /// were saturated, so everything computed since is suspect). Downloads one word, so callers
+    /// check at points that synchronize anyway (per evaluation window, per calibrated block); a
+    /// no-op under F32.
+    pub fn check_range(&self, ctx: &GpuContext) -> Result<()> {
+        if self.precision == Precision::F32 || self.range_flag.to_u32(ctx)?[0] == 0 {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            "an activation exceeded f16's range (|x| > 65504) in the f16 forward; rerun with --precision f32",
+        ))
     }
 }
 
@@ -201,9 +313,11 @@ fn run_block(
     if stop == Some(Site::Qkv) {
         return Ok(n1);
     }
-    let q = linear(ctx, &n1, &b.q, b.q_bias.as_ref(), seq)?;
-    let kk = linear(ctx, &n1, &b.k, b.k_bias.as_ref(), seq)?;
-    let v = linear(ctx, &n1, &b.v, b.v_bias.as_ref(), seq)?;
+    let x1 = linear_input(ctx, plan, &n1, &[&b.q, &b.k, &b.v])?;
+    let q = linear(ctx, plan, &x1, &b.q, b.q_bias.as_ref())?;
+    let kk = linear(ctx, plan, &x1, &b.k, b.k_bias.as_ref())?;
+    let v = linear(ctx, plan, &x1, &b.v, b.v_bias.as_ref())?;
+    drop(x1);
     drop(n1);
     k::rope(ctx, &q, hq, d, seq, &plan.rope)?;
     k::rope(ctx, &kk, hk, d, seq, &plan.rope)?;
@@ -212,22 +326,27 @@ fn run_block(
     if stop == Some(Site::O) {
         return Ok(a);
     }
-    let h = linear(ctx, &a, &b.o, None, seq)?;
+    let xa = linear_input(ctx, plan, &a, &[&b.o])?;
+    let h = linear(ctx, plan, &xa, &b.o, None)?;
+    drop(xa);
     drop(a);
     k::add(ctx, &h, x)?;
     let n2 = k::rms_norm(ctx, &h, &b.post_norm, plan.eps)?;
     if stop == Some(Site::GateUp) {
         return Ok(n2);
     }
-    let g = linear(ctx, &n2, &b.gate, None, seq)?;
-    let u = linear(ctx, &n2, &b.up, None, seq)?;
+    let x2 = linear_input(ctx, plan, &n2, &[&b.gate, &b.up])?;
+    let g = linear(ctx, plan, &x2, &b.gate, None)?;
+    let u = linear(ctx, plan, &x2, &b.up, None)?;
+    drop(x2);
     drop(n2);
     k::silu_mul(ctx, &g, &u)?;
     drop(u);
     if stop == Some(Site::Down) {
         return Ok(g);
     }
-    let out = linear(ctx, &g, &b.down, None, seq)?;
+    let xg = linear_input(ctx, plan, &g, &[&b.down])?;
+    let out = linear(ctx, plan, &xg, &b.down, None)?;
     k::add(ctx, &out, &h)?;
     Ok(out)
 }
@@ -263,30 +382,28 @@ pub struct GpuModel {
     final_norm: GpuTensor,
     head: GpuTensor,
     table: Vec<f32>,
-    vocab: usize,
 }
 
 impl GpuModel {
-    pub fn load(ctx: &GpuContext, model: &Model, seq: usize) -> Result<Self> {
+    pub fn load(ctx: &GpuContext, model: &Model, seq: usize, precision: Precision) -> Result<Self> {
         let cfg = &model.config;
-        let plan = ForwardPlan::new(ctx, cfg, seq)?;
+        let plan = ForwardPlan::new(ctx, cfg, seq, precision)?;
         let blocks = (0..cfg.num_hidden_layers)
-            .map(|l| GpuBlock::upload(ctx, model, l))
+            .map(|l| GpuBlock::upload(ctx, model, l, precision))
             .collect::<Result<Vec<_>>>()?;
-        let final_norm = upload(ctx, model, "model.norm.weight")?;
+        let final_norm = upload(ctx, model, "model.norm.weight", precision)?;
         let head_name = if model.weights.contains("lm_head.weight") {
             "lm_head.weight"
         } else {
             "model.embed_tokens.weight"
         };
-        let head = upload(ctx, model, head_name)?;
+        let head = upload(ctx, model, head_name, precision)?;
         Ok(GpuModel {
             plan,
             blocks,
             final_norm,
             head,
             table: model.weights.to_f32("model.embed_tokens.weight")?,
-            vocab: cfg.vocab_size,
         })
     }
 
@@ -305,8 +422,7 @@ impl GpuModel {
         }
         let xn = k::rms_norm(ctx, &x, &self.final_norm, self.plan.eps)?;
         drop(x);
-        let logits = GpuTensor::empty(ctx, ids.len(), self.vocab, GpuDtype::F32)?;
-        matmul_into(ctx, &xn, &self.head, Layout::NT, &logits, false, None)?;
-        Ok(logits)
+        let xh = linear_input(ctx, &self.plan, &xn, &[&self.head])?;
+        linear(ctx, &self.plan, &xh, &self.head, None)
     }
 }
