@@ -469,7 +469,7 @@ def cmd_model(a):
                     r = gptq_layer(W, Hs[nm], **gptq_kw)
                     sync(device)
                     err = output_error(W, r["deq"], Hs[nm])
-                    report.append(f"{nm.split('.')[-1]} {err:.4f} ({time.perf_counter() - tq:.2f}s)")
+                    report.append(f"{nm.split('.')[-1]} {err:.4e} ({time.perf_counter() - tq:.2f}s)")
                     lin.weight.data.copy_(r["deq"].to(lin.weight.dtype))
                     del Hs[nm]
             inps = run_block(layer, inps, kw)
