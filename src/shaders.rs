@@ -22,6 +22,10 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
     v.push(("reduce.wgsl".into(), REDUCE.to_string(), false));
     v.push(("quant_rtn.wgsl".into(), QUANT_RTN.to_string(), false));
     v.push(("forward.wgsl".into(), FORWARD.to_string(), false));
+    for d in [64, 80, 128] {
+        let name = format!("forward.wgsl (attention, head dim {d})");
+        v.push((name, crate::gpu::forward::attention_source(d), false));
+    }
     v.push(("linalg.wgsl".into(), LINALG.to_string(), false));
     v.extend(crate::gpu::gptq::all_sources());
     v.extend(crate::gpu::stats::all_sources());

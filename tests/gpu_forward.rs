@@ -99,6 +99,8 @@ fn attention_matches_reference_for_gqa_ratios_and_odd_lengths() {
         (6, 2, 64, 70, 1),
         (8, 2, 32, 131, 2),
         (3, 1, 16, 1, 3),
+        (2, 1, 128, 33, 1),
+        (5, 5, 20, 40, 1),
     ] {
         let c = cfg(hq, hk, d);
         let rows = seq * nseq;
@@ -128,6 +130,10 @@ fn attention_matches_reference_for_gqa_ratios_and_odd_lengths() {
             assert!(e < 2e-5, "hq {hq} hk {hk} d {d} seq {seq}: {e}");
         }
     }
+    // One module per head dimension works on whole vec4s: other dimensions are refused.
+    let z = GpuTensor::from_f32(&ctx, 4, 6, &[0.5; 24]).unwrap();
+    let e = k::attention(&ctx, &z, &z, &z, 4, (1, 1, 6)).err().unwrap();
+    assert!(e.to_string().contains("multiple of 4"), "{e}");
 }
 
 #[test]

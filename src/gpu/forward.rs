@@ -43,7 +43,7 @@ struct Attn {
 
 const WG: usize = 256;
 const GRID: usize = 65535;
-/// Largest head dimension the attention kernel holds per invocation (its `DMAX`).
+/// Largest head dimension the attention kernel holds per invocation (4 x its `DMAX4`).
 pub const MAX_HEAD_DIM: usize = 128;
 const ATTN_ROWS: usize = 64;
 /// Longest sequence the attention kernel runs on a software adapter. llvmpipe (Mesa 22.3.6, the
@@ -249,6 +249,14 @@ pub fn rope(
     )
 }
 
+/// The forward module with the attention kernel's head dimension fixed to `d` (a multiple of 4).
+pub fn attention_source(d: usize) -> String {
+    shaders::FORWARD.replace(
+        "const HEAD_D4: u32 = 32u;",
+        &format!("const HEAD_D4: u32 = {}u;", d / 4),
+    )
+}
+
 /// Causal grouped-query attention over sequences of `seq` rows: q is rows x hq*d, k and v are
 /// rows x hk*d; returns rows x hq*d. Each sequence must lie inside one chunk of every operand
 /// (allocate with `GpuTensor::empty_aligned(.., seq)`).
@@ -267,6 +275,7 @@ pub fn attention(
         || !hq.is_multiple_of(hk)
         || d == 0
         || d > MAX_HEAD_DIM
+        || !d.is_multiple_of(4)
         || q.cols != hq * d
         || k.cols != hk * d
         || v.cols != hk * d
@@ -277,7 +286,7 @@ pub fn attention(
         return Err(Error::Shape {
             op: "attention".into(),
             expected: format!(
-                "q rows x {hq}*{d}, k/v rows x {hk}*{d}, rows a multiple of {seq}, head dim <= {MAX_HEAD_DIM}"
+                "q rows x {hq}*{d}, k/v rows x {hk}*{d}, rows a multiple of {seq}, head dim a multiple of 4, <= {MAX_HEAD_DIM}"
             ),
             got: format!(
                 "q {}, k {}, v {}",
@@ -309,7 +318,12 @@ pub fn attention(
             "a sequence straddles a chunk boundary of q, k or v; allocate them aligned to the sequence length",
         ));
     }
-    let pipe = pipeline(ctx, "attention")?;
+    let pipe = ctx.pipeline(
+        &format!("forward_d{d}"),
+        &attention_source(d),
+        "attention",
+        true,
+    )?;
     let blocks = seq.div_ceil(ATTN_ROWS);
     let mut params = Vec::new();
     let mut binds = Vec::new();
