@@ -81,18 +81,9 @@ fn rms_norm_and_rope_match_reference() {
 fn attention_matches_reference_for_gqa_ratios_and_odd_lengths() {
     let ctx = common::ctx();
     let mut rng = Rng::new(9);
-    if ctx.software {
-        // The software adapter refuses sequences it cannot run correctly (see SOFTWARE_MAX_SEQ).
-        let n = k::SOFTWARE_MAX_SEQ + 1;
-        let z = GpuTensor::from_f32(&ctx, n, 32, &vec![0.5; n * 32]).unwrap();
-        let e = k::attention(&ctx, &z, &z, &z, n, (1, 1, 32)).err().unwrap();
-        assert!(e.to_string().contains("software adapter"), "{e}");
-    }
-    let long = if ctx.software {
-        k::SOFTWARE_MAX_SEQ
-    } else {
-        1000
-    };
+    // 1000 tokens: llvmpipe (Mesa 22.3.6) returned wrong results from ~470 tokens on with the
+    // previous kernel (head loops bounded by a uniform); this one must hold everywhere.
+    let long = 1000;
     for &(hq, hk, d, seq, nseq) in &[
         (3, 1, 64, long, 1),
         (4, 4, 32, 7, 2),
