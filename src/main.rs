@@ -66,7 +66,21 @@ impl Drop for ProfiledEngine {
     fn drop(&mut self) {
         if let Engine::Gpu(ctx) = &self.0 {
             match ctx.take_profile() {
-                Ok(Some(p)) => eprintln!("\n{}", p.table()),
+                Ok(Some(p)) => {
+                    let peaks = match wgpress::gpu::peaks::cached(ctx) {
+                        Ok((peaks, fresh)) => {
+                            if fresh {
+                                eprintln!("measured this adapter's floors (cached for later runs)");
+                            }
+                            Some(peaks)
+                        }
+                        Err(e) => {
+                            eprintln!("profile: could not measure the adapter's floors: {e}");
+                            None
+                        }
+                    };
+                    eprintln!("\n{}", p.table(peaks.as_ref()))
+                }
                 Ok(None) => {}
                 Err(e) => eprintln!("profile: {e}"),
             }

@@ -15,6 +15,7 @@ pub const ELEMENTWISE: &str = include_str!("../shaders/elementwise.wgsl");
 pub const GPTQ: &str = include_str!("../shaders/gptq.wgsl");
 pub const GPTQ_SG: &str = include_str!("../shaders/gptq_sg.wgsl");
 pub const LINALG: &str = include_str!("../shaders/linalg.wgsl");
+pub const PEAKS: &str = include_str!("../shaders/peaks.wgsl");
 
 /// Every module as the GPU will see it: (name, source, needs cooperative matrices).
 pub fn all_modules() -> Vec<(String, String, bool)> {
@@ -27,6 +28,7 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
         v.push((name, crate::gpu::forward::attention_source(d), false));
     }
     v.push(("linalg.wgsl".into(), LINALG.to_string(), false));
+    v.push(("peaks.wgsl".into(), PEAKS.to_string(), false));
     v.extend(crate::gpu::gptq::all_sources());
     v.extend(crate::gpu::stats::all_sources());
     v

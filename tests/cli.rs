@@ -649,7 +649,9 @@ fn bench_matmul_small() {
 /// a clear error.
 #[test]
 fn profile_flag_prints_kernel_families() {
-    let (out, err) = ok(&run(&[
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().to_str().unwrap();
+    let args = [
         "bench",
         "matmul",
         "--size",
@@ -657,7 +659,8 @@ fn profile_flag_prints_kernel_families() {
         "--iters",
         "2",
         "--profile",
-    ]));
+    ];
+    let (out, err) = ok(&run_with(&args, &[("WGPRESS_CACHE_DIR", cache_dir)]));
     assert!(out.contains("64"), "{out}");
     let line = err
         .lines()
@@ -667,6 +670,14 @@ fn profile_flag_prints_kernel_families() {
     let n: u64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
     assert!(n >= 2, "{line}");
     assert!(err.contains("total"), "{err}");
+    // The adapter's floors: measured on the first run, cached for the next, shown as shares.
+    assert!(err.contains("adapter floors (measured)"), "{err}");
+    assert!(err.contains("measured this adapter's floors"), "{err}");
+    assert!(line.contains('%'), "{line}");
+    assert!(cache.path().join("peaks.json").exists());
+    let (_, err2) = ok(&run_with(&args, &[("WGPRESS_CACHE_DIR", cache_dir)]));
+    assert!(!err2.contains("measured this adapter's floors"), "{err2}");
+    assert!(err2.contains("adapter floors (measured)"), "{err2}");
     let e = fails(&run(&[
         "bench",
         "matmul",

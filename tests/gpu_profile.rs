@@ -49,11 +49,61 @@ fn profile_times_every_dispatch_by_family() {
         "no reduce family in {:?}",
         p.families.keys()
     );
-    let t = p.table();
+    let t = p.table(None);
     assert!(
         t.contains("matmul F32xF32 NT/main") && t.contains("total"),
         "{t}"
     );
     // Taking the profile stops it.
     assert!(ctx.take_profile().unwrap().is_none());
+}
+
+#[test]
+fn floors_are_measured_once_cached_and_shown_as_shares() {
+    use wgpress::gpu::peaks::{Peaks, cached_in};
+    let ctx = common::ctx();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, fresh) = cached_in(&ctx, Some(dir.path().to_path_buf())).unwrap();
+    assert!(fresh);
+    assert!(a.f32_tflops > 0.0 && a.copy_gbps > 0.0, "{a:?}");
+    assert_eq!(
+        a.coop_f16_tflops.is_some(),
+        wgpress::gpu::matmul::coop_available(&ctx)
+    );
+    let (b, fresh) = cached_in(&ctx, Some(dir.path().to_path_buf())).unwrap();
+    assert!(!fresh);
+    assert_eq!(a, b);
+    // A damaged cache is measured again and rewritten.
+    std::fs::write(dir.path().join("peaks.json"), b"{not json").unwrap();
+    let (_, fresh) = cached_in(&ctx, Some(dir.path().to_path_buf())).unwrap();
+    assert!(fresh);
+    let (_, fresh) = cached_in(&ctx, Some(dir.path().to_path_buf())).unwrap();
+    assert!(!fresh);
+
+    // Shares against the floors: 2 TFLOP and 5 GB in one second against 4 TFLOP/s and 10 GB/s.
+    let mut p = wgpress::gpu::profile::Profile::default();
+    let fam = wgpress::gpu::profile::Family {
+        dispatches: 1,
+        seconds: 1.0,
+        flops: 2e12,
+        bytes: 5e9,
+    };
+    p.families.insert("matmul F32xF32 NN/main".into(), fam);
+    p.families.insert("matmul_coop F16xF16 NN/main".into(), fam);
+    let peaks = Peaks {
+        f32_tflops: 4.0,
+        copy_gbps: 10.0,
+        coop_f16_tflops: None,
+    };
+    let t = p.table(Some(&peaks));
+    let row = |name: &str| t.lines().find(|l| l.starts_with(name)).unwrap().to_string();
+    let f32_row = row("matmul F32xF32");
+    assert_eq!(f32_row.matches("50%").count(), 2, "{t}");
+    // No tensor-core floor: that family's FLOP share is unknown, its bandwidth share is not.
+    let coop_row = row("matmul_coop");
+    assert_eq!(coop_row.matches("50%").count(), 1, "{t}");
+    assert!(
+        t.contains("adapter floors (measured): f32 FMA 4.00 TFLOP/s, copy 10.0 GB/s"),
+        "{t}"
+    );
 }

@@ -7,6 +7,7 @@ pub mod forward;
 pub mod gptq;
 pub mod linalg;
 pub mod matmul;
+pub mod peaks;
 pub mod profile;
 pub mod quant;
 pub mod reduce;

@@ -49,38 +49,55 @@ impl Profile {
     }
 
     /// Families by descending time: name, dispatches, milliseconds, share of the total, mean µs,
-    /// and the achieved TFLOP/s and GB/s where the family declares its work ("-" otherwise).
-    pub fn table(&self) -> String {
+    /// and the achieved TFLOP/s and GB/s where the family declares its work ("-" otherwise). With
+    /// the adapter's floors each rate is also shown as a share of its floor: FLOP/s against the
+    /// tensor-core rate for `matmul_coop` families and the f32 FMA rate otherwise, bytes against
+    /// the copy bandwidth.
+    pub fn table(&self, peaks: Option<&super::peaks::Peaks>) -> String {
         let total = self.total_seconds().max(1e-30);
         let mut rows: Vec<(&String, &Family)> = self.families.iter().collect();
         rows.sort_by(|a, b| b.1.seconds.total_cmp(&a.1.seconds));
         let mut s = format!(
-            "{:<44} {:>10} {:>11} {:>7} {:>11} {:>9} {:>9}\n",
+            "{:<44} {:>10} {:>11} {:>7} {:>11} {:>9} {:>6} {:>9} {:>6}\n",
             "kernel family (GPU time, timestamp queries)",
             "dispatches",
             "ms",
             "share",
             "µs each",
             "TFLOP/s",
-            "GB/s"
+            "%peak",
+            "GB/s",
+            "%peak"
         );
-        let rate = |x: f64, secs: f64, unit: f64| -> String {
-            if x > 0.0 && secs > 0.0 {
-                format!("{:.2}", x / secs / unit)
-            } else {
-                "-".into()
-            }
+        let rate = |x: f64, secs: f64, unit: f64| -> Option<f64> {
+            (x > 0.0 && secs > 0.0).then(|| x / secs / unit)
+        };
+        let show = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.2}"));
+        let share = |r: Option<f64>, floor: Option<f64>| match (r, floor) {
+            (Some(r), Some(f)) if f > 0.0 => format!("{:.0}%", 100.0 * r / f),
+            _ => "-".to_string(),
         };
         for (name, f) in rows {
+            let tf = rate(f.flops, f.seconds, 1e12);
+            let gb = rate(f.bytes, f.seconds, 1e9);
+            let flop_floor = peaks.and_then(|p| {
+                if name.starts_with("matmul_coop") {
+                    p.coop_f16_tflops
+                } else {
+                    Some(p.f32_tflops)
+                }
+            });
             s.push_str(&format!(
-                "{:<44} {:>10} {:>11.3} {:>6.1}% {:>11.2} {:>9} {:>9}\n",
+                "{:<44} {:>10} {:>11.3} {:>6.1}% {:>11.2} {:>9} {:>6} {:>9} {:>6}\n",
                 name,
                 f.dispatches,
                 f.seconds * 1e3,
                 100.0 * f.seconds / total,
                 f.seconds * 1e6 / f.dispatches.max(1) as f64,
-                rate(f.flops, f.seconds, 1e12),
-                rate(f.bytes, f.seconds, 1e9)
+                show(tf),
+                share(tf, flop_floor),
+                show(gb),
+                share(gb, peaks.map(|p| p.copy_gbps))
             ));
         }
         s.push_str(&format!(
@@ -89,6 +106,16 @@ impl Profile {
             "",
             total * 1e3
         ));
+        if let Some(p) = peaks {
+            s.push_str(&format!(
+                "adapter floors (measured): f32 FMA {:.2} TFLOP/s, copy {:.1} GB/s{}\n",
+                p.f32_tflops,
+                p.copy_gbps,
+                p.coop_f16_tflops.map_or(String::new(), |t| format!(
+                    ", f16 tensor-core matmul {t:.1} TFLOP/s"
+                ))
+            ));
+        }
         s
     }
 }

@@ -1,0 +1,187 @@
+//! The adapter's floors for `--profile`: its practical f32 FMA rate (`shaders/peaks.wgsl`), its
+//! copy bandwidth (buffer-to-buffer copies) and, where it has cooperative matrices, the f16 rate of
+//! our tensor-core matmul at 2048³. wgpu reports none of these, so they are measured once per
+//! adapter and driver (each timed for at least [`MIN_TIMED_S`] of GPU work) and cached as JSON in
+//! the cache directory (`WGPRESS_CACHE_DIR`, else `$XDG_CACHE_HOME/wgpress`, else
+//! `~/.cache/wgpress`), so later runs print the profile without measuring again.
+//!
+//! This module must not run during a profiled command's own work: the profile calls it after
+//! timing has stopped.
+
+use super::buffer::{GpuDtype, GpuTensor};
+use super::context::{Dispatch, GpuContext};
+use super::matmul::{Layout, MatmulPath, coop_available, matmul_into};
+use crate::error::{Error, Result};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Each measurement repeats its work until it has run at least this long.
+pub const MIN_TIMED_S: f64 = 0.02;
+const FILE: &str = "peaks.json";
+
+/// Measured floors of one adapter and driver.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Peaks {
+    /// f32 FMA throughput, TFLOP/s (2 FLOPs per FMA).
+    pub f32_tflops: f64,
+    /// Buffer-to-buffer copy bandwidth, GB/s (bytes read plus bytes written).
+    pub copy_gbps: f64,
+    /// f16 x f16 -> f32 tensor-core matmul at 2048³, TFLOP/s (adapters with cooperative matrices).
+    pub coop_f16_tflops: Option<f64>,
+}
+
+/// The cache key: adapter, backend and driver, so a driver update measures again.
+pub fn adapter_key(ctx: &GpuContext) -> String {
+    let a = &ctx.adapter;
+    format!("{} | {} | {}", a.name, a.backend, a.driver)
+}
+
+/// The cache directory (see the module doc), if one can be named.
+pub fn cache_dir() -> Option<PathBuf> {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    env("WGPRESS_CACHE_DIR")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("wgpress")))
+        .or_else(|| env("HOME").map(|d| d.join(".cache").join("wgpress")))
+}
+
+/// This adapter's floors from the cache, or measured now and cached (a cache that cannot be read
+/// or written is logged and skipped). Returns the floors and whether they were measured now.
+pub fn cached(ctx: &GpuContext) -> Result<(Peaks, bool)> {
+    cached_in(ctx, cache_dir())
+}
+
+/// [`cached`] with an explicit cache directory (`None`: measure, cache nothing).
+pub fn cached_in(ctx: &GpuContext, dir: Option<PathBuf>) -> Result<(Peaks, bool)> {
+    let key = adapter_key(ctx);
+    let path = dir.map(|d| d.join(FILE));
+    let mut all: BTreeMap<String, Peaks> = path
+        .as_ref()
+        .and_then(|p| std::fs::read(p).ok())
+        .and_then(|b| match serde_json::from_slice(&b) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                log::warn!("ignoring the unreadable adapter floor cache: {e}");
+                None
+            }
+        })
+        .unwrap_or_default();
+    if let Some(p) = all.get(&key) {
+        return Ok((p.clone(), false));
+    }
+    let peaks = measure(ctx)?;
+    all.insert(key, peaks.clone());
+    if let Some(p) = &path
+        && let Err(e) = write_atomically(p, &serde_json::to_vec_pretty(&all).unwrap_or_default())
+    {
+        log::warn!("could not cache the adapter floors in {}: {e}", p.display());
+    }
+    Ok((peaks, true))
+}
+
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Runs `work` (which submits `units` of work per call and waits for the GPU) until at least
+/// [`MIN_TIMED_S`] have passed, after one warm-up call; units per second.
+fn rate(mut work: impl FnMut() -> Result<f64>) -> Result<f64> {
+    work()?;
+    let t = Instant::now();
+    let mut units = 0.0;
+    while t.elapsed().as_secs_f64() < MIN_TIMED_S || units == 0.0 {
+        units += work()?;
+    }
+    Ok(units / t.elapsed().as_secs_f64())
+}
+
+/// Measures the floors now (tens of milliseconds on a GPU, a few seconds on a software adapter).
+pub fn measure(ctx: &GpuContext) -> Result<Peaks> {
+    const SHAPE: &str = "adapter floors";
+    // FMA: enough invocations to fill any GPU, rounds scaled until one dispatch takes ~2 ms.
+    let groups = 1024usize;
+    let out = GpuTensor::empty(ctx, 1, groups * 256, GpuDtype::F32)?;
+    let pipe = ctx.pipeline("peaks", crate::shaders::PEAKS, "fma_peak", false)?;
+    let mut iters = 16u32;
+    let fma_pass = |iters: u32| -> Result<f64> {
+        let params = [iters, 0, 0, 0];
+        ctx.run(
+            "fma_peak",
+            SHAPE,
+            &pipe,
+            &[Dispatch {
+                buffers: vec![&out.chunks[0].buffer],
+                uniform: Some(bytemuck::cast_slice(&params)),
+                groups: (groups as u32, 1, 1),
+            }],
+        )?;
+        ctx.sync("fma_peak", SHAPE)?;
+        Ok((groups * 256) as f64 * iters as f64 * 16.0)
+    };
+    loop {
+        let t = Instant::now();
+        fma_pass(iters)?;
+        if t.elapsed().as_secs_f64() > 2e-3 || iters >= 1 << 20 {
+            break;
+        }
+        iters *= 4;
+    }
+    let f32_tflops = rate(|| fma_pass(iters))? / 1e12;
+
+    // Copy bandwidth: 64 MiB (or a quarter of the binding limit) each way.
+    let bytes = (64u64 << 20).min(ctx.binding_limit() / 4) / 4 * 4;
+    let elems = (bytes / 4) as usize;
+    let src = GpuTensor::empty(ctx, 1, elems, GpuDtype::F32)?;
+    let dst = GpuTensor::empty(ctx, 1, elems, GpuDtype::F32)?;
+    let copy_gbps = rate(|| {
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("peaks"),
+            });
+        for _ in 0..8 {
+            enc.copy_buffer_to_buffer(&src.chunks[0].buffer, 0, &dst.chunks[0].buffer, 0, bytes);
+        }
+        ctx.queue.submit([enc.finish()]);
+        ctx.sync("copy_peak", SHAPE)?;
+        Ok(8.0 * 2.0 * bytes as f64)
+    })? / 1e9;
+
+    let coop_f16_tflops = if coop_available(ctx) {
+        let n = 2048;
+        let a = GpuTensor::empty(ctx, n, n, GpuDtype::F16)?;
+        a.fill_u32(ctx, 0x3c00_3c00); // 1.0 in every f16 lane
+        let c = GpuTensor::empty(ctx, n, n, GpuDtype::F32)?;
+        Some(
+            rate(|| {
+                matmul_into(ctx, &a, &a, Layout::NN, &c, false, Some(MatmulPath::Coop))?;
+                ctx.sync("coop_peak", SHAPE)?;
+                Ok(2.0 * (n * n * n) as f64)
+            })? / 1e12,
+        )
+    } else {
+        None
+    };
+    let p = Peaks {
+        f32_tflops,
+        copy_gbps,
+        coop_f16_tflops,
+    };
+    if !(p.f32_tflops.is_finite() && p.f32_tflops > 0.0 && p.copy_gbps > 0.0) {
+        return Err(Error::gpu(
+            "peaks",
+            SHAPE,
+            format!("implausible floors {p:?}"),
+        ));
+    }
+    Ok(p)
+}
