@@ -1,6 +1,7 @@
-//! The adapter's floors for `--profile`: its practical f32 FMA rate (`shaders/peaks.wgsl`), its
-//! copy bandwidth (buffer-to-buffer copies) and, where it has cooperative matrices, the f16 rate of
-//! our tensor-core matmul at 2048³. wgpu reports none of these, so they are measured once per
+//! The adapter's floors for `--profile`: its practical f32 FMA rate and memory bandwidth (a
+//! streaming copy kernel), both from `shaders/peaks.wgsl`, and, where it has cooperative matrices,
+//! the f16 rate of our own tensor-core matmul at 4096³ (a reference point, not the hardware's
+//! peak: no portable kernel measures that). wgpu reports none of these, so they are measured once per
 //! adapter and driver (each timed for at least [`MIN_TIMED_S`] of GPU work) and cached as JSON in
 //! the cache directory (`WGPRESS_CACHE_DIR`, else `$XDG_CACHE_HOME/wgpress`, else
 //! `~/.cache/wgpress`), so later runs print the profile without measuring again.
@@ -25,16 +26,21 @@ const FILE: &str = "peaks.json";
 pub struct Peaks {
     /// f32 FMA throughput, TFLOP/s (2 FLOPs per FMA).
     pub f32_tflops: f64,
-    /// Buffer-to-buffer copy bandwidth, GB/s (bytes read plus bytes written).
+    /// Streaming copy bandwidth, GB/s (bytes read plus bytes written).
     pub copy_gbps: f64,
-    /// f16 x f16 -> f32 tensor-core matmul at 2048³, TFLOP/s (adapters with cooperative matrices).
+    /// Our f16 x f16 -> f32 tensor-core matmul at 4096³, TFLOP/s (adapters with cooperative
+    /// matrices).
     pub coop_f16_tflops: Option<f64>,
 }
 
-/// The cache key: adapter, backend and driver, so a driver update measures again.
+/// Version of the measurement method, part of the cache key: changing how the floors are measured
+/// must not reuse numbers measured the old way.
+const METHOD: u32 = 2;
+
+/// The cache key: method, adapter, backend and driver, so a driver update measures again.
 pub fn adapter_key(ctx: &GpuContext) -> String {
     let a = &ctx.adapter;
-    format!("{} | {} | {}", a.name, a.backend, a.driver)
+    format!("v{METHOD} | {} | {} | {}", a.name, a.backend, a.driver)
 }
 
 /// The cache directory (see the module doc), if one can be named.
@@ -107,8 +113,9 @@ fn rate(mut work: impl FnMut() -> Result<f64>) -> Result<f64> {
 /// Measures the floors now (tens of milliseconds on a GPU, a few seconds on a software adapter).
 pub fn measure(ctx: &GpuContext) -> Result<Peaks> {
     const SHAPE: &str = "adapter floors";
-    // FMA: enough invocations to fill any GPU, rounds scaled until one dispatch takes ~2 ms.
-    let groups = 1024usize;
+    // FMA: enough invocations to fill any GPU several times, rounds scaled until one dispatch
+    // takes ~2 ms.
+    let groups = 4096usize;
     let out = GpuTensor::empty(ctx, 1, groups * 256, GpuDtype::F32)?;
     let pipe = ctx.pipeline("peaks", crate::shaders::PEAKS, "fma_peak", false)?;
     let mut iters = 16u32;
@@ -125,7 +132,7 @@ pub fn measure(ctx: &GpuContext) -> Result<Peaks> {
             }],
         )?;
         ctx.sync("fma_peak", SHAPE)?;
-        Ok((groups * 256) as f64 * iters as f64 * 16.0)
+        Ok((groups * 256) as f64 * iters as f64 * 64.0)
     };
     loop {
         let t = Instant::now();
@@ -137,27 +144,31 @@ pub fn measure(ctx: &GpuContext) -> Result<Peaks> {
     }
     let f32_tflops = rate(|| fma_pass(iters))? / 1e12;
 
-    // Copy bandwidth: 64 MiB (or a quarter of the binding limit) each way.
-    let bytes = (64u64 << 20).min(ctx.binding_limit() / 4) / 4 * 4;
-    let elems = (bytes / 4) as usize;
-    let src = GpuTensor::empty(ctx, 1, elems, GpuDtype::F32)?;
-    let dst = GpuTensor::empty(ctx, 1, elems, GpuDtype::F32)?;
+    // Bandwidth: 256 MiB (or a quarter of the binding limit) each way, 16 bytes per access.
+    let bytes = (256u64 << 20).min(ctx.binding_limit() / 4) / 16 * 16;
+    let vec4s = (bytes / 16) as usize;
+    let src = GpuTensor::empty(ctx, 1, vec4s * 4, GpuDtype::F32)?;
+    let dst = GpuTensor::empty(ctx, 1, vec4s * 4, GpuDtype::F32)?;
+    let copy = ctx.pipeline("peaks", crate::shaders::PEAKS, "copy_peak", false)?;
+    let cp = [vec4s as u32, 0, 0, 0];
+    let copy_groups = vec4s.div_ceil(256 * 4).clamp(1, 65535) as u32;
     let copy_gbps = rate(|| {
-        let mut enc = ctx
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("peaks"),
-            });
-        for _ in 0..8 {
-            enc.copy_buffer_to_buffer(&src.chunks[0].buffer, 0, &dst.chunks[0].buffer, 0, bytes);
-        }
-        ctx.queue.submit([enc.finish()]);
+        ctx.run(
+            "copy_peak",
+            SHAPE,
+            &copy,
+            &[Dispatch {
+                buffers: vec![&dst.chunks[0].buffer, &src.chunks[0].buffer],
+                uniform: Some(bytemuck::cast_slice(&cp)),
+                groups: (copy_groups, 1, 1),
+            }],
+        )?;
         ctx.sync("copy_peak", SHAPE)?;
-        Ok(8.0 * 2.0 * bytes as f64)
+        Ok(2.0 * bytes as f64)
     })? / 1e9;
 
     let coop_f16_tflops = if coop_available(ctx) {
-        let n = 2048;
+        let n = 4096;
         let a = GpuTensor::empty(ctx, n, n, GpuDtype::F16)?;
         a.fill_u32(ctx, 0x3c00_3c00); // 1.0 in every f16 lane
         let c = GpuTensor::empty(ctx, n, n, GpuDtype::F32)?;
