@@ -83,22 +83,49 @@ fn potrf_diag(@builtin(local_invocation_index) lid: u32) {
         m[base + i * p.ld + k] = select(blk[i * LD + k], 0.0, k > i);
     }
     workgroupBarrier();
-    // Inverse of the lower factor with no barriers: invocation j (< NB) forward-substitutes
-    // column j of inv(L) (L x = e_j: x_j = 1 / L_jj, x_i = -sum_{j<=k<i} L_ik x_k / L_ii) into
-    // `xin`; the column-by-column trti2 it replaces paid two barriers per column.
+    // Inverse of the lower factor, blocked in halves: X = inv(L) with L = [L11 0; L21 L22] is
+    // X11 = inv(L11), X22 = inv(L22), X21 = -X22 L21 X11. Invocation c (< NB) forward-substitutes
+    // column c of its half's diagonal block (L x = e_c inside the half: x_c = 1 / L_cc,
+    // x_i = -sum_{c<=k<i} L_ik x_k / L_ii), a dependent chain of at most 31·32/2 steps instead of
+    // the 63·64/2 of substituting whole columns; then all invocations form T = L21 X11 (kept in
+    // the unused upper triangle of `blk`) and X21 = -X22 T, 32 independent products of 32 terms.
+    let H: u32 = NB / 2u;
     if (lid < NB) {
-        let j = lid;
-        for (var i = 0u; i < j; i++) {
-            xin[i * LD + j] = 0.0;
+        let c = lid;
+        let h0 = select(0u, H, c >= H);
+        for (var i = 0u; i < c; i++) {
+            xin[i * LD + c] = 0.0;
         }
-        xin[j * LD + j] = 1.0 / blk[j * LD + j];
-        for (var i = j + 1u; i < NB; i++) {
+        xin[c * LD + c] = 1.0 / blk[c * LD + c];
+        for (var i = c + 1u; i < h0 + H; i++) {
             var s = 0.0;
-            for (var k = j; k < i; k++) {
-                s = s + blk[i * LD + k] * xin[k * LD + j];
+            for (var k = c; k < i; k++) {
+                s = s + blk[i * LD + k] * xin[k * LD + c];
             }
-            xin[i * LD + j] = -s / blk[i * LD + i];
+            xin[i * LD + c] = -s / blk[i * LD + i];
         }
+    }
+    workgroupBarrier();
+    // T[i][c] = sum_{c <= k < H} L[H + i][k] X11[k][c], stored at blk[i][H + c] (upper triangle).
+    for (var e = lid; e < H * H; e += WG) {
+        let i = e / H;
+        let c = e % H;
+        var s = 0.0;
+        for (var k = c; k < H; k++) {
+            s = s + blk[(H + i) * LD + k] * xin[k * LD + c];
+        }
+        blk[i * LD + H + c] = s;
+    }
+    workgroupBarrier();
+    // X21[i][c] = -sum_{0 <= k <= i} X22[i][k] T[k][c] (rows and k relative to the second half).
+    for (var e = lid; e < H * H; e += WG) {
+        let i = e / H;
+        let c = e % H;
+        var s = 0.0;
+        for (var k = 0u; k <= i; k++) {
+            s = s + xin[(H + i) * LD + H + k] * blk[k * LD + H + c];
+        }
+        xin[(H + i) * LD + c] = -s;
     }
     workgroupBarrier();
     let dbase = (p.k0 / NB) * NB * NB;
