@@ -272,6 +272,23 @@ fn unpermute(
     uout[e] = v;
 }
 
+// The grid position `pi` of row r is quantized on: the group grid in force `g`, or with static
+// groups the one g_idx assigns (block_rows and block_sg).
+fn grid_at(r: u32, pi: u32, g: Grid, row_ok: bool) -> Grid {
+    if (bp.stat != 0u && row_ok) {
+        let k = bgidx[pi];
+        return Grid(bscales[r * bp.ng + k], bzeros[r * bp.ng + k]);
+    }
+    return g;
+}
+
+// Records the grid fitted for the group starting at position `pi` of row r.
+fn store_grid(r: u32, pi: u32, g: Grid) {
+    let k = pi / bp.group;
+    bscales[r * bp.ng + k] = g.scale;
+    bzeros[r * bp.ng + k] = g.zero;
+}
+
 // block_rows: the fused column loop with one invocation per row (32 rows per workgroup). The
 // block's weights sit in workgroup memory, column-major with an XOR swizzle so that both the
 // coalesced load (consecutive columns of one row) and the column loop (one column of consecutive
@@ -363,21 +380,13 @@ fn block_rows(
             }
             g = best;
             if (row_ok) {
-                let k = pi / bp.group;
-                bscales[r * bp.ng + k] = g.scale;
-                bzeros[r * bp.ng + k] = g.zero;
+                store_grid(r, pi, g);
             }
         }
-        var s = g.scale;
-        var z = g.zero;
-        if (bp.stat != 0u && row_ok) {
-            let k = bgidx[pi];
-            s = bscales[r * bp.ng + k];
-            z = bzeros[r * bp.ng + k];
-        }
+        let gi = grid_at(r, pi, g, row_ok);
         let wi = wsw[wsi(i, t)];
-        let q = quantize_one(wi, s, z, bp.maxq, 0);
-        let err = (wi - s * (f32(q) - f32(z))) / urow_s[cur + i];
+        let q = quantize_one(wi, gi.scale, gi.zero, bp.maxq, 0);
+        let err = (wi - gi.scale * (f32(q) - f32(gi.zero))) / urow_s[cur + i];
         wsw[wsi(i, t)] = err;
         word = word | (q << (8u * (pi % 4u)));
         if (row_ok && (pi % 4u == 3u || i + 1u == bw)) {

@@ -101,22 +101,16 @@ fn block_sg(
             }
             g = best;
             if (row_ok && lane == 0u) {
-                let k = pi / bp.group;
-                bscales[r * bp.ng + k] = g.scale;
-                bzeros[r * bp.ng + k] = g.zero;
+                store_grid(r, pi, g);
             }
         }
         // The owner of column i quantizes it; the error reaches every lane by a shuffle.
         let t = i / 32u;
         let owner = i % 32u;
         let wi = sel4(t, w0, w1, w2, w3);
-        var s = g.scale;
-        var z = g.zero;
-        if (bp.stat != 0u && row_ok) {
-            let k = bgidx[pi];
-            s = bscales[r * bp.ng + k];
-            z = bzeros[r * bp.ng + k];
-        }
+        let gi = grid_at(r, pi, g, row_ok);
+        let s = gi.scale;
+        let z = gi.zero;
         let q = quantize_one(wi, s, z, bp.maxq, 0);
         // The owner's own entry of the U row it already holds is the diagonal U_ii.
         let mine = (wi - s * (f32(q) - f32(z))) / sel4(t, u0, u1, u2, u3);

@@ -79,6 +79,18 @@ fn grid(n: usize) -> (u32, u32, u32) {
 /// (first row, rows, (chunk index, element offset) per tensor).
 type Piece = (usize, usize, Vec<(usize, usize)>);
 
+/// The common uniform of a row-walked piece: its rows, the row width `cols`, and the element
+/// offsets of the first (x) and, where there is one, second (y) row-walked tensor.
+fn xy_rows(cols: usize, (_, n, l): &Piece) -> Rows {
+    Rows {
+        rows: *n as u32,
+        cols: cols as u32,
+        x_off: l[0].1 as u32,
+        y_off: l.get(1).map_or(0, |o| o.1 as u32),
+        ..Default::default()
+    }
+}
+
 /// Row-range pieces of `tensors` (same rows): (first row, rows, chunk index and element offset per
 /// tensor). A row never straddles a chunk, so each piece binds one chunk of each tensor.
 fn pieces(tensors: &[&GpuTensor]) -> Vec<Piece> {
@@ -171,13 +183,9 @@ pub fn rms_norm(ctx: &GpuContext, x: &GpuTensor, w: &GpuTensor, eps: f32) -> Res
         "rms_norm",
         &x.shape_str(),
         &[Bind::Rows(x), Bind::Whole(w), Bind::Rows(&y)],
-        |(_, n, l)| Rows {
-            rows: *n as u32,
-            cols: x.cols as u32,
-            x_off: l[0].1 as u32,
-            y_off: l[1].1 as u32,
+        |p| Rows {
             eps,
-            ..Default::default()
+            ..xy_rows(x.cols, p)
         },
         grid,
     )?;
@@ -375,13 +383,7 @@ fn elementwise(ctx: &GpuContext, entry: &str, x: &GpuTensor, y: &GpuTensor) -> R
         entry,
         &x.shape_str(),
         &[Bind::Rows(x), Bind::Rows(y)],
-        |(_, n, l)| Rows {
-            rows: *n as u32,
-            cols: x.cols as u32,
-            x_off: l[0].1 as u32,
-            y_off: l[1].1 as u32,
-            ..Default::default()
-        },
+        |p| xy_rows(x.cols, p),
         |n| grid((n * x.cols).div_ceil(WG)),
     )
 }
@@ -415,12 +417,7 @@ pub fn bias_add(ctx: &GpuContext, x: &GpuTensor, bias: &GpuTensor) -> Result<()>
         "bias_add",
         &x.shape_str(),
         &[Bind::Rows(x), Bind::Whole(bias)],
-        |(_, n, l)| Rows {
-            rows: *n as u32,
-            cols: x.cols as u32,
-            x_off: l[0].1 as u32,
-            ..Default::default()
-        },
+        |p| xy_rows(x.cols, p),
         |n| grid((n * x.cols).div_ceil(WG)),
     )
 }
@@ -453,13 +450,7 @@ pub fn nll(ctx: &GpuContext, logits: &GpuTensor, targets: &GpuTensor) -> Result<
         "nll",
         &logits.shape_str(),
         &[Bind::Rows(logits), Bind::Rows(targets), Bind::Rows(&loss)],
-        |(_, n, l)| Rows {
-            rows: *n as u32,
-            cols: logits.cols as u32,
-            x_off: l[0].1 as u32,
-            y_off: l[1].1 as u32,
-            ..Default::default()
-        },
+        |p| xy_rows(logits.cols, p),
         grid,
     )?;
     Ok(loss)
@@ -502,13 +493,7 @@ pub fn to_f16(ctx: &GpuContext, x: &GpuTensor, flag: &GpuTensor) -> Result<GpuTe
         "to_f16",
         &x.shape_str(),
         &[Bind::Rows(x), Bind::Rows(&y), Bind::Whole(flag)],
-        |(_, n, l)| Rows {
-            rows: *n as u32,
-            cols: x.cols as u32,
-            x_off: l[0].1 as u32,
-            y_off: l[1].1 as u32,
-            ..Default::default()
-        },
+        |p| xy_rows(x.cols, p),
         |n| grid((n * x.cols / 2).div_ceil(WG)),
     )?;
     Ok(y)
