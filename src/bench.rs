@@ -156,6 +156,8 @@ pub fn forward(
         drop(l);
     }
     let s = t.elapsed().as_secs_f64();
+    // After the timing: an f16 overflow would make the timed work meaningless.
+    gm.plan.check_range(ctx)?;
     Ok(ForwardBench {
         seq_len,
         windows,

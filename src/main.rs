@@ -734,6 +734,18 @@ fn gpu_dtype(d: BenchDtype) -> GpuDtype {
     }
 }
 
+/// `--precision f16` picks the GPU forward's linear layers; on the CPU reference path (`--cpu`,
+/// or no adapter) it would be silently ignored, so it is an error there.
+fn require_gpu_for_precision(engine: &Engine, precision: Precision) -> Result<()> {
+    if precision == Precision::F16 && engine.gpu().is_none() {
+        bail!(
+            "--precision f16 selects f16 linear layers in the GPU forward, but this run is on the CPU reference path ({}), which always computes in f32/f64: drop --precision f16 or run on a GPU",
+            engine.describe()
+        );
+    }
+    Ok(())
+}
+
 fn eval_cmd(
     model: &wgpress::model::Model,
     base: Option<&wgpress::model::Model>,
@@ -758,6 +770,7 @@ fn eval_cmd(
         .with_context(|| format!("evaluation text {}", text.display()))?;
     let engine = gpu.engine()?;
     eprintln!("device: {}", engine.describe());
+    require_gpu_for_precision(&engine, precision)?;
     let bar = indicatif::ProgressBar::new(windows.len() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -845,6 +858,7 @@ mod compress {
         }
         let engine = args.gpu.engine()?;
         eprintln!("device: {}", engine.describe());
+        crate::require_gpu_for_precision(&engine, args.precision.into())?;
         let opts = CompressOptions {
             gptq,
             spec,

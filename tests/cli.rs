@@ -919,6 +919,25 @@ fn compress_precision_flag_reaches_the_calibration_forward() {
     assert_eq!(report["calibration"]["precision"], "f32");
     let o = run(&["compress", p(&tiny()), "--precision", "f8"]);
     assert!(!o.status.success() && text(&o.stderr).contains("f16"));
+    // The CPU reference path has no f16 forward: refused, and nothing is written.
+    let out_cpu = tmp.path().join("qcpu");
+    let model = tiny();
+    let cpu_args = [
+        "compress",
+        p(&model),
+        "--out",
+        p(&out_cpu),
+        "--cpu",
+        "--precision",
+        "f16",
+    ];
+    let o = run(&cpu_args);
+    assert!(
+        !o.status.success() && text(&o.stderr).contains("CPU reference path"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(!out_cpu.exists());
     let (help, _) = ok(&run(&["compress", "--help"]));
     assert!(help.contains("--precision"), "{help}");
     let (help, _) = ok(&run(&["eval", "--help"]));

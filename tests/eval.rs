@@ -158,6 +158,21 @@ fn eval_precision_flag_selects_the_forward_and_rejects_unknown_values() {
     assert!(la != lb && (la - lb).abs() < 1e-3, "{la} vs {lb}");
     let (ok, err) = run(&["eval", &p(&tiny), "--text", &p(&t), "--precision", "bf16"]);
     assert!(!ok && err.contains("f32") && err.contains("f16"), "{err}");
+    // The CPU reference path has no f16 forward: asking for it there is an error, not ignored.
+    let (ok, err) = run(&[
+        "eval",
+        &p(&tiny),
+        "--text",
+        &p(&t),
+        "--precision",
+        "f16",
+        "--cpu",
+        "--seq-len",
+        "32",
+        "--max-tokens",
+        "64",
+    ]);
+    assert!(!ok && err.contains("CPU reference path"), "{err}");
 }
 
 #[test]

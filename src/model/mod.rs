@@ -83,13 +83,18 @@ impl Model {
             .filter(|n| !known.contains(n))
             .collect();
         if !extra.is_empty() {
+            // A count at info level (a truncated or multi-purpose checkpoint can carry hundreds),
+            // the names at debug level.
+            const SHOWN: usize = 5;
             log::info!(
-                "{}: {} tensor(s) not used by the {} block: {}",
+                "{}: {} tensor(s) not used by the {} block, e.g. {}{}",
                 dir.display(),
                 extra.len(),
                 config.architecture,
-                extra.join(", ")
+                extra[..extra.len().min(SHOWN)].join(", "),
+                if extra.len() > SHOWN { ", ..." } else { "" }
             );
+            log::debug!("unused tensors: {}", extra.join(", "));
         }
         Ok(Model {
             dir: dir.to_path_buf(),
