@@ -572,12 +572,6 @@ impl GpuContext {
                 usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
                 mapped_at_creation: false,
             });
-            let readback = self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("profile readback"),
-                size: bytes,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
             let mut enc = self
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -606,9 +600,10 @@ impl GpuContext {
                 );
             }
             enc.resolve_query_set(&qs, 0..(2 * n) as u32, &resolve, 0);
-            enc.copy_buffer_to_buffer(&resolve, 0, &readback, 0, bytes);
             self.queue.submit([enc.finish()]);
-            profile::collect(&self.device, &readback, n, period, &families, prof)?;
+            let mut raw = vec![0u8; bytes as usize];
+            self.read_buffer(&resolve, 0, &mut raw, kernel)?;
+            profile::collect(&raw, n, period, &families, prof)?;
         }
         Ok(())
     }

@@ -120,44 +120,32 @@ impl Profile {
     }
 }
 
-/// Reads back the resolved timestamps of `n` dispatches and adds each one's GPU time to its family.
+/// Adds each of the `n` dispatches' GPU time to its family, from the resolved timestamps `raw`
+/// (read back by the context: two little-endian u64 ticks per dispatch).
 pub(crate) fn collect(
-    device: &wgpu::Device,
-    readback: &wgpu::Buffer,
+    raw: &[u8],
     n: usize,
     period_ns: f32,
     families: &[String],
     into: &mut Profile,
 ) -> Result<()> {
-    let slice = readback.slice(..(n * 16) as u64);
-    let (tx, rx) = std::sync::mpsc::channel();
-    slice.map_async(wgpu::MapMode::Read, move |r| {
-        let _ = tx.send(r);
-    });
-    device
-        .poll(wgpu::PollType::wait_indefinitely())
-        .map_err(|e| {
-            Error::gpu(
-                "profile",
-                "-",
-                format!("waiting for timestamps failed: {e}"),
-            )
-        })?;
-    rx.recv()
-        .map_err(|e| Error::gpu("profile", "-", e.to_string()))?
-        .map_err(|e| Error::gpu("profile", "-", format!("mapping timestamps failed: {e}")))?;
-    {
-        let data = slice
-            .get_mapped_range()
-            .map_err(|e| Error::gpu("profile", "-", format!("reading timestamps failed: {e:?}")))?;
-        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&data);
-        for (i, family) in families.iter().enumerate().take(n) {
-            let (a, b) = (ticks[2 * i], ticks[2 * i + 1]);
-            // A pass whose end precedes its start (some drivers reset counters) counts as zero.
-            let ns = b.saturating_sub(a) as f64 * period_ns as f64;
-            into.add(family, ns * 1e-9);
-        }
+    if raw.len() < 16 * n || families.len() < n {
+        return Err(Error::gpu(
+            "profile",
+            "-",
+            format!(
+                "{} timestamp bytes and {} families for {n} dispatches",
+                raw.len(),
+                families.len()
+            ),
+        ));
     }
-    readback.unmap();
+    let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&raw[..16 * n]);
+    for (i, family) in families.iter().enumerate().take(n) {
+        let (a, b) = (ticks[2 * i], ticks[2 * i + 1]);
+        // A pass whose end precedes its start (some drivers reset counters) counts as zero.
+        let ns = b.saturating_sub(a) as f64 * period_ns as f64;
+        into.add(family, ns * 1e-9);
+    }
     Ok(())
 }
