@@ -112,7 +112,7 @@ impl Profile {
                 p.f32_tflops,
                 p.copy_gbps,
                 p.coop_f16_tflops.map_or(String::new(), |t| format!(
-                    ", f16 tensor-core matmul {t:.1} TFLOP/s"
+                    ", f16 tensor-core matmul (ours, 4096³) {t:.1} TFLOP/s"
                 ))
             ));
         }
