@@ -40,7 +40,17 @@ pub struct CompressOptions {
     pub gptq: Option<crate::quant::gptq::GptqOptions>,
     /// The calibration forward's linear-layer precision (calibrated runs only).
     pub precision: crate::model::forward::Precision,
+    /// Calibration tokens per forward batch (calibrated runs only; rounded down to whole
+    /// sequences, at least one). The block's intermediate activations (the MLP's are
+    /// 2 x batch x intermediate f32) exist for one batch at a time, so this bounds GPU memory
+    /// beyond the calibration set itself.
+    pub batch_tokens: usize,
 }
+
+/// Default of [`CompressOptions::batch_tokens`]: 4 sequences of 2048 tokens. On a 7B-shaped
+/// block the MLP intermediates are then 0.7 GB, and every linear layer is still a product of at
+/// least 8192 x 4096 x 4096, large enough to fill a big GPU.
+pub const DEFAULT_BATCH_TOKENS: usize = 8192;
 
 /// What happened to one linear layer.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -71,6 +81,8 @@ pub struct CompressReport {
     pub copied_tensors: usize,
     pub seconds: f64,
     pub peak_gpu_bytes: u64,
+    /// The process's resident-memory high-water mark (Linux `VmHWM`; `None` elsewhere).
+    pub peak_host_bytes: Option<u64>,
     pub input_bytes: u64,
     pub output_bytes: u64,
     /// Calibration set, when the layer-streaming pipeline ran.
@@ -89,6 +101,55 @@ pub struct CalibrationReport {
     /// Per block, the mean squared activation of its output at positions 0..8 (attention sinks
     /// show as position 0 dominating).
     pub position_energy: Vec<Vec<f64>>,
+    /// Sequences per forward batch ([`CompressOptions::batch_tokens`] in whole sequences).
+    pub batch_sequences: usize,
+    /// Wall time per phase of the pipeline.
+    pub phases: PhaseTimes,
+}
+
+/// Wall seconds of each phase of a calibrated run. The pipeline waits for the GPU at each phase
+/// boundary, so GPU work is charged to the phase that submitted it.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct PhaseTimes {
+    /// Tokenizing and drawing the windows, embedding them, copying the non-block tensors.
+    pub prepare: f64,
+    /// Uploading each block's weights.
+    pub load: f64,
+    /// Block forwards: the partial ones that capture each site's input and the full one that
+    /// makes the next block's input.
+    pub forward: f64,
+    /// Accumulating H = (2/n)·XᵀX.
+    pub hessian: f64,
+    /// The layer method (GPTQ or RTN), including its upload of W and download of the result.
+    pub method: f64,
+    /// The per-layer output error and dequantization.
+    pub error: f64,
+    /// Handing tensors to the output writer and writing the files.
+    pub write: f64,
+}
+
+impl PhaseTimes {
+    /// (name, seconds) in pipeline order.
+    pub fn named(&self) -> [(&'static str, f64); 7] {
+        [
+            ("prepare", self.prepare),
+            ("load", self.load),
+            ("forward", self.forward),
+            ("hessian", self.hessian),
+            ("method", self.method),
+            ("error", self.error),
+            ("write", self.write),
+        ]
+    }
+}
+
+/// The process's peak resident memory in bytes (`VmHWM` of /proc/self/status), where the OS
+/// reports it.
+pub fn peak_host_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// Files copied next to the weights so the output loads like the input.
@@ -278,6 +339,7 @@ impl CompressReport {
             copied_tensors: 0,
             seconds: 0.0,
             peak_gpu_bytes: 0,
+            peak_host_bytes: None,
             input_bytes: model.weights.total_bytes(),
             output_bytes: 0,
             calibration: None,
@@ -334,6 +396,7 @@ pub fn rtn(
     }
     progress(names.len(), names.len(), "writing");
     report.peak_gpu_bytes = engine.gpu().map(|c| c.memory().1).unwrap_or(0);
+    report.peak_host_bytes = peak_host_bytes();
     report.seconds = t0.elapsed().as_secs_f64();
     let report = sink.finish(model, report)?;
     out.commit()?;

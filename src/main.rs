@@ -145,7 +145,9 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Write a random-weight Hugging Face checkpoint of a named shape (for benchmarks at scale).
+    /// Write a random-weight Hugging Face checkpoint of a named shape (for benchmarks at scale):
+    /// bf16, sharded every ~2 GB, realistic weight scales with a few outlier input channels, and
+    /// the tiny model's byte-level BPE tokenizer; generated on all cores, same bytes for a seed.
     Synth {
         /// tiny, smollm2-135m, llama-7b or llama-13b.
         #[arg(long)]
@@ -348,10 +350,15 @@ mod wgpress_cli {
         /// Start every calibration window with BOS (an attention-sink remedy).
         #[arg(long)]
         pub bos: bool,
-        /// Precision of the calibration forward's linear layers (with --calib; the captured
-        /// layer inputs stay f32 either way).
+        /// Precision of the calibration forward's linear layers (with --calib; under f16 the
+        /// Hessians are accumulated from the f16-rounded layer inputs those layers multiply).
         #[arg(long, value_enum, default_value = "f32")]
         pub precision: PrecisionArg,
+        /// Calibration tokens per forward batch (with --calib; rounded down to whole sequences,
+        /// at least one). Smaller batches need less GPU memory for the block's intermediate
+        /// activations; the calibration set itself stays on the GPU in f32.
+        #[arg(long, default_value_t = wgpress::compress::DEFAULT_BATCH_TOKENS)]
+        pub batch_tokens: usize,
         /// Output directory (written atomically; an earlier wgpress output there is replaced).
         #[arg(long, default_value = "out")]
         pub out: PathBuf,
@@ -875,6 +882,7 @@ mod compress {
             },
             out: args.out.clone(),
             precision: args.precision.into(),
+            batch_tokens: args.batch_tokens,
         };
         let bar = ProgressBar::new(0);
         bar.set_style(
@@ -951,11 +959,28 @@ mod compress {
             println!("worst layer: {} ({:.3e})", w.name, w.rel_weight_err);
         }
         println!(
-            "size: {:.2} MiB -> {:.2} MiB; peak GPU buffers {:.2} MiB",
+            "size: {:.2} MiB -> {:.2} MiB; peak GPU buffers {:.2} MiB; peak host memory {}",
             report.input_bytes as f64 / 1048576.0,
             report.output_bytes as f64 / 1048576.0,
-            report.peak_gpu_bytes as f64 / 1048576.0
+            report.peak_gpu_bytes as f64 / 1048576.0,
+            report.peak_host_bytes.map_or("unknown".into(), |b| format!(
+                "{:.2} MiB",
+                b as f64 / 1048576.0
+            ))
         );
+        if let Some(c) = &report.calibration {
+            let phases: Vec<String> = c
+                .phases
+                .named()
+                .iter()
+                .map(|(n, s)| format!("{n} {s:.2}"))
+                .collect();
+            println!(
+                "phases (s): {} ({} sequences per batch)",
+                phases.join(", "),
+                c.batch_sequences
+            );
+        }
         println!(
             "wrote {:?} checkpoint to {} (report.json inside)",
             report.format,

@@ -1,15 +1,17 @@
 //! The layer-streaming orchestrator (DESIGN.md section 3). The calibration tokens are embedded once
-//! (X0 stays on the GPU, chunked by whole sequences); then for each decoder block: upload only that
-//! block; for each of its four linear-layer inputs in order (q/k/v, o, gate/up, down) run the block
-//! as compressed so far up to that input (true-sequential), accumulate the input's Hessian
-//! H = (2/n)·XᵀX, hand weights and H to the layer method and put the compressed weights into the
-//! block; then re-run it to produce X_{l+1} (so errors propagate as the real model will see them),
-//! write the block's tensors, free the block. Peak GPU memory is one block plus activations plus
-//! one Hessian, independent of the number of blocks. Methods plug in through [`LayerMethod`].
-
+//! (X0 stays on the GPU as batches of `batch_tokens` in whole sequences); then for each decoder
+//! block: upload only that block; for each of its four linear-layer inputs in order (q/k/v, o,
+//! gate/up, down) run the block as compressed so far up to that input (true-sequential), batch by
+//! batch, accumulating the input's Hessian H = (2/n)·XᵀX; hand weights and H to the layer method
+//! and put the compressed weights into the block; then re-run it batch by batch to produce X_{l+1}
+//! in place (so errors propagate as the real model will see them), write the block's tensors, free
+//! the block. Peak GPU memory is the calibration activations plus one block, one Hessian and one
+//! batch's intermediates, independent of the number of blocks. Methods plug in through
+//! [`LayerMethod`]. Each phase's wall time is reported (`CalibrationReport::phases`).
 use crate::calib::{CalibOptions, sample_windows};
 use crate::compress::{
-    CalibrationReport, CompressOptions, CompressReport, LayerReport, Sink, rel_err, validate,
+    CalibrationReport, CompressOptions, CompressReport, LayerReport, PhaseTimes, Sink,
+    peak_host_bytes, rel_err, validate,
 };
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -151,10 +153,11 @@ pub fn run(
             calib.seqlen, cfg.max_position_embeddings
         )));
     }
+    let mut clock = Clock::new(ctx);
     let tok = Tokenizer::load(&model.dir, cfg.vocab_size)?;
     let windows = sample_windows(&tok, calib)?;
     let seq = calib.seqlen;
-    let ids: Vec<u32> = windows.concat();
+    let per_batch = (opts.batch_tokens / seq).clamp(1, windows.len().max(1));
     let out = OutputDir::create(&opts.out)?;
     ctx.reset_peak();
     let mut report = CompressReport::new(engine, model, opts, method.name());
@@ -168,25 +171,45 @@ pub fn run(
             sink.plain(name, info.shape.clone(), model.weights.to_f32(name)?)?;
         }
     }
-    let mut x = {
+    // The calibration set stays on the GPU as batches of whole sequences; every block pass
+    // walks the batches, so intermediates exist for one batch at a time.
+    let mut xs = {
         let table = model.weights.to_f32("model.embed_tokens.weight")?;
-        embed(ctx, model, &table, &ids, seq)?
+        windows
+            .chunks(per_batch)
+            .map(|b| embed(ctx, model, &table, &b.concat(), seq))
+            .collect::<Result<Vec<_>>>()?
     };
+    drop(windows);
     let mut energy = Vec::with_capacity(cfg.num_hidden_layers);
     let plan = ForwardPlan::new(ctx, cfg, seq, opts.precision)?;
+    let mut phases = PhaseTimes::default();
+    clock.lap(&mut phases.prepare)?;
     let layers = cfg.num_hidden_layers;
     for l in 0..layers {
         progress(&format!("block {l}"), l, layers);
         let p = format!("model.layers.{l}.");
         let mut blk = GpuBlock::upload(ctx, model, l, opts.precision)?;
+        clock.lap(&mut phases.load)?;
         // True-sequential: each input is captured from the block as compressed so far, so o_proj
         // sees the compressed q/k/v's attention output, and so on; only one input is alive.
         for site in Site::ALL {
-            let input = capture_input(ctx, &plan, &blk, &x, site)?;
-            let mut acc = HessianAccumulator::new(ctx, input.cols)?;
-            acc.add(ctx, &input)?;
-            drop(input);
-            let h = acc.finish(ctx)?;
+            let mut acc: Option<HessianAccumulator> = None;
+            for x in &xs {
+                let input = plan.stats_input(ctx, capture_input(ctx, &plan, &blk, x, site)?)?;
+                clock.lap(&mut phases.forward)?;
+                let a = match &mut acc {
+                    Some(a) => a,
+                    None => acc.insert(HessianAccumulator::new(ctx, input.cols)?),
+                };
+                a.add(ctx, &input)?;
+                drop(input);
+                clock.lap(&mut phases.hessian)?;
+            }
+            let h = acc
+                .ok_or_else(|| Error::invalid("calibration: no windows"))?
+                .finish(ctx)?;
+            clock.lap(&mut phases.hessian)?;
             for short in site.layers() {
                 let name = format!("{p}{short}.weight");
                 let info = model.weights.info(&name)?;
@@ -198,6 +221,7 @@ pub fn run(
                     .map_err(|e| Error::tensor(&info.file, &name, e.to_string()))?;
                 let deq = c.q.dequantize();
                 let seconds = t.elapsed().as_secs_f64();
+                clock.lap(&mut phases.method)?;
                 report.layers.push(LayerReport {
                     name: name.clone(),
                     shape: [rows, cols],
@@ -217,15 +241,21 @@ pub fn run(
                     "mlp.up_proj" => blk.up = g,
                     _ => blk.down = g,
                 }
+                clock.lap(&mut phases.error)?;
                 sink.quantized(&name, c.q, deq)?;
+                clock.lap(&mut phases.write)?;
             }
         }
-        // The compressed block produces the next block's input.
-        x = block_forward(ctx, &plan, &blk, &x)?;
+        // The compressed block produces the next block's input, batch by batch in place (each
+        // output depends only on its own batch's sequences).
+        for x in xs.iter_mut() {
+            *x = block_forward(ctx, &plan, &blk, x)?;
+        }
         // The energies below download (synchronize) anyway; an f16 overflow in this block's
         // captures or output stops the run here rather than corrupting later Hessians.
         plan.check_range(ctx)?;
-        energy.push(position_energy(ctx, &x, seq)?);
+        energy.push(position_energy(ctx, &xs, seq)?);
+        clock.lap(&mut phases.forward)?;
         for name in model.weights.names() {
             if name.starts_with(&p) && !cfg.is_linear(name) {
                 let info = model.weights.info(name)?;
@@ -233,7 +263,9 @@ pub fn run(
             }
         }
         drop(blk);
+        clock.lap(&mut phases.write)?;
     }
+    drop(xs);
     progress("writing", layers, layers);
     report.calibration = Some(CalibrationReport {
         files: calib.files.clone(),
@@ -243,23 +275,64 @@ pub fn run(
         bos: calib.bos,
         precision: opts.precision,
         position_energy: energy,
+        batch_sequences: per_batch,
+        phases: phases.clone(),
     });
     report.peak_gpu_bytes = ctx.memory().1;
+    report.peak_host_bytes = peak_host_bytes();
     report.seconds = t0.elapsed().as_secs_f64();
-    let report = sink.finish(model, report)?;
+    let mut report = sink.finish(model, report)?;
     out.commit()?;
+    // report.json was written before the final files were; the returned report adds them.
+    clock.lap(&mut phases.write)?;
+    report.peak_host_bytes = peak_host_bytes();
+    report.seconds = t0.elapsed().as_secs_f64();
+    if let Some(c) = report.calibration.as_mut() {
+        c.phases = phases;
+    }
     Ok(report)
+}
+
+/// Charges wall time to pipeline phases, waiting for the GPU at each boundary so its work is
+/// charged to the phase that submitted it.
+struct Clock<'a> {
+    ctx: &'a GpuContext,
+    last: Instant,
+}
+
+impl<'a> Clock<'a> {
+    fn new(ctx: &'a GpuContext) -> Self {
+        Clock {
+            ctx,
+            last: Instant::now(),
+        }
+    }
+
+    /// Adds the time since the previous lap to `phase`.
+    fn lap(&mut self, phase: &mut f64) -> Result<()> {
+        self.ctx.sync("pipeline", "phase boundary")?;
+        let now = Instant::now();
+        *phase += (now - self.last).as_secs_f64();
+        self.last = now;
+        Ok(())
+    }
 }
 
 /// Mean squared activation of the first 8 positions of the calibration windows at a block's
 /// output: an attention sink shows as position 0 carrying orders of magnitude more energy.
-fn position_energy(ctx: &GpuContext, x: &GpuTensor, seq: usize) -> Result<Vec<f64>> {
-    let ss = crate::gpu::reduce::reduce_rows(ctx, x, crate::gpu::reduce::ReduceOp::SumSq)?
-        .to_f32(ctx)?;
-    let n = (ss.len() / seq).max(1);
+fn position_energy(ctx: &GpuContext, xs: &[GpuTensor], seq: usize) -> Result<Vec<f64>> {
     let mut e = vec![0f64; seq];
-    for (i, v) in ss.iter().enumerate() {
-        e[i % seq] += *v as f64 / (n * x.cols) as f64;
+    let mut sequences = 0;
+    for x in xs {
+        let ss = crate::gpu::reduce::reduce_rows(ctx, x, crate::gpu::reduce::ReduceOp::SumSq)?
+            .to_f32(ctx)?;
+        sequences += ss.len() / seq;
+        for (i, v) in ss.iter().enumerate() {
+            e[i % seq] += *v as f64 / x.cols as f64;
+        }
+    }
+    for v in &mut e {
+        *v /= sequences.max(1) as f64;
     }
     e.truncate(8);
     Ok(e)

@@ -234,6 +234,7 @@ fn kl_and_top1_against_the_base_agree_on_gpu_and_cpu() {
         out: out.clone(),
         gptq: None,
         precision: Precision::F32,
+        batch_tokens: wgpress::compress::DEFAULT_BATCH_TOKENS,
     };
     wgpress::compress::rtn(&gpu, &tiny, &opts, &|_, _, _| {}).unwrap();
     let q = Model::open(&out).unwrap();

@@ -9,7 +9,8 @@
 //! - `F16`: weights are converted to f16 once, at upload, and each linear's input is rounded to f16
 //!   by `gpu::forward::to_f16` right before the product, so F16 x F16 takes the tensor-core kernel
 //!   where the adapter has one (and the tiled kernel, with the same f16-input / f32-accumulate
-//!   numerics, elsewhere). Norms, rotary, attention, residuals and the captured inputs stay f32.
+//!   numerics, elsewhere). Norms, rotary, attention, residuals and the captured inputs stay f32;
+//!   calibration's Hessians read the captured inputs' f16 rounding ([`ForwardPlan::stats_input`]).
 //!   A weight tensor with a value beyond f16's range keeps its stored dtype and f32 activations
 //!   (logged, naming the tensor); an activation beyond f16's range is an error at the next
 //!   [`ForwardPlan::check_range`] (rerun with f32). Rounding each input to f16 costs a relative
@@ -261,6 +262,19 @@ impl ForwardPlan {
             precision,
             range_flag: k::range_flag(ctx)?,
         })
+    }
+
+    /// What calibration statistics read for a linear input `x` from [`capture_input`]: under
+    /// F16 its f16 rounding, which is exactly what the f16 linear layers multiply and lets the
+    /// Hessian take the tensor-core path (2-3x the f32 kernel's rate on large inputs); under F32
+    /// (and for odd widths, which stay f32 in the forward too) `x` itself. An overflow sets the
+    /// range flag like any other f16 conversion.
+    pub fn stats_input(&self, ctx: &GpuContext, x: GpuTensor) -> Result<GpuTensor> {
+        if self.precision == Precision::F16 && x.cols.is_multiple_of(2) {
+            k::to_f16(ctx, &x, &self.range_flag)
+        } else {
+            Ok(x)
+        }
     }
 
     /// An error if any linear input since the plan was made exceeded f16's range (their f16 copies
