@@ -3,10 +3,14 @@
 //! block: upload only that block; for each of its four linear-layer inputs in order (q/k/v, o,
 //! gate/up, down) run the block as compressed so far up to that input (true-sequential), batch by
 //! batch, accumulating the input's Hessian H = (2/n)·XᵀX; hand weights and H to the layer method
-//! and put the compressed weights into the block; then re-run it batch by batch to produce X_{l+1}
-//! in place (so errors propagate as the real model will see them), write the block's tensors, free
-//! the block. Peak GPU memory is the calibration activations plus one block, one Hessian and one
-//! batch's intermediates, independent of the number of blocks. Methods plug in through
+//! and put the compressed weights into the block; then finish the block batch by batch to produce
+//! X_{l+1} in place (so errors propagate as the real model will see them), write the block's
+//! tensors, free the block. The passes continue from each other's results instead of re-running
+//! finished layers: o_proj's input is kept from the O pass to the GateUp pass, which replaces X_l
+//! by the residual stream after attention, where the Down and output passes start. Peak GPU
+//! memory is the calibration activations twice (X and the kept attention output; 1.5x under f16)
+//! plus one block, one Hessian and one batch's intermediates, independent of the number of
+//! blocks. Methods plug in through
 //! [`LayerMethod`]. Each phase's wall time is reported (`CalibrationReport::phases`).
 use crate::calib::{CalibOptions, sample_windows};
 use crate::compress::{
@@ -20,7 +24,8 @@ use crate::gpu::stats::HessianAccumulator;
 use crate::gpu::{GpuContext, GpuDtype, GpuTensor};
 use crate::model::Model;
 use crate::model::forward::{
-    ForwardPlan, GpuBlock, Site, block_forward, capture_input, embed, linear_weight,
+    ForwardPlan, GpuBlock, Site, attention_residual, capture_input, embed, linear_weight,
+    mlp_capture, mlp_residual,
 };
 use crate::model::tokenizer::Tokenizer;
 use crate::model::writer::OutputDir;
@@ -193,17 +198,37 @@ pub fn run(
         clock.lap(&mut phases.load)?;
         // True-sequential: each input is captured from the block as compressed so far, so o_proj
         // sees the compressed q/k/v's attention output, and so on; only one input is alive.
+        //
+        // Each pass starts from what the earlier sites left, never re-running finished layers:
+        // the O pass keeps o_proj's input (the attention output, in the form o_proj multiplies
+        // it: f16 under --precision f16); the GateUp pass turns it into the residual stream
+        // h = x + o_proj(a) and stores h over x (x is not needed after that); the Down and
+        // output passes start from h. That saves three of the four attention computations and
+        // q/k/v projections per block, for one activation-sized buffer alive from the O pass to
+        // the GateUp pass.
+        let mut kept: Vec<Option<GpuTensor>> = Vec::new();
+        kept.resize_with(xs.len(), || None);
         for site in Site::ALL {
             let mut acc: Option<HessianAccumulator> = None;
-            for x in &xs {
-                let input = plan.stats_input(ctx, capture_input(ctx, &plan, &blk, x, site)?)?;
-                clock.lap(&mut phases.forward)?;
-                let a = match &mut acc {
-                    Some(a) => a,
-                    None => acc.insert(HessianAccumulator::new(ctx, input.cols)?),
+            for (x, kept_a) in xs.iter_mut().zip(kept.iter_mut()) {
+                let input = match site {
+                    Site::Qkv | Site::O => capture_input(ctx, &plan, &blk, x, site)?,
+                    Site::GateUp | Site::Down => {
+                        if site == Site::GateUp {
+                            let a = kept_a.take().ok_or_else(|| {
+                                Error::invalid("pipeline: a batch's attention output was not kept")
+                            })?;
+                            *x = attention_residual(ctx, &plan, &blk, x, &a)?;
+                        }
+                        mlp_capture(ctx, &plan, &blk, x, site)?
+                    }
                 };
-                a.add(ctx, &input)?;
-                drop(input);
+                let input = plan.stats_input(ctx, input)?;
+                clock.lap(&mut phases.forward)?;
+                add_hessian(ctx, &mut acc, &input)?;
+                if site == Site::O {
+                    *kept_a = Some(input);
+                }
                 clock.lap(&mut phases.hessian)?;
             }
             let h = acc
@@ -246,10 +271,10 @@ pub fn run(
                 clock.lap(&mut phases.write)?;
             }
         }
-        // The compressed block produces the next block's input, batch by batch in place (each
-        // output depends only on its own batch's sequences).
+        // The compressed block produces the next block's input from h, batch by batch in place
+        // (each output depends only on its own batch's sequences).
         for x in xs.iter_mut() {
-            *x = block_forward(ctx, &plan, &blk, x)?;
+            *x = mlp_residual(ctx, &plan, &blk, x)?;
         }
         // The energies below download (synchronize) anyway; an f16 overflow in this block's
         // captures or output stops the run here rather than corrupting later Hessians.
@@ -291,6 +316,21 @@ pub fn run(
         c.phases = phases;
     }
     Ok(report)
+}
+
+/// Adds `x` to the site's Hessian, creating the accumulator at the first batch (its width is the
+/// input's).
+fn add_hessian(
+    ctx: &GpuContext,
+    acc: &mut Option<HessianAccumulator>,
+    x: &GpuTensor,
+) -> Result<()> {
+    match acc {
+        Some(a) => a.add(ctx, x),
+        None => acc
+            .insert(HessianAccumulator::new(ctx, x.cols)?)
+            .add(ctx, x),
+    }
 }
 
 /// Charges wall time to pipeline phases, waiting for the GPU at each boundary so its work is

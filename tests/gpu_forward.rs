@@ -7,7 +7,8 @@ use wgpress::gpu::{GpuDtype, GpuTensor};
 use wgpress::model::Model;
 use wgpress::model::config::LlamaConfig;
 use wgpress::model::forward::{
-    ForwardPlan, GpuBlock, GpuModel, Precision, Site, block_forward, capture_input, linear_weight,
+    ForwardPlan, GpuBlock, GpuModel, Precision, Site, attention_residual, block_forward,
+    capture_input, linear_weight, mlp_capture, mlp_residual,
 };
 use wgpress::model::safetensors::SafetensorsSet;
 use wgpress::model::synth::SynthSpec;
@@ -207,6 +208,50 @@ fn tiny_block_matches_reference_block_with_chunking() {
     let down_in = capture_input(&ctx, &plan, &blk, &gx, Site::Down).unwrap();
     assert_eq!(down_in.cols, c.intermediate_size);
     assert_eq!(down_in.chunks.len(), 2, "one sequence per chunk");
+}
+
+/// The pipeline's staged block (o_proj's input kept in its `stats_input` form, then
+/// `attention_residual`, `mlp_capture`, `mlp_residual`) gives bit-for-bit the captures and output
+/// of the whole-block forward, in both precisions: the stages run the same kernels on the same
+/// operands, so any difference means a stage dropped or re-rounded something.
+#[test]
+fn staged_block_equals_whole_block_bit_for_bit() {
+    let ctx = common::ctx();
+    let m = tiny();
+    let c = &m.config;
+    let seq = 23;
+    let mut rng = Rng::new(29);
+    let x = rng.normal_vec(3 * seq * c.hidden_size, 1.0);
+    for precision in [Precision::F32, Precision::F16] {
+        let plan = ForwardPlan::new(&ctx, c, seq, precision).unwrap();
+        let blk = GpuBlock::upload(&ctx, &m, 1, precision).unwrap();
+        let gx = GpuTensor::from_f32_aligned(&ctx, 3 * seq, c.hidden_size, &x, seq).unwrap();
+        let a = plan
+            .stats_input(
+                &ctx,
+                capture_input(&ctx, &plan, &blk, &gx, Site::O).unwrap(),
+            )
+            .unwrap();
+        let want_dtype = match precision {
+            Precision::F32 => GpuDtype::F32,
+            Precision::F16 => GpuDtype::F16,
+        };
+        assert_eq!(a.dtype, want_dtype);
+        let h = attention_residual(&ctx, &plan, &blk, &gx, &a).unwrap();
+        let bits = |t: &GpuTensor| t.to_bytes(&ctx).unwrap();
+        for site in [Site::GateUp, Site::Down] {
+            let staged = mlp_capture(&ctx, &plan, &blk, &h, site).unwrap();
+            let whole = capture_input(&ctx, &plan, &blk, &gx, site).unwrap();
+            assert!(bits(&staged) == bits(&whole), "{precision:?} {site:?}");
+        }
+        let staged = mlp_residual(&ctx, &plan, &blk, &h).unwrap();
+        let whole = block_forward(&ctx, &plan, &blk, &gx).unwrap();
+        assert!(bits(&staged) == bits(&whole), "{precision:?} output");
+        // The output is not trivially equal (e.g. both unwritten): it moved x.
+        assert!(bits(&staged) != bits(&gx));
+        assert!(mlp_capture(&ctx, &plan, &blk, &h, Site::O).is_err());
+        plan.check_range(&ctx).unwrap();
+    }
 }
 
 #[test]

@@ -200,7 +200,9 @@ fn linear_input<'a>(
     x: &'a GpuTensor,
     ws: &[&GpuTensor],
 ) -> Result<(&'a GpuTensor, Option<GpuTensor>)> {
+    // An input that is already 16-bit (a kept `stats_input`) is multiplied as it is.
     let f16 = plan.precision == Precision::F16
+        && x.dtype == GpuDtype::F32
         && x.cols.is_multiple_of(2)
         && ws.iter().any(|w| w.dtype == GpuDtype::F16);
     let xh = f16
@@ -340,29 +342,75 @@ fn run_block(
     if stop == Some(Site::O) {
         return Ok(a);
     }
-    let xa = linear_input(ctx, plan, &a, &[&b.o])?;
+    let h = attention_residual(ctx, plan, b, x, &a)?;
+    drop(a);
+    match stop {
+        Some(site) => mlp_capture(ctx, plan, b, &h, site),
+        None => mlp_residual(ctx, plan, b, &h),
+    }
+}
+
+/// The residual stream after the attention half of the block, h = x + o_proj(a), where `a` is
+/// the attention output for `x` ([`capture_input`] at [`Site::O`], f32) or its
+/// [`ForwardPlan::stats_input`] form (f16 under F16, which is exactly the operand o_proj
+/// multiplies then, so a caller that kept it gets the same h as the whole block would).
+pub fn attention_residual(
+    ctx: &GpuContext,
+    plan: &ForwardPlan,
+    b: &GpuBlock,
+    x: &GpuTensor,
+    a: &GpuTensor,
+) -> Result<GpuTensor> {
+    let xa = linear_input(ctx, plan, a, &[&b.o])?;
     let h = linear(ctx, plan, &xa, &b.o, None)?;
     drop(xa);
-    drop(a);
     k::add(ctx, &h, x)?;
-    let n2 = k::rms_norm(ctx, &h, &b.post_norm, plan.eps)?;
-    if stop == Some(Site::GateUp) {
-        return Ok(n2);
+    Ok(h)
+}
+
+/// The input of the MLP's linear layers at `site` ([`Site::GateUp`] or [`Site::Down`]) from the
+/// residual stream `h` after attention ([`attention_residual`]).
+pub fn mlp_capture(
+    ctx: &GpuContext,
+    plan: &ForwardPlan,
+    b: &GpuBlock,
+    h: &GpuTensor,
+    site: Site,
+) -> Result<GpuTensor> {
+    match site {
+        Site::GateUp => k::rms_norm(ctx, h, &b.post_norm, plan.eps),
+        Site::Down => mlp_act(ctx, plan, b, h),
+        _ => Err(Error::invalid(format!(
+            "mlp_capture: {site:?} is not an input of the MLP"
+        ))),
     }
+}
+
+/// The block's output h + down_proj(silu(gate_proj(n)) · up_proj(n)), n = post-attention norm of
+/// the residual stream `h` ([`attention_residual`]).
+pub fn mlp_residual(
+    ctx: &GpuContext,
+    plan: &ForwardPlan,
+    b: &GpuBlock,
+    h: &GpuTensor,
+) -> Result<GpuTensor> {
+    let g = mlp_act(ctx, plan, b, h)?;
+    let xg = linear_input(ctx, plan, &g, &[&b.down])?;
+    let out = linear(ctx, plan, &xg, &b.down, None)?;
+    k::add(ctx, &out, h)?;
+    Ok(out)
+}
+
+/// silu(gate_proj(n)) · up_proj(n) with n the post-attention norm of `h`: down_proj's input.
+fn mlp_act(ctx: &GpuContext, plan: &ForwardPlan, b: &GpuBlock, h: &GpuTensor) -> Result<GpuTensor> {
+    let n2 = k::rms_norm(ctx, h, &b.post_norm, plan.eps)?;
     let x2 = linear_input(ctx, plan, &n2, &[&b.gate, &b.up])?;
     let g = linear(ctx, plan, &x2, &b.gate, None)?;
     let u = linear(ctx, plan, &x2, &b.up, None)?;
     drop(x2);
     drop(n2);
     k::silu_mul(ctx, &g, &u)?;
-    drop(u);
-    if stop == Some(Site::Down) {
-        return Ok(g);
-    }
-    let xg = linear_input(ctx, plan, &g, &[&b.down])?;
-    let out = linear(ctx, plan, &xg, &b.down, None)?;
-    k::add(ctx, &out, &h)?;
-    Ok(out)
+    Ok(g)
 }
 
 /// Embedding lookup on the host (the table stays in the mmap), uploaded aligned to `seq`.
