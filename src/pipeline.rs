@@ -289,6 +289,17 @@ pub fn run(
         }
         drop(blk);
         clock.lap(&mut phases.write)?;
+        let so_far: Vec<String> = phases
+            .named()
+            .iter()
+            .map(|(n, s)| format!("{n} {s:.1}"))
+            .collect();
+        log::info!(
+            "block {l} done at {:.1} s (so far: {}; peak GPU {:.0} MiB)",
+            t0.elapsed().as_secs_f64(),
+            so_far.join(", "),
+            ctx.memory().1 as f64 / 1048576.0
+        );
     }
     drop(xs);
     progress("writing", layers, layers);

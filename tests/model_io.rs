@@ -529,6 +529,7 @@ fn synth_roundtrip(dtype: Dtype, shards: usize, tie: bool) {
         dtype,
         shards,
         tie_embeddings: tie,
+        outliers: 0,
     };
     synth(&m, &spec);
     let model = Model::open(&m).expect("open synth");
@@ -595,6 +596,224 @@ fn synth_sharded_f16() {
 fn synth_sharded_bf16_many_shards() {
     // More shards than blocks: every shard still gets at least one tensor.
     synth_roundtrip(Dtype::BF16, 7, true);
+}
+
+/// Every file of a model directory, by name.
+fn dir_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|e| {
+            let e = e.expect("entry");
+            let name = e.file_name().to_string_lossy().to_string();
+            (name, std::fs::read(e.path()).expect("read"))
+        })
+        .collect()
+}
+
+fn marker(dir: &Path) -> serde_json::Value {
+    let b = std::fs::read(dir.join(wgpress::model::writer::MARKER)).expect("marker");
+    serde_json::from_slice(&b).expect("marker json")
+}
+
+#[test]
+fn synth_tokenizer_iff_vocab_holds_it() {
+    use wgpress::model::synth::TOKENIZER_IDS;
+    use wgpress::model::tokenizer::Tokenizer;
+    let d = tmp();
+    let small = |vocab| SynthSpec {
+        hidden: 32,
+        intermediate: 64,
+        layers: 1,
+        heads: 2,
+        kv_heads: 1,
+        vocab,
+        ..SynthSpec::default()
+    };
+    // Vocabulary exactly the tokenizer's id count: written, loadable, BOS is `<s>` = 1.
+    let m = d.path().join("with");
+    let spec = small(TOKENIZER_IDS);
+    assert!(spec.has_tokenizer());
+    synth(&m, &spec);
+    assert!(m.join("tokenizer_config.json").is_file());
+    let tok = Tokenizer::load(&m, TOKENIZER_IDS).expect("load tokenizer");
+    // The constant is the real count (largest id + 1, added tokens included).
+    assert_eq!(tok.vocab_size(), TOKENIZER_IDS);
+    assert_eq!(tok.bos_id(), Some(1));
+    assert_eq!(tok.decode(&[1]).expect("decode"), "<s>");
+    let text = "To be, or not to be: that is the question.";
+    let ids = tok.encode(text).expect("encode");
+    assert!(ids.len() > 3 && ids.iter().all(|&i| (i as usize) < TOKENIZER_IDS));
+    assert_eq!(tok.decode(&ids).expect("decode"), text);
+    let r = inspect(&m).expect("inspect");
+    assert!(r.has_tokenizer);
+    Model::open(&m).expect("open");
+
+    // One id short: no tokenizer files at all.
+    let m = d.path().join("without");
+    let spec = small(TOKENIZER_IDS - 1);
+    assert!(!spec.has_tokenizer());
+    synth(&m, &spec);
+    assert!(!m.join("tokenizer.json").exists());
+    assert!(!m.join("tokenizer_config.json").exists());
+    Model::open(&m).expect("open");
+
+    // Every named shape can hold it; the large ones have a few outlier channels.
+    for name in SynthSpec::SHAPES {
+        let s = SynthSpec::named(name).expect("named");
+        assert!(s.has_tokenizer(), "{name}");
+        assert!(s.outliers > 0 && s.outliers <= 4, "{name}");
+    }
+}
+
+#[test]
+fn synth_outlier_channels_scaled_in_every_block() {
+    use wgpress::model::synth::OUTLIER_SCALE;
+    let d = tmp();
+    let m = d.path().join("m");
+    let spec = SynthSpec {
+        layers: 3,
+        outliers: 3,
+        dtype: Dtype::BF16,
+        ..SynthSpec::default()
+    };
+    synth(&m, &spec);
+    let chosen = spec.outlier_channels(1234).expect("channels");
+    assert_eq!(chosen.len(), 3);
+    assert!(chosen.windows(2).all(|w| w[0] < w[1]) && chosen[2] < spec.hidden);
+    // Recorded in the marker, and config.json stays a plain HF config.
+    let mk = marker(&m);
+    let recorded: Vec<usize> =
+        serde_json::from_value(mk["outlier_channels"].clone()).expect("list");
+    assert_eq!(recorded, chosen);
+    assert_eq!(mk["outlier_scale"].as_f64(), Some(OUTLIER_SCALE as f64));
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(m.join("config.json")).expect("cfg")).expect("json");
+    assert!(cfg.get("outlier_channels").is_none());
+
+    let model = Model::open(&m).expect("open");
+    let big = |v: &[f32]| -> Vec<usize> {
+        (0..v.len())
+            .filter(|&c| v[c] > OUTLIER_SCALE / 2.0)
+            .collect()
+    };
+    for l in 0..spec.layers {
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            let name = format!("model.layers.{l}.{norm}.weight");
+            let v = model.weights.to_f32(&name).expect("norm");
+            // Exactly the recorded channels, in every block, each ~OUTLIER_SCALE x the rest.
+            assert_eq!(big(&v), chosen, "{name}");
+            let rest: Vec<f32> = (0..v.len())
+                .filter(|c| !chosen.contains(c))
+                .map(|c| v[c])
+                .collect();
+            let rest_mean = rest.iter().sum::<f32>() / rest.len() as f32;
+            assert!((rest_mean - 1.0).abs() < 0.1, "{name}: {rest_mean}");
+            for &c in &chosen {
+                let ratio = v[c] / rest_mean;
+                assert!(
+                    ratio > 0.6 * OUTLIER_SCALE && ratio < 1.4 * OUTLIER_SCALE,
+                    "{name}[{c}]: {ratio}"
+                );
+            }
+        }
+    }
+    // The final norm feeds lm_head only: no outliers there.
+    let v = model.weights.to_f32("model.norm.weight").expect("norm");
+    assert!(big(&v).is_empty());
+    drop(model);
+
+    // Without outliers (the default) no norm has a large channel.
+    let m0 = d.path().join("m0");
+    synth(
+        &m0,
+        &SynthSpec {
+            outliers: 0,
+            ..spec.clone()
+        },
+    );
+    let model = Model::open(&m0).expect("open");
+    for name in model.weights.names() {
+        if name.ends_with("norm.weight") {
+            let v = model.weights.to_f32(name).expect("norm");
+            assert!(v.iter().all(|&x| x < 2.0), "{name}");
+        }
+    }
+    assert_eq!(marker(&m0)["outlier_channels"], serde_json::json!([]));
+
+    // Another seed, other channels; more outliers than channels is refused.
+    assert_ne!(spec.outlier_channels(99).expect("channels"), chosen);
+    let e = write_random_llama(
+        &d.path().join("bad"),
+        &SynthSpec {
+            outliers: 65,
+            ..SynthSpec::default()
+        },
+        1,
+    )
+    .expect_err("must fail");
+    assert_names(&e, &["65 outlier channels", "hidden is only 64"]);
+}
+
+#[test]
+fn synth_bytes_depend_on_seed_only() {
+    use wgpress::model::synth::write_random_llama_threads;
+    let d = tmp();
+    // Embedding of 2048 x 48 = 98304 elements: more than one generation chunk.
+    let spec = SynthSpec {
+        hidden: 48,
+        intermediate: 80,
+        heads: 4,
+        kv_heads: 2,
+        vocab: 2048,
+        dtype: Dtype::BF16,
+        shards: 2,
+        outliers: 2,
+        ..SynthSpec::default()
+    };
+    let a = d.path().join("a");
+    let b = d.path().join("b");
+    let c = d.path().join("c");
+    write_random_llama_threads(&a, &spec, 5, 1).expect("1 thread");
+    write_random_llama_threads(&b, &spec, 5, 3).expect("3 threads");
+    write_random_llama(&c, &spec, 5).expect("all cores");
+    let fa = dir_files(&a);
+    assert!(fa.contains_key("model-00002-of-00002.safetensors"));
+    assert!(fa.contains_key("tokenizer.json"));
+    assert_eq!(fa, dir_files(&b), "1 vs 3 threads");
+    assert_eq!(fa, dir_files(&c), "1 thread vs all cores");
+    let other = d.path().join("other");
+    write_random_llama_threads(&other, &spec, 6, 2).expect("seed 6");
+    let fo = dir_files(&other);
+    assert_ne!(
+        fa["model-00001-of-00002.safetensors"],
+        fo["model-00001-of-00002.safetensors"]
+    );
+
+    // Every tensor and every chunk draws its own numbers: same-shaped tensors differ, and so do
+    // the two chunks of the embedding.
+    let model = Model::open(&a).expect("open");
+    let q0 = model
+        .weights
+        .to_f32("model.layers.0.self_attn.q_proj.weight")
+        .expect("q0");
+    let q1 = model
+        .weights
+        .to_f32("model.layers.1.self_attn.q_proj.weight")
+        .expect("q1");
+    assert_ne!(q0[..64], q1[..64]);
+    let e = model
+        .weights
+        .to_f32("model.embed_tokens.weight")
+        .expect("embed");
+    assert_eq!(e.len(), 98304);
+    assert_ne!(e[..64], e[65536..65536 + 64]);
+    // Normal, not just the right variance: ~68.3% within one std, and tails beyond 3.5 std
+    // (expected about 46 of 98304), which a sum-of-uniforms shortcut would not have.
+    let std = 1.0 / 48f32.sqrt();
+    let within = e.iter().filter(|x| x.abs() < std).count() as f64 / e.len() as f64;
+    assert!((within - 0.6827).abs() < 0.01, "{within}");
+    let tails = e.iter().filter(|x| x.abs() > 3.5 * std).count();
+    assert!((15..100).contains(&tails), "{tails}");
 }
 
 #[test]
