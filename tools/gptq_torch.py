@@ -30,8 +30,35 @@ Subcommands:
          [{shape, seconds, phases, peak_mem_bytes}] (peak CUDA allocation of the timed run beyond
          W and H; null on the CPU).
   model  --model HF_DIR --calib-tokens FILE.safetensors --bits 4 --group 128 [--act-order] [--sym]
-         [--static-groups] [--mse] --damp 0.01 --device cuda|cpu --out OUT_DIR: layer-by-layer GPTQ of
-         a Llama checkpoint in f32, saved as a dense f32 HF directory (fake-quantized weights).
+         [--static-groups] [--mse] --damp 0.01 --device cuda|cpu [--out OUT_DIR] [--max-blocks N]
+         [--forward-dtype float32|float16|bfloat16] [--batch B] [--json FILE]:
+         layer-by-layer GPTQ of a Llama checkpoint (as the original GPTQ repo's llama.py): the inputs
+         of block 0 are captured from the embedding; each block is moved to the device, run on all
+         calibration sequences once per true-sequential group (q/k/v, o, gate/up, down) with hooks
+         accumulating each linear's H = 2/n X^T X in f32 from its inputs (TF32 off, torch's default),
+         each group GPTQ'd in f32 on W.float() and written back (fake-quantized) in the layer's dtype,
+         then run once more to give the next block's inputs. Prints one line per block (its time and
+         each linear's relative output error tr(D H D^T) / tr(W H W^T) with the time of its GPTQ and
+         error), then the phase times and peaks.
+           --out: save the model as a dense f32 HF directory (fake-quantized weights); without it
+             nothing is saved (for timing runs: saving a 7B model in f32 takes minutes).
+           --max-blocks N: quantize blocks 0..N-1 only, then stop (says so); the per-block times
+             allow an extrapolation to all blocks (printed; block 0 carries the warm-up, so the mean
+             of the later blocks is used).
+           --forward-dtype (default float32): the dtype in which the model is loaded (tensor by
+             tensor: a 16-bit checkpoint is not materialized in f32 on the host) and the decoder
+             layers run (the original GPTQ repo uses float16). H and GPTQ stay f32; a 16-bit layer
+             gets its dequantized weights rounded to its dtype.
+           --batch B (default 1): calibration sequences per decoder-layer call; larger B amortizes
+             the per-call overhead for more activation memory (B x seqlen tokens per call). H is
+             the same sum with the running rescale done per call, so results move by float
+             rounding only.
+           --json FILE: {"blocks", "per_block_seconds", "phases", "peak_gpu_bytes",
+             "peak_host_bytes", ...}. Phases (synchronized wall clock): load (model load), embed
+             (block-0 input capture), forward (the decoder-layer calls, hooks included), hessian
+             (inside the hooks, part of forward; CUDA events on a GPU), gptq (gptq_layer), error
+             (output_error), move (block to and from the device), save (with --out), total (the
+             command after CUDA init), blocks (the block loop).
   check  --dump FILE [--dtype float64|float32]: compares this script's GPTQ with the Rust f64
          reference (src/reference/gptq.rs) on the cases the Rust side wrote:
              WGPRESS_GPTQ_DUMP=/tmp/gptq_dump.safetensors \\
@@ -377,39 +404,82 @@ SEQUENTIAL_GROUPS = [
 ]
 
 
-def load_llama(path):
+def load_llama(path, dtype=torch.float32):
+    """LlamaForCausalLM in `dtype` on the host, loaded tensor by tensor (a 16-bit checkpoint read in
+    a 16-bit dtype is never materialized in f32)."""
     from transformers import LlamaForCausalLM
 
+    def load(**kw):
+        try:
+            return LlamaForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+        except TypeError:  # transformers < 4.56 names it torch_dtype
+            return LlamaForCausalLM.from_pretrained(path, torch_dtype=dtype, **kw)
+
     try:
-        return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except TypeError:  # transformers < 4.56 names it torch_dtype
-        return LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+        # transformers 5 always loads this way and drops the argument; 4.x needs it (and accelerate).
+        return load(low_cpu_mem_usage=True)
+    except ImportError:  # transformers 4.x without accelerate
+        return load()
 
 
-def run_block(layer, inps, kwargs):
-    outs = torch.empty_like(inps)
-    for s in range(inps.shape[0]):
-        o = layer(inps[s:s + 1], **kwargs)
-        outs[s:s + 1] = o[0] if isinstance(o, (tuple, list)) else o
+def run_block(layer, inps, kwargs, batch=1, keep=True):
+    """The layer on inps [N, T, C], `batch` sequences per call; returns the outputs (None if not keep).
+    The captured kwargs (mask, positions, rotary cos/sin) have batch 1 and broadcast over the batch."""
+    outs = torch.empty_like(inps) if keep else None
+    for s in range(0, inps.shape[0], batch):
+        o = layer(inps[s:s + batch], **kwargs)
+        if keep:
+            outs[s:s + batch] = o[0] if isinstance(o, (tuple, list)) else o
     return outs
 
 
+class Timer:
+    """Accumulated wall-clock phase times, synchronized with the device before each clock read."""
+
+    def __init__(self, device):
+        self.device = device
+        self.secs = {}
+
+    @contextmanager
+    def __call__(self, name):
+        sync(self.device)
+        t = time.perf_counter()
+        yield
+        sync(self.device)
+        self.add(name, time.perf_counter() - t)
+
+    def add(self, name, secs):
+        self.secs[name] = self.secs.get(name, 0.0) + secs
+
+
+MODEL_PHASES = ["load", "embed", "forward", "hessian", "gptq", "error", "move", "save", "total"]
+
+
 def cmd_model(a):
+    import resource
+
     from safetensors.torch import load_file
 
     device = torch.device(a.device)
-    model = load_llama(a.model)
+    fdtype = getattr(torch, a.forward_dtype)
+    timer = Timer(device)
+    sync(device)  # the CUDA context is made here, outside every phase but total
+    t_start = time.perf_counter()
+    with timer("load"):
+        model = load_llama(a.model, fdtype)
     model.eval()
     model.config.use_cache = False
     ids = load_file(a.calib_tokens)["input_ids"].to(torch.long)
     if ids.dim() != 2:
         raise SystemExit(f"{a.calib_tokens}: input_ids must be [N, T], got {tuple(ids.shape)}")
     n, t = ids.shape
+    layers = model.model.layers
+    n_layers = len(layers)
+    n_blocks = n_layers if a.max_blocks is None else min(a.max_blocks, n_layers)
     print(f"calibration: {n} x {t} tokens; {a.bits}-bit group {a.group} act-order {a.act_order} "
           f"sym {a.sym} static {a.static_groups} mse {a.mse} damp {a.damp} on {device}")
-    layers = model.model.layers
-    model.model.embed_tokens.to(device)
-    model.model.rotary_emb.to(device)
+    print(f"forward {a.forward_dtype}, batch {a.batch}; blocks {n_blocks} of {n_layers}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
 
     # Inputs of block 0: stop the model at the first decoder layer.
     inps = []
@@ -420,27 +490,67 @@ def cmd_model(a):
         kw.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
         raise _Caught()
 
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
-    with torch.no_grad():
-        for s in range(n):
-            try:
-                model.model(input_ids=ids[s:s + 1].to(device), use_cache=False)
-            except _Caught:
-                pass
-    handle.remove()
-    inps = torch.cat(inps, dim=0)
-    kw["use_cache"] = False
-    model.model.embed_tokens.cpu()
-    model.model.rotary_emb.cpu()
+    with timer("embed"):
+        model.model.embed_tokens.to(device)
+        model.model.rotary_emb.to(device)
+        handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+        with torch.no_grad():
+            for s in range(n):
+                try:
+                    model.model(input_ids=ids[s:s + 1].to(device), use_cache=False)
+                except _Caught:
+                    pass
+        handle.remove()
+        inps = torch.cat(inps, dim=0)
+        kw["use_cache"] = False
+        model.model.embed_tokens.cpu()
+        model.model.rotary_emb.cpu()
 
     gptq_kw = dict(bits=a.bits, group=a.group, sym=a.sym, act_order=a.act_order,
                    static_groups=a.static_groups, mse=a.mse, damp=a.damp, block=a.block)
+    per_block = []
+    block_log = []
+    blocks_secs = 0.0
+    extrapolated = 0.0
+
+    def write_json(finished):
+        """The result so far; written to --json after every block (so a run stopped by a time limit
+        still leaves its blocks) and at the end (finished: true)."""
+        phases = {k: timer.secs.get(k, 0.0) for k in MODEL_PHASES
+                  if (k != "save" or a.out) and (k != "total" or finished)}
+        phases["blocks"] = blocks_secs if finished else sum(per_block)
+        res = {"blocks": len(per_block), "per_block_seconds": per_block, "phases": phases,
+               "peak_gpu_bytes": (torch.cuda.max_memory_allocated(device)
+                                  if device.type == "cuda" else None),
+               "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+               "finished": finished, "layers_in_model": n_layers,
+               "extrapolated_all_blocks_seconds": extrapolated if finished else None,
+               "block_log": block_log,
+               "config": {"model": a.model, "calib_tokens": a.calib_tokens, "nsamples": n,
+                          "seqlen": t, "bits": a.bits, "group": a.group, "act_order": a.act_order,
+                          "sym": a.sym, "static_groups": a.static_groups, "mse": a.mse,
+                          "damp": a.damp, "block": a.block, "forward_dtype": a.forward_dtype,
+                          "batch": a.batch, "max_blocks": a.max_blocks, "device": str(device),
+                          "device_name": (torch.cuda.get_device_name(device)
+                                          if device.type == "cuda" else "cpu"),
+                          "torch": torch.__version__}}
+        if a.json:
+            with open(a.json + ".tmp", "w") as f:
+                json.dump(res, f, indent=1)
+            os.replace(a.json + ".tmp", a.json)
+        return res
+
     total = time.perf_counter()
-    for li, layer in enumerate(layers):
+    for li in range(n_blocks):
+        layer = layers[li]
+        sync(device)
         t0 = time.perf_counter()
-        layer.to(device)
+        hess = Phases(device)  # time inside the Hessian hooks (CUDA events on a GPU)
+        with timer("move"):
+            layer.to(device)
         mods = dict(layer.named_modules())
         report = []
+        errors = {}
         with torch.no_grad():
             for names in SEQUENTIAL_GROUPS:
                 Hs = {nm: torch.zeros(mods[nm].in_features, mods[nm].in_features, device=device)
@@ -449,45 +559,88 @@ def cmd_model(a):
 
                 def hook(nm):
                     def f(module, args, out):
-                        x = args[0].reshape(-1, args[0].shape[-1]).float()
-                        m = x.shape[0]
-                        # Running H = 2/n X^T X over all tokens seen so far (as GPTQ's add_batch).
-                        Hs[nm] *= counts[nm] / (counts[nm] + m)
-                        counts[nm] += m
-                        x = x * (2.0 / counts[nm]) ** 0.5
-                        Hs[nm] += x.T @ x
+                        with hess("hessian"):
+                            # H is f32 whatever the forward dtype.
+                            x = args[0].reshape(-1, args[0].shape[-1]).float()
+                            m = x.shape[0]
+                            # Running H = 2/n X^T X over all tokens seen so far (as GPTQ's add_batch).
+                            Hs[nm] *= counts[nm] / (counts[nm] + m)
+                            counts[nm] += m
+                            x = x * (2.0 / counts[nm]) ** 0.5
+                            Hs[nm] += x.T @ x
                     return f
 
                 handles = [mods[nm].register_forward_hook(hook(nm)) for nm in names]
-                run_block(layer, inps, kw)
+                with timer("forward"):
+                    run_block(layer, inps, kw, a.batch, keep=False)
                 for h in handles:
                     h.remove()
                 for nm in names:
                     lin = mods[nm]
-                    W = lin.weight.data.float()
+                    W = lin.weight.data.float()  # GPTQ in f32 whatever the forward dtype
                     tq = time.perf_counter()
-                    r = gptq_layer(W, Hs[nm], **gptq_kw)
-                    sync(device)
-                    err = output_error(W, r["deq"], Hs[nm])
-                    report.append(f"{nm.split('.')[-1]} {err:.4e} ({time.perf_counter() - tq:.2f}s)")
+                    with timer("gptq"):
+                        r = gptq_layer(W, Hs[nm], **gptq_kw)
+                    with timer("error"):
+                        err = output_error(W, r["deq"], Hs[nm])
+                    short = nm.split('.')[-1]
+                    errors[short] = err
+                    report.append(f"{short} {err:.4e} ({time.perf_counter() - tq:.2f}s)")
                     lin.weight.data.copy_(r["deq"].to(lin.weight.dtype))
-                    del Hs[nm]
-            inps = run_block(layer, inps, kw)
-        layer.cpu()
+                    del Hs[nm], r
+            with timer("forward"):
+                inps = run_block(layer, inps, kw, a.batch)
+        with timer("move"):
+            layer.cpu()
         sync(device)
-        print(f"layer {li}: {time.perf_counter() - t0:.2f}s  " + ", ".join(report), flush=True)
-    print(f"all layers: {time.perf_counter() - total:.2f}s")
+        dt = time.perf_counter() - t0
+        timer.add("hessian", hess.result().get("hessian", 0.0))
+        per_block.append(dt)
+        block_log.append({"block": li, "seconds": dt, "errors": errors})
+        print(f"layer {li}: {dt:.2f}s  " + ", ".join(report), flush=True)
+        write_json(finished=False)
+    blocks_secs = time.perf_counter() - total
+    if n_blocks == n_layers:
+        print(f"all layers: {blocks_secs:.2f}s")
+    else:
+        print(f"stopped early (--max-blocks {a.max_blocks}): quantized blocks 0..{n_blocks - 1} of "
+              f"{n_layers} in {blocks_secs:.2f}s; blocks {n_blocks}..{n_layers - 1} are unchanged")
+    # Block 0 carries the warm-up (CUDA kernels and cuBLAS handles made on first use), so the
+    # extrapolation uses the later blocks where there are some.
+    steady = per_block[1:] if len(per_block) > 1 else per_block
+    mean = sum(steady) / len(steady) if steady else 0.0
+    extrapolated = per_block[0] + mean * (n_layers - 1) if per_block else 0.0
+    print(f"per block: mean {mean:.2f}s over blocks {1 if len(per_block) > 1 else 0}.."
+          f"{len(per_block) - 1}; all {n_layers} blocks extrapolated: {extrapolated:.1f}s")
 
-    os.makedirs(a.out, exist_ok=True)
-    model.config.use_cache = True
-    model.to(torch.float32)
-    model.save_pretrained(a.out, max_shard_size="100000GB")
-    for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "tokenizer.model", "generation_config.json"]:
-        src = os.path.join(a.model, name)
-        if os.path.exists(src) and not os.path.exists(os.path.join(a.out, name)):
-            shutil.copy(src, os.path.join(a.out, name))
-    print(f"wrote {a.out}")
+    if a.out:
+        with timer("save"):
+            os.makedirs(a.out, exist_ok=True)
+            model.config.use_cache = True
+            model.to(torch.float32)
+            model.save_pretrained(a.out, max_shard_size="100000GB")
+            for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                         "tokenizer.model", "generation_config.json"]:
+                src = os.path.join(a.model, name)
+                if os.path.exists(src) and not os.path.exists(os.path.join(a.out, name)):
+                    shutil.copy(src, os.path.join(a.out, name))
+        print(f"wrote {a.out}" + ("" if n_blocks == n_layers else
+                                  f" (only blocks 0..{n_blocks - 1} quantized)"))
+    sync(device)
+    timer.add("total", time.perf_counter() - t_start)
+
+    res = write_json(finished=True)
+    notes = {"forward": "run_block calls incl. the Hessian hooks",
+             "hessian": "inside the hooks (CUDA events on a GPU)",
+             "move": "layer to and from the device", "blocks": "the block loop (sum of per-block)",
+             "total": "whole command after CUDA init, incl. load"}
+    for k, v in res["phases"].items():
+        print(f"phase {k:<8} {v:9.2f}s" + (f"  ({notes[k]})" if k in notes else ""))
+    if res["peak_gpu_bytes"] is not None:
+        print(f"peak GPU memory {res['peak_gpu_bytes'] / 2**30:.2f} GiB, ", end="")
+    print(f"peak host RSS {res['peak_host_bytes'] / 2**30:.2f} GiB")
+    if a.json:
+        print(f"wrote {a.json}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -554,11 +707,18 @@ def main():
     b.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008")
     b.add_argument("--tokens", type=int, default=4096)
     b.add_argument("--json")
-    m = sub.add_parser("model", help="GPTQ a Llama checkpoint, save fake-quantized dense f32")
+    m = sub.add_parser("model", help="GPTQ a Llama checkpoint block by block (timed), optionally "
+                       "save it fake-quantized as dense f32")
     quant_args(m)
     m.add_argument("--model", required=True)
     m.add_argument("--calib-tokens", required=True)
-    m.add_argument("--out", required=True)
+    m.add_argument("--out", help="save the fake-quantized model here (dense f32); default: not saved")
+    m.add_argument("--max-blocks", type=int, help="quantize blocks 0..N-1 only, then stop")
+    m.add_argument("--forward-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the model and its decoder-layer forward (H and GPTQ stay f32)")
+    m.add_argument("--batch", type=int, default=1,
+                   help="calibration sequences per decoder-layer call (memory for speed)")
+    m.add_argument("--json", help="write block times, phase times and peak memory here")
     c = sub.add_parser("check", help="compare with the Rust reference's dump")
     c.add_argument("--dump", required=True)
     c.add_argument("--dtype", default="float64", choices=["float64", "float32"])
@@ -567,6 +727,11 @@ def main():
         a.group = a.group or None
         if not 2 <= a.bits <= 8:
             p.error("--bits must be in 2..8")
+    if a.cmd == "model":
+        if a.batch < 1:
+            p.error("--batch must be at least 1")
+        if a.max_blocks is not None and a.max_blocks < 1:
+            p.error("--max-blocks must be at least 1")
     {"bench": cmd_bench, "model": cmd_model, "check": cmd_check}[a.cmd](a)
 
 
