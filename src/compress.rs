@@ -404,11 +404,15 @@ pub fn rtn(
 }
 
 pub(crate) fn rel_err(w: &[f32], q: &[f32]) -> f64 {
-    let (mut num, mut den) = (0f64, 0f64);
-    for (&a, &b) in w.iter().zip(q) {
-        num += (a as f64 - b as f64).powi(2);
-        den += (a as f64).powi(2);
-    }
+    let n = w.len().min(q.len());
+    let num = crate::par::sum(n, |r| {
+        w[r.clone()]
+            .iter()
+            .zip(&q[r])
+            .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+            .sum()
+    });
+    let den = crate::par::sum(n, |r| w[r].iter().map(|&a| (a as f64).powi(2)).sum());
     if den == 0.0 { num } else { num / den }
 }
 

@@ -9,6 +9,7 @@ pub mod eval;
 pub mod export;
 pub mod gpu;
 pub mod model;
+pub mod par;
 pub mod pipeline;
 pub mod quant;
 pub mod reference;

@@ -130,9 +130,21 @@ fn output_error(
         let p = GpuTensor::empty(ctx, rows, cols, GpuDtype::F32)?;
         matmul_into(ctx, &a, h, Layout::NN, &p, false, None)?;
         let p = p.to_f32(ctx)?;
-        Ok(p.iter().zip(m).map(|(&x, &y)| x as f64 * y as f64).sum())
+        Ok(crate::par::sum(m.len(), |r| {
+            p[r.clone()]
+                .iter()
+                .zip(&m[r])
+                .map(|(&x, &y)| x as f64 * y as f64)
+                .sum()
+        }))
     };
-    let delta: Vec<f32> = w.iter().zip(deq).map(|(a, b)| a - b).collect();
+    let mut delta = vec![0f32; w.len()];
+    crate::par::for_chunks_mut(&mut delta, crate::par::PIECE, |start, d| {
+        let (w, deq) = (&w[start..start + d.len()], &deq[start..start + d.len()]);
+        for ((d, a), b) in d.iter_mut().zip(w).zip(deq) {
+            *d = a - b;
+        }
+    });
     let den = quad(w)?;
     Ok(if den > 0.0 { quad(&delta)? / den } else { 0.0 })
 }

@@ -4,6 +4,7 @@
 
 use super::context::GpuContext;
 use crate::error::{Error, Result};
+use half::slice::HalfFloatSliceExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -192,11 +193,13 @@ impl GpuTensor {
         match dtype {
             GpuDtype::F32 => Self::from_f32(ctx, rows, cols, data),
             GpuDtype::F16 => {
-                let h: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
+                let mut h = vec![half::f16::ZERO; data.len()];
+                crate::par::map(data, &mut h, |s, d| d.convert_from_f32_slice(s));
                 Self::from_bytes(ctx, rows, cols, dtype, bytemuck::cast_slice(&h))
             }
             GpuDtype::BF16 => {
-                let h: Vec<half::bf16> = data.iter().map(|&x| half::bf16::from_f32(x)).collect();
+                let mut h = vec![half::bf16::ZERO; data.len()];
+                crate::par::map(data, &mut h, |s, d| d.convert_from_f32_slice(s));
                 Self::from_bytes(ctx, rows, cols, dtype, bytemuck::cast_slice(&h))
             }
             GpuDtype::U32 => Err(Error::invalid("from_f32_as: u32 is not a float type")),

@@ -201,15 +201,29 @@ impl QuantizedTensor {
         }
     }
 
-    /// Dequantized weights, row-major f32.
+    /// Dequantized weights, row-major f32 (rows on all cores; each value is exactly
+    /// [`GroupParams::dequantize`] of its group's parameters).
     pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = Vec::with_capacity(self.rows * self.cols);
-        for r in 0..self.rows {
-            for c in 0..self.cols {
-                let p = self.params(r, self.g_idx[c] as usize);
-                out.push(p.dequantize(self.q[r * self.cols + c] as u32));
-            }
+        let (cols, ng) = (self.cols, self.n_groups());
+        let mut out = vec![0f32; self.rows * cols];
+        if cols == 0 {
+            return out;
         }
+        let rows_per = crate::par::PIECE.div_ceil(cols);
+        crate::par::for_chunks_mut(&mut out, rows_per * cols, |start, o| {
+            for (i, row) in o.chunks_mut(cols).enumerate() {
+                let r = start / cols + i;
+                let (scales, zeros) = (
+                    &self.scales[r * ng..(r + 1) * ng],
+                    &self.zeros[r * ng..(r + 1) * ng],
+                );
+                let q = &self.q[r * cols..(r + 1) * cols];
+                for ((d, &qv), &g) in row.iter_mut().zip(q).zip(&self.g_idx) {
+                    let g = g as usize;
+                    *d = scales[g] * (qv as f32 - zeros[g] as f32);
+                }
+            }
+        });
         out
     }
 }

@@ -65,35 +65,61 @@ fn pack_streams(
     bits: u8,
     words_major: bool,
     what: &str,
-    get: impl Fn(usize, usize) -> u32,
+    get: impl Fn(usize, usize) -> u32 + Sync,
 ) -> Result<Vec<i32>> {
     let n_words = packed_len(len, bits, what)?;
     let maxq = (1u32 << bits) - 1;
     let b = bits as usize;
-    let mut out = vec![0u32; n_words * n_streams];
-    let idx = |s: usize, w: usize| {
-        if words_major {
-            w * n_streams + s
-        } else {
-            s * n_words + w
+    // Validate first (cheap, and the error names the first bad value), then pack on all cores.
+    let bad = crate::par::sum(n_streams, |r| {
+        r.map(|s| (0..len).filter(|&k| get(s, k) > maxq).count())
+            .sum::<usize>() as f64
+    });
+    if bad > 0.0 {
+        for s in 0..n_streams {
+            for k in 0..len {
+                let v = get(s, k);
+                if v > maxq {
+                    return Err(Error::invalid(format!(
+                        "{what}: value {v} at ({s}, {k}) does not fit in {bits} bits"
+                    )));
+                }
+            }
         }
-    };
-    for s in 0..n_streams {
-        for k in 0..len {
+    }
+    // Word w of stream s holds bits w*32 .. w*32+31 of the stream's concatenated values: the
+    // values starting in it, and the high bits of a 3-bit value that started at bit 30 or 31 of
+    // the word before.
+    let word = |s: usize, w: usize| -> u32 {
+        let mut acc = 0u32;
+        for k in (w * 32) / b..((w + 1) * 32).div_ceil(b).min(len) {
             let v = get(s, k);
-            if v > maxq {
-                return Err(Error::invalid(format!(
-                    "{what}: value {v} at ({s}, {k}) does not fit in {bits} bits"
-                )));
-            }
             let p = k * b;
-            let (w, sh) = (p / 32, p % 32);
-            out[idx(s, w)] |= v << sh;
-            // A 3-bit value starting at bit 30 or 31 continues in the low bits of the next word.
-            if sh + b > 32 {
-                out[idx(s, w + 1)] |= v >> (32 - sh);
+            let (ww, sh) = (p / 32, p % 32);
+            if ww == w {
+                acc |= v << sh;
+            } else if sh + b > 32 {
+                acc |= v >> (32 - sh);
             }
         }
+        acc
+    };
+    let (lines, line_len) = if words_major {
+        (n_words, n_streams)
+    } else {
+        (n_streams, n_words)
+    };
+    let mut out = vec![0u32; lines * line_len];
+    if line_len > 0 {
+        let per = crate::par::PIECE.div_ceil(line_len) * line_len;
+        crate::par::for_chunks_mut(&mut out, per, |start, o| {
+            for (i, line) in o.chunks_mut(line_len).enumerate() {
+                let l = start / line_len + i;
+                for (j, x) in line.iter_mut().enumerate() {
+                    *x = if words_major { word(j, l) } else { word(l, j) };
+                }
+            }
+        });
     }
     // int32 is the format's storage type; the bit pattern is what matters.
     Ok(out.into_iter().map(|w| w as i32).collect())
