@@ -1,4 +1,5 @@
-// Per-(row, group) reductions of a row-major f32 matrix: min, max, max |x|, sum of squares.
+// Per-(row, group) reductions of a row-major f32 matrix: min, max, max |x|, sum of squares, and
+// the dot product with a second matrix of the same shape (`z`; the other ops bind `x` there).
 //
 // Work split: the host picks `lanes`, a power of two <= 256 no smaller than needed for one group
 // (capped at 256), so one workgroup of 256 invocations reduces 256 / lanes consecutive segments
@@ -15,14 +16,15 @@ struct Params {
     in_off: u32,    // element offset of this dispatch's first row in the input chunk
     out_off: u32,   // element offset of its first output in the output chunk
     lanes: u32,     // invocations per segment, a power of two dividing 256
-    op: u32,        // 0 min, 1 max, 2 max |x|, 3 sum of squares
+    op: u32,        // 0 min, 1 max, 2 max |x|, 3 sum of squares, 4 dot with z
 }
 
 const WG: u32 = 256u;
 
 @group(0) @binding(0) var<storage, read> x: array<f32>;
-@group(0) @binding(1) var<storage, read_write> y: array<f32>;
-@group(0) @binding(2) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> z: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(3) var<uniform> p: Params;
 
 var<workgroup> part: array<f32, WG>;
 
@@ -32,6 +34,7 @@ fn load(i: u32) -> f32 {
     switch p.op {
         case 2u: { return abs(v); }
         case 3u: { return v * v; }
+        case 4u: { return v * z[i]; }
         default: { return v; }
     }
 }
@@ -39,7 +42,7 @@ fn load(i: u32) -> f32 {
 fn combine(a: f32, b: f32) -> f32 {
     switch p.op {
         case 0u: { return min(a, b); }
-        case 3u: { return a + b; }
+        case 3u, 4u: { return a + b; }
         default: { return max(a, b); }
     }
 }
@@ -61,7 +64,7 @@ fn reduce(
         let base = p.in_off + row * p.cols + start;
         // Start from the segment's first element (a member of the segment, so it is a valid
         // identity for min/max without needing infinities); the sum starts from zero.
-        if (p.op != 3u) {
+        if (p.op < 3u) {
             acc = load(base);
         }
         for (var i = lane; i < len; i += lanes) {

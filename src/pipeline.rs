@@ -117,6 +117,8 @@ pub type Progress<'a> = &'a dyn Fn(&str, usize, usize);
 
 /// ||X Δᵀ||² / ||X Wᵀ||² = tr(Δ H Δᵀ) / tr(W H Wᵀ) for H ∝ XᵀX: the layer's relative output error
 /// on the calibration inputs, from two (out x in)·(in x in) products instead of two over all tokens.
+/// The traces are reduced on the GPU (per-row dot products, f32 over one row, summed in f64 here),
+/// so only `rows` values come back per trace.
 fn output_error(
     ctx: &GpuContext,
     w: &[f32],
@@ -125,19 +127,17 @@ fn output_error(
     cols: usize,
     h: &GpuTensor,
 ) -> Result<f64> {
-    let quad = |m: &[f32]| -> Result<f64> {
+    let trace = |m: &[f32]| -> Result<f64> {
         let a = GpuTensor::from_f32(ctx, rows, cols, m)?;
         let p = GpuTensor::empty(ctx, rows, cols, GpuDtype::F32)?;
         matmul_into(ctx, &a, h, Layout::NN, &p, false, None)?;
-        let p = p.to_f32(ctx)?;
-        Ok(crate::par::sum(m.len(), |r| {
-            p[r.clone()]
-                .iter()
-                .zip(&m[r])
-                .map(|(&x, &y)| x as f64 * y as f64)
-                .sum()
-        }))
+        let d = crate::gpu::reduce::dot_rows(ctx, &p, &a)?.to_f32(ctx)?;
+        Ok(d.iter().map(|&v| v as f64).sum())
     };
+    let den = trace(w)?;
+    if den <= 0.0 {
+        return Ok(0.0);
+    }
     let mut delta = vec![0f32; w.len()];
     crate::par::for_chunks_mut(&mut delta, crate::par::PIECE, |start, d| {
         let (w, deq) = (&w[start..start + d.len()], &deq[start..start + d.len()]);
@@ -145,8 +145,7 @@ fn output_error(
             *d = a - b;
         }
     });
-    let den = quad(w)?;
-    Ok(if den > 0.0 { quad(&delta)? / den } else { 0.0 })
+    Ok(trace(&delta)? / den)
 }
 
 /// Compresses `model` block by block on calibration text (GPU only) and writes `opts.format`.

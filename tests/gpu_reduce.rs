@@ -1,7 +1,9 @@
 //! GPU row/group reductions against the f64 CPU reference.
 mod common;
 
-use wgpress::gpu::reduce::{ReduceOp, reduce_groups, reduce_groups_into, reduce_rows};
+use wgpress::gpu::reduce::{
+    ReduceOp, dot_rows, dot_rows_into, reduce_groups, reduce_groups_into, reduce_rows,
+};
 use wgpress::gpu::{GpuContext, GpuDtype, GpuTensor};
 use wgpress::reference::reduce as reference;
 use wgpress::rng::Rng;
@@ -137,4 +139,51 @@ fn bad_input_is_a_clear_error() {
         .err()
         .unwrap();
     assert!(e.to_string().contains("shape mismatch"), "{e}");
+}
+
+/// The row dot product against the f64 reference, on one-chunk and one-row-per-chunk tensors and
+/// split grids, into a poisoned output. Tolerance: each product rounds once and the f32 sum
+/// rounds as in `sumsq_tol`, but terms have both signs, so the bound is relative to Σ|a·b|, not
+/// to the (possibly cancelling) result.
+#[test]
+fn row_dot_products_match_the_f64_reference() {
+    let mut rng = Rng::new(14);
+    for (limit, rows, cols, grid) in [
+        (None, 37, 203, None),
+        (None, 5, 70001, None),
+        (None, 300, 9, Some(3)),
+        (Some(1024), 61, 203, Some(2)),
+    ] {
+        let ctx = common::ctx_with(limit);
+        let a = rng.normal_vec(rows * cols, 1.3);
+        let b = rng.normal_vec(rows * cols, 0.4);
+        let (ga, gb) = (
+            GpuTensor::from_f32(&ctx, rows, cols, &a).unwrap(),
+            GpuTensor::from_f32(&ctx, rows, cols, &b).unwrap(),
+        );
+        let out = GpuTensor::empty(&ctx, rows, 1, GpuDtype::F32).unwrap();
+        out.fill_u32(&ctx, common::POISON);
+        dot_rows_into(&ctx, &ga, &gb, &out, grid).unwrap();
+        let got = out.to_f32(&ctx).unwrap();
+        let want = reference::dot_rows(&a, &b, rows, cols).unwrap();
+        let tol = sumsq_tol(cols);
+        for r in 0..rows {
+            let scale: f64 = (0..cols)
+                .map(|c| (a[r * cols + c] as f64 * b[r * cols + c] as f64).abs())
+                .sum();
+            let err = (got[r] as f64 - want[r]).abs();
+            assert!(
+                err <= tol * scale,
+                "{rows}x{cols} limit {limit:?} row {r}: {} vs {} (err {err:e} > {:e})",
+                got[r],
+                want[r],
+                tol * scale
+            );
+        }
+        assert_eq!(dot_rows(&ctx, &ga, &gb).unwrap().to_f32(&ctx).unwrap(), got);
+    }
+    let ctx = common::ctx();
+    let a = GpuTensor::from_f32(&ctx, 2, 3, &[1.0; 6]).unwrap();
+    let b = GpuTensor::from_f32(&ctx, 3, 2, &[1.0; 6]).unwrap();
+    assert!(dot_rows(&ctx, &a, &b).is_err());
 }

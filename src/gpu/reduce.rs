@@ -73,8 +73,51 @@ pub fn reduce_groups_into(
     out: &GpuTensor,
     grid_limit: Option<u32>,
 ) -> Result<()> {
+    reduce_impl(ctx, x, None, group, op_code(op), out, grid_limit)
+}
+
+/// Σ_c a[r, c]·b[r, c] per row (f32 accumulation, a tree per row): a `rows x 1` f32 tensor. `a`
+/// and `b` are f32 of one shape (their chunking may differ). Used for traces like tr(Δ H Δᵀ)
+/// without downloading the product.
+pub fn dot_rows(ctx: &GpuContext, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTensor> {
+    let out = GpuTensor::empty(ctx, a.rows, 1, GpuDtype::F32)?;
+    dot_rows_into(ctx, a, b, &out, None)?;
+    Ok(out)
+}
+
+/// [`dot_rows`] into a caller-allocated `rows x 1` output (see [`reduce_groups_into`]).
+#[doc(hidden)]
+pub fn dot_rows_into(
+    ctx: &GpuContext,
+    a: &GpuTensor,
+    b: &GpuTensor,
+    out: &GpuTensor,
+    grid_limit: Option<u32>,
+) -> Result<()> {
+    if b.rows != a.rows || b.cols != a.cols || b.dtype != GpuDtype::F32 {
+        return Err(Error::Shape {
+            op: "dot_rows".into(),
+            expected: format!("an F32 {}x{} second operand", a.rows, a.cols),
+            got: b.shape_str(),
+        });
+    }
+    reduce_impl(ctx, a, Some(b), a.cols.max(1), OP_DOT, out, grid_limit)
+}
+
+/// `op` code of the row dot product in `reduce.wgsl`.
+const OP_DOT: u32 = 4;
+
+fn reduce_impl(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    z: Option<&GpuTensor>,
+    group: usize,
+    op: u32,
+    out: &GpuTensor,
+    grid_limit: Option<u32>,
+) -> Result<()> {
     const KERNEL: &str = "reduce";
-    let shape = format!("{} group {group} {op:?}", x.shape_str());
+    let shape = format!("{} group {group} op {op}", x.shape_str());
     if group == 0 {
         return Err(Error::invalid("reduce: group size must be positive"));
     }
@@ -104,8 +147,11 @@ pub fn reduce_groups_into(
         .min(ctx.max_workgroups_per_dim());
     let mut params = Vec::new();
     let mut launches = Vec::new();
-    for (r0, r1) in GpuTensor::common_row_ranges(&[x, out]) {
+    // The other ops bind x as z; the dot product needs z's rows where x has them.
+    let z = z.unwrap_or(x);
+    for (r0, r1) in GpuTensor::common_row_ranges(&[x, z, out]) {
         let (xi, xr) = x.locate(r0);
+        let (zi, zr) = z.locate(r0);
         let (oi, or) = out.locate(r0);
         for Launch {
             first: d0,
@@ -121,16 +167,28 @@ pub fn reduce_groups_into(
                 in_off: to_u32((xr + d0) * x.cols, KERNEL, &shape)?,
                 out_off: to_u32((or + d0) * n_groups, KERNEL, &shape)?,
                 lanes: lanes as u32,
-                op: op_code(op),
+                op,
             });
-            launches.push((xi, oi, groups));
+            launches.push((xi, zi, oi, groups));
+            // x and z are read at one offset (in_off), so their rows must sit alike.
+            if zr != xr {
+                return Err(Error::gpu(
+                    KERNEL,
+                    &shape,
+                    "the two operands are chunked at different rows",
+                ));
+            }
         }
     }
     let dispatches: Vec<Dispatch> = params
         .iter()
         .zip(&launches)
-        .map(|(p, &(xi, oi, groups))| Dispatch {
-            buffers: vec![&x.chunks[xi].buffer, &out.chunks[oi].buffer],
+        .map(|(p, &(xi, zi, oi, groups))| Dispatch {
+            buffers: vec![
+                &x.chunks[xi].buffer,
+                &z.chunks[zi].buffer,
+                &out.chunks[oi].buffer,
+            ],
             uniform: Some(bytemuck::bytes_of(p)),
             groups,
         })

@@ -1,5 +1,5 @@
 //! CPU reference for the row/group reductions of `gpu::reduce`: min, max, max |x| and sum of
-//! squares over consecutive groups of columns, accumulated in f64 in plain index order so the
+//! squares over consecutive groups of columns, and the per-row dot product of two matrices, accumulated in f64 in plain index order so the
 //! result is obviously right. It must stay simple (no blocking, no SIMD tricks) and must not call
 //! into `gpu/`: the GPU kernels are judged against it.
 
@@ -69,6 +69,23 @@ pub fn reduce_rows(x: &[f32], rows: usize, cols: usize, op: ReduceOp) -> Result<
     reduce_groups(x, rows, cols, cols.max(1), op)
 }
 
+/// Σ_c a[r, c]·b[r, c] per row of two row-major `rows x cols` matrices, in f64.
+pub fn dot_rows(a: &[f32], b: &[f32], rows: usize, cols: usize) -> Result<Vec<f64>> {
+    if a.len() != rows * cols || b.len() != rows * cols {
+        return Err(Error::Shape {
+            op: "dot_rows".into(),
+            expected: format!("two x {} values for {rows}x{cols}", rows * cols),
+            got: format!("{} and {} values", a.len(), b.len()),
+        });
+    }
+    Ok((0..rows)
+        .map(|r| {
+            let (ra, rb) = (&a[r * cols..(r + 1) * cols], &b[r * cols..(r + 1) * cols]);
+            ra.iter().zip(rb).map(|(&x, &y)| x as f64 * y as f64).sum()
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,5 +101,10 @@ mod tests {
         assert_eq!(reduce_rows(&x, 1, 7, ReduceOp::Min).unwrap(), vec![-2.0]);
         assert!(reduce_groups(&x, 2, 7, 3, ReduceOp::Min).is_err());
         assert!(reduce_groups(&x, 1, 7, 0, ReduceOp::Min).is_err());
+        assert_eq!(
+            dot_rows(&x[..6], &x[1..], 2, 3).unwrap(),
+            vec![-2.0 - 6.0 + 1.5, -0.125 - 1.0 + 8.0]
+        );
+        assert!(dot_rows(&x, &x, 2, 3).is_err());
     }
 }
