@@ -252,12 +252,12 @@ pub fn rope(
     )
 }
 
+/// The line of forward.wgsl that [`attention_source`] rewrites (a test checks it is there once).
+const HEAD_D4_LINE: &str = "const HEAD_D4: u32 = 32u;";
+
 /// The forward module with the attention kernel's head dimension fixed to `d` (a multiple of 4).
 pub fn attention_source(d: usize) -> String {
-    shaders::FORWARD.replace(
-        "const HEAD_D4: u32 = 32u;",
-        &format!("const HEAD_D4: u32 = {}u;", d / 4),
-    )
+    shaders::FORWARD.replace(HEAD_D4_LINE, &format!("const HEAD_D4: u32 = {}u;", d / 4))
 }
 
 /// Causal grouped-query attention over sequences of `seq` rows: q is rows x hq*d, k and v are
@@ -532,4 +532,17 @@ pub fn kl_top1(ctx: &GpuContext, base: &GpuTensor, other: &GpuTensor) -> Result<
         grid,
     )?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_head_dimension_line_is_there_to_replace() {
+        assert_eq!(
+            super::shaders::FORWARD.matches(super::HEAD_D4_LINE).count(),
+            1
+        );
+        let s = super::attention_source(20);
+        assert!(s.contains("const HEAD_D4: u32 = 5u;") && !s.contains(super::HEAD_D4_LINE));
+    }
 }
