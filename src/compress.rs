@@ -141,6 +141,16 @@ impl PhaseTimes {
             ("write", self.write),
         ]
     }
+
+    /// "prepare 1.23, load 0.45, ..." with `decimals` digits after the point.
+    pub fn line(&self, decimals: usize) -> String {
+        let parts: Vec<String> = self
+            .named()
+            .iter()
+            .map(|(n, s)| format!("{n} {s:.decimals$}"))
+            .collect();
+        parts.join(", ")
+    }
 }
 
 /// The process's peak resident memory in bytes (`VmHWM` of /proc/self/status), where the OS

@@ -969,15 +969,9 @@ mod compress {
             ))
         );
         if let Some(c) = &report.calibration {
-            let phases: Vec<String> = c
-                .phases
-                .named()
-                .iter()
-                .map(|(n, s)| format!("{n} {s:.2}"))
-                .collect();
             println!(
                 "phases (s): {} ({} sequences per batch)",
-                phases.join(", "),
+                c.phases.line(2),
                 c.batch_sequences
             );
         }

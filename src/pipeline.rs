@@ -300,15 +300,10 @@ pub fn run(
         }
         drop(blk);
         clock.lap(&mut phases.write)?;
-        let so_far: Vec<String> = phases
-            .named()
-            .iter()
-            .map(|(n, s)| format!("{n} {s:.1}"))
-            .collect();
         log::info!(
             "block {l} done at {:.1} s (so far: {}; peak GPU {:.0} MiB)",
             t0.elapsed().as_secs_f64(),
-            so_far.join(", "),
+            phases.line(1),
             ctx.memory().1 as f64 / 1048576.0
         );
     }
