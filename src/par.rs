@@ -43,6 +43,34 @@ pub fn for_chunks_mut<T: Send>(data: &mut [T], chunk: usize, f: impl Fn(usize, &
     });
 }
 
+/// Runs `f(&mut state, item)` for every item on `threads` threads (at least 1, at most one per
+/// item), each thread with its own `init()` state; threads take the next item from a shared
+/// queue, so items of uneven cost balance. For work that is not one slice (e.g. pieces of several
+/// tensors); results must not depend on which thread ran an item.
+pub fn for_each_queued<T: Send, S>(
+    items: Vec<T>,
+    threads: usize,
+    init: impl Fn() -> S + Sync,
+    f: impl Fn(&mut S, T) + Sync,
+) {
+    let threads = threads.clamp(1, items.len().max(1));
+    let queue = std::sync::Mutex::new(items);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                let mut state = init();
+                loop {
+                    // A poisoned lock means another worker panicked; the scope re-raises that
+                    // panic, so taking the data as it is here is harmless.
+                    let item = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                    let Some(item) = item else { break };
+                    f(&mut state, item);
+                }
+            });
+        }
+    });
+}
+
 /// Σ f(r) over the consecutive ranges r of [`PIECE`] indices that cover `0..len`, each piece's sum
 /// computed on some core and the pieces added in order.
 pub fn sum(len: usize, f: impl Fn(Range<usize>) -> f64 + Sync) -> f64 {
@@ -83,6 +111,19 @@ mod tests {
                 }
             });
             assert!(dst.iter().enumerate().all(|(i, &x)| x == 2 * i as u64));
+        }
+        for threads in [1, 3] {
+            let seen = std::sync::Mutex::new(vec![0u32; 50]);
+            for_each_queued(
+                (0..50usize).collect(),
+                threads,
+                || 0usize,
+                |count, i| {
+                    *count += 1;
+                    seen.lock().unwrap()[i] += 1;
+                },
+            );
+            assert!(seen.into_inner().unwrap().iter().all(|&n| n == 1));
         }
     }
 }

@@ -10,8 +10,8 @@
 //! by the residual stream after attention, where the Down and output passes start. Peak GPU
 //! memory is the calibration activations twice (X and the kept attention output; 1.5x under f16)
 //! plus one block, one Hessian and one batch's intermediates, independent of the number of
-//! blocks. Methods plug in through
-//! [`LayerMethod`]. Each phase's wall time is reported (`CalibrationReport::phases`).
+//! blocks. Methods plug in through [`LayerMethod`]. Each phase's wall time is reported
+//! (`CalibrationReport::phases`).
 use crate::calib::{CalibOptions, sample_windows};
 use crate::compress::{
     CalibrationReport, CompressOptions, CompressReport, LayerReport, PhaseTimes, Sink,

@@ -171,21 +171,11 @@ pub struct GpuContext {
 /// `dst.copy_from_slice(src)` on several threads for large copies: a fresh destination costs a
 /// page fault per 4 KiB page, which dominated large read-backs on one thread (~1.4 GB/s).
 fn parallel_copy(dst: &mut [u8], src: &[u8]) {
+    // Pieces of at least 4 MiB: smaller copies stay on the calling thread.
     const MIN_PER_THREAD: usize = 4 << 20;
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(8)
-        .min(dst.len() / MIN_PER_THREAD)
-        .max(1);
-    if threads == 1 {
-        dst.copy_from_slice(src);
-        return;
-    }
-    let per = dst.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        for (d, c) in dst.chunks_mut(per).zip(src.chunks(per)) {
-            s.spawn(move || d.copy_from_slice(c));
-        }
+    let piece = MIN_PER_THREAD.max(dst.len().div_ceil(crate::par::threads()));
+    crate::par::for_chunks_mut(dst, piece, |start, d| {
+        d.copy_from_slice(&src[start..start + d.len()])
     });
 }
 

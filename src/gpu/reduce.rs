@@ -77,8 +77,9 @@ pub fn reduce_groups_into(
 }
 
 /// Σ_c a[r, c]·b[r, c] per row (f32 accumulation, a tree per row): a `rows x 1` f32 tensor. `a`
-/// and `b` are f32 of one shape (their chunking may differ). Used for traces like tr(Δ H Δᵀ)
-/// without downloading the product.
+/// and `b` are f32 of one shape and chunked alike (as any two tensors `empty`/`from_f32` make of
+/// one shape are; otherwise an error). Used for traces like tr(Δ H Δᵀ) without downloading the
+/// product.
 pub fn dot_rows(ctx: &GpuContext, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTensor> {
     let out = GpuTensor::empty(ctx, a.rows, 1, GpuDtype::F32)?;
     dot_rows_into(ctx, a, b, &out, None)?;
@@ -153,6 +154,14 @@ fn reduce_impl(
         let (xi, xr) = x.locate(r0);
         let (zi, zr) = z.locate(r0);
         let (oi, or) = out.locate(r0);
+        // x and z are read at one offset (in_off), so their rows must sit alike.
+        if zr != xr {
+            return Err(Error::gpu(
+                KERNEL,
+                &shape,
+                "the two operands are chunked at different rows",
+            ));
+        }
         for Launch {
             first: d0,
             rows,
@@ -170,14 +179,6 @@ fn reduce_impl(
                 op,
             });
             launches.push((xi, zi, oi, groups));
-            // x and z are read at one offset (in_off), so their rows must sit alike.
-            if zr != xr {
-                return Err(Error::gpu(
-                    KERNEL,
-                    &shape,
-                    "the two operands are chunked at different rows",
-                ));
-            }
         }
     }
     let dispatches: Vec<Dispatch> = params

@@ -24,7 +24,6 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Mutex;
 
 /// The tiny model's tokenizer, written into synthetic checkpoints whose vocabulary can hold it.
 const TOKENIZER_JSON: &str = include_str!("../../assets/tiny/tokenizer.json");
@@ -182,8 +181,7 @@ impl SynthSpec {
 /// replaced), generating on all available cores. The same `seed` and spec always give the same
 /// bytes.
 pub fn write_random_llama(out: &Path, cfg: &SynthSpec, seed: u64) -> Result<()> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    write_random_llama_threads(out, cfg, seed, threads)
+    write_random_llama_threads(out, cfg, seed, crate::par::threads())
 }
 
 /// `write_random_llama` on `threads` threads (0 counts as 1). The output does not depend on
@@ -395,24 +393,11 @@ fn chunk_rng(seed: u64, tensor: usize, chunk: usize) -> Rng {
     Rng::new(b ^ chunk as u64)
 }
 
-/// Runs `jobs` on `threads` scoped threads, each taking the next job from a shared queue (jobs are
-/// at most CHUNK elements, so the queue balances the load).
+/// Runs `jobs` on `threads` threads from a shared queue (jobs are at most CHUNK elements, so the
+/// queue balances the load), each thread with its own scratch buffers.
 fn run_jobs(jobs: Vec<Job<'_>>, zig: &Ziggurat, dtype: Dtype, threads: usize) {
-    let threads = threads.clamp(1, jobs.len().max(1));
-    let queue = Mutex::new(jobs);
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| {
-                let mut scratch = Scratch::default();
-                loop {
-                    // A poisoned lock means another worker panicked; the scope re-raises that
-                    // panic, so taking the data as it is here is harmless.
-                    let job = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
-                    let Some(job) = job else { break };
-                    job.run(zig, dtype, &mut scratch);
-                }
-            });
-        }
+    crate::par::for_each_queued(jobs, threads, Scratch::default, |scratch, job| {
+        job.run(zig, dtype, scratch)
     });
 }
 
