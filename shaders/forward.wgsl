@@ -10,6 +10,7 @@
 //               softmax per row, so no seq x seq matrix is ever stored
 //   silu_mul    g = silu(g) * u in place (SwiGLU)
 //   add         x += y (residual), optionally y + bias broadcast per column (bias_add)
+//   sub         x -= y (Δ = W - Ŵ of a compressed layer, for its error)
 //   nll         per row: logsumexp(logits) - logits[target] (the cross-entropy of one token)
 //   to_f16      y (f16 pairs) = x (f32) rounded to f16, for the f16 forward's linear inputs; a value
 //               beyond f16's range is saturated and raises a flag the host checks
@@ -226,7 +227,7 @@ fn silu_mul(@builtin(global_invocation_id) gid: vec3<u32>) {
     s_g[sp.x_off + i] = g / (1.0 + exp(-g)) * s_u[sp.y_off + i];
 }
 
-// ---- add: binding 0 x (in place), 1 y, 2 params; bias_add: y is one row broadcast to all rows
+// ---- add, sub: binding 0 x (in place), 1 y, 2 params; bias_add: y is one row broadcast to all rows
 @group(0) @binding(0) var<storage, read_write> d_x: array<f32>;
 @group(0) @binding(1) var<storage, read> d_y: array<f32>;
 @group(0) @binding(2) var<uniform> dp: Rows;
@@ -238,6 +239,16 @@ fn add(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     d_x[dp.x_off + i] = d_x[dp.x_off + i] + d_y[dp.y_off + i];
+}
+
+// x -= y (the difference of two weight matrices for the layer error)
+@compute @workgroup_size(256)
+fn sub(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x + gid.y * 65535u * 256u;
+    if (i >= dp.rows * dp.cols) {
+        return;
+    }
+    d_x[dp.x_off + i] = d_x[dp.x_off + i] - d_y[dp.y_off + i];
 }
 
 @compute @workgroup_size(256)

@@ -9,8 +9,9 @@
 //                 rule (H_aa == 0 -> 1) and damping on the diagonal: the index reversal prepares
 //                 the matrix whose reversed factor inverse is U (gpu::linalg::flip)
 //   hess_diag     diag H of one row chunk
-//   w_gather      Wp[r][i] = W[r][perm[i]] (0 for dead columns and padding) for a piece of rows of
-//                 W, written at element offset `gk` of the chunk
+//   w_gather      Wp[r][i] = W[r][perm[i]] (0 for dead columns and padding) for rows of W that lie
+//                 in one chunk of W (from its element `w_off`) and one chunk of Wp (written from
+//                 its element `gk`): W stays on the GPU, chunked as its own binding limit says
 //   fit_groups    grid of one (row, group) per workgroup: positions [start, start + group), or with
 //                 `gather` the original columns [k·group, (k+1)·group) of static groups
 //   block_rows    the fused in-block column loop, one invocation per row (gptq_sg.wgsl has the
@@ -33,7 +34,7 @@ struct Params {
     damp: f32,      // hess_scatter: added to the diagonal
     err_ld: u32,    // row stride of Err
     err_col: u32,   // block: Err column of the block's first position
-    pad1: u32,
+    w_off: u32,     // w_gather: element offset of the first row in the bound chunk of W
 }
 
 const MSE_NORM: f32 = 2.4;
@@ -120,7 +121,7 @@ fn w_gather(
     if (i < gp.cols) {
         let c = perm[i];
         if ((c & DEAD) == 0u) {
-            v = wsrc[r * gp.cols + c];
+            v = wsrc[gp.w_off + r * gp.cols + c];
         }
     }
     wp[gp.gk + e] = v;

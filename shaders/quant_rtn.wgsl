@@ -5,6 +5,9 @@
 //   quantize  q = clamp(round(w / scale) + zero, 0, maxq), four u8 packed per u32 (byte j = column
 //             4k + j), rows padded to whole words
 //   dequant   scale * (q - zero) as f32 (stored through a u32 view)
+//   dequant_packed  the same from stored integers instead of w: q packed four per u32 (byte j of
+//             word k = column 4k + j) and the group of each column from g_idx (act-order), so
+//             GPTQ's result is dequantized where it was computed
 //
 // The grid functions (fit_minmax, quantize_one, ...) come from quant_grid.wgsl, prepended.
 
@@ -13,13 +16,15 @@ struct Params {
     cols: u32,
     group: u32,     // columns per group
     n_groups: u32,
-    w_off: u32,     // element offset of the first row in the weight chunk
+    w_off: u32,     // element offset of the first row in the weight chunk (dequant_packed: word
+                    // offset in the packed chunk)
     p_off: u32,     // element offset of its first (row, group) in the scales/zeros chunks
     o_off: u32,     // word offset of its first output in the output chunk
     lanes: u32,     // fit: invocations per segment (power of two dividing 256)
     maxq: u32,
     sym: u32,
-    words: u32,     // output words per row (quantize: ceil(cols / 4); dequant: cols)
+    words: u32,     // output words per row (quantize: ceil(cols / 4); dequant: cols);
+                    // dequant_packed: packed words per row of the input
     div_skew: i32,  // test hook: ulps added to every quotient (0 in production)
 }
 
@@ -129,4 +134,28 @@ fn dequant(
     let q = quantize_one(w[p.w_off + idx], s, z, p.maxq, p.div_skew);
     // GroupParams::dequantize: scale * (q - zero), both integers exact in f32.
     out[p.o_off + idx] = bitcast<u32>(s * (f32(q) - f32(z)));
+}
+
+// dequant_packed: binding 0 the packed integers, 1-2 the grid, 3 the output, 4 g_idx (one u32 per
+// column, each < n_groups: the host checks), 5 the uniform.
+@group(0) @binding(0) var<storage, read> pq: array<u32>;
+@group(0) @binding(4) var<storage, read> gidx: array<u32>;
+@group(0) @binding(5) var<uniform> dp: Params;
+
+@compute @workgroup_size(256)
+fn dequant_packed(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let idx = linear_index(wid, nwg, lid);
+    if (idx >= dp.rows * dp.cols) {
+        return;
+    }
+    let row = idx / dp.cols;
+    let c = idx % dp.cols;
+    let q = (pq[dp.w_off + row * dp.words + c / 4u] >> (8u * (c % 4u))) & 0xFFu;
+    let pi = dp.p_off + row * dp.n_groups + gidx[c];
+    // QuantizedTensor::dequantize: scale * (q - zero), both integers exact in f32.
+    out[dp.o_off + idx] = bitcast<u32>(scales[pi] * (f32(q) - f32(zeros[pi])));
 }

@@ -120,9 +120,11 @@ pub struct PhaseTimes {
     pub forward: f64,
     /// Accumulating H = (2/n)·XᵀX.
     pub hessian: f64,
-    /// The layer method (GPTQ or RTN), including its upload of W and download of the result.
+    /// The layer method (GPTQ or RTN), including the decode and single upload of W, Ŵ's
+    /// dequantization on the GPU and the download of the quantized result.
     pub method: f64,
-    /// The per-layer output error and dequantization.
+    /// The per-layer weight and output errors (on the GPU) and the block's replacement weight
+    /// (Ŵ, converted to f16 on the GPU under --precision f16).
     pub error: f64,
     /// Handing tensors to the output writer and writing the files.
     pub write: f64,
@@ -272,13 +274,21 @@ impl<'a> Sink<'a> {
         })
     }
 
-    /// A quantized linear layer `name` (ending in `.weight`) with its dequantized values.
-    pub fn quantized(&mut self, name: &str, q: QuantizedTensor, deq: Vec<f32>) -> Result<()> {
+    /// A quantized linear layer `name` (ending in `.weight`), with its dequantized values when
+    /// the caller has them already. Only the dense writer uses them; it dequantizes `q` itself
+    /// when they are not given, so callers that keep Ŵ elsewhere (the pipeline: on the GPU)
+    /// never build a host copy for the other formats.
+    pub fn quantized(
+        &mut self,
+        name: &str,
+        q: QuantizedTensor,
+        deq: Option<Vec<f32>>,
+    ) -> Result<()> {
         let t = match self.writer {
             Writer::Dense(_) => ExportTensor::Plain {
                 name: name.to_string(),
                 shape: vec![q.rows, q.cols],
-                data: deq,
+                data: deq.unwrap_or_else(|| q.dequantize()),
             },
             _ => ExportTensor::Quantized {
                 name: name.trim_end_matches(".weight").to_string(),
@@ -399,7 +409,7 @@ pub fn rtn(
                 damp_used: None,
                 dead_columns: 0,
             });
-            sink.quantized(name, q, deq)?;
+            sink.quantized(name, q, Some(deq))?;
         } else {
             sink.plain(name, shape, data)?;
         }

@@ -12,10 +12,16 @@
 //! plus one block, one Hessian and one batch's intermediates, independent of the number of
 //! blocks. Methods plug in through [`LayerMethod`]. Each phase's wall time is reported
 //! (`CalibrationReport::phases`).
+//!
+//! Per linear layer W crosses to the GPU once, as f32: the method reads it there and leaves Ŵ
+//! there, the layer's errors come from the two ([`layer_errors`]), and Ŵ (converted to f16 on the
+//! GPU under --precision f16) replaces the layer's weight in the block. What comes back is the
+//! quantized tensor for the writer and a few per-row sums; the host never dequantizes unless the
+//! dense writer needs the values.
 use crate::calib::{CalibOptions, sample_windows};
 use crate::compress::{
     CalibrationReport, CompressOptions, CompressReport, LayerReport, PhaseTimes, Sink,
-    peak_host_bytes, rel_err, validate,
+    peak_host_bytes, validate,
 };
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -24,7 +30,7 @@ use crate::gpu::stats::HessianAccumulator;
 use crate::gpu::{GpuContext, GpuDtype, GpuTensor};
 use crate::model::Model;
 use crate::model::forward::{
-    ForwardPlan, GpuBlock, Site, attention_residual, capture_input, embed, linear_weight,
+    ForwardPlan, GpuBlock, Site, attention_residual, capture_input, embed, linear_weight_gpu,
     mlp_capture, mlp_residual,
 };
 use crate::model::tokenizer::Tokenizer;
@@ -36,24 +42,23 @@ use std::time::Instant;
 /// What a method produced for one layer.
 pub struct Compressed {
     pub q: QuantizedTensor,
+    /// Ŵ, the dequantized weights (`rows x cols` f32 on the GPU), equal bit for bit to
+    /// `q.dequantize()`: the layer's errors and the block's weights for the later passes are
+    /// taken from it without a host round trip.
+    pub deq: GpuTensor,
     /// Hessian damping actually used (second-order methods; larger than asked after a retry).
     pub damp_used: Option<f32>,
     /// Input columns that never saw a nonzero activation (H_ii = 0).
     pub dead_columns: usize,
 }
 
-/// A per-layer compression method: sees the layer's f32 weights (out x in) and the Hessian of its
-/// input (in x in, on the GPU). RTN ignores H; GPTQ, SparseGPT and low-rank methods use it.
+/// A per-layer compression method: sees the layer's f32 weights (out x in) on the GPU, uploaded
+/// once by the pipeline and only read by the method (the pipeline reuses them for the layer's
+/// errors), and the Hessian of its input (in x in, on the GPU). RTN ignores H; GPTQ, SparseGPT
+/// and low-rank methods use it.
 pub trait LayerMethod {
     fn name(&self) -> &'static str;
-    fn compress(
-        &self,
-        ctx: &GpuContext,
-        w: &[f32],
-        rows: usize,
-        cols: usize,
-        h: &GpuTensor,
-    ) -> Result<Compressed>;
+    fn compress(&self, ctx: &GpuContext, w: &GpuTensor, h: &GpuTensor) -> Result<Compressed>;
 }
 
 /// Round to nearest on the shared grid.
@@ -63,17 +68,16 @@ impl LayerMethod for Rtn {
     fn name(&self) -> &'static str {
         "rtn"
     }
-    fn compress(
-        &self,
-        ctx: &GpuContext,
-        w: &[f32],
-        rows: usize,
-        cols: usize,
-        _h: &GpuTensor,
-    ) -> Result<Compressed> {
-        let t = GpuTensor::from_f32(ctx, rows, cols, w)?;
+    fn compress(&self, ctx: &GpuContext, w: &GpuTensor, _h: &GpuTensor) -> Result<Compressed> {
+        use crate::gpu::quant;
+        let grid = quant::fit_grid(ctx, w, &self.0)?;
+        let packed = quant::quantize_packed(ctx, w, &self.0, &grid)?;
+        // `dequantize` recomputes each integer from w and the grid with the kernel that made
+        // `packed`, so Ŵ is exactly the downloaded tensor's dequantization.
+        let deq = quant::dequantize(ctx, w, &self.0, &grid)?;
         Ok(Compressed {
-            q: crate::gpu::quant::rtn(ctx, &t, &self.0)?,
+            q: quant::download(ctx, w.rows, w.cols, &self.0, &grid, &packed)?,
+            deq,
             damp_used: None,
             dead_columns: 0,
         })
@@ -87,27 +91,22 @@ impl LayerMethod for Gptq {
     fn name(&self) -> &'static str {
         "gptq"
     }
-    fn compress(
-        &self,
-        ctx: &GpuContext,
-        w: &[f32],
-        rows: usize,
-        cols: usize,
-        h: &GpuTensor,
-    ) -> Result<Compressed> {
-        let (r, phases) = crate::gpu::gptq::gptq(ctx, w, rows, cols, h, &self.0)?;
-        log::debug!("gptq {rows}x{cols}: {phases:?}");
-        if r.damp_used != self.0.damp {
+    fn compress(&self, ctx: &GpuContext, w: &GpuTensor, h: &GpuTensor) -> Result<Compressed> {
+        let (rows, cols) = (w.rows, w.cols);
+        let r = crate::gpu::gptq::gptq_gpu(ctx, w, h, &self.0)?;
+        log::debug!("gptq {rows}x{cols}: {:?}", r.phases);
+        if r.result.damp_used != self.0.damp {
             log::warn!(
                 "gptq {rows}x{cols}: the Hessian needed damping {} instead of {}",
-                r.damp_used,
+                r.result.damp_used,
                 self.0.damp
             );
         }
         Ok(Compressed {
-            q: r.q,
-            damp_used: Some(r.damp_used),
-            dead_columns: r.dead_columns,
+            q: r.result.q,
+            deq: r.dequantized,
+            damp_used: Some(r.result.damp_used),
+            dead_columns: r.result.dead_columns,
         })
     }
 }
@@ -115,37 +114,67 @@ impl LayerMethod for Gptq {
 /// Progress: (stage description, step, steps).
 pub type Progress<'a> = &'a dyn Fn(&str, usize, usize);
 
-/// ||X Δᵀ||² / ||X Wᵀ||² = tr(Δ H Δᵀ) / tr(W H Wᵀ) for H ∝ XᵀX: the layer's relative output error
-/// on the calibration inputs, from two (out x in)·(in x in) products instead of two over all tokens.
-/// The traces are reduced on the GPU (per-row dot products, f32 over one row, summed in f64 here),
-/// so only `rows` values come back per trace.
-fn output_error(
+/// A layer's errors, as [`LayerReport`] states them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LayerErrors {
+    /// ||W - Ŵ||² / ||W||² (||W - Ŵ||² when W is zero).
+    pub rel_weight: f64,
+    /// tr(Δ H Δᵀ) / tr(W H Wᵀ) with Δ = W - Ŵ (0 when tr(W H Wᵀ) <= 0).
+    pub rel_output: f64,
+}
+
+/// The layer's relative weight error and relative output error on the calibration inputs,
+/// ||X Δᵀ||² / ||X Wᵀ||² = tr(Δ H Δᵀ) / tr(W H Wᵀ) for H ∝ XᵀX, from `w` and `deq` (both
+/// `rows x cols` f32 on the GPU) and `h` (`cols x cols` f32). Everything stays on the GPU: Δ is
+/// made in place of W (so `w` is consumed), each trace is one (out x in)·(in x in) product and a
+/// per-row dot product, the squared norms per-row sums of squares; only four `rows`-long vectors
+/// come back (f32 sums over one row, summed in f64 here). Peak: W, Ŵ and one product.
+pub fn layer_errors(
     ctx: &GpuContext,
-    w: &[f32],
-    deq: &[f32],
-    rows: usize,
-    cols: usize,
+    w: GpuTensor,
+    deq: &GpuTensor,
     h: &GpuTensor,
-) -> Result<f64> {
-    let trace = |m: &[f32]| -> Result<f64> {
-        let a = GpuTensor::from_f32(ctx, rows, cols, m)?;
-        let p = GpuTensor::empty(ctx, rows, cols, GpuDtype::F32)?;
-        matmul_into(ctx, &a, h, Layout::NN, &p, false, None)?;
-        let d = crate::gpu::reduce::dot_rows(ctx, &p, &a)?.to_f32(ctx)?;
-        Ok(d.iter().map(|&v| v as f64).sum())
-    };
-    let den = trace(w)?;
-    if den <= 0.0 {
-        return Ok(0.0);
+) -> Result<LayerErrors> {
+    use crate::gpu::reduce::{ReduceOp, dot_rows, reduce_rows};
+    let (rows, cols) = (w.rows, w.cols);
+    if w.dtype != GpuDtype::F32
+        || deq.dtype != GpuDtype::F32
+        || (deq.rows, deq.cols) != (rows, cols)
+        || h.dtype != GpuDtype::F32
+        || (h.rows, h.cols) != (cols, cols)
+    {
+        return Err(Error::Shape {
+            op: "layer error".into(),
+            expected: format!("F32 W and Ŵ of {rows}x{cols} and an F32 {cols}x{cols} Hessian"),
+            got: format!(
+                "W {}, Ŵ {}, H {}",
+                w.shape_str(),
+                deq.shape_str(),
+                h.shape_str()
+            ),
+        });
     }
-    let mut delta = vec![0f32; w.len()];
-    crate::par::for_chunks_mut(&mut delta, crate::par::PIECE, |start, d| {
-        let (w, deq) = (&w[start..start + d.len()], &deq[start..start + d.len()]);
-        for ((d, a), b) in d.iter_mut().zip(w).zip(deq) {
-            *d = a - b;
-        }
-    });
-    Ok(trace(&delta)? / den)
+    let p = GpuTensor::empty(ctx, rows, cols, GpuDtype::F32)?;
+    // Per row: (m H)·m, i.e. row r's share of tr(m H mᵀ). The product buffer is reused; the
+    // queue orders the second product after the first dot product.
+    let trace_rows = |m: &GpuTensor| -> Result<GpuTensor> {
+        matmul_into(ctx, m, h, Layout::NN, &p, false, None)?;
+        dot_rows(ctx, &p, m)
+    };
+    let w2 = reduce_rows(ctx, &w, ReduceOp::SumSq)?;
+    let whw = trace_rows(&w)?;
+    crate::gpu::forward::sub(ctx, &w, deq)?;
+    let delta = w;
+    let d2 = reduce_rows(ctx, &delta, ReduceOp::SumSq)?;
+    let dhd = trace_rows(&delta)?;
+    drop((p, delta));
+    let total =
+        |t: GpuTensor| -> Result<f64> { Ok(t.to_f32(ctx)?.iter().map(|&v| v as f64).sum()) };
+    let (w2, whw, d2, dhd) = (total(w2)?, total(whw)?, total(d2)?, total(dhd)?);
+    Ok(LayerErrors {
+        rel_weight: if w2 == 0.0 { d2 } else { d2 / w2 },
+        rel_output: if whw <= 0.0 { 0.0 } else { dhd / whw },
+    })
 }
 
 /// Compresses `model` block by block on calibration text (GPU only) and writes `opts.format`.
@@ -250,24 +279,29 @@ pub fn run(
                 let name = format!("{p}{short}.weight");
                 let info = model.weights.info(&name)?;
                 let (rows, cols) = (info.shape[0], info.shape[1]);
-                let w = model.weights.to_f32(&name)?;
+                // The host decode refuses NaN/Inf (naming the tensor and index); after it W
+                // crosses to the GPU once and everything else of the layer happens there.
+                let w = {
+                    let host = model.weights.to_f32(&name)?;
+                    GpuTensor::from_f32(ctx, rows, cols, &host)?
+                };
                 let t = Instant::now();
                 let c = method
-                    .compress(ctx, &w, rows, cols, &h)
+                    .compress(ctx, &w, &h)
                     .map_err(|e| Error::tensor(&info.file, &name, e.to_string()))?;
-                let deq = c.q.dequantize();
                 let seconds = t.elapsed().as_secs_f64();
                 clock.lap(&mut phases.method)?;
+                let errors = layer_errors(ctx, w, &c.deq, &h)?;
                 report.layers.push(LayerReport {
                     name: name.clone(),
                     shape: [rows, cols],
                     seconds,
-                    rel_weight_err: rel_err(&w, &deq),
-                    rel_output_err: Some(output_error(ctx, &w, &deq, rows, cols, &h)?),
+                    rel_weight_err: errors.rel_weight,
+                    rel_output_err: Some(errors.rel_output),
                     damp_used: c.damp_used,
                     dead_columns: c.dead_columns,
                 });
-                let g = linear_weight(ctx, opts.precision, &name, (rows, cols), &deq, None)?;
+                let g = linear_weight_gpu(ctx, opts.precision, &name, c.deq)?;
                 match *short {
                     "self_attn.q_proj" => blk.q = g,
                     "self_attn.k_proj" => blk.k = g,
@@ -278,7 +312,7 @@ pub fn run(
                     _ => blk.down = g,
                 }
                 clock.lap(&mut phases.error)?;
-                sink.quantized(&name, c.q, deq)?;
+                sink.quantized(&name, c.q, None)?;
                 clock.lap(&mut phases.write)?;
             }
         }

@@ -482,3 +482,66 @@ fn f16_forward_keeps_out_of_range_weights_and_refuses_overflowing_activations() 
         "{err}"
     );
 }
+
+/// `sub` is one exactly rounded f32 subtraction per element, so it equals the host's bit for bit
+/// (on chunked, non-square, non-power-of-two operands).
+#[test]
+fn sub_equals_host_subtraction_exactly() {
+    let ctx = common::ctx_with(Some(2048));
+    let mut rng = Rng::new(17);
+    let (rows, cols) = (29, 61);
+    let a = rng.normal_vec(rows * cols, 3.0);
+    let b = rng.normal_vec(rows * cols, 0.01);
+    let ga = GpuTensor::from_f32(&ctx, rows, cols, &a).unwrap();
+    let gb = GpuTensor::from_f32(&ctx, rows, cols, &b).unwrap();
+    assert!(ga.chunks.len() > 1);
+    k::sub(&ctx, &ga, &gb).unwrap();
+    let got = ga.to_f32(&ctx).unwrap();
+    for (i, g) in got.iter().enumerate() {
+        assert_eq!(g.to_bits(), (a[i] - b[i]).to_bits(), "element {i}");
+    }
+    let other = GpuTensor::from_f32(&ctx, rows, cols + 1, &vec![0.0; rows * (cols + 1)]).unwrap();
+    assert!(k::sub(&ctx, &ga, &other).is_err());
+}
+
+/// A compressed layer's Ŵ becomes the block's weight on the GPU exactly as the host upload would
+/// make it: under F16 the same f16 bits (ties, tiny values, the largest finite f16), under F32 the
+/// f32 tensor itself; a value beyond f16's range keeps the f32 tensor, as `linear_weight` does
+/// without a stored dtype. Odd widths take the host conversion and agree too.
+#[test]
+fn linear_weight_gpu_equals_the_host_upload() {
+    use wgpress::model::forward::linear_weight_gpu;
+    let ctx = common::ctx_with(Some(4096));
+    let name = "model.layers.0.mlp.up_proj.weight";
+    let mut rng = Rng::new(19);
+    for (rows, cols) in [(37, 94), (11, 45)] {
+        let mut w = rng.normal_vec(rows * cols, 0.05);
+        w[..5].copy_from_slice(&[
+            1.0 + 2f32.powi(-11),
+            1.0 + 3.0 * 2f32.powi(-11),
+            65504.0,
+            3e-6,
+            0.0,
+        ]);
+        let host = linear_weight(&ctx, Precision::F16, name, (rows, cols), &w, None).unwrap();
+        let gw = GpuTensor::from_f32(&ctx, rows, cols, &w).unwrap();
+        let gpu = linear_weight_gpu(&ctx, Precision::F16, name, gw).unwrap();
+        assert_eq!(gpu.dtype, GpuDtype::F16, "{rows}x{cols}");
+        assert_eq!(
+            gpu.to_bytes(&ctx).unwrap(),
+            host.to_bytes(&ctx).unwrap(),
+            "{rows}x{cols}"
+        );
+        let gw = GpuTensor::from_f32(&ctx, rows, cols, &w).unwrap();
+        let f32w = linear_weight_gpu(&ctx, Precision::F32, name, gw).unwrap();
+        assert_eq!(f32w.dtype, GpuDtype::F32);
+        assert_eq!(f32w.to_f32(&ctx).unwrap(), w);
+        w[3 * cols + 7] = -65505.0;
+        let gw = GpuTensor::from_f32(&ctx, rows, cols, &w).unwrap();
+        let kept = linear_weight_gpu(&ctx, Precision::F16, name, gw).unwrap();
+        assert_eq!(kept.dtype, GpuDtype::F32, "{rows}x{cols}: out of range");
+        assert_eq!(kept.to_f32(&ctx).unwrap(), w);
+    }
+    let u = GpuTensor::from_bytes(&ctx, 2, 2, GpuDtype::U32, &[0; 16]).unwrap();
+    assert!(linear_weight_gpu(&ctx, Precision::F16, name, u).is_err());
+}

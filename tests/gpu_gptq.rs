@@ -365,3 +365,80 @@ fn two_level_lazy_updates_equal_the_reference() {
         assert_close_to_reference(&label, &got, &want, &w, &h, rows, cols);
     }
 }
+
+/// W handed over on the GPU ([`gptq_gpu`], the pipeline's entry): whatever W's own chunking, the
+/// gather reads the same values, so the integers, grids and g_idx equal those of an unchunked run
+/// and of the host-slice entry point bit for bit; W is only read; and Ŵ, made on the GPU from
+/// the integers, grids and g_idx (act-order or static), equals `QuantizedTensor::dequantize` bit
+/// for bit (one f32 product of exact operands each; new buffers are zero-filled and no row of Ŵ
+/// is all zero here, so an unwritten row would fail; `dequantize_packed` itself is checked
+/// against a poisoned output in tests/gpu_quant.rs).
+#[test]
+fn gpu_weights_in_any_chunking_give_identical_results_and_dequantized_weights() {
+    use wgpress::gpu::gptq::gptq_gpu;
+    let (rows, cols) = (600, 72);
+    let (w, h) = layer(rows, cols, 200, 14);
+    let whole = ctx();
+    // 72 KiB: U (padded to 128 x 128 f32, 64 KiB) still fits one binding; W's 288-byte rows go
+    // 255 to a chunk, the padded copy's 512-byte rows 143, so the copy's chunks cut across W's
+    // (rows 143..286 come from two chunks of W, and so on), and Ŵ is written across its chunks.
+    let small = ctx_with(Some(72 * 1024));
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (group, act, stat) in [
+        (Some(24), true, false),
+        (Some(24), true, true),
+        (None, true, false),
+        (Some(8), false, false),
+    ] {
+        let mut o = GptqOptions::new(QuantSpec::new(4, group, false).unwrap());
+        o.act_order = act;
+        o.static_groups = stat;
+        let label = format!("group {group:?} act {act} static {stat}");
+        let mut results = Vec::new();
+        for c in [&whole, &small] {
+            let wt = GpuTensor::from_f32(c, rows, cols, &w).unwrap();
+            let ht = GpuTensor::from_f32(c, cols, cols, &h).unwrap();
+            let r = gptq_gpu(c, &wt, &ht, &o).unwrap();
+            assert_eq!(wt.to_f32(c).unwrap(), w, "{label}: W was modified");
+            assert_eq!(
+                bits(&r.dequantized.to_f32(c).unwrap()),
+                bits(&r.result.q.dequantize()),
+                "{label}: Ŵ on the GPU ({} chunks of W)",
+                wt.chunks.len()
+            );
+            let host = gptq(c, &w, rows, cols, &ht, &o).unwrap().0;
+            assert!(host.q == r.result.q, "{label}: host-slice entry differs");
+            results.push((wt.chunks.len(), r.result));
+        }
+        assert_eq!((results[0].0, results[1].0), (1, 3), "{label}: chunking");
+        assert!(
+            results[0].1.q == results[1].1.q,
+            "{label}: chunked W differs"
+        );
+        assert_eq!(results[0].1.perm, results[1].1.perm, "{label}");
+    }
+}
+
+/// A non-finite weight is named (row, column, value) by both entry points: the host slice is
+/// checked on the host, W on the GPU by its per-row sums of squares (then read back to find it).
+#[test]
+fn non_finite_weights_are_named_on_both_entry_points() {
+    use wgpress::gpu::gptq::gptq_gpu;
+    let ctx = ctx();
+    let (rows, cols) = (7, 40);
+    let (mut w, h) = layer(rows, cols, 60, 15);
+    let o = GptqOptions::new(QuantSpec::new(4, Some(8), false).unwrap());
+    let ht = GpuTensor::from_f32(&ctx, cols, cols, &h).unwrap();
+    for (v, shown) in [(f32::INFINITY, "inf"), (f32::NAN, "NaN")] {
+        w[3 * cols + 11] = v;
+        let want = format!("weight at row 3, column 11 is {shown}");
+        let wt = GpuTensor::from_f32(&ctx, rows, cols, &w).unwrap();
+        let e = gptq_gpu(&ctx, &wt, &ht, &o).err().unwrap().to_string();
+        assert!(e.contains(&want), "{e}");
+        let e = gptq(&ctx, &w, rows, cols, &ht, &o)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains(&want), "{e}");
+    }
+}

@@ -333,3 +333,135 @@ fn bad_input_is_a_clear_error() {
         .is_err()
     );
 }
+
+/// Packs row-major u8 integers four per u32 (byte j of word k = column 4k + j, rows padded).
+fn pack(q: &[u8], rows: usize, cols: usize) -> Vec<u32> {
+    let words = cols.div_ceil(4);
+    let mut out = vec![0u32; rows * words];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[r * words + c / 4] |= (q[r * cols + c] as u32) << (8 * (c % 4));
+        }
+    }
+    out
+}
+
+/// Stored integers with an act-order column -> group map dequantize on the GPU exactly as
+/// `QuantizedTensor::dequantize` (and the element-wise reference) does on the host: every value
+/// is one f32 product of two exact operands, so the allowed mismatch is 0 bits. The output is
+/// poisoned first, the binding limit cuts packed q, grid and output at different rows, a grid
+/// limit splits dispatches, and a row offset writes the middle of a larger output (as GPTQ does
+/// per row chunk) without touching the rows around it.
+#[test]
+fn dequantize_packed_with_act_order_equals_the_host() {
+    use wgpress::gpu::quant::{dequantize_packed, dequantize_packed_into};
+    let ctx = common::ctx_with(Some(1024));
+    let mut rng = Rng::new(31);
+    let (rows, cols) = (37, 174);
+    for (bits, group, sym, act) in [
+        (4, Some(29), false, true),
+        (3, Some(58), true, true),
+        (8, None, false, false),
+        (2, Some(6), false, true),
+    ] {
+        let spec = QuantSpec::new(bits, group, sym).unwrap();
+        let what = format!("{spec:?} act {act}");
+        let t = common::random_quantized(&mut rng, rows, cols, spec, act);
+        let want = t.dequantize();
+        let words = pack(&t.q, rows, cols);
+        let packed = GpuTensor::from_bytes(
+            &ctx,
+            rows,
+            cols.div_ceil(4),
+            GpuDtype::U32,
+            bytemuck::cast_slice(&words),
+        )
+        .unwrap();
+        let grid = GpuGrid {
+            scales: GpuTensor::from_f32(&ctx, rows, t.n_groups(), &t.scales).unwrap(),
+            zeros: GpuTensor::from_bytes(
+                &ctx,
+                rows,
+                t.n_groups(),
+                GpuDtype::U32,
+                bytemuck::cast_slice(&t.zeros),
+            )
+            .unwrap(),
+        };
+        // 1 KiB: packed q 5 rows a chunk, the output 1, the grid 8 to all rows by group size.
+        assert!(packed.chunks.len() > 1, "{what}");
+        let r = reference::dequantize_packed(&words, rows, &t.scales, &t.zeros, &t.g_idx, &spec)
+            .unwrap();
+        let bits_of = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits_of(&r), bits_of(&want), "{what}: reference");
+        // Into rows 5..5 + rows of a poisoned (rows + 9)-row output.
+        let out = GpuTensor::empty(&ctx, rows + 9, cols, GpuDtype::F32).unwrap();
+        assert!(out.chunks.len() > 1);
+        out.fill_u32(&ctx, common::POISON);
+        let hooks = Hooks {
+            grid_limit: Some(2),
+            ..Hooks::default()
+        };
+        dequantize_packed_into(&ctx, &packed, &grid, &t.g_idx, &spec, &out, 5, hooks).unwrap();
+        let got = out.to_f32(&ctx).unwrap();
+        assert!(
+            got[..5 * cols]
+                .iter()
+                .chain(&got[(rows + 5) * cols..])
+                .all(|v| v.to_bits() == common::POISON),
+            "{what}: rows outside the target range were written"
+        );
+        assert_eq!(
+            bits_of(&got[5 * cols..(rows + 5) * cols]),
+            bits_of(&want),
+            "{what}: offset output"
+        );
+        let got = dequantize_packed(&ctx, &packed, &grid, &t.g_idx, &spec)
+            .unwrap()
+            .to_f32(&ctx)
+            .unwrap();
+        assert_eq!(bits_of(&got), bits_of(&want), "{what}");
+    }
+    // A g_idx entry past the last group, and an output too short for the offset, are refused.
+    let spec = QuantSpec::new(4, Some(29), false).unwrap();
+    let t = common::random_quantized(&mut rng, 3, cols, spec, true);
+    let packed = GpuTensor::from_bytes(
+        &ctx,
+        3,
+        cols.div_ceil(4),
+        GpuDtype::U32,
+        bytemuck::cast_slice(&pack(&t.q, 3, cols)),
+    )
+    .unwrap();
+    let grid = GpuGrid {
+        scales: GpuTensor::from_f32(&ctx, 3, t.n_groups(), &t.scales).unwrap(),
+        zeros: GpuTensor::from_bytes(
+            &ctx,
+            3,
+            t.n_groups(),
+            GpuDtype::U32,
+            bytemuck::cast_slice(&t.zeros),
+        )
+        .unwrap(),
+    };
+    let mut bad = t.g_idx.clone();
+    bad[17] = t.n_groups() as u32;
+    let e = dequantize_packed(&ctx, &packed, &grid, &bad, &spec)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("g_idx[17]"), "{e}");
+    let out = GpuTensor::empty(&ctx, 4, cols, GpuDtype::F32).unwrap();
+    let e = dequantize_packed_into(
+        &ctx,
+        &packed,
+        &grid,
+        &t.g_idx,
+        &spec,
+        &out,
+        2,
+        Hooks::default(),
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("rows 2..5"), "{e}");
+}

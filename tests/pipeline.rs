@@ -311,3 +311,151 @@ fn gptq_beats_rtn_on_the_small_model_and_its_g_idx_round_trips() {
             .unwrap();
     assert_eq!(cfg["desc_act"], true);
 }
+
+/// The layer errors the pipeline reports, computed on the GPU from W and Ŵ (Δ made in place,
+/// traces through the matmul and per-row dot products), against the f64 host computation, on
+/// chunked operands (a 16 KiB binding limit splits W, Ŵ, the product and H).
+///
+/// Tolerance, from the standard bound on an f32 dot product of n terms, |fl(xᵀy) - xᵀy| <=
+/// γ_n·|x|ᵀ|y| with γ_n ~ n·2^-24: a trace m H mᵀ is a product of `cols` terms then a row dot
+/// product of `cols` more, so it is off by at most γ_{2·cols}·|m|ᵀ|H||m| (in whatever order the
+/// kernels sum); Δ's own rounding (2^-24 relative per element, twice in the form) adds
+/// 2^-23·|Δ|ᵀ|H||Δ|. The ratio's bound is the sum of its two terms' relative bounds. The squared
+/// norms sum positive terms, so `cols`·2^-24 relative bounds them (plus Δ's rounding, 2^-23).
+/// The f64 sum over rows adds nothing at this scale.
+#[test]
+fn layer_errors_match_an_f64_host_computation() {
+    use wgpress::pipeline::layer_errors;
+    let ctx = common::ctx_with(Some(16 * 1024));
+    let mut rng = wgpress::rng::Rng::new(41);
+    let (rows, cols, tokens) = (131, 83, 240);
+    let w = rng.normal_vec(rows * cols, 0.05);
+    let x = rng.normal_vec(tokens * cols, 1.0);
+    let mut h = vec![0f32; cols * cols];
+    for i in 0..cols {
+        for j in 0..cols {
+            let s: f64 = (0..tokens)
+                .map(|t| x[t * cols + i] as f64 * x[t * cols + j] as f64)
+                .sum();
+            h[i * cols + j] = (2.0 * s / tokens as f64) as f32;
+        }
+    }
+    let spec = QuantSpec::new(3, None, false).unwrap();
+    let deq = wgpress::reference::quant::rtn(&w, rows, cols, &spec)
+        .unwrap()
+        .dequantize();
+    let gw = wgpress::gpu::GpuTensor::from_f32(&ctx, rows, cols, &w).unwrap();
+    let gd = wgpress::gpu::GpuTensor::from_f32(&ctx, rows, cols, &deq).unwrap();
+    let gh = wgpress::gpu::GpuTensor::from_f32(&ctx, cols, cols, &h).unwrap();
+    assert!(gw.chunks.len() > 1 && gh.chunks.len() > 1);
+    let got = layer_errors(&ctx, gw, &gd, &gh).unwrap();
+    // Ŵ is only read.
+    assert_eq!(gd.to_f32(&ctx).unwrap(), deq);
+
+    let delta: Vec<f64> = w
+        .iter()
+        .zip(&deq)
+        .map(|(&a, &b)| a as f64 - b as f64)
+        .collect();
+    let wf: Vec<f64> = w.iter().map(|&v| v as f64).collect();
+    // (m H mᵀ, |m|ᵀ|H||m|) over all rows.
+    let forms = |m: &[f64]| -> (f64, f64) {
+        let (mut s, mut a) = (0f64, 0f64);
+        for r in 0..rows {
+            let m = &m[r * cols..(r + 1) * cols];
+            for i in 0..cols {
+                for j in 0..cols {
+                    let hij = h[i * cols + j] as f64;
+                    s += m[i] * hij * m[j];
+                    a += (m[i] * hij * m[j]).abs();
+                }
+            }
+        }
+        (s, a)
+    };
+    let ((num, num_abs), (den, den_abs)) = (forms(&delta), forms(&wf));
+    let want_out = num / den;
+    let r = wgpress::reference::gptq::layer_output_error(&w, &deq, rows, cols, &h);
+    assert!((r / want_out - 1.0).abs() < 1e-12, "{r} vs {want_out}");
+    let gamma = |n: usize| n as f64 * 2f64.powi(-24);
+    let tol_out =
+        (gamma(2 * cols) + 2f64.powi(-23)) * num_abs / num + gamma(2 * cols) * den_abs / den;
+    let (d2, w2): (f64, f64) = (
+        delta.iter().map(|d| d * d).sum(),
+        wf.iter().map(|v| v * v).sum(),
+    );
+    let want_w = d2 / w2;
+    let tol_w = 2.0 * gamma(cols) + 2f64.powi(-23);
+    eprintln!(
+        "output: {} vs {want_out} (rel {:e}, bound {tol_out:e}); weight: {} vs {want_w} (rel {:e}, bound {tol_w:e})",
+        got.rel_output,
+        (got.rel_output / want_out - 1.0).abs(),
+        got.rel_weight,
+        (got.rel_weight / want_w - 1.0).abs()
+    );
+    assert!((got.rel_output / want_out - 1.0).abs() <= tol_out);
+    assert!((got.rel_weight / want_w - 1.0).abs() <= tol_w);
+    // 3-bit RTN on a row grid moves a layer by percents: the check is not vacuous.
+    assert!(want_out > 1e-3 && want_w > 1e-3, "{want_out} {want_w}");
+
+    // Zero weights: the weight error falls back to ||Δ||², the output error to 0 (as before).
+    let z = wgpress::gpu::GpuTensor::from_f32(&ctx, rows, cols, &vec![0.0; rows * cols]).unwrap();
+    let got = layer_errors(&ctx, z, &gd, &gh).unwrap();
+    let dsq: f64 = deq.iter().map(|&v| v as f64 * v as f64).sum();
+    assert!(
+        (got.rel_weight / dsq - 1.0).abs() <= tol_w,
+        "{} {dsq}",
+        got.rel_weight
+    );
+    assert_eq!(got.rel_output, 0.0);
+    // Mismatched shapes are refused.
+    let small = wgpress::gpu::GpuTensor::from_f32(&ctx, 2, cols, &vec![0.0; 2 * cols]).unwrap();
+    let e = layer_errors(&ctx, small, &gd, &gh)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("layer error"), "{e}");
+}
+
+/// The pipeline keeps Ŵ on the GPU and hands the writers only the quantized tensor; the dense
+/// writer then dequantizes on the host itself. Its values must be exactly the dequantization of
+/// what the GPTQ writer stores for the same (deterministic) run, act-order g_idx included.
+#[test]
+fn dense_output_is_the_dequantized_gptq_result() {
+    let e = common::gpu_engine();
+    let tmp = tempfile::tempdir().unwrap();
+    let m = synth(&tmp.path().join("m"), 1);
+    let spec = QuantSpec::new(4, Some(32), false).unwrap();
+    let gopt = wgpress::quant::gptq::GptqOptions::new(spec);
+    let go = |format: Format, dir: &str| {
+        let mut o = opts(&tmp.path().join(dir), spec, format);
+        o.gptq = Some(gopt);
+        // The dense file keeps Ŵ's f32 values (the GPTQ format stores plain tensors in f16).
+        if format == Format::Dense {
+            o.dtype = Dtype::F32;
+        }
+        run(
+            &e,
+            &m,
+            &wgpress::pipeline::Gptq(gopt),
+            &calib(2, 64),
+            &o,
+            &|_, _, _| {},
+        )
+        .unwrap()
+    };
+    let (a, b) = (go(Format::Gptq, "gptq"), go(Format::Dense, "dense"));
+    let dense = Model::open(&tmp.path().join("dense")).unwrap();
+    for (la, lb) in a.layers.iter().zip(&b.layers) {
+        assert_eq!(
+            la.rel_output_err, lb.rel_output_err,
+            "{}: runs differ",
+            la.name
+        );
+        let prefix = la.name.trim_end_matches(".weight");
+        let q =
+            wgpress::export::gptq::read_gptq_quantized(&tmp.path().join("gptq"), prefix).unwrap();
+        let got = dense.weights.to_f32(&la.name).unwrap();
+        assert!(got == q.dequantize(), "{}: dense values differ", la.name);
+    }
+}

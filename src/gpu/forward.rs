@@ -1,8 +1,10 @@
 //! GPU kernels of the Llama forward pass other than matrix products (shaders/forward.wgsl):
-//! RMSNorm, rotary embeddings, causal grouped-query attention, SwiGLU, residual/bias adds and the
-//! per-token cross-entropy, all f32; plus [`to_f16`], the f32 -> f16 rounding of a linear layer's
-//! input for the f16 forward. All row-chunk aware. The CPU references are in `reference::forward`;
-//! this module must not orchestrate a whole block (that is the model's job).
+//! RMSNorm, rotary embeddings, causal grouped-query attention, SwiGLU, residual/bias adds (and
+//! [`sub`], the weight difference of a compressed layer's error) and the per-token cross-entropy,
+//! all f32; plus [`to_f16`], the f32 -> f16 rounding of a linear layer's input for the f16
+//! forward (and of a compressed layer's weights for the passes after it). All row-chunk aware.
+//! The CPU references are in `reference::forward`; this module must not orchestrate a whole
+//! block (that is the model's job).
 
 use super::buffer::{GpuDtype, GpuTensor};
 use super::context::{Dispatch, GpuContext};
@@ -402,6 +404,13 @@ pub fn add(ctx: &GpuContext, x: &GpuTensor, y: &GpuTensor) -> Result<()> {
     elementwise(ctx, "add", x, y)
 }
 
+/// x -= y, in place (exactly rounded f32 differences; the pipeline's Δ = W - Ŵ).
+pub fn sub(ctx: &GpuContext, x: &GpuTensor, y: &GpuTensor) -> Result<()> {
+    f32_only("sub", &[x, y])?;
+    same_shape("sub", x, y)?;
+    elementwise(ctx, "sub", x, y)
+}
+
 /// x += bias for every row, in place; `bias` is 1 x cols.
 pub fn bias_add(ctx: &GpuContext, x: &GpuTensor, bias: &GpuTensor) -> Result<()> {
     f32_only("bias_add", &[x, bias])?;
@@ -464,7 +473,8 @@ pub fn range_flag(ctx: &GpuContext) -> Result<GpuTensor> {
     Ok(f)
 }
 
-/// `x` (f32) rounded to f16 (to nearest) into a new tensor, for the matmul's A operand. `cols` must
+/// `x` (f32) rounded to f16 (to nearest) into a new tensor, for the matmul's A operand (and a
+/// compressed layer's weights, `model::forward::linear_weight_gpu`). `cols` must
 /// be even (every row then starts on a 32-bit word, so pieces never share a word). A value with
 /// |x| > 65504 (or a non-finite one) is saturated to ±65504 and sets `flag` (see [`range_flag`]);
 /// the caller must check it before trusting anything computed from the result.

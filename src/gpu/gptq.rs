@@ -6,11 +6,18 @@
 //! index-reversed H is scattered into an n x n work matrix (n = cols rounded up to 64, padding is
 //! identity), factored, its factor inverted and reversed: U, the upper Cholesky factor of H⁻¹ in
 //! processing order (a failed factorization is retried with ten times the damping); (3) per row
-//! chunk of W: columns gathered into processing order, then per block of B positions the fused
-//! column-loop kernel (all rows in parallel; see [`ColumnLoop`]) and the lazy updates
-//! W[:, rest] -= Err·U[block, rest] through the matmul kernel, in two levels (see [`LAZY_SPAN`]):
-//! each block updates the rest of its span, each span's end every column after it. Rows are independent, so W is
-//! processed one binding-sized row chunk at a time; U must fit one binding.
+//! chunk of W: columns gathered into processing order (from W on the GPU, whatever its own
+//! chunking), then per block of B positions the fused column-loop kernel (all rows in parallel;
+//! see [`ColumnLoop`]) and the lazy updates W[:, rest] -= Err·U[block, rest] through the matmul
+//! kernel, in two levels (see [`LAZY_SPAN`]): each block updates the rest of its span, each
+//! span's end every column after it. Rows are independent, so W is processed one binding-sized
+//! row chunk at a time; U must fit one binding. (4) per row chunk: the integers back in original
+//! column order, dequantized on the GPU with g_idx when the caller wants Ŵ there
+//! ([`gptq_gpu`]), and read back into the host [`QuantizedTensor`].
+//!
+//! W comes in as a [`GpuTensor`] ([`gptq_gpu`]: the pipeline uploads each layer once and keeps
+//! it for the layer's errors) or as a host slice ([`gptq`], [`gptq_with`]: uploaded once, then
+//! the same path).
 //!
 //! This module must not quantize on the host or loop over columns on the host.
 
@@ -18,6 +25,8 @@ use super::buffer::{GpuDtype, GpuTensor};
 use super::context::{Dispatch, GpuContext};
 use super::linalg::{self, NB};
 use super::matmul::{Region, RegionGemm};
+use super::quant::GpuGrid;
+use super::reduce::{ReduceOp, reduce_rows};
 use crate::error::{Error, Result};
 use crate::quant::QuantizedTensor;
 use crate::quant::gptq::{
@@ -48,7 +57,7 @@ struct Params {
     damp: f32,
     err_ld: u32,
     err_col: u32,
-    pad1: u32,
+    w_off: u32,
 }
 
 /// Wall time of each phase (the host waits for the GPU between phases; all attempts counted).
@@ -60,11 +69,13 @@ pub struct GptqPhases {
     pub cholesky_s: f64,
     /// Triangular inverse and reversal (U).
     pub inverse_s: f64,
-    /// Host -> GPU copy of W.
+    /// Host -> GPU copy of W (the host-slice entry points only) and W's gather into processing
+    /// order.
     pub upload_s: f64,
-    /// Column gather, fused in-block loops and lazy updates.
+    /// Fused in-block loops and lazy updates.
     pub loop_s: f64,
-    /// Reading back the integers and grids and assembling the host tensor.
+    /// Reading back the integers and grids and assembling the host tensor, with Ŵ's
+    /// dequantization on the GPU where it is asked for.
     pub download_s: f64,
 }
 
@@ -131,7 +142,8 @@ fn u32_buf(ctx: &GpuContext, v: &[u32]) -> Result<GpuTensor> {
 }
 
 /// Quantizes the `rows x cols` weights `w` (row-major, host) with GPTQ given the Hessian `h`
-/// (`cols x cols` f32 on the GPU, e.g. from `HessianAccumulator::finish`).
+/// (`cols x cols` f32 on the GPU, e.g. from `HessianAccumulator::finish`). W is uploaded once,
+/// then as [`gptq_gpu`] (without keeping Ŵ on the GPU).
 pub fn gptq(
     ctx: &GpuContext,
     w: &[f32],
@@ -143,6 +155,7 @@ pub fn gptq(
     gptq_with(ctx, w, rows, cols, h, opts, Hooks::default())
 }
 
+/// [`gptq`] with benchmark and test [`Hooks`].
 #[doc(hidden)]
 pub fn gptq_with(
     ctx: &GpuContext,
@@ -154,8 +167,6 @@ pub fn gptq_with(
     hooks: Hooks,
 ) -> Result<(GptqResult, GptqPhases)> {
     opts.validate(cols)?;
-    let spec = opts.spec;
-    let shape = format!("{rows}x{cols}");
     if w.len() != rows * cols || rows == 0 || cols == 0 {
         return Err(Error::Shape {
             op: "gptq".into(),
@@ -163,6 +174,67 @@ pub fn gptq_with(
             got: format!("{}", w.len()),
         });
     }
+    check_hessian(h, cols)?;
+    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+        return Err(non_finite_weight(i, cols, w[i]));
+    }
+    let t = Instant::now();
+    let wt = GpuTensor::from_f32(ctx, rows, cols, w)?;
+    // Queued writes go out with the next submission: flush them so the copy is timed here.
+    ctx.queue.submit([]);
+    ctx.sync(KERNEL, &format!("{rows}x{cols}"))?;
+    let upload_s = t.elapsed().as_secs_f64();
+    let (result, _, mut phases) = gptq_impl(ctx, &wt, h, opts, hooks, false, true)?;
+    phases.upload_s += upload_s;
+    Ok((result, phases))
+}
+
+/// What [`gptq_gpu`] produced: the host result and Ŵ still on the GPU.
+pub struct GpuGptq {
+    pub result: GptqResult,
+    /// The dequantized weights (`rows x cols` f32, original column order), equal bit for bit to
+    /// `result.q.dequantize()`.
+    pub dequantized: GpuTensor,
+    pub phases: GptqPhases,
+}
+
+/// GPTQ of weights already on the GPU (`rows x cols` f32, chunked in any way), with the Hessian
+/// `h` as in [`gptq`]. W is only read (its values are gathered into a padded work copy), so the
+/// caller can keep using it; Ŵ is made on the GPU from the integers and grids with g_idx.
+pub fn gptq_gpu(
+    ctx: &GpuContext,
+    w: &GpuTensor,
+    h: &GpuTensor,
+    opts: &GptqOptions,
+) -> Result<GpuGptq> {
+    gptq_gpu_with(ctx, w, h, opts, Hooks::default())
+}
+
+/// [`gptq_gpu`] with test [`Hooks`].
+#[doc(hidden)]
+pub fn gptq_gpu_with(
+    ctx: &GpuContext,
+    w: &GpuTensor,
+    h: &GpuTensor,
+    opts: &GptqOptions,
+    hooks: Hooks,
+) -> Result<GpuGptq> {
+    let (result, dequantized, phases) = gptq_impl(ctx, w, h, opts, hooks, true, false)?;
+    let dequantized = dequantized.ok_or_else(|| {
+        Error::gpu(
+            KERNEL,
+            w.shape_str(),
+            "the dequantized weights were not made",
+        )
+    })?;
+    Ok(GpuGptq {
+        result,
+        dequantized,
+        phases,
+    })
+}
+
+fn check_hessian(h: &GpuTensor, cols: usize) -> Result<()> {
     if h.rows != cols || h.cols != cols || h.dtype != GpuDtype::F32 {
         return Err(Error::Shape {
             op: "gptq".into(),
@@ -170,13 +242,57 @@ pub fn gptq_with(
             got: h.shape_str(),
         });
     }
-    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
-        return Err(Error::invalid(format!(
-            "gptq: weight at row {}, column {} is {}",
-            i / cols,
-            i % cols,
-            w[i]
-        )));
+    Ok(())
+}
+
+fn non_finite_weight(i: usize, cols: usize, v: f32) -> Error {
+    Error::invalid(format!(
+        "gptq: weight at row {}, column {} is {v}",
+        i / cols,
+        i % cols
+    ))
+}
+
+/// Refuses non-finite weights on the GPU: a per-row sum of squares comes back (`rows` floats);
+/// only when one is not finite is W read back to name the first bad weight (a finite row whose
+/// squares overflow is read back too, and then accepted).
+fn check_finite(ctx: &GpuContext, w: &GpuTensor) -> Result<()> {
+    let ss = reduce_rows(ctx, w, ReduceOp::SumSq)?.to_f32(ctx)?;
+    if ss.iter().all(|v| v.is_finite()) {
+        return Ok(());
+    }
+    let host = w.to_f32(ctx)?;
+    match host.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(non_finite_weight(i, w.cols, host[i])),
+        None => Ok(()),
+    }
+}
+
+/// The GPTQ core: `dequantize` keeps Ŵ on the GPU; `finite_checked` skips the GPU finiteness
+/// check when the caller already checked the host copy.
+fn gptq_impl(
+    ctx: &GpuContext,
+    w: &GpuTensor,
+    h: &GpuTensor,
+    opts: &GptqOptions,
+    hooks: Hooks,
+    dequantize: bool,
+    finite_checked: bool,
+) -> Result<(GptqResult, Option<GpuTensor>, GptqPhases)> {
+    let (rows, cols) = (w.rows, w.cols);
+    opts.validate(cols)?;
+    let spec = opts.spec;
+    let shape = format!("{rows}x{cols}");
+    if w.dtype != GpuDtype::F32 || rows == 0 || cols == 0 {
+        return Err(Error::Shape {
+            op: "gptq".into(),
+            expected: "f32 weights with at least one row and one column".into(),
+            got: w.shape_str(),
+        });
+    }
+    check_hessian(h, cols)?;
+    if !finite_checked {
+        check_finite(ctx, w)?;
     }
     let mut phases = GptqPhases::default();
     let t0 = Instant::now();
@@ -352,34 +468,42 @@ pub fn gptq_with(
             continue;
         }
         let r0 = chunk.row_start;
-        // W arrives in input order a few MiB at a time and is gathered into processing order
-        // piece by piece, so only the padded copy and one small piece are ever alive.
+        // The chunk's rows of W are gathered into processing order straight from W's own
+        // chunks, which may cut the chunk's rows anywhere (W's rows are shorter than the padded
+        // copy's, so its chunks hold more of them): one dispatch per piece that lies in one
+        // chunk of W.
         let tu = Instant::now();
-        // (A quarter of the binding limit at most, so tests with a lowered limit cover the pieces.)
-        let piece_bytes = (8usize << 20).min(ctx.binding_limit() as usize / 4);
-        let piece_rows = (piece_bytes / (4 * cols)).clamp(1, rc);
-        let mut p0 = 0;
-        while p0 < rc {
-            let pr = piece_rows.min(rc - p0);
-            let rows = r0 + p0..r0 + p0 + pr;
-            let piece = GpuTensor::from_f32(ctx, pr, cols, &w[rows.start * cols..rows.end * cols])?;
+        let mut gathers = Vec::new();
+        let mut a = r0;
+        while a < r0 + rc {
+            let (wi, wr) = w.locate(a);
+            let wc = &w.chunks[wi];
+            let b = (wc.row_start + wc.rows).min(r0 + rc);
+            if b <= a {
+                return Err(Error::gpu(
+                    KERNEL,
+                    &shape,
+                    "W's chunks do not cover its rows",
+                ));
+            }
             let p = Params {
-                rows: pr as u32,
-                gk: (p0 * n) as u32,
+                rows: (b - a) as u32,
+                gk: ((a - r0) * n) as u32,
+                w_off: (wr * cols) as u32,
                 ..base
             };
-            ctx.run(
-                "gptq w_gather",
-                &shape,
-                &p_gather,
-                &[Dispatch {
-                    buffers: vec![&chunk.buffer, one(&piece), one(&perm_t)],
-                    uniform: Some(bytemuck::bytes_of(&p)),
-                    groups: grid(ctx, (pr * n).div_ceil(256)),
-                }],
-            )?;
-            p0 += pr;
+            gathers.push((wi, p, b - a));
+            a = b;
         }
+        let ds: Vec<Dispatch> = gathers
+            .iter()
+            .map(|(wi, p, pr)| Dispatch {
+                buffers: vec![&chunk.buffer, &w.chunks[*wi].buffer, one(&perm_t)],
+                uniform: Some(bytemuck::bytes_of(p)),
+                groups: grid(ctx, (pr * n).div_ceil(256)),
+            })
+            .collect();
+        ctx.run("gptq w_gather", &shape, &p_gather, &ds)?;
         ctx.sync(KERNEL, &shape)?;
         upload_s += tu.elapsed().as_secs_f64();
         let q = GpuTensor::empty(ctx, rc, n / 4, GpuDtype::U32)?;
@@ -529,6 +653,9 @@ pub fn gptq_with(
     ctx.sync(KERNEL, &shape)?;
     phases.upload_s = upload_s;
     phases.loop_s = t1.elapsed().as_secs_f64() - upload_s;
+    // The padded working copy and U are done with; Ŵ takes their place.
+    drop(wp);
+    drop(u);
 
     // Results to the host, back in the original column order.
     let t2 = Instant::now();
@@ -540,6 +667,11 @@ pub fn gptq_with(
         scales: vec![0.0; rows * ng],
         zeros: vec![0; rows * ng],
         g_idx: group_index(&perm, &spec, opts.static_groups),
+    };
+    let deq = if dequantize {
+        Some(GpuTensor::empty(ctx, rows, cols, GpuDtype::F32)?)
+    } else {
+        None
     };
     let p_unperm = ctx.pipeline(KERNEL, &source(), "unpermute", false)?;
     let words = cols.div_ceil(4);
@@ -561,6 +693,22 @@ pub fn gptq_with(
             }],
         )?;
         drop(q);
+        let grid_t = GpuGrid { scales, zeros };
+        if let Some(d) = &deq {
+            // In original order the integers and grids are a plain quantized tensor: Ŵ's rows
+            // r0.. come from the same kernel any stored tensor would use, with g_idx mapping
+            // each column to its (act-order or static) group.
+            super::quant::dequantize_packed_into(
+                ctx,
+                &orig,
+                &grid_t,
+                &qt.g_idx,
+                &spec,
+                d,
+                r0,
+                Default::default(),
+            )?;
+        }
         let dst = &mut qt.q[r0 * cols..(r0 + rc) * cols];
         if cols.is_multiple_of(4) {
             // Packed rows are exactly the host rows: read them in place.
@@ -568,8 +716,8 @@ pub fn gptq_with(
         } else {
             super::quant::unpack_q_into(&orig.to_bytes(ctx)?, rc, cols, dst)?;
         }
-        qt.scales[r0 * ng..(r0 + rc) * ng].copy_from_slice(&scales.to_f32(ctx)?);
-        qt.zeros[r0 * ng..(r0 + rc) * ng].copy_from_slice(&zeros.to_u32(ctx)?);
+        qt.scales[r0 * ng..(r0 + rc) * ng].copy_from_slice(&grid_t.scales.to_f32(ctx)?);
+        qt.zeros[r0 * ng..(r0 + rc) * ng].copy_from_slice(&grid_t.zeros.to_u32(ctx)?);
     }
     phases.download_s = t2.elapsed().as_secs_f64();
     let result = GptqResult {
@@ -578,7 +726,7 @@ pub fn gptq_with(
         dead_columns: dead.iter().filter(|&&d| d).count(),
         perm,
     };
-    Ok((result, phases))
+    Ok((result, deq, phases))
 }
 
 /// work = J·(P·H·Pᵀ + damping, dead columns fixed, padded with identity)·J.

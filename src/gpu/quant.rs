@@ -3,11 +3,13 @@
 //! `QuantSpec::fit_minmax` / `QuantSpec::quantize` bit for bit (the shader explains how it stays
 //! exact despite WGSL's inexact division).
 //!
-//! Building blocks stay on the GPU ([`GpuGrid`], [`quantize_packed`], [`dequantize`]) so GPTQ and
-//! the layer-error code can reuse them; [`rtn`] downloads a host [`QuantizedTensor`]. Every shape
-//! is validated here before a kernel runs (which is what allows unchecked pipelines). This module
-//! must not redefine the grid (src/quant/grid.rs is the definition) nor fall back to the CPU
-//! silently; the CPU path is `reference::quant::rtn`.
+//! Building blocks stay on the GPU ([`GpuGrid`], [`quantize_packed`], [`dequantize`], and
+//! [`dequantize_packed`] for stored integers with any column -> group map, e.g. GPTQ's) so GPTQ
+//! and the layer-error code can reuse them; [`rtn`] downloads a host [`QuantizedTensor`]. Every
+//! shape is validated here before a kernel runs (which is what allows unchecked pipelines). This
+//! module must not redefine the grid (src/quant/grid.rs is the definition) nor fall back to the
+//! CPU silently; the CPU paths are `reference::quant::rtn` and
+//! `reference::quant::dequantize_packed`.
 
 use super::buffer::{GpuDtype, GpuTensor};
 use super::context::{Dispatch, GpuContext};
@@ -239,6 +241,148 @@ pub fn dequantize_into(
         GpuDtype::F32,
         hooks,
     )
+}
+
+/// Dequantized weights from stored integers: `packed` (`rows x ceil(cols / 4)` u32, the layout of
+/// [`quantize_packed`]: byte j of word k is column 4k + j), the per-(row, group) `grid` and the
+/// column -> group map `g_idx` (`cols` entries, act-order allowed). Returns `rows x cols` f32,
+/// equal bit for bit to `QuantizedTensor::dequantize` of the same tensor.
+pub fn dequantize_packed(
+    ctx: &GpuContext,
+    packed: &GpuTensor,
+    grid: &GpuGrid,
+    g_idx: &[u32],
+    spec: &QuantSpec,
+) -> Result<GpuTensor> {
+    let out = GpuTensor::empty(ctx, packed.rows, g_idx.len(), GpuDtype::F32)?;
+    dequantize_packed_into(ctx, packed, grid, g_idx, spec, &out, 0, Hooks::default())?;
+    Ok(out)
+}
+
+/// [`dequantize_packed`] into rows `out_row0 .. out_row0 + packed.rows` of a caller-allocated
+/// `out` (GPTQ fills one tensor from its row chunks this way; tests poison `out` first). The row
+/// ranges follow the chunks of every operand, so none of them needs to match `out`'s chunking.
+/// Of the hooks only `grid_limit` applies (nothing is divided, so there is no quotient to skew).
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn dequantize_packed_into(
+    ctx: &GpuContext,
+    packed: &GpuTensor,
+    grid: &GpuGrid,
+    g_idx: &[u32],
+    spec: &QuantSpec,
+    out: &GpuTensor,
+    out_row0: usize,
+    hooks: Hooks,
+) -> Result<()> {
+    const ENTRY: &str = "dequant_packed";
+    QuantSpec::new(spec.bits, spec.group, spec.sym)?;
+    let (rows, cols) = (packed.rows, g_idx.len());
+    if cols == 0 {
+        return Err(Error::invalid(
+            "dequantize: a weight matrix needs at least one column",
+        ));
+    }
+    spec.check_cols(cols, "dequantize")?;
+    let (words, ng) = (cols.div_ceil(4), spec.n_groups(cols));
+    let shape = format!(
+        "{rows}x{cols} {}-bit group {}",
+        spec.bits,
+        spec.group.map_or("row".to_string(), |g| g.to_string())
+    );
+    check_out(packed, rows, words, GpuDtype::U32, "packed q")?;
+    check_out(&grid.scales, rows, ng, GpuDtype::F32, "scales")?;
+    check_out(&grid.zeros, rows, ng, GpuDtype::U32, "zeros")?;
+    if out.dtype != GpuDtype::F32 || out.cols != cols || out_row0 + rows > out.rows {
+        return Err(Error::Shape {
+            op: format!("{KERNEL} {ENTRY}"),
+            expected: format!(
+                "an F32 output of {cols} columns with rows {out_row0}..{}",
+                out_row0 + rows
+            ),
+            got: out.shape_str(),
+        });
+    }
+    // The kernel indexes the grid by g_idx unchecked: every entry must name a group of the row.
+    if let Some(c) = g_idx.iter().position(|&g| g as usize >= ng) {
+        return Err(Error::invalid(format!(
+            "dequantize: g_idx[{c}] = {} but the rows have {ng} groups",
+            g_idx[c]
+        )));
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    check_workgroup_size(ctx, KERNEL, &shape)?;
+    let g_idx_t = GpuTensor::from_bytes(ctx, 1, cols, GpuDtype::U32, bytemuck::cast_slice(g_idx))?;
+    if g_idx_t.chunks.len() != 1 {
+        return Err(Error::gpu(
+            KERNEL,
+            &shape,
+            "g_idx exceeds one storage binding",
+        ));
+    }
+    let base = Params {
+        rows: 0,
+        cols: to_u32(cols, KERNEL, &shape)?,
+        group: to_u32(spec.group_size(cols), KERNEL, &shape)?,
+        n_groups: to_u32(ng, KERNEL, &shape)?,
+        w_off: 0,
+        p_off: 0,
+        o_off: 0,
+        lanes: 1,
+        maxq: spec.maxq(),
+        sym: spec.sym as u32,
+        words: to_u32(words, KERNEL, &shape)?,
+        div_skew: 0,
+    };
+    // Cuts where any operand changes chunk, in rows of `packed` (out's shifted by out_row0).
+    let mut cuts: Vec<usize> = [packed, &grid.scales, &grid.zeros]
+        .iter()
+        .flat_map(|t| t.chunks.iter().map(|c| c.row_start))
+        .chain(
+            out.chunks
+                .iter()
+                .map(|c| c.row_start)
+                .filter(|&s| s > out_row0 && s < out_row0 + rows)
+                .map(|s| s - out_row0),
+        )
+        .chain([0, rows])
+        .collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    let mut jobs = Vec::new();
+    for w in cuts.windows(2) {
+        let (r0, r1) = (w[0], w[1]);
+        let (qi, qr) = packed.locate(r0);
+        let (si, sr) = grid.scales.locate(r0);
+        let (zi, zr) = grid.zeros.locate(r0);
+        let (oi, or) = out.locate(out_row0 + r0);
+        if sr != zr {
+            return Err(Error::gpu(
+                KERNEL,
+                &shape,
+                "scales and zeros are chunked differently",
+            ));
+        }
+        for Launch {
+            first: d0,
+            rows,
+            groups,
+        } in plan(r1 - r0, cols, WG, limit(ctx, hooks.grid_limit))?
+        {
+            let p = Params {
+                rows: to_u32(rows, KERNEL, &shape)?,
+                w_off: to_u32((qr + d0) * words, KERNEL, &shape)?,
+                p_off: to_u32((sr + d0) * ng, KERNEL, &shape)?,
+                o_off: to_u32((or + d0) * cols, KERNEL, &shape)?,
+                ..base
+            };
+            jobs.push((p, vec![qi, si, zi, oi, 0], groups));
+        }
+    }
+    let tensors = [packed, &grid.scales, &grid.zeros, out, &g_idx_t];
+    launch(ctx, ENTRY, &shape, &tensors, &jobs)
 }
 
 /// RTN-quantizes `w` on the GPU and downloads the result.

@@ -79,15 +79,61 @@ pub fn linear_weight(
             return GpuTensor::from_f32_as(ctx, rows, cols, v, GpuDtype::F16);
         }
         let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
-        log::warn!(
-            "{name}: max |w| = {max} exceeds f16's range (65504); this layer keeps {} weights and f32 activations",
-            stored.map_or("f32".to_string(), |s| format!("{:?}", s.0).to_lowercase())
-        );
+        warn_out_of_f16_range(name, max, stored.map(|s| s.0));
     }
     match stored {
         Some((dtype, bytes)) => GpuTensor::from_bytes(ctx, rows, cols, dtype, bytes),
         None => GpuTensor::from_f32(ctx, rows, cols, v),
     }
+}
+
+/// [`linear_weight`] for f32 weights already on the GPU (a compressed layer's Ŵ, made there):
+/// under F16 converted to f16 on the GPU (`gpu::forward::to_f16`, the same round-to-nearest as
+/// the host conversion) unless some |value| exceeds f16's range, in which case (logged, naming
+/// the tensor) `w` itself is kept, as `linear_weight` keeps f32 without a stored dtype; under
+/// F32 `w` itself. Nothing crosses to the host but the range flag (and, for the warning, one
+/// maximum per row).
+pub fn linear_weight_gpu(
+    ctx: &GpuContext,
+    precision: Precision,
+    name: &str,
+    w: GpuTensor,
+) -> Result<GpuTensor> {
+    if w.dtype != GpuDtype::F32 {
+        return Err(Error::invalid(format!(
+            "{name}: expected f32 weights on the GPU, got {}",
+            w.shape_str()
+        )));
+    }
+    if precision != Precision::F16 {
+        return Ok(w);
+    }
+    if !w.cols.is_multiple_of(2) {
+        // to_f16 converts whole words of f16 pairs, so an odd row width would share a word
+        // between rows; such (unusual) layers take the host conversion.
+        let v = w.to_f32(ctx)?;
+        return linear_weight(ctx, precision, name, (w.rows, w.cols), &v, None);
+    }
+    let flag = k::range_flag(ctx)?;
+    let h = k::to_f16(ctx, &w, &flag)?;
+    if flag.to_u32(ctx)?.first().copied().unwrap_or(0) == 0 {
+        return Ok(h);
+    }
+    drop(h);
+    let max = crate::gpu::reduce::reduce_rows(ctx, &w, crate::gpu::reduce::ReduceOp::AbsMax)?
+        .to_f32(ctx)?
+        .into_iter()
+        .fold(0f32, f32::max);
+    warn_out_of_f16_range(name, max, None);
+    Ok(w)
+}
+
+/// The warning of a weight tensor that cannot take f16 under `--precision f16`.
+fn warn_out_of_f16_range(name: &str, max: f32, kept: Option<GpuDtype>) {
+    log::warn!(
+        "{name}: max |w| = {max} exceeds f16's range (65504); this layer keeps {} weights and f32 activations",
+        kept.map_or("f32".to_string(), |d| format!("{d:?}").to_lowercase())
+    );
 }
 
 /// One weight tensor uploaded for `precision`: norm weights and biases as f32, matrices through

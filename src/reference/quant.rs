@@ -1,11 +1,12 @@
 //! CPU reference for round-to-nearest (RTN) quantization: fits each (row, group) grid with
 //! [`QuantSpec::fit`] and quantizes with [`QuantSpec::quantize`], i.e. the grid definition itself,
-//! so the GPU kernel in `gpu::quant` is judged against it. It is also the CPU fallback when no
-//! adapter exists, so it validates its inputs and returns errors instead of panicking. It must
-//! not call into `gpu/` nor redefine any part of the grid.
+//! so the GPU kernel in `gpu::quant` is judged against it; and for dequantizing stored integers
+//! ([`dequantize_packed`], the reference of `gpu::quant::dequantize_packed`). RTN is also the CPU
+//! fallback when no adapter exists, so both validate their inputs and return errors instead of
+//! panicking. It must not call into `gpu/` nor redefine any part of the grid.
 
 use crate::error::{Error, Result};
-use crate::quant::{QuantSpec, QuantizedTensor};
+use crate::quant::{GroupParams, QuantSpec, QuantizedTensor};
 
 /// Quantizes the row-major `rows x cols` matrix `w` with `spec` (groups along the columns).
 pub fn rtn(w: &[f32], rows: usize, cols: usize, spec: &QuantSpec) -> Result<QuantizedTensor> {
@@ -57,6 +58,58 @@ pub fn rtn(w: &[f32], rows: usize, cols: usize, spec: &QuantSpec) -> Result<Quan
         zeros,
         g_idx: (0..cols).map(|c| (c / group) as u32).collect(),
     })
+}
+
+/// Dequantizes `rows` rows of integers packed four per u32 (byte j of word k is column 4k + j;
+/// rows padded to whole words, the layout `gpu::quant::quantize_packed` writes), with the
+/// per-(row, group) `scales` and `zeros` (`rows x n_groups`, row-major) and the column -> group
+/// map `g_idx` (`cols` entries): each value is [`GroupParams::dequantize`] of its group's
+/// parameters, one element at a time.
+pub fn dequantize_packed(
+    packed: &[u32],
+    rows: usize,
+    scales: &[f32],
+    zeros: &[u32],
+    g_idx: &[u32],
+    spec: &QuantSpec,
+) -> Result<Vec<f32>> {
+    let cols = g_idx.len();
+    let (words, ng) = (cols.div_ceil(4), spec.n_groups(cols.max(1)));
+    if packed.len() != rows * words || scales.len() != rows * ng || zeros.len() != rows * ng {
+        return Err(Error::Shape {
+            op: "dequantize_packed".into(),
+            expected: format!(
+                "{} words and {} scales and zeros for {rows}x{cols}",
+                rows * words,
+                rows * ng
+            ),
+            got: format!(
+                "{} words, {} scales, {} zeros",
+                packed.len(),
+                scales.len(),
+                zeros.len()
+            ),
+        });
+    }
+    if let Some(c) = g_idx.iter().position(|&g| g as usize >= ng) {
+        return Err(Error::invalid(format!(
+            "dequantize_packed: g_idx[{c}] = {} but the rows have {ng} groups",
+            g_idx[c]
+        )));
+    }
+    let mut out = Vec::with_capacity(rows * cols);
+    for r in 0..rows {
+        for (c, &g) in g_idx.iter().enumerate() {
+            let q = (packed[r * words + c / 4] >> (8 * (c % 4))) & 0xFF;
+            let i = r * ng + g as usize;
+            let p = GroupParams {
+                scale: scales[i],
+                zero: zeros[i],
+            };
+            out.push(p.dequantize(q));
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
