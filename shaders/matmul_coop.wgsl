@@ -1,21 +1,25 @@
 // Cooperative-matrix matrix multiply (tensor cores where the adapter maps them):
 // C (m x n, f32) = [C +] alpha * op(A) * op(B), inputs rounded to f16 when staged, f32 accumulation.
-// The same interface as matmul.wgsl: the host prepends the loaders of bindings MA and MB (f32, f16
-// or bf16 storage): ld_ma(i) returns element i as f16, ld2_ma(i) elements i and i + 1 for even i
-// (one 32-bit load for 16-bit storage); A, B and C name the cooperative-matrix roles here) and the constants A_TRANS / B_TRANS, and walks chunks and regions the
-// same way, so any shape, layout (NN, NT, TN) and chunking runs here.
-//
-// Tile: 128 x 128 per workgroup of 4 subgroups of 32 (the host checks the subgroup size is 32),
-// each subgroup a 64 x 64 block held in 16 accumulators of 16 x 16. K is staged 32 at a time in
-// workgroup memory in the source's own orientation (so staging is a straight, coalesced copy and
-// the tile is read back with coopLoad or coopLoadT as the orientation requires), into one of two
-// buffers: the next slice is staged while the current one is multiplied, one barrier per slice.
-// Edge tiles read zeros outside m, n, k; C goes out through a per-subgroup 16 x 16 scratch so
-// edges, alpha and accumulation are applied element by element under bounds checks.
+// The same interface as matmul.wgsl (same uniforms, chunk walk, NN/NT/TN layouts), so any shape,
+// layout and chunking runs here. The host prepends, for bindings MA and MB (f32, f16 or bf16
+// storage, declared as arrays of vectors; every tensor buffer is a multiple of 16 bytes):
+// ld_ma(i) (element i as f16), ld2_ma(i) (elements i, i + 1 for even i), ld4_ma(i) (elements
+// i..i + 4 for i a multiple of 4: one 8-byte load for f16 storage, declared as f16 vectors),
+// the constants A_TRANS / B_TRANS, and the tile configuration (`gpu::matmul::CoopConfig`):
+//   SGM x SGN subgroups of 32 per workgroup, each a 64 x 64 block of C in 16 accumulators of
+//   16 x 16, so the workgroup tile is BM = 64 SGM by BN = 64 SGN; NBUF = 1 or 2 staging buffers;
+//   SLICE_A / SLICE_B halves per staged slice and THREADS = 32 SGM SGN.
+// K is staged 32 at a time in workgroup memory in the source's own orientation (a straight copy,
+// read back with coopLoad or coopLoadT as the orientation requires). With two buffers the next
+// slice is staged while the current one is multiplied (one barrier per slice). Interior slices
+// whose offset and leading dimension are multiples of 8 (the host's a_align/b_align) copy eight
+// elements per load, then pairs, then single elements with zeros outside m, n, k.
+// C: a tile wholly inside C, not accumulated, with alpha = 1 stores its accumulators straight to
+// C; other tiles go through a per-subgroup 16 x 16 scratch, element by element under bounds
+// checks, applying alpha and accumulation (C + product, in that order for every configuration,
+// so all tile configurations give bit-identical results).
 // naga: every index and stride of a coop load/store is bound to a `let` first (inline
 // expressions made naga's SPIR-V writer panic); coopLoadT/coopStoreT address row-major memory.
-// The prelude also carries `enable f16; enable wgpu_cooperative_matrix;` (directives must precede
-// every declaration).
 
 struct Params {
     m: u32, n: u32, k: u32, accumulate: u32,
@@ -23,26 +27,26 @@ struct Params {
     c_off: u32, ldc: u32, b_trans: u32, alpha: f32,
     // Nonzero: tiles entirely above the diagonal of C are skipped (as in matmul.wgsl).
     lower: u32,
-    // Nonzero: A's (B's) offset and leading dimension are even, so interior slices load in pairs.
-    a_pairs: u32, b_pairs: u32, pad2: u32,
+    // 2: A's (B's) offset and leading dimension are multiples of 8; 1: even; 0: odd.
+    a_align: u32, b_align: u32, pad2: u32,
 }
 
 @group(0) @binding(2) var<storage, read_write> MC: array<f32>;
 @group(0) @binding(3) var<uniform> p: Params;
 
-const BM: u32 = 128u;
-const BN: u32 = 128u;
+const BM: u32 = 64u * SGM;
+const BN: u32 = 64u * SGN;
 const BK: u32 = 32u;
 // Row strides of the staged slices, padded by 8 halves so consecutive rows start in different
-// banks: 40 for a 128 x 32 slice stored k-contiguous, 136 for a 32 x 128 slice stored m/n-contiguous.
+// banks: SK for a slice stored k-contiguous (BM or BN rows of 32), SWA / SWB for one stored
+// m/n-contiguous (32 rows of BM or BN).
 const SK: u32 = 40u;
-const SW: u32 = 136u;
-// One staged slice: max(128 * SK, 32 * SW) halves.
-const SLICE: u32 = 5120u;
+const SWA: u32 = BM + 8u;
+const SWB: u32 = BN + 8u;
 
-var<workgroup> SA: array<f16, 10240>; // two slices of A
-var<workgroup> SB: array<f16, 10240>; // two slices of B
-var<workgroup> SC: array<f32, 1024>;  // one 16 x 16 output scratch per subgroup
+var<workgroup> SA: array<f16, SA_LEN>;
+var<workgroup> SB: array<f16, SB_LEN>;
+var<workgroup> SC: array<f32, SC_LEN>; // one 16 x 16 output scratch per subgroup
 
 fn get_a(r: u32, k: u32) -> f16 {
     if (r < p.m && k < p.k) {
@@ -60,22 +64,44 @@ fn get_b(k: u32, c: u32) -> f16 {
     return f16(0.0);
 }
 
-// Copies K slice [k0, k0 + 32) of this workgroup's A and B tiles into slice buffer `buf`.
-// Consecutive threads take consecutive elements of the source, so a subgroup reads consecutive
-// addresses. A slice lying wholly inside its operand, with an even offset and leading dimension
-// (the host's `a_pairs`/`b_pairs`), is copied two elements per load without bounds checks; edge
-// slices element by element, reading zeros outside m, n, k.
-fn stage(tid: u32, row0: u32, col0: u32, k0: u32, buf: u32) {
-    let base = buf * SLICE;
-    let k_in = k0 + BK <= p.k;
-    if (k_in && row0 + BM <= p.m && p.a_pairs != 0u) {
-        for (var j = 0u; j < 16u; j++) {
-            let q = j * 128u + tid;
+fn put8(s: u32, lo: vec4<f16>, hi: vec4<f16>, is_a: bool) {
+    if (is_a) {
+        SA[s] = lo.x; SA[s + 1u] = lo.y; SA[s + 2u] = lo.z; SA[s + 3u] = lo.w;
+        SA[s + 4u] = hi.x; SA[s + 5u] = hi.y; SA[s + 6u] = hi.z; SA[s + 7u] = hi.w;
+    } else {
+        SB[s] = lo.x; SB[s + 1u] = lo.y; SB[s + 2u] = lo.z; SB[s + 3u] = lo.w;
+        SB[s + 4u] = hi.x; SB[s + 5u] = hi.y; SB[s + 6u] = hi.z; SB[s + 7u] = hi.w;
+    }
+}
+
+// Copies K slice [k0, k0 + 32) of this workgroup's A tile into slice buffer `buf`. Consecutive
+// threads take consecutive elements of the source, so a subgroup reads consecutive addresses.
+fn stage_a(tid: u32, row0: u32, k0: u32, buf: u32) {
+    let base = buf * SLICE_A;
+    let inside = k0 + BK <= p.k && row0 + BM <= p.m;
+    if (inside && p.a_align == 2u) {
+        for (var j = 0u; j < BM * 4u / THREADS; j++) {
+            let q = j * THREADS + tid;
             if (A_TRANS) {
-                let kk = q >> 6u;
-                let r = (q & 63u) * 2u;
+                let kk = q / (BM / 8u);
+                let r = (q % (BM / 8u)) * 8u;
+                let i8 = p.a_off + (k0 + kk) * p.lda + row0 + r;
+                put8(base + kk * SWA + r, ld4_ma(i8), ld4_ma(i8 + 4u), true);
+            } else {
+                let r = q >> 2u;
+                let kk = (q & 3u) * 8u;
+                let i8 = p.a_off + (row0 + r) * p.lda + k0 + kk;
+                put8(base + r * SK + kk, ld4_ma(i8), ld4_ma(i8 + 4u), true);
+            }
+        }
+    } else if (inside && p.a_align == 1u) {
+        for (var j = 0u; j < BM * 16u / THREADS; j++) {
+            let q = j * THREADS + tid;
+            if (A_TRANS) {
+                let kk = q / (BM / 2u);
+                let r = (q % (BM / 2u)) * 2u;
                 let v = ld2_ma(p.a_off + (k0 + kk) * p.lda + row0 + r);
-                let s = base + kk * SW + r;
+                let s = base + kk * SWA + r;
                 SA[s] = v.x;
                 SA[s + 1u] = v.y;
             } else {
@@ -88,12 +114,12 @@ fn stage(tid: u32, row0: u32, col0: u32, k0: u32, buf: u32) {
             }
         }
     } else {
-        for (var j = 0u; j < 32u; j++) {
-            let e = j * 128u + tid;
+        for (var j = 0u; j < BM * 32u / THREADS; j++) {
+            let e = j * THREADS + tid;
             if (A_TRANS) {
-                let kk = e >> 7u;
-                let r = e & 127u;
-                SA[base + kk * SW + r] = get_a(row0 + r, k0 + kk);
+                let kk = e / BM;
+                let r = e % BM;
+                SA[base + kk * SWA + r] = get_a(row0 + r, k0 + kk);
             } else {
                 let r = e >> 5u;
                 let kk = e & 31u;
@@ -101,9 +127,30 @@ fn stage(tid: u32, row0: u32, col0: u32, k0: u32, buf: u32) {
             }
         }
     }
-    if (k_in && col0 + BN <= p.n && p.b_pairs != 0u) {
-        for (var j = 0u; j < 16u; j++) {
-            let q = j * 128u + tid;
+}
+
+// The same for B's tile (columns col0..col0 + BN of op(B)).
+fn stage_b(tid: u32, col0: u32, k0: u32, buf: u32) {
+    let base = buf * SLICE_B;
+    let inside = k0 + BK <= p.k && col0 + BN <= p.n;
+    if (inside && p.b_align == 2u) {
+        for (var j = 0u; j < BN * 4u / THREADS; j++) {
+            let q = j * THREADS + tid;
+            if (B_TRANS) {
+                let c = q >> 2u;
+                let kk = (q & 3u) * 8u;
+                let i8 = p.b_off + (col0 + c) * p.ldb + k0 + kk;
+                put8(base + c * SK + kk, ld4_mb(i8), ld4_mb(i8 + 4u), false);
+            } else {
+                let kk = q / (BN / 8u);
+                let c = (q % (BN / 8u)) * 8u;
+                let i8 = p.b_off + (k0 + kk) * p.ldb + col0 + c;
+                put8(base + kk * SWB + c, ld4_mb(i8), ld4_mb(i8 + 4u), false);
+            }
+        }
+    } else if (inside && p.b_align == 1u) {
+        for (var j = 0u; j < BN * 16u / THREADS; j++) {
+            let q = j * THREADS + tid;
             if (B_TRANS) {
                 let c = q >> 4u;
                 let kk = (q & 15u) * 2u;
@@ -112,57 +159,64 @@ fn stage(tid: u32, row0: u32, col0: u32, k0: u32, buf: u32) {
                 SB[s] = v.x;
                 SB[s + 1u] = v.y;
             } else {
-                let kk = q >> 6u;
-                let c = (q & 63u) * 2u;
+                let kk = q / (BN / 2u);
+                let c = (q % (BN / 2u)) * 2u;
                 let v = ld2_mb(p.b_off + (k0 + kk) * p.ldb + col0 + c);
-                let s = base + kk * SW + c;
+                let s = base + kk * SWB + c;
                 SB[s] = v.x;
                 SB[s + 1u] = v.y;
             }
         }
     } else {
-        for (var j = 0u; j < 32u; j++) {
-            let e = j * 128u + tid;
+        for (var j = 0u; j < BN * 32u / THREADS; j++) {
+            let e = j * THREADS + tid;
             if (B_TRANS) {
                 let c = e >> 5u;
                 let kk = e & 31u;
                 SB[base + c * SK + kk] = get_b(k0 + kk, col0 + c);
             } else {
-                let kk = e >> 7u;
-                let c = e & 127u;
-                SB[base + kk * SW + c] = get_b(k0 + kk, col0 + c);
+                let kk = e / BN;
+                let c = e % BN;
+                SB[base + kk * SWB + c] = get_b(k0 + kk, col0 + c);
             }
         }
     }
 }
 
-// The 16 x 16 block of op(A) at tile rows r (0..128) and slice columns kk (0..32).
+// The 16 x 16 block of op(A) at tile rows r (0..BM) and slice columns kk (0..32).
 fn tile_a(buf: u32, r: u32, kk: u32) -> coop_mat16x16<f16, A> {
     if (A_TRANS) {
-        let i = buf * SLICE + kk * SW + r;
-        let s = SW;
+        let i = buf * SLICE_A + kk * SWA + r;
+        let s = SWA;
         return coopLoad<coop_mat16x16<f16, A>>(&SA[i], s);
     }
-    let i = buf * SLICE + r * SK + kk;
+    let i = buf * SLICE_A + r * SK + kk;
     let s = SK;
     return coopLoadT<coop_mat16x16<f16, A>>(&SA[i], s);
 }
 
-// The 16 x 16 block of op(B) at slice rows kk (0..32) and tile columns c (0..128).
+// The 16 x 16 block of op(B) at slice rows kk (0..32) and tile columns c (0..BN).
 fn tile_b(buf: u32, kk: u32, c: u32) -> coop_mat16x16<f16, B> {
     if (B_TRANS) {
-        let i = buf * SLICE + c * SK + kk;
+        let i = buf * SLICE_B + c * SK + kk;
         let s = SK;
         return coopLoad<coop_mat16x16<f16, B>>(&SB[i], s);
     }
-    let i = buf * SLICE + kk * SW + c;
-    let s = SW;
+    let i = buf * SLICE_B + kk * SWB + c;
+    let s = SWB;
     return coopLoadT<coop_mat16x16<f16, B>>(&SB[i], s);
 }
 
-// Writes accumulator `m` (rows r0.., cols c0.. of C) through the subgroup's scratch. Every
-// subgroup calls this the same number of times, so the barriers stay in uniform control flow.
-fn put(m: coop_mat16x16<f32, C>, sg: u32, lane: u32, r0: u32, c0: u32) {
+// Writes accumulator `m` (rows r0.., cols c0.. of C): straight to C when `direct`, otherwise
+// through the subgroup's scratch. Every subgroup calls this the same number of times with the
+// same `direct`, so the barriers stay in uniform control flow.
+fn put(m: coop_mat16x16<f32, C>, sg: u32, lane: u32, r0: u32, c0: u32, direct: bool) {
+    if (direct) {
+        let i = p.c_off + r0 * p.ldc + c0;
+        let s = p.ldc;
+        coopStoreT(m, &MC[i], s);
+        return;
+    }
     let si = sg * 256u;
     let ss = 16u;
     coopStoreT(m, &SC[si], ss);
@@ -184,7 +238,7 @@ fn put(m: coop_mat16x16<f32, C>, sg: u32, lane: u32, r0: u32, c0: u32) {
     workgroupBarrier();
 }
 
-@compute @workgroup_size(128, 1, 1)
+@compute @workgroup_size(THREADS, 1, 1)
 fn main(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     let row0 = wid.y * BM;
     let col0 = wid.x * BN;
@@ -198,8 +252,11 @@ fn main(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: v
 fn tile(tid: u32, row0: u32, col0: u32) {
     let sg = tid >> 5u;
     let lane = tid & 31u;
-    let sr = (sg >> 1u) * 64u; // this subgroup's rows and columns inside the tile
-    let sc = (sg & 1u) * 64u;
+    let sr = (sg / SGN) * 64u; // this subgroup's rows and columns inside the tile
+    let sc = (sg % SGN) * 64u;
+    let r = row0 + sr;
+    let c = col0 + sc;
+    let direct = row0 + BM <= p.m && col0 + BN <= p.n && p.alpha == 1.0 && p.accumulate == 0u;
 
     var c00 = coop_mat16x16<f32, C>(); var c01 = coop_mat16x16<f32, C>();
     var c02 = coop_mat16x16<f32, C>(); var c03 = coop_mat16x16<f32, C>();
@@ -210,13 +267,20 @@ fn tile(tid: u32, row0: u32, col0: u32) {
     var c30 = coop_mat16x16<f32, C>(); var c31 = coop_mat16x16<f32, C>();
     var c32 = coop_mat16x16<f32, C>(); var c33 = coop_mat16x16<f32, C>();
 
-    stage(tid, row0, col0, 0u, 0u);
-    workgroupBarrier();
+    if (NBUF == 2u) {
+        stage_a(tid, row0, 0u, 0u);
+        stage_b(tid, col0, 0u, 0u);
+        workgroupBarrier();
+    }
     var buf = 0u;
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        let k1 = k0 + BK;
-        if (k1 < p.k) {
-            stage(tid, row0, col0, k1, buf ^ 1u);
+        if (NBUF == 1u) {
+            stage_a(tid, row0, k0, 0u);
+            stage_b(tid, col0, k0, 0u);
+            workgroupBarrier();
+        } else if (k0 + BK < p.k) {
+            stage_a(tid, row0, k0 + BK, buf ^ 1u);
+            stage_b(tid, col0, k0 + BK, buf ^ 1u);
         }
         for (var kk = 0u; kk < BK; kk += 16u) {
             let a0 = tile_a(buf, sr + 0u, kk);
@@ -245,25 +309,25 @@ fn tile(tid: u32, row0: u32, col0: u32) {
             c33 = coopMultiplyAdd(a3, b3, c33);
         }
         workgroupBarrier();
-        buf ^= 1u;
+        if (NBUF == 2u) {
+            buf ^= 1u;
+        }
     }
 
-    let r = row0 + sr;
-    let c = col0 + sc;
-    put(c00, sg, lane, r + 0u, c + 0u);
-    put(c01, sg, lane, r + 0u, c + 16u);
-    put(c02, sg, lane, r + 0u, c + 32u);
-    put(c03, sg, lane, r + 0u, c + 48u);
-    put(c10, sg, lane, r + 16u, c + 0u);
-    put(c11, sg, lane, r + 16u, c + 16u);
-    put(c12, sg, lane, r + 16u, c + 32u);
-    put(c13, sg, lane, r + 16u, c + 48u);
-    put(c20, sg, lane, r + 32u, c + 0u);
-    put(c21, sg, lane, r + 32u, c + 16u);
-    put(c22, sg, lane, r + 32u, c + 32u);
-    put(c23, sg, lane, r + 32u, c + 48u);
-    put(c30, sg, lane, r + 48u, c + 0u);
-    put(c31, sg, lane, r + 48u, c + 16u);
-    put(c32, sg, lane, r + 48u, c + 32u);
-    put(c33, sg, lane, r + 48u, c + 48u);
+    put(c00, sg, lane, r + 0u, c + 0u, direct);
+    put(c01, sg, lane, r + 0u, c + 16u, direct);
+    put(c02, sg, lane, r + 0u, c + 32u, direct);
+    put(c03, sg, lane, r + 0u, c + 48u, direct);
+    put(c10, sg, lane, r + 16u, c + 0u, direct);
+    put(c11, sg, lane, r + 16u, c + 16u, direct);
+    put(c12, sg, lane, r + 16u, c + 32u, direct);
+    put(c13, sg, lane, r + 16u, c + 48u, direct);
+    put(c20, sg, lane, r + 32u, c + 0u, direct);
+    put(c21, sg, lane, r + 32u, c + 16u, direct);
+    put(c22, sg, lane, r + 32u, c + 32u, direct);
+    put(c23, sg, lane, r + 32u, c + 48u, direct);
+    put(c30, sg, lane, r + 48u, c + 0u, direct);
+    put(c31, sg, lane, r + 48u, c + 16u, direct);
+    put(c32, sg, lane, r + 48u, c + 32u, direct);
+    put(c33, sg, lane, r + 48u, c + 48u, direct);
 }

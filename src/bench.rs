@@ -3,7 +3,7 @@
 //! Speed is measured here and in the criterion benches, never asserted in tests.
 
 use crate::error::Result;
-use crate::gpu::matmul::{Layout, MatmulPath, matmul_into};
+use crate::gpu::matmul::{CoopConfig, Layout, MatmulPath, matmul_into, matmul_into_coop};
 use crate::gpu::stats::HessianAccumulator;
 use crate::gpu::{GpuContext, GpuDtype, GpuTensor};
 use crate::rng::Rng;
@@ -18,6 +18,8 @@ pub struct MatmulBench {
     pub dtype: String,
     pub layout: String,
     pub path: String,
+    /// The cooperative kernel's tile configuration when one was forced.
+    pub config: Option<String>,
     pub ms: f64,
     pub tflops: f64,
 }
@@ -33,15 +35,48 @@ fn random_tensor(
     GpuTensor::from_f32_as(ctx, rows, cols, &rng.normal_vec(rows * cols, 1.0), dtype)
 }
 
-/// Times C = A * op(B) for an m x n x k problem.
+/// Warm-up before timing: at least this long (an idle GPU needs ~0.1 s of work to raise its clocks;
+/// shorter warm-ups measured small problems at half speed on the H200) ...
+const WARM_S: f64 = 0.3;
+/// ... and the timed launches span at least this long.
+const TIMED_S: f64 = 0.2;
+
+/// Runs `f` until it has run `min` times and `secs` have passed (waiting for the GPU at the end);
+/// returns the runs and the seconds.
+fn repeat(
+    ctx: &GpuContext,
+    shape: &str,
+    min: usize,
+    secs: f64,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<(usize, f64)> {
+    let t = Instant::now();
+    let mut runs = 0;
+    loop {
+        for _ in 0..min.max(1) {
+            f()?;
+        }
+        runs += min.max(1);
+        ctx.sync("matmul", shape)?;
+        let e = t.elapsed().as_secs_f64();
+        if e >= secs {
+            return Ok((runs, e));
+        }
+    }
+}
+
+/// Times C = A * op(B) for an m x n x k problem, once per entry of `configs` (`Some` forces the
+/// cooperative kernel with that tile configuration; `None` takes `path`, or the automatic
+/// choice, with the tile tuner's pick), on the same random operands.
 pub fn matmul(
     ctx: &GpuContext,
     (m, n, k): (usize, usize, usize),
     dtype: GpuDtype,
     layout: Layout,
     path: Option<MatmulPath>,
+    configs: &[Option<CoopConfig>],
     iters: usize,
-) -> Result<MatmulBench> {
+) -> Result<Vec<MatmulBench>> {
     let a = match layout {
         Layout::TN => random_tensor(ctx, k, m, dtype, 1)?,
         Layout::NN | Layout::NT => random_tensor(ctx, m, k, dtype, 1)?,
@@ -53,28 +88,38 @@ pub fn matmul(
     };
     let c = GpuTensor::empty(ctx, m, n, GpuDtype::F32)?;
     let shape = format!("{m}x{n}x{k}");
-    let mut took = MatmulPath::Tiled;
-    for _ in 0..2 {
-        took = matmul_into(ctx, &a, &b, layout, &c, false, path)?;
+    let mut rows = Vec::new();
+    for &config in configs {
+        let mut took = MatmulPath::Tiled;
+        let mut run = || -> Result<()> {
+            took = match config {
+                Some(cfg) => {
+                    matmul_into_coop(ctx, &a, &b, layout, &c, false, cfg)?;
+                    MatmulPath::Coop
+                }
+                None => matmul_into(ctx, &a, &b, layout, &c, false, path)?,
+            };
+            Ok(())
+        };
+        // The warm-up also covers the tile tuner's trials (`gpu::tune`), so the timed launches
+        // run its choice.
+        let trials = crate::gpu::tune::ROUNDS * CoopConfig::CANDIDATES.len();
+        repeat(ctx, &shape, 2 + trials, WARM_S, &mut run)?;
+        let (runs, secs) = repeat(ctx, &shape, iters, TIMED_S, &mut run)?;
+        let s = secs / runs as f64;
+        rows.push(MatmulBench {
+            m,
+            n,
+            k,
+            dtype: format!("{dtype:?}").to_lowercase(),
+            layout: format!("{layout:?}"),
+            path: format!("{took:?}").to_lowercase(),
+            config: config.map(CoopConfig::name),
+            ms: s * 1e3,
+            tflops: 2.0 * m as f64 * n as f64 * k as f64 / s / 1e12,
+        });
     }
-    ctx.sync("matmul", &shape)?;
-    let iters = iters.max(1);
-    let t = Instant::now();
-    for _ in 0..iters {
-        matmul_into(ctx, &a, &b, layout, &c, false, path)?;
-    }
-    ctx.sync("matmul", &shape)?;
-    let s = t.elapsed().as_secs_f64() / iters as f64;
-    Ok(MatmulBench {
-        m,
-        n,
-        k,
-        dtype: format!("{dtype:?}").to_lowercase(),
-        layout: format!("{layout:?}"),
-        path: format!("{took:?}").to_lowercase(),
-        ms: s * 1e3,
-        tflops: 2.0 * m as f64 * n as f64 * k as f64 / s / 1e12,
-    })
+    Ok(rows)
 }
 
 /// One Hessian benchmark row.
@@ -102,17 +147,11 @@ pub fn hessian(
     let x = random_tensor(ctx, tokens, d, dtype, 3)?;
     let mut acc = HessianAccumulator::new(ctx, d)?;
     let shape = format!("{tokens}x{d}");
-    for _ in 0..2 {
-        acc.add(ctx, &x)?;
-    }
-    ctx.sync("hessian", &shape)?;
-    let iters = iters.max(1);
-    let t = Instant::now();
-    for _ in 0..iters {
-        acc.add(ctx, &x)?;
-    }
-    ctx.sync("hessian", &shape)?;
-    let s = t.elapsed().as_secs_f64() / iters as f64;
+    // Warm-up covers the tile tuner's trials and the clocks (see `matmul`).
+    let trials = crate::gpu::tune::ROUNDS * CoopConfig::CANDIDATES.len();
+    repeat(ctx, &shape, 2 + trials, WARM_S, || acc.add(ctx, &x))?;
+    let (runs, secs) = repeat(ctx, &shape, iters, TIMED_S, || acc.add(ctx, &x))?;
+    let s = secs / runs as f64;
     acc.finish(ctx)?;
     Ok(HessianBench {
         tokens,

@@ -4,7 +4,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use wgpress::engine::Engine;
-use wgpress::gpu::matmul::{Layout, MatmulPath};
+use wgpress::gpu::matmul::{CoopConfig, Layout, MatmulPath};
 use wgpress::gpu::{ContextOptions, GpuDtype};
 use wgpress::model::forward::Precision;
 
@@ -178,6 +178,10 @@ enum BenchKernel {
         /// Force a kernel; default picks the fastest eligible.
         #[arg(long, value_enum)]
         path: Option<BenchPath>,
+        /// Time the cooperative kernel with these tile configurations (SGMxSGNxBUFFERS, e.g.
+        /// 2x2x2, or `all` for every tuning candidate); repeatable.
+        #[arg(long = "coop-config")]
+        coop_configs: Vec<String>,
         #[arg(long, default_value_t = 10)]
         iters: usize,
         /// Also write the rows as JSON to this file.
@@ -537,10 +541,22 @@ fn run(cli: Cli) -> Result<()> {
                 dtype,
                 layout,
                 path,
+                coop_configs,
                 iters,
                 json,
                 gpu,
             } => {
+                let mut configs: Vec<Option<CoopConfig>> = Vec::new();
+                for c in &coop_configs {
+                    if c == "all" {
+                        configs.extend(CoopConfig::CANDIDATES.map(Some));
+                    } else {
+                        configs.push(Some(CoopConfig::parse(c)?));
+                    }
+                }
+                if configs.is_empty() {
+                    configs.push(None);
+                }
                 let engine = gpu.engine()?;
                 let Some(ctx) = engine.gpu() else {
                     bail!("`bench` measures GPU kernels and needs an adapter")
@@ -558,18 +574,36 @@ fn run(cli: Cli) -> Result<()> {
                 });
                 let mut rows = Vec::new();
                 println!(
-                    "{:>6} {:>6} {:>6} {:>5} {:>6} {:>6} {:>10} {:>8}",
-                    "m", "n", "k", "dtype", "layout", "path", "ms", "TFLOP/s"
+                    "{:>6} {:>6} {:>6} {:>5} {:>6} {:>6} {:>7} {:>10} {:>8}",
+                    "m", "n", "k", "dtype", "layout", "path", "config", "ms", "TFLOP/s"
                 );
                 for s in &sizes {
                     let (m, n, k) = parse_size(s)?;
-                    let r = wgpress::bench::matmul(ctx, (m, n, k), dtype, layout, path, iters)
-                        .with_context(|| format!("matmul {s}"))?;
-                    println!(
-                        "{:>6} {:>6} {:>6} {:>5} {:>6} {:>6} {:>10.3} {:>8.2}",
-                        r.m, r.n, r.k, r.dtype, r.layout, r.path, r.ms, r.tflops
-                    );
-                    rows.push(r);
+                    let bench = wgpress::bench::matmul(
+                        ctx,
+                        (m, n, k),
+                        dtype,
+                        layout,
+                        path,
+                        &configs,
+                        iters,
+                    )
+                    .with_context(|| format!("matmul {s}"))?;
+                    for r in bench {
+                        println!(
+                            "{:>6} {:>6} {:>6} {:>5} {:>6} {:>6} {:>7} {:>10.3} {:>8.2}",
+                            r.m,
+                            r.n,
+                            r.k,
+                            r.dtype,
+                            r.layout,
+                            r.path,
+                            r.config.as_deref().unwrap_or("-"),
+                            r.ms,
+                            r.tflops
+                        );
+                        rows.push(r);
+                    }
                 }
                 if let Some(p) = json {
                     std::fs::write(&p, serde_json::to_string_pretty(&rows)?)

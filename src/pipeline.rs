@@ -334,11 +334,15 @@ pub fn run(
         }
         drop(blk);
         clock.lap(&mut phases.write)?;
+        let pool = ctx.pool_stats();
         log::info!(
-            "block {l} done at {:.1} s (so far: {}; peak GPU {:.0} MiB)",
+            "block {l} done at {:.1} s (so far: {}; peak GPU {:.0} MiB; GPU buffers created {} in {:.2} s, reused {})",
             t0.elapsed().as_secs_f64(),
             phases.line(1),
-            ctx.memory().1 as f64 / 1048576.0
+            ctx.memory().1 as f64 / 1048576.0,
+            pool.created,
+            pool.create_seconds,
+            pool.reused
         );
     }
     drop(xs);

@@ -637,11 +637,13 @@ fn bench_matmul_small() {
     let row = out
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|t| t.len() >= 8 && t[..3] == ["64", "48", "40"])
+        .find(|t| t.len() >= 9 && t[..3] == ["64", "48", "40"])
         .unwrap_or_else(|| panic!("no 64x48x40 row:\n{out}"));
     assert_eq!(row[3], "f32");
-    let ms: f64 = row[6].parse().expect("ms column");
-    let tflops: f64 = row[7].parse().expect("TFLOP/s column");
+    // No forced tile configuration: the config column shows "-".
+    assert_eq!(row[6], "-");
+    let ms: f64 = row[7].parse().expect("ms column");
+    let tflops: f64 = row[8].parse().expect("TFLOP/s column");
     assert!(ms.is_finite() && ms >= 0.0 && tflops.is_finite(), "{row:?}");
 }
 

@@ -33,3 +33,85 @@ fn a_row_larger_than_the_limit_is_a_clear_error() {
     let err = GpuTensor::empty(&ctx, 2, 100, GpuDtype::F32).err().unwrap();
     assert!(err.to_string().contains("binding limit"), "{err}");
 }
+
+#[test]
+fn released_buffers_are_reused_without_raising_the_peak() {
+    let ctx = common::ctx();
+    ctx.reset_peak();
+    let base = ctx.pool_stats();
+    let mb = |n: usize| GpuTensor::empty(&ctx, n, 262144, GpuDtype::F32).unwrap();
+    // 1 MiB per row of 262144 f32.
+    let a = mb(3);
+    drop(a);
+    let b = mb(3);
+    let s = ctx.pool_stats();
+    assert_eq!(s.reused, base.reused + 1, "{s:?}");
+    assert_eq!(s.created, base.created + 1, "{s:?}");
+    drop(b);
+    // A larger request cannot take the held 3 MiB; holding it would raise the mark to 8 MiB,
+    // so the pool frees it first: the mark is the 5 MiB a pool-less run would reach.
+    let c = mb(5);
+    assert_eq!(ctx.memory(), (5 << 20, 5 << 20));
+    drop(c);
+    // Two of the same size alive at once: one reused, one new; the mark is what was alive.
+    let d = mb(5);
+    let e = mb(5);
+    assert_eq!(ctx.memory(), (10 << 20, 10 << 20));
+    drop((d, e));
+    assert_eq!(ctx.memory().0, 0);
+    ctx.release_held_buffers();
+}
+
+#[test]
+fn a_reused_buffer_does_not_disturb_work_submitted_before_its_release() {
+    // C = A·B is submitted, A is dropped while that work may still run, and a new tensor of A's
+    // size takes A's buffer and is overwritten at once: C must still be the product with the old A.
+    use wgpress::gpu::matmul::{Layout, matmul_into};
+    let ctx = common::ctx();
+    let mut rng = Rng::new(77);
+    let (m, k, n) = (67, 45, 33);
+    let a = rng.normal_vec(m * k, 1.0);
+    let b = rng.normal_vec(k * n, 1.0);
+    let ga = GpuTensor::from_f32(&ctx, m, k, &a).unwrap();
+    let gb = GpuTensor::from_f32(&ctx, k, n, &b).unwrap();
+    let gc = GpuTensor::empty(&ctx, m, n, GpuDtype::F32).unwrap();
+    matmul_into(&ctx, &ga, &gb, Layout::NN, &gc, false, None).unwrap();
+    let reused_before = ctx.pool_stats().reused;
+    drop(ga);
+    let other = rng.normal_vec(m * k, 5.0);
+    let gx = GpuTensor::from_f32(&ctx, m, k, &other).unwrap();
+    assert_eq!(ctx.pool_stats().reused, reused_before + 1);
+    let want = wgpress::reference::matmul::matmul(&a, &b, m, n, k, false);
+    let got = gc.to_f32(&ctx).unwrap();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        // f32 accumulation over k = 45 products of N(0,1) values: far below 1e-4.
+        assert!((*g as f64 - w).abs() < 1e-4, "C[{i}] = {g}, want {w}");
+    }
+    assert_eq!(gx.to_f32(&ctx).unwrap(), other);
+}
+
+#[test]
+fn chunks_padded_to_sixteen_bytes_fit_the_limit_and_are_as_large_as_possible() {
+    use wgpress::gpu::buffer::rows_per_chunk;
+    for (cols, dtype, limit) in [
+        (250, GpuDtype::F16, 512u64),
+        (7, GpuDtype::F16, 64),
+        (29, GpuDtype::F32, 1024),
+        (3, GpuDtype::F32, 100),
+        (4096, GpuDtype::F32, 1 << 27),
+    ] {
+        let rb = cols as u64 * dtype.size();
+        let r = rows_per_chunk(cols, dtype, limit).unwrap() as u64;
+        let padded = |r: u64| (r * rb).div_ceil(16) * 16;
+        assert!(padded(r) <= limit, "{cols} {dtype:?} {limit}: {r} rows");
+        let step = if dtype.size() == 2 && cols % 2 == 1 {
+            2
+        } else {
+            1
+        };
+        assert!(
+            padded(r + step) > limit,
+            "{cols} {dtype:?} {limit}: {r} rows is not the most"
+        );
+    }
+}

@@ -1,5 +1,5 @@
 mod common;
-use wgpress::gpu::matmul::{Layout, MatmulPath, matmul_into};
+use wgpress::gpu::matmul::{CoopConfig, Layout, MatmulPath, matmul_into, matmul_into_coop};
 use wgpress::gpu::{GpuContext, GpuDtype, GpuTensor};
 use wgpress::reference;
 use wgpress::rng::Rng;
@@ -14,6 +14,8 @@ struct Case {
     db: GpuDtype,
     accumulate: bool,
     path: Option<MatmulPath>,
+    /// Forces the cooperative kernel with this tile configuration.
+    config: Option<CoopConfig>,
 }
 
 fn case(m: usize, n: usize, k: usize, layout: Layout, da: GpuDtype, db: GpuDtype) -> Case {
@@ -26,6 +28,7 @@ fn case(m: usize, n: usize, k: usize, layout: Layout, da: GpuDtype, db: GpuDtype
         db,
         accumulate: false,
         path: None,
+        config: None,
     }
 }
 
@@ -39,6 +42,7 @@ fn check(ctx: &GpuContext, seed: u64, c: Case) {
         db,
         accumulate,
         path,
+        config,
     } = c;
     let mut rng = Rng::new(seed);
     let a = rng.normal_vec(m * k, 1.0);
@@ -63,7 +67,13 @@ fn check(ctx: &GpuContext, seed: u64, c: Case) {
     if !accumulate {
         gc.fill_u32(ctx, common::POISON);
     }
-    let took = matmul_into(ctx, &ga, &gb, layout, &gc, accumulate, path).unwrap();
+    let took = match config {
+        Some(cfg) => {
+            matmul_into_coop(ctx, &ga, &gb, layout, &gc, accumulate, cfg).unwrap();
+            MatmulPath::Coop
+        }
+        None => matmul_into(ctx, &ga, &gb, layout, &gc, accumulate, path).unwrap(),
+    };
     if let Some(p) = path {
         assert_eq!(took, p);
     }
@@ -93,7 +103,7 @@ fn check(ctx: &GpuContext, seed: u64, c: Case) {
         let e = (got[i] as f64 - want[i]).abs();
         assert!(
             got[i].is_finite() && e <= tol,
-            "{m}x{n}x{k} {layout:?} {da:?}x{db:?} acc={accumulate}: C[{}, {}] = {} want {} (tol {tol:e})",
+            "{m}x{n}x{k} {layout:?} {da:?}x{db:?} acc={accumulate} {config:?}: C[{}, {}] = {} want {} (tol {tol:e})",
             i / n,
             i % n,
             got[i],
@@ -294,6 +304,77 @@ fn cooperative_path_walks_chunked_operands_where_offered() {
                 ..case(m, n, k, layout, GpuDtype::F16, GpuDtype::F16)
             },
         );
+    }
+}
+
+#[test]
+fn every_coop_tile_configuration_matches_reference_where_offered() {
+    // Each tuning candidate on shapes that reach every staging path: interior slices with offsets
+    // and leading dimensions that are multiples of 8 (eight elements per load; 96 and 200), even
+    // ones (pairs; 138), odd ones (single elements; 29), and edge tiles; tiles wholly inside C
+    // (stored straight from the accumulators when not accumulating) and edge tiles through the scratch.
+    let ctx = common::ctx();
+    if !wgpress::gpu::matmul::coop_available(&ctx) {
+        eprintln!(
+            "adapter {} has no f16 cooperative matrices: skipped",
+            ctx.adapter
+        );
+        return;
+    }
+    let mut seed = 1300;
+    for cfg in CoopConfig::CANDIDATES {
+        for &(m, n, k) in &[
+            (300, 264, 96),
+            (520, 272, 200),
+            (266, 138, 138),
+            (37, 203, 29),
+        ] {
+            for layout in [Layout::NN, Layout::NT, Layout::TN] {
+                for (da, db) in [
+                    (GpuDtype::F16, GpuDtype::F16),
+                    (GpuDtype::BF16, GpuDtype::F32),
+                ] {
+                    seed += 1;
+                    check(
+                        &ctx,
+                        seed,
+                        Case {
+                            accumulate: seed % 2 == 0,
+                            config: Some(cfg),
+                            ..case(m, n, k, layout, da, db)
+                        },
+                    );
+                }
+            }
+        }
+    }
+    // Chunked operands (2 KiB bindings) under the widest tiles.
+    let small = common::ctx_with(Some(2048));
+    for cfg in CoopConfig::CANDIDATES {
+        for (layout, accumulate) in [(Layout::NN, true), (Layout::NT, false), (Layout::TN, true)] {
+            seed += 1;
+            check(
+                &small,
+                seed,
+                Case {
+                    accumulate,
+                    config: Some(cfg),
+                    ..case(70, 90, 48, layout, GpuDtype::F16, GpuDtype::F16)
+                },
+            );
+        }
+    }
+}
+
+#[test]
+fn coop_configurations_parse_and_fit_the_workgroup_limit() {
+    for cfg in CoopConfig::CANDIDATES {
+        assert_eq!(CoopConfig::parse(&cfg.name()).unwrap(), cfg);
+        // 48 KiB: the smallest workgroup memory limit seen on the adapters we target.
+        assert!(cfg.workgroup_bytes() <= 48 * 1024, "{cfg:?}");
+    }
+    for bad in ["2x2", "3x2x2", "2x2x3", "axbxc", ""] {
+        assert!(CoopConfig::parse(bad).is_err(), "{bad}");
     }
 }
 

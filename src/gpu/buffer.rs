@@ -1,12 +1,13 @@
 //! The one GPU buffer type: a 2-D tensor stored row-major and split into chunks of whole rows, each
 //! chunk its own `wgpu::Buffer` no larger than the context's binding limit, so any kernel can bind
-//! any chunk. Allocation and release are counted in the context's live-bytes tracker.
+//! any chunk. Chunk buffers come from and return to the context's pool (`gpu::pool`), which
+//! also counts live and peak bytes.
 
 use super::context::GpuContext;
+use super::pool::BufferPool;
 use crate::error::{Error, Result};
 use half::slice::HalfFloatSliceExt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Element type of a GPU tensor. 16-bit types are stored two per 32-bit word (element i in the low
 /// half of word i/2 when i is even), so they work on adapters without `shader-f16`.
@@ -42,12 +43,14 @@ pub struct Chunk {
     pub row_start: usize,
     pub rows: usize,
     bytes: u64,
-    live: Arc<AtomicU64>,
+    pool: Arc<BufferPool>,
 }
 
 impl Drop for Chunk {
     fn drop(&mut self) {
-        self.live.fetch_sub(self.bytes, Ordering::Relaxed);
+        // wgpu keeps the buffer alive for work already submitted; the pool hands it out again
+        // only to later work, which the queue orders after that.
+        self.pool.give(self.buffer.clone(), self.bytes);
     }
 }
 
@@ -66,8 +69,11 @@ pub fn rows_per_chunk(cols: usize, dtype: GpuDtype, limit: u64) -> Result<usize>
     if row_bytes == 0 {
         return Ok(usize::MAX);
     }
-    // Leave room for the 4-byte padding of a 16-bit chunk.
-    let mut r = (limit.saturating_sub(4) / row_bytes) as usize;
+    let mut r = (limit / row_bytes) as usize;
+    // A chunk's buffer is padded to whole 16-byte units, which must fit the limit too.
+    while r > 0 && (r as u64 * row_bytes).div_ceil(16) * 16 > limit {
+        r -= 1;
+    }
     if dtype.size() == 2 && cols % 2 == 1 {
         r -= r % 2;
     }
@@ -116,23 +122,15 @@ impl GpuTensor {
         let mut start = 0;
         while start < rows || (rows == 0 && chunks.is_empty()) {
             let n = per.min(rows - start);
-            let bytes = ((n * cols) as u64 * dtype.size()).div_ceil(4).max(1) * 4;
-            let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("tensor"),
-                size: bytes,
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_DST
-                    | wgpu::BufferUsages::COPY_SRC,
-                mapped_at_creation: false,
-            });
-            let live = ctx.live_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
-            ctx.peak_bytes.fetch_max(live, Ordering::Relaxed);
+            // Whole 16-byte units: the cooperative matmul reads its operands as 16-byte vectors.
+            let bytes = ((n * cols) as u64 * dtype.size()).div_ceil(16).max(1) * 16;
+            let buffer = ctx.pool.take(&ctx.device, bytes);
             chunks.push(Chunk {
                 buffer,
                 row_start: start,
                 rows: n,
                 bytes,
-                live: ctx.live_bytes.clone(),
+                pool: ctx.pool.clone(),
             });
             start += n;
             if rows == 0 {

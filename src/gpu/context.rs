@@ -6,7 +6,7 @@
 use super::profile::{self, Profile};
 use crate::error::{Error, Result};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Environment variable read when no `--adapter` is given (same syntax: name substring or index).
@@ -155,8 +155,10 @@ pub struct GpuContext {
     binding_limit: u64,
     pub(crate) checked: bool,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
-    pub(crate) live_bytes: Arc<AtomicU64>,
-    pub(crate) peak_bytes: Arc<AtomicU64>,
+    /// The cooperative matmul's tile tuning books (`gpu::tune`), made at first use.
+    pub(crate) tuner: Mutex<Option<super::tune::Tuner>>,
+    /// Tensor buffers: reuse and live/peak accounting (`gpu::pool`).
+    pub(crate) pool: Arc<super::pool::BufferPool>,
     lost: Arc<AtomicBool>,
     uncaptured: Arc<Mutex<Option<String>>>,
     /// `Some` while `--profile` timing is on.
@@ -290,8 +292,8 @@ impl GpuContext {
             binding_limit,
             checked: opts.checked_shaders,
             pipelines: Mutex::new(HashMap::new()),
-            live_bytes: Arc::new(AtomicU64::new(0)),
-            peak_bytes: Arc::new(AtomicU64::new(0)),
+            tuner: Mutex::new(None),
+            pool: Arc::new(super::pool::BufferPool::from_env()),
             lost,
             uncaptured,
             profile: Mutex::new(None),
@@ -344,17 +346,25 @@ impl GpuContext {
         self.binding_limit
     }
 
-    /// Bytes of live GPU buffers allocated through this context, and their high-water mark.
+    /// Bytes of live tensors allocated through this context, and the high-water mark of live
+    /// tensors plus buffers held for reuse (`gpu::pool`): the tensor memory really allocated.
     pub fn memory(&self) -> (u64, u64) {
-        (
-            self.live_bytes.load(Ordering::Relaxed),
-            self.peak_bytes.load(Ordering::Relaxed),
-        )
+        self.pool.memory()
     }
 
+    /// Starts a new high-water mark from what is allocated now.
     pub fn reset_peak(&self) {
-        self.peak_bytes
-            .store(self.live_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.pool.reset_peak()
+    }
+
+    /// Tensor buffer reuse counters (`gpu::pool`).
+    pub fn pool_stats(&self) -> super::pool::PoolStats {
+        self.pool.stats()
+    }
+
+    /// Frees the tensor buffers held for reuse.
+    pub fn release_held_buffers(&self) {
+        self.pool.clear()
     }
 
     pub fn max_workgroups_per_dim(&self) -> u32 {
@@ -697,7 +707,7 @@ pub(crate) struct Dispatch<'a> {
     pub groups: (u32, u32, u32),
 }
 
-fn poisoned<T>(_: std::sync::PoisonError<T>) -> Error {
+pub(crate) fn poisoned<T>(_: std::sync::PoisonError<T>) -> Error {
     Error::gpu("context", "-", "internal lock poisoned by an earlier panic")
 }
 

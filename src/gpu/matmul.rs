@@ -55,9 +55,10 @@ struct Params {
     b_trans: u32,
     alpha: f32,
     lower: u32,
-    /// Cooperative kernel only: A's (B's) offset and leading dimension are even.
-    a_pairs: u32,
-    b_pairs: u32,
+    /// Cooperative kernel only: 2 when A's (B's) offset and leading dimension are multiples of
+    /// 8, 1 when even, 0 otherwise.
+    a_align: u32,
+    b_align: u32,
     pad: u32,
 }
 
@@ -70,11 +71,21 @@ impl Params {
         (2.0 * m * n * k, m * k * ea as f64 + k * n * eb as f64 + c)
     }
 
-    /// Even offsets and leading dimensions let the cooperative kernel load interior slices two
-    /// elements at a time (the tiled kernel ignores these fields).
-    fn set_pairs(&mut self) {
-        self.a_pairs = (self.a_off.is_multiple_of(2) && self.lda.is_multiple_of(2)) as u32;
-        self.b_pairs = (self.b_off.is_multiple_of(2) && self.ldb.is_multiple_of(2)) as u32;
+    /// Offsets and leading dimensions that are multiples of 8 (2) let the cooperative kernel
+    /// load interior slices eight elements at a time, even ones (1) two at a time (the tiled
+    /// kernel ignores these fields).
+    fn set_align(&mut self) {
+        let q = |off: u32, ld: u32| {
+            if off.is_multiple_of(8) && ld.is_multiple_of(8) {
+                2
+            } else if off.is_multiple_of(2) && ld.is_multiple_of(2) {
+                1
+            } else {
+                0
+            }
+        };
+        self.a_align = q(self.a_off, self.lda);
+        self.b_align = q(self.b_off, self.ldb);
     }
 }
 
@@ -122,29 +133,45 @@ pub fn tiled_source(a: GpuDtype, b: GpuDtype, layout: Layout) -> Result<String> 
     Ok(compose(prelude, layout, shaders::MATMUL))
 }
 
-/// The cooperative kernel's loaders of binding `name`: element i as f16, and the pair at even i.
+/// The cooperative kernel's loaders of binding `name`, declared as an array of vectors (tensor
+/// buffers are whole multiples of 16 bytes): element i as f16, the pair at even i, and the four
+/// at i a multiple of 4 (one 8-byte load for f16 storage, which is declared as f16 vectors so no
+/// conversion runs; f32 and bf16 are converted).
 fn coop_loader(name: &str, binding: u32, dtype: GpuDtype) -> Result<String> {
     let f = name.to_lowercase();
-    let (ty, one, two) = match dtype {
+    // bf16 is the top half of an f32; the host checked (or the caller vouched) that the values
+    // fit f16's range.
+    let bf = |w: &str| {
+        format!("vec2<f16>(f16(bitcast<f32>({w} << 16u)), f16(bitcast<f32>({w} & 0xffff0000u)))")
+    };
+    let (ty, one, two, four) = match dtype {
         GpuDtype::F32 => (
-            "f32",
-            format!("return f16({name}[i]);"),
-            format!("return vec2<f16>(f16({name}[i]), f16({name}[i + 1u]));"),
+            "vec4<f32>",
+            format!("return f16({name}[i >> 2u][i & 3u]);"),
+            format!(
+                "let v = {name}[i >> 2u]; return vec2<f16>(select(v.xy, v.zw, (i & 2u) != 0u));"
+            ),
+            format!("return vec4<f16>({name}[i >> 2u]);"),
         ),
         GpuDtype::F16 => (
-            "u32",
-            format!("return f16(unpack2x16float({name}[i >> 1u])[i & 1u]);"),
-            format!("return vec2<f16>(unpack2x16float({name}[i >> 1u]));"),
+            "vec4<f16>",
+            format!("return {name}[i >> 2u][i & 3u];"),
+            format!("let v = {name}[i >> 2u]; return select(v.xy, v.zw, (i & 2u) != 0u);"),
+            format!("return {name}[i >> 2u];"),
         ),
-        // bf16 is the top half of an f32; the host checked (or the caller vouched) that the
-        // values fit f16's range.
         GpuDtype::BF16 => (
-            "u32",
+            "vec4<u32>",
             format!(
-                "let w = {name}[i >> 1u]; return f16(bitcast<f32>(select(w << 16u, w & 0xffff0000u, (i & 1u) == 1u)));"
+                "let w = {name}[i >> 3u][(i >> 1u) & 3u]; return f16(bitcast<f32>(select(w << 16u, w & 0xffff0000u, (i & 1u) == 1u)));"
             ),
             format!(
-                "let w = {name}[i >> 1u]; return vec2<f16>(f16(bitcast<f32>(w << 16u)), f16(bitcast<f32>(w & 0xffff0000u)));"
+                "let w = {name}[i >> 3u][(i >> 1u) & 3u]; return {};",
+                bf("w")
+            ),
+            format!(
+                "let v = {name}[i >> 3u]; let w = select(v.xy, v.zw, (i & 4u) != 0u); return vec4<f16>({}, {});",
+                bf("w.x"),
+                bf("w.y")
             ),
         ),
         GpuDtype::U32 => {
@@ -152,15 +179,129 @@ fn coop_loader(name: &str, binding: u32, dtype: GpuDtype) -> Result<String> {
         }
     };
     Ok(format!(
-        "@group(0) @binding({binding}) var<storage, read> {name}: array<{ty}>;\nfn ld_{f}(i: u32) -> f16 {{ {one} }}\nfn ld2_{f}(i: u32) -> vec2<f16> {{ {two} }}\n"
+        "@group(0) @binding({binding}) var<storage, read> {name}: array<{ty}>;\nfn ld_{f}(i: u32) -> f16 {{ {one} }}\nfn ld2_{f}(i: u32) -> vec2<f16> {{ {two} }}\nfn ld4_{f}(i: u32) -> vec4<f16> {{ {four} }}\n"
     ))
 }
 
-/// The cooperative-matrix kernel's source for one (A dtype, B dtype, layout) variant.
-pub fn coop_source(a: GpuDtype, b: GpuDtype, layout: Layout) -> Result<String> {
+/// A cooperative kernel's tile configuration: `sgm` x `sgn` subgroups of 32 per workgroup, each
+/// computing a 64 x 64 block of C (so a 64·sgm x 64·sgn workgroup tile), with one or two K-slice
+/// staging buffers (two overlap the next slice's copy with the current slice's multiplies).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CoopConfig {
+    pub sgm: u32,
+    pub sgn: u32,
+    pub nbuf: u32,
+}
+
+impl CoopConfig {
+    /// The configuration used where the tuner has no choice to make: the fastest on the H200
+    /// for every problem measured (BENCHMARKS.md, session 6).
+    pub const DEFAULT: CoopConfig = CoopConfig {
+        sgm: 2,
+        sgn: 2,
+        nbuf: 1,
+    };
+
+    /// The candidates the tuner times, each within 48 KiB of workgroup memory.
+    pub const CANDIDATES: [CoopConfig; 6] = [
+        CoopConfig::DEFAULT,
+        CoopConfig {
+            sgm: 2,
+            sgn: 2,
+            nbuf: 2,
+        },
+        CoopConfig {
+            sgm: 4,
+            sgn: 2,
+            nbuf: 1,
+        },
+        CoopConfig {
+            sgm: 2,
+            sgn: 4,
+            nbuf: 1,
+        },
+        CoopConfig {
+            sgm: 2,
+            sgn: 1,
+            nbuf: 2,
+        },
+        CoopConfig {
+            sgm: 1,
+            sgn: 2,
+            nbuf: 2,
+        },
+    ];
+
+    /// Workgroup tile rows and columns of C.
+    pub fn tile(self) -> (usize, usize) {
+        (64 * self.sgm as usize, 64 * self.sgn as usize)
+    }
+
+    /// Halves per staged K slice of A (`rows` = BM) or B (BN): the larger of the k-contiguous
+    /// (rows x 40) and the m/n-contiguous (32 x (rows + 8)) layouts.
+    fn slice(rows: u32) -> u32 {
+        (rows * 40).max(32 * (rows + 8))
+    }
+
+    /// Bytes of workgroup memory: the staged slices (f16) and the f32 output scratch.
+    pub fn workgroup_bytes(self) -> u64 {
+        let (bm, bn) = (64 * self.sgm, 64 * self.sgn);
+        let halves = self.nbuf * (Self::slice(bm) + Self::slice(bn));
+        2 * halves as u64 + 4 * 256 * (self.sgm * self.sgn) as u64
+    }
+
+    pub fn threads(self) -> u32 {
+        32 * self.sgm * self.sgn
+    }
+
+    /// "2x2x2": subgroup rows, subgroup columns, buffers.
+    pub fn name(self) -> String {
+        format!("{}x{}x{}", self.sgm, self.sgn, self.nbuf)
+    }
+
+    pub fn parse(s: &str) -> Result<CoopConfig> {
+        let v: Vec<u32> = s
+            .split('x')
+            .map(|p| p.trim().parse::<u32>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| Error::invalid(format!("coop config {s:?}: expected e.g. 2x2x2")))?;
+        match v[..] {
+            [sgm, sgn, nbuf]
+                if [1, 2, 4].contains(&sgm)
+                    && [1, 2, 4].contains(&sgn)
+                    && [1, 2].contains(&nbuf) =>
+            {
+                Ok(CoopConfig { sgm, sgn, nbuf })
+            }
+            _ => Err(Error::invalid(format!(
+                "coop config {s:?}: subgroup rows and columns must be 1, 2 or 4 and buffers 1 or 2"
+            ))),
+        }
+    }
+
+    fn constants(self) -> String {
+        let (bm, bn) = (64 * self.sgm, 64 * self.sgn);
+        format!(
+            "const SGM: u32 = {}u;\nconst SGN: u32 = {}u;\nconst NBUF: u32 = {}u;\nconst THREADS: u32 = {}u;\nconst SLICE_A: u32 = {}u;\nconst SLICE_B: u32 = {}u;\nconst SA_LEN: u32 = {}u;\nconst SB_LEN: u32 = {}u;\nconst SC_LEN: u32 = {}u;\n",
+            self.sgm,
+            self.sgn,
+            self.nbuf,
+            self.threads(),
+            Self::slice(bm),
+            Self::slice(bn),
+            self.nbuf * Self::slice(bm),
+            self.nbuf * Self::slice(bn),
+            256 * self.sgm * self.sgn,
+        )
+    }
+}
+
+/// The cooperative-matrix kernel's source for one (A dtype, B dtype, layout, tiles) variant.
+pub fn coop_source(a: GpuDtype, b: GpuDtype, layout: Layout, cfg: CoopConfig) -> Result<String> {
     let prelude = "enable f16;\nenable wgpu_cooperative_matrix;\n".to_string()
         + &coop_loader("MA", 0, a)?
-        + &coop_loader("MB", 1, b)?;
+        + &coop_loader("MB", 1, b)?
+        + &cfg.constants();
     Ok(compose(prelude, layout, shaders::MATMUL_COOP))
 }
 
@@ -182,13 +323,20 @@ pub fn all_sources() -> Vec<(String, String, bool)> {
             v.push((format!("matmul.wgsl aliased b_trans={t}"), s, false));
         }
     }
+    for cfg in CoopConfig::CANDIDATES {
+        for l in [Layout::NN, Layout::NT, Layout::TN] {
+            if let Ok(s) = coop_source(GpuDtype::F16, GpuDtype::F16, l, cfg) {
+                v.push((format!("matmul_coop.wgsl {} {l:?}", cfg.name()), s, true));
+            }
+        }
+    }
     for a in [GpuDtype::F32, GpuDtype::F16, GpuDtype::BF16] {
         for b in [GpuDtype::F32, GpuDtype::F16, GpuDtype::BF16] {
             for l in [Layout::NN, Layout::NT, Layout::TN] {
                 if let Ok(s) = tiled_source(a, b, l) {
                     v.push((format!("matmul.wgsl {a:?}x{b:?} {l:?}"), s, false));
                 }
-                if let Ok(s) = coop_source(a, b, l) {
+                if let Ok(s) = coop_source(a, b, l, CoopConfig::DEFAULT) {
                     v.push((format!("matmul_coop.wgsl {a:?}x{b:?} {l:?}"), s, true));
                 }
             }
@@ -235,6 +383,20 @@ pub fn matmul_into(
     accumulate: bool,
     path: Option<MatmulPath>,
 ) -> Result<MatmulPath> {
+    matmul_impl(ctx, a, b, layout, c, accumulate, path, None)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_impl(
+    ctx: &GpuContext,
+    a: &GpuTensor,
+    b: &GpuTensor,
+    layout: Layout,
+    c: &GpuTensor,
+    accumulate: bool,
+    path: Option<MatmulPath>,
+    cfg: Option<CoopConfig>,
+) -> Result<MatmulPath> {
     let (m, n, k) = dims(a, b, layout);
     let shape = format!(
         "{}x{}x{} ({:?}, A {:?}, B {:?})",
@@ -275,7 +437,11 @@ pub fn matmul_into(
         Some(MatmulPath::Tiled) => false,
         None => coop,
     };
-    run_walk(ctx, a, b, layout, c, accumulate, &shape, use_coop)?;
+    match (use_coop, cfg) {
+        (false, _) => run_walk(ctx, a, b, layout, c, accumulate, &shape, None)?,
+        (true, Some(cfg)) => run_walk(ctx, a, b, layout, c, accumulate, &shape, Some(cfg))?,
+        (true, None) => run_tuned(ctx, a, b, layout, c, accumulate, &shape)?,
+    }
     Ok(if use_coop {
         MatmulPath::Coop
     } else {
@@ -283,7 +449,103 @@ pub fn matmul_into(
     })
 }
 
-/// Records the kernel's dispatches over the operands' chunks (both kernels tile C by 128 x 128).
+/// C = [C +] A * op(B) on the cooperative kernel with tile configuration `cfg` (benchmarks and
+/// the tuner compare configurations with this; an error where the kernel is unavailable or the
+/// configuration exceeds the adapter's workgroup limits).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_into_coop(
+    ctx: &GpuContext,
+    a: &GpuTensor,
+    b: &GpuTensor,
+    layout: Layout,
+    c: &GpuTensor,
+    accumulate: bool,
+    cfg: CoopConfig,
+) -> Result<()> {
+    matmul_impl(
+        ctx,
+        a,
+        b,
+        layout,
+        c,
+        accumulate,
+        Some(MatmulPath::Coop),
+        Some(cfg),
+    )?;
+    Ok(())
+}
+
+/// Whether `cfg` fits this adapter's workgroup memory and invocation limits.
+pub fn coop_fits(ctx: &GpuContext, cfg: CoopConfig) -> bool {
+    cfg.workgroup_bytes() <= ctx.limits.max_compute_workgroup_storage_size as u64
+        && cfg.threads() <= ctx.limits.max_compute_invocations_per_workgroup
+}
+
+/// The cooperative product on the tuned tile configuration (`gpu::tune`): the chosen one for this
+/// adapter and problem, or, while the problem is being tuned, the next candidate, timed alone.
+#[allow(clippy::too_many_arguments)]
+fn run_tuned(
+    ctx: &GpuContext,
+    a: &GpuTensor,
+    b: &GpuTensor,
+    layout: Layout,
+    c: &GpuTensor,
+    accumulate: bool,
+    shape: &str,
+) -> Result<()> {
+    use super::tune::{Pick, Tuner};
+    let pick = {
+        let mut t = ctx.tuner.lock().map_err(super::context::poisoned)?;
+        let tuner = t.get_or_insert_with(|| {
+            let a = &ctx.adapter;
+            let cands = CoopConfig::CANDIDATES
+                .into_iter()
+                .filter(|&c| coop_fits(ctx, c))
+                .collect();
+            Tuner::new(
+                &format!("{} | {} | {}", a.name, a.backend, a.driver),
+                cands,
+                super::peaks::cache_dir(),
+            )
+        });
+        tuner.pick(shape)
+    };
+    match pick {
+        Pick::Use(cfg) => run_walk(ctx, a, b, layout, c, accumulate, shape, Some(cfg)),
+        Pick::Trial(cfg) => {
+            // Compiled and idle before the clock starts, so the time is this product's alone.
+            coop_pipeline(ctx, a.dtype, b.dtype, layout, cfg)?;
+            ctx.sync("matmul_coop", shape)?;
+            let t = std::time::Instant::now();
+            run_walk(ctx, a, b, layout, c, accumulate, shape, Some(cfg))?;
+            ctx.sync("matmul_coop", shape)?;
+            let secs = t.elapsed().as_secs_f64();
+            let mut t = ctx.tuner.lock().map_err(super::context::poisoned)?;
+            if let Some(tuner) = t.as_mut() {
+                tuner.record(shape, cfg, secs);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The cooperative kernel's cached pipeline and source key for one variant.
+fn coop_pipeline(
+    ctx: &GpuContext,
+    a: GpuDtype,
+    b: GpuDtype,
+    layout: Layout,
+    cfg: CoopConfig,
+) -> Result<(std::sync::Arc<wgpu::ComputePipeline>, String)> {
+    let key = format!("matmul_coop {a:?}x{b:?} {layout:?} {}", cfg.name());
+    // Trusted: every offset and extent the walk passes is derived from the chunk table, so each
+    // index the kernel forms (guarded by m, n, k) stays inside its binding.
+    let pipe = ctx.pipeline(&key, &coop_source(a, b, layout, cfg)?, "main", true)?;
+    Ok((pipe, key))
+}
+
+/// Records the kernel's dispatches over the operands' chunks: the tiled kernel (`coop` None)
+/// tiles C by 128 x 128, the cooperative one by its configuration's tile.
 #[allow(clippy::too_many_arguments)]
 fn run_walk(
     ctx: &GpuContext,
@@ -293,28 +555,38 @@ fn run_walk(
     c: &GpuTensor,
     accumulate: bool,
     shape: &str,
-    coop: bool,
+    coop: Option<CoopConfig>,
 ) -> Result<()> {
     let (_, n, k) = dims(a, b, layout);
-    let (key, src) = if coop {
-        (
-            format!("matmul_coop {:?}x{:?} {:?}", a.dtype, b.dtype, layout),
-            coop_source(a.dtype, b.dtype, layout)?,
-        )
+    let (pipe, key, (bm, bn)) = if let Some(cfg) = coop {
+        if !coop_fits(ctx, cfg) {
+            return Err(Error::gpu(
+                "matmul_coop",
+                shape,
+                format!(
+                    "tile configuration {} needs {} bytes of workgroup memory and {} invocations; this adapter allows {} and {}",
+                    cfg.name(),
+                    cfg.workgroup_bytes(),
+                    cfg.threads(),
+                    ctx.limits.max_compute_workgroup_storage_size,
+                    ctx.limits.max_compute_invocations_per_workgroup
+                ),
+            ));
+        }
+        let (pipe, key) = coop_pipeline(ctx, a.dtype, b.dtype, layout, cfg)?;
+        (pipe, key, cfg.tile())
     } else {
-        (
-            format!("matmul {:?}x{:?} {:?}", a.dtype, b.dtype, layout),
-            tiled_source(a.dtype, b.dtype, layout)?,
-        )
+        let key = format!("matmul {:?}x{:?} {:?}", a.dtype, b.dtype, layout);
+        // Trusted: every offset and extent below is derived from the chunk table, so each index
+        // the kernel forms (guarded by m, n, k) stays inside its binding.
+        let pipe = ctx.pipeline(&key, &tiled_source(a.dtype, b.dtype, layout)?, "main", true)?;
+        (pipe, key, (TILE, TILE))
     };
-    // Trusted: every offset and extent below is derived from the chunk table, so each index the
-    // kernel forms (guarded by m, n, k) stays inside its binding.
-    let pipe = ctx.pipeline(&key, &src, "main", true)?;
     if layout == Layout::TN {
-        return run_walk_tn(ctx, a, b, c, accumulate, shape, &pipe, &key);
+        return run_walk_tn(ctx, a, b, c, accumulate, shape, &pipe, &key, (bm, bn));
     }
-    let max_rows = ctx.max_workgroups_per_dim() as usize * TILE;
-    if n.div_ceil(TILE) > ctx.max_workgroups_per_dim() as usize {
+    let max_rows = ctx.max_workgroups_per_dim() as usize * bm;
+    if n.div_ceil(bn) > ctx.max_workgroups_per_dim() as usize {
         return Err(Error::gpu(
             "matmul",
             shape,
@@ -352,8 +624,8 @@ fn run_walk(
                     b_trans: (layout == Layout::NT) as u32,
                     alpha: 1.0,
                     lower: 0,
-                    a_pairs: 0,
-                    b_pairs: 0,
+                    a_align: 0,
+                    b_align: 0,
                     pad: 0,
                 });
                 binds.push((ai, bi, ci, sub_n, e - s));
@@ -366,7 +638,7 @@ fn run_walk(
         return zero_or_keep(ctx, c, accumulate);
     }
     for p in &mut params {
-        p.set_pairs();
+        p.set_align();
         let (f, b) = p.work(a.dtype.size(), b.dtype.size());
         ctx.add_work(&pipe, f, b);
     }
@@ -380,7 +652,7 @@ fn run_walk(
                 &c.chunks[ci].buffer,
             ],
             uniform: Some(bytemuck::bytes_of(p)),
-            groups: (sub_n.div_ceil(TILE) as u32, rows.div_ceil(TILE) as u32, 1),
+            groups: (sub_n.div_ceil(bn) as u32, rows.div_ceil(bm) as u32, 1),
         })
         .collect();
     ctx.run(&key, shape, &pipe, &dispatches)
@@ -400,10 +672,11 @@ fn run_walk_tn(
     shape: &str,
     pipe: &wgpu::ComputePipeline,
     label: &str,
+    (bm, bn): (usize, usize),
 ) -> Result<()> {
     let (m, n) = (a.cols, b.cols);
     let max_wg = ctx.max_workgroups_per_dim() as usize;
-    if n.div_ceil(TILE) > max_wg {
+    if n.div_ceil(bn) > max_wg {
         return Err(Error::gpu(
             "matmul",
             shape,
@@ -419,7 +692,7 @@ fn run_walk_tn(
             u(ch.rows * t.cols)?;
         }
     }
-    let max_rows = max_wg * TILE;
+    let max_rows = max_wg * bm;
     let mut params = Vec::new();
     let mut binds = Vec::new();
     for (pass, (k0, k1)) in GpuTensor::common_row_ranges(&[a, b])
@@ -446,8 +719,8 @@ fn run_walk_tn(
                     b_trans: 0,
                     alpha: 1.0,
                     lower: 0,
-                    a_pairs: 0,
-                    b_pairs: 0,
+                    a_align: 0,
+                    b_align: 0,
                     pad: 0,
                 });
                 binds.push((ai, bi, ci, e - s));
@@ -460,7 +733,7 @@ fn run_walk_tn(
         return zero_or_keep(ctx, c, accumulate);
     }
     for p in &mut params {
-        p.set_pairs();
+        p.set_align();
         let (f, b) = p.work(a.dtype.size(), b.dtype.size());
         ctx.add_work(pipe, f, b);
     }
@@ -474,7 +747,7 @@ fn run_walk_tn(
                 &c.chunks[ci].buffer,
             ],
             uniform: Some(bytemuck::bytes_of(p)),
-            groups: (n.div_ceil(TILE) as u32, rows.div_ceil(TILE) as u32, 1),
+            groups: (n.div_ceil(bn) as u32, rows.div_ceil(bm) as u32, 1),
         })
         .collect();
     ctx.run(label, shape, pipe, &dispatches)
@@ -587,8 +860,8 @@ impl<'a> RegionGemm<'a> {
             b_trans: self.b_trans as u32,
             alpha: self.alpha,
             lower: self.lower as u32,
-            a_pairs: 0,
-            b_pairs: 0,
+            a_align: 0,
+            b_align: 0,
             pad: 0,
         };
         // Every prepared step is recorded by its caller, so its work is declared here (a

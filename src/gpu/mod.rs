@@ -8,10 +8,12 @@ pub mod gptq;
 pub mod linalg;
 pub mod matmul;
 pub mod peaks;
+pub mod pool;
 pub mod profile;
 pub mod quant;
 pub mod reduce;
 pub mod stats;
+pub mod tune;
 
 pub use buffer::{GpuDtype, GpuTensor};
 pub use context::{AdapterSummary, ContextOptions, GpuContext, list_adapters};

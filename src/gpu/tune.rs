@@ -1,0 +1,205 @@
+//! Autotuning of the cooperative matmul's tile configuration, per adapter, driver and problem.
+//!
+//! The first [`ROUNDS`] x candidates cooperative products of one problem (layout, operand dtypes,
+//! m x n x k) each run one candidate configuration and are timed (the GPU is waited for before
+//! and after, so the time is that product's alone); the product is the real one, so tuning costs
+//! only those waits. The fastest candidate (by its best round) is then used for every later
+//! product of that problem and written to `coop_tiles.json` in the cache directory
+//! (`gpu::peaks::cache_dir`), keyed by adapter, backend and driver, so the next run starts
+//! with it. All candidates give bit-identical results (`shaders/matmul_coop.wgsl`), so tuning
+//! never changes numbers.
+//!
+//! This module only keeps the books (which candidate to try next, which won, the file); the
+//! timing and dispatch live in `gpu::matmul`.
+
+use super::matmul::CoopConfig;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+/// Timed runs of each candidate before a choice is made.
+pub const ROUNDS: usize = 2;
+const FILE: &str = "coop_tiles.json";
+/// Part of the adapter key: a kernel revision that changes which tiles win must not reuse the
+/// old choices.
+const VERSION: u32 = 1;
+
+/// What the next product of a problem runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pick {
+    /// The chosen (tuned or cached) configuration.
+    Use(CoopConfig),
+    /// A candidate still being timed: run it and report the time with [`Tuner::record`].
+    Trial(CoopConfig),
+}
+
+/// The tuning books of one adapter.
+pub struct Tuner {
+    adapter: String,
+    file: Option<PathBuf>,
+    candidates: Vec<CoopConfig>,
+    chosen: HashMap<String, CoopConfig>,
+    trials: HashMap<String, Vec<(CoopConfig, f64)>>,
+}
+
+type CacheFile = BTreeMap<String, BTreeMap<String, String>>;
+
+impl Tuner {
+    /// Books for adapter `adapter` (name, backend, driver), trying `candidates` (those that fit
+    /// the adapter), with choices cached in `dir` (`None`: nothing is read or written). Choices
+    /// already in the cache are loaded now; an unreadable cache is logged and ignored.
+    pub fn new(adapter: &str, candidates: Vec<CoopConfig>, dir: Option<PathBuf>) -> Tuner {
+        let adapter = format!("tiles v{VERSION} | {adapter}");
+        let file = dir.map(|d| d.join(FILE));
+        let mut chosen = HashMap::new();
+        if let Some(all) = file.as_ref().and_then(|f| read(f)) {
+            for (shape, name) in all.get(&adapter).into_iter().flatten() {
+                match CoopConfig::parse(name) {
+                    Ok(c) if candidates.contains(&c) => {
+                        chosen.insert(shape.clone(), c);
+                    }
+                    _ => log::warn!("ignoring cached tile choice {name:?} for {shape}"),
+                }
+            }
+        }
+        Tuner {
+            adapter,
+            file,
+            candidates,
+            chosen,
+            trials: HashMap::new(),
+        }
+    }
+
+    /// The configuration for the next product of problem `shape`.
+    pub fn pick(&self, shape: &str) -> Pick {
+        if let Some(&c) = self.chosen.get(shape) {
+            return Pick::Use(c);
+        }
+        match self.candidates.len() {
+            0 => Pick::Use(CoopConfig::DEFAULT),
+            1 => Pick::Use(self.candidates[0]),
+            n => {
+                let done = self.trials.get(shape).map_or(0, Vec::len);
+                Pick::Trial(self.candidates[done % n])
+            }
+        }
+    }
+
+    /// Records one timed trial; after the last one, chooses, caches and returns the winner.
+    pub fn record(&mut self, shape: &str, cfg: CoopConfig, seconds: f64) -> Option<CoopConfig> {
+        if self.chosen.contains_key(shape) {
+            return None;
+        }
+        let t = self.trials.entry(shape.to_string()).or_default();
+        t.push((cfg, seconds));
+        if t.len() < ROUNDS * self.candidates.len() {
+            return None;
+        }
+        let mut best: Option<(CoopConfig, f64)> = None;
+        for &(c, s) in t.iter() {
+            if best.is_none_or(|(_, b)| s < b) {
+                best = Some((c, s));
+            }
+        }
+        let (win, secs) = best?;
+        self.trials.remove(shape);
+        self.chosen.insert(shape.to_string(), win);
+        log::info!(
+            "matmul tiles for {shape}: {} ({:.3} ms)",
+            win.name(),
+            secs * 1e3
+        );
+        self.save(shape, win);
+        Some(win)
+    }
+
+    /// Merges one choice into the cache file (re-read first, so runs that tuned other problems
+    /// keep theirs), written to a temporary name and renamed.
+    fn save(&self, shape: &str, win: CoopConfig) {
+        let Some(file) = &self.file else { return };
+        let mut all = read(file).unwrap_or_default();
+        all.entry(self.adapter.clone())
+            .or_default()
+            .insert(shape.to_string(), win.name());
+        let result = (|| -> std::io::Result<()> {
+            if let Some(d) = file.parent() {
+                std::fs::create_dir_all(d)?;
+            }
+            let tmp = file.with_extension(format!("json.{}.tmp", std::process::id()));
+            let text = serde_json::to_string_pretty(&all).map_err(std::io::Error::other)?;
+            std::fs::write(&tmp, text)?;
+            std::fs::rename(&tmp, file)
+        })();
+        if let Err(e) = result {
+            log::warn!("could not cache the tile choice in {}: {e}", file.display());
+        }
+    }
+}
+
+fn read(file: &std::path::Path) -> Option<CacheFile> {
+    let bytes = std::fs::read(file).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            log::warn!("ignoring the unreadable tile cache {}: {e}", file.display());
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cands() -> Vec<CoopConfig> {
+        CoopConfig::CANDIDATES[..3].to_vec()
+    }
+
+    #[test]
+    fn every_candidate_is_timed_then_the_fastest_is_kept_and_cached() {
+        let dir = std::env::temp_dir().join(format!("wgpress-tune-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut t = Tuner::new("gpu | vulkan | 1.0", cands(), Some(dir.clone()));
+        let shape = "NT F16xF16 8192x4096x4096";
+        // Candidate 1 is fastest in round two only: the best round decides.
+        let times = [[3.0, 2.0, 4.0], [3.5, 1.0, 2.5]];
+        for round in times {
+            for (i, &s) in round.iter().enumerate() {
+                assert_eq!(t.pick(shape), Pick::Trial(cands()[i]));
+                let won = t.record(shape, cands()[i], s);
+                assert_eq!(won.is_some(), round == times[1] && i == 2);
+            }
+        }
+        assert_eq!(t.pick(shape), Pick::Use(cands()[1]));
+        // Other problems are tuned separately.
+        assert_eq!(t.pick("NN F16xF16 1x2x3"), Pick::Trial(cands()[0]));
+        // A new run on the same adapter starts with the choice; another driver does not.
+        let again = Tuner::new("gpu | vulkan | 1.0", cands(), Some(dir.clone()));
+        assert_eq!(again.pick(shape), Pick::Use(cands()[1]));
+        let other = Tuner::new("gpu | vulkan | 2.0", cands(), Some(dir.clone()));
+        assert_eq!(other.pick(shape), Pick::Trial(cands()[0]));
+        // A cached choice this adapter cannot run is ignored.
+        let fewer = Tuner::new("gpu | vulkan | 1.0", vec![cands()[0]], Some(dir.clone()));
+        assert_eq!(fewer.pick(shape), Pick::Use(cands()[0]));
+        // A corrupt file is ignored, and the next choice rewrites it.
+        std::fs::write(dir.join(FILE), b"{ not json").unwrap();
+        let mut fresh = Tuner::new("gpu | vulkan | 1.0", cands(), Some(dir.clone()));
+        assert_eq!(fresh.pick(shape), Pick::Trial(cands()[0]));
+        for _ in 0..ROUNDS {
+            for c in cands() {
+                fresh.record(shape, c, if c == cands()[2] { 0.5 } else { 1.0 });
+            }
+        }
+        let reread = Tuner::new("gpu | vulkan | 1.0", cands(), Some(dir.clone()));
+        assert_eq!(reread.pick(shape), Pick::Use(cands()[2]));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn no_cache_dir_and_single_candidate() {
+        let t = Tuner::new("a", vec![CoopConfig::DEFAULT], None);
+        assert_eq!(t.pick("s"), Pick::Use(CoopConfig::DEFAULT));
+        let t = Tuner::new("a", Vec::new(), None);
+        assert_eq!(t.pick("s"), Pick::Use(CoopConfig::DEFAULT));
+    }
+}
