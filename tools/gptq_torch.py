@@ -235,11 +235,14 @@ def factor(H, damp, act_order):
 
 
 def gptq_layer(W, H, bits, group, sym=False, act_order=True, static_groups=False, mse=False,
-               damp=0.01, block=128, dtype=torch.float32, phases=None):
+               damp=0.01, block=128, dtype=torch.float32, phases=None, lazy_round=None):
     """GPTQ of W [rows, cols] with H [cols, cols] (= 2/n X^T X), on W's device, working in `dtype`.
 
     Returns dict(q uint8 [rows, cols], scales f32 [rows, G], zeros int32 [rows, G], g_idx int32 [cols],
     perm int64 [cols], deq f32 [rows, cols] (original column order), damp_used, dead_columns).
+    `lazy_round` (e.g. torch.float16): the lazy updates' operands Err and U are rounded to that type
+    first and multiplied in `dtype`, as a tensor-core product with f16 inputs and f32 accumulation
+    would (`lazy16` measures what that does to the result).
     """
     if phases is None:
         phases = Phases(W.device)
@@ -310,7 +313,10 @@ def gptq_layer(W, H, bits, group, sym=False, act_order=True, static_groups=False
                 Err1[:, i] = err
         with phases("lazy"):
             if b1 < cols:
-                Wp[:, b1:] -= Err1 @ U[b0:b1, b1:]
+                E, Ub = Err1, U[b0:b1, b1:]
+                if lazy_round is not None:
+                    E, Ub = E.to(lazy_round).to(dtype), Ub.to(lazy_round).to(dtype)
+                Wp[:, b1:] -= E @ Ub
 
     return {
         "q": Q[:, pos_of].to(torch.uint8),
@@ -384,6 +390,26 @@ def cmd_bench(a):
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)
         print(f"wrote {a.json}")
+
+
+def cmd_lazy16(a):
+    """GPTQ with f32 lazy updates against the same with f16-rounded lazy operands (f32 products):
+    integers that differ, and the layer output error of each, on random layers with heavy channels."""
+    print(f"GPTQ {a.bits}-bit group {a.group} act-order {a.act_order} block {a.block}, "
+          f"{a.tokens} tokens; lazy operands f32 vs rounded to f16")
+    print(f"{'shape':>12} {'seed':>5} {'q differ':>10} {'of':>10} {'err f32':>11} {'err f16':>11} {'ratio':>8}")
+    for s in [v for v in a.shapes.split(",") if v]:
+        rows, cols = (int(v) for v in s.lower().split("x"))
+        for seed in range(a.seeds):
+            W, H = random_layer(rows, cols, a.tokens, torch.device("cpu"), seed=seed * 1000 + cols)
+            kw = dict(bits=a.bits, group=a.group, sym=a.sym, act_order=a.act_order, damp=a.damp,
+                      block=a.block)
+            r32 = gptq_layer(W, H, **kw)
+            r16 = gptq_layer(W, H, lazy_round=torch.float16, **kw)
+            differ = int((r32["q"] != r16["q"]).sum())
+            e32, e16 = output_error(W, r32["deq"], H), output_error(W, r16["deq"], H)
+            print(f"{rows:>5}x{cols:<6} {seed:>5} {differ:>10} {rows * cols:>10} {e32:11.4e} "
+                  f"{e16:11.4e} {e16 / e32:8.5f}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -719,11 +745,16 @@ def main():
     m.add_argument("--batch", type=int, default=1,
                    help="calibration sequences per decoder-layer call (memory for speed)")
     m.add_argument("--json", help="write block times, phase times and peak memory here")
+    z = sub.add_parser("lazy16", help="effect of f16-rounded lazy-update operands on GPTQ (CPU)")
+    quant_args(z)
+    z.add_argument("--shapes", default="512x1024,1024x2048")
+    z.add_argument("--tokens", type=int, default=4096)
+    z.add_argument("--seeds", type=int, default=2)
     c = sub.add_parser("check", help="compare with the Rust reference's dump")
     c.add_argument("--dump", required=True)
     c.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     a = p.parse_args()
-    if a.cmd in ("bench", "model"):
+    if a.cmd in ("bench", "model", "lazy16"):
         a.group = a.group or None
         if not 2 <= a.bits <= 8:
             p.error("--bits must be in 2..8")
@@ -732,7 +763,7 @@ def main():
             p.error("--batch must be at least 1")
         if a.max_blocks is not None and a.max_blocks < 1:
             p.error("--max-blocks must be at least 1")
-    {"bench": cmd_bench, "model": cmd_model, "check": cmd_check}[a.cmd](a)
+    {"bench": cmd_bench, "model": cmd_model, "check": cmd_check, "lazy16": cmd_lazy16}[a.cmd](a)
 
 
 if __name__ == "__main__":
