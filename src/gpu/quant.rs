@@ -351,35 +351,16 @@ pub fn dequantize_packed_into(
         .collect();
     cuts.sort_unstable();
     cuts.dedup();
-    let mut jobs = Vec::new();
-    for w in cuts.windows(2) {
-        let (r0, r1) = (w[0], w[1]);
-        let (qi, qr) = packed.locate(r0);
-        let (si, sr) = grid.scales.locate(r0);
-        let (zi, zr) = grid.zeros.locate(r0);
-        let (oi, or) = out.locate(out_row0 + r0);
-        if sr != zr {
-            return Err(Error::gpu(
-                KERNEL,
-                &shape,
-                "scales and zeros are chunked differently",
-            ));
-        }
-        for Launch {
-            first: d0,
-            rows,
-            groups,
-        } in plan(r1 - r0, cols, WG, limit(ctx, hooks.grid_limit))?
-        {
-            let p = Params {
-                rows: to_u32(rows, KERNEL, &shape)?,
-                w_off: to_u32((qr + d0) * words, KERNEL, &shape)?,
-                p_off: to_u32((sr + d0) * ng, KERNEL, &shape)?,
-                o_off: to_u32((or + d0) * cols, KERNEL, &shape)?,
-                ..base
-            };
-            jobs.push((p, vec![qi, si, zi, oi, 0], groups));
-        }
+    let ranges: Vec<(usize, usize)> = cuts.windows(2).map(|w| (w[0], w[1])).collect();
+    let rows_io = RowsIo {
+        src: (packed, words),
+        out: (out, out_row0, cols),
+        per_row: cols,
+    };
+    let mut jobs = row_jobs(ctx, &hooks, &shape, base, &ranges, grid, rows_io)?;
+    // g_idx is the fifth binding, one chunk.
+    for (_, chunks, _) in &mut jobs {
+        chunks.push(0);
     }
     let tensors = [packed, &grid.scales, &grid.zeros, out, &g_idx_t];
     launch(ctx, ENTRY, &shape, &tensors, &jobs)
@@ -502,16 +483,52 @@ fn elementwise(
         words: to_u32(words, KERNEL, &shape)?,
         ..base_params(hooks, w, spec, group, ng, &shape)?
     };
+    let ranges = GpuTensor::common_row_ranges(&[w, &grid.scales, &grid.zeros, out]);
+    let rows_io = RowsIo {
+        src: (w, w.cols),
+        out: (out, 0, words),
+        per_row: words,
+    };
+    let jobs = row_jobs(ctx, &hooks, &shape, base, &ranges, grid, rows_io)?;
+    let tensors = [w, &grid.scales, &grid.zeros, out];
+    launch(ctx, entry, &shape, &tensors, &jobs)
+}
+
+/// One launch: its uniform, the chunk index into each bound tensor, its workgroups.
+type Job = (Params, Vec<usize>, (u32, u32, u32));
+
+/// What a per-row kernel reads and writes: `src` (tensor, elements per row), rows
+/// `out_row0 + r` of `out` (tensor, `out_row0`, elements per row), and its invocations per row.
+struct RowsIo<'a> {
+    src: (&'a GpuTensor, usize),
+    out: (&'a GpuTensor, usize, usize),
+    per_row: usize,
+}
+
+/// The launches of a per-row kernel over `ranges` (rows of `src`, each lying inside one chunk of
+/// every operand): per launch the uniform (from `base`: rows and the offsets of src, the grid
+/// and out inside their chunks), the chunk of src, scales, zeros and out, and the workgroups.
+fn row_jobs(
+    ctx: &GpuContext,
+    hooks: &Hooks,
+    shape: &str,
+    base: Params,
+    ranges: &[(usize, usize)],
+    grid: &GpuGrid,
+    io: RowsIo,
+) -> Result<Vec<Job>> {
+    let ((src, src_len), (out, out_row0, out_len)) = (io.src, io.out);
+    let ng = base.n_groups as usize;
     let mut jobs = Vec::new();
-    for (r0, r1) in GpuTensor::common_row_ranges(&[w, &grid.scales, &grid.zeros, out]) {
-        let (wi, wr) = w.locate(r0);
+    for &(r0, r1) in ranges {
+        let (wi, wr) = src.locate(r0);
         let (si, sr) = grid.scales.locate(r0);
         let (zi, zr) = grid.zeros.locate(r0);
-        let (oi, or) = out.locate(r0);
+        let (oi, or) = out.locate(out_row0 + r0);
         if sr != zr {
             return Err(Error::gpu(
                 KERNEL,
-                &shape,
+                shape,
                 "scales and zeros are chunked differently",
             ));
         }
@@ -519,20 +536,19 @@ fn elementwise(
             first: d0,
             rows,
             groups,
-        } in plan(r1 - r0, words, WG, limit(ctx, hooks.grid_limit))?
+        } in plan(r1 - r0, io.per_row, WG, limit(ctx, hooks.grid_limit))?
         {
             let p = Params {
-                rows: to_u32(rows, KERNEL, &shape)?,
-                w_off: to_u32((wr + d0) * w.cols, KERNEL, &shape)?,
-                p_off: to_u32((sr + d0) * ng, KERNEL, &shape)?,
-                o_off: to_u32((or + d0) * words, KERNEL, &shape)?,
+                rows: to_u32(rows, KERNEL, shape)?,
+                w_off: to_u32((wr + d0) * src_len, KERNEL, shape)?,
+                p_off: to_u32((sr + d0) * ng, KERNEL, shape)?,
+                o_off: to_u32((or + d0) * out_len, KERNEL, shape)?,
                 ..base
             };
             jobs.push((p, vec![wi, si, zi, oi], groups));
         }
     }
-    let tensors = [w, &grid.scales, &grid.zeros, out];
-    launch(ctx, entry, &shape, &tensors, &jobs)
+    Ok(jobs)
 }
 
 /// Records one dispatch per job: job = (uniform, chunk index into each tensor, workgroups).
