@@ -134,7 +134,7 @@ pub fn fit_grid_into(
     }
     check_workgroup_size(ctx, KERNEL, &shape)?;
     let lanes = lanes_for(group);
-    let base = base_params(hooks, w, spec, group, ng, &shape)?;
+    let base = base_params(hooks, w.cols, spec, group, ng, &shape)?;
     let mut jobs = Vec::new();
     for (r0, r1) in GpuTensor::common_row_ranges(&[w, &grid.scales, &grid.zeros]) {
         let (wi, wr) = w.locate(r0);
@@ -323,18 +323,8 @@ pub fn dequantize_packed_into(
         ));
     }
     let base = Params {
-        rows: 0,
-        cols: to_u32(cols, KERNEL, &shape)?,
-        group: to_u32(spec.group_size(cols), KERNEL, &shape)?,
-        n_groups: to_u32(ng, KERNEL, &shape)?,
-        w_off: 0,
-        p_off: 0,
-        o_off: 0,
-        lanes: 1,
-        maxq: spec.maxq(),
-        sym: spec.sym as u32,
         words: to_u32(words, KERNEL, &shape)?,
-        div_skew: 0,
+        ..base_params(hooks, cols, spec, spec.group_size(cols), ng, &shape)?
     };
     // Cuts where any operand changes chunk, in rows of `packed` (out's shifted by out_row0).
     let mut cuts: Vec<usize> = [packed, &grid.scales, &grid.zeros]
@@ -435,7 +425,7 @@ fn limit(ctx: &GpuContext, grid_limit: Option<u32>) -> u32 {
 
 fn base_params(
     hooks: Hooks,
-    w: &GpuTensor,
+    cols: usize,
     spec: &QuantSpec,
     group: usize,
     ng: usize,
@@ -443,7 +433,7 @@ fn base_params(
 ) -> Result<Params> {
     Ok(Params {
         rows: 0,
-        cols: to_u32(w.cols, KERNEL, shape)?,
+        cols: to_u32(cols, KERNEL, shape)?,
         group: to_u32(group, KERNEL, shape)?,
         n_groups: to_u32(ng, KERNEL, shape)?,
         w_off: 0,
@@ -481,7 +471,7 @@ fn elementwise(
     check_workgroup_size(ctx, KERNEL, &shape)?;
     let base = Params {
         words: to_u32(words, KERNEL, &shape)?,
-        ..base_params(hooks, w, spec, group, ng, &shape)?
+        ..base_params(hooks, w.cols, spec, group, ng, &shape)?
     };
     let ranges = GpuTensor::common_row_ranges(&[w, &grid.scales, &grid.zeros, out]);
     let rows_io = RowsIo {
