@@ -65,6 +65,12 @@ fn repeat(
     }
 }
 
+/// Runs `f` for at least [`WARM_S`] and past the tile tuner's trials (`gpu::tune`), so timed
+/// launches run at raised clocks with the tuner's choice.
+fn warm_up(ctx: &GpuContext, shape: &str, f: impl FnMut() -> Result<()>) -> Result<()> {
+    repeat(ctx, shape, 2 + crate::gpu::tune::MAX_TRIALS, WARM_S, f).map(|_| ())
+}
+
 /// Times C = A * op(B) for an m x n x k problem, once per entry of `configs` (`Some` forces the
 /// cooperative kernel with that tile configuration; `None` takes `path`, or the automatic
 /// choice, with the tile tuner's pick), on the same random operands.
@@ -101,10 +107,7 @@ pub fn matmul(
             };
             Ok(())
         };
-        // The warm-up also covers the tile tuner's trials (`gpu::tune`), so the timed launches
-        // run its choice.
-        let trials = crate::gpu::tune::ROUNDS * CoopConfig::CANDIDATES.len();
-        repeat(ctx, &shape, 2 + trials, WARM_S, &mut run)?;
+        warm_up(ctx, &shape, &mut run)?;
         let (runs, secs) = repeat(ctx, &shape, iters, TIMED_S, &mut run)?;
         let s = secs / runs as f64;
         rows.push(MatmulBench {
@@ -147,9 +150,7 @@ pub fn hessian(
     let x = random_tensor(ctx, tokens, d, dtype, 3)?;
     let mut acc = HessianAccumulator::new(ctx, d)?;
     let shape = format!("{tokens}x{d}");
-    // Warm-up covers the tile tuner's trials and the clocks (see `matmul`).
-    let trials = crate::gpu::tune::ROUNDS * CoopConfig::CANDIDATES.len();
-    repeat(ctx, &shape, 2 + trials, WARM_S, || acc.add(ctx, &x))?;
+    warm_up(ctx, &shape, || acc.add(ctx, &x))?;
     let (runs, secs) = repeat(ctx, &shape, iters, TIMED_S, || acc.add(ctx, &x))?;
     let s = secs / runs as f64;
     acc.finish(ctx)?;

@@ -362,11 +362,6 @@ impl GpuContext {
         self.pool.stats()
     }
 
-    /// Frees the tensor buffers held for reuse.
-    pub fn release_held_buffers(&self) {
-        self.pool.clear()
-    }
-
     pub fn max_workgroups_per_dim(&self) -> u32 {
         self.limits.max_compute_workgroups_per_dimension
     }

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 /// Usage of every tensor buffer.
-pub const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_DST)
     .union(wgpu::BufferUsages::COPY_SRC);
 
@@ -126,7 +126,7 @@ impl BufferPool {
     }
 
     /// Bytes held for reuse.
-    pub fn held(&self) -> u64 {
+    fn held(&self) -> u64 {
         self.free.lock().unwrap_or_else(|e| e.into_inner()).1
     }
 
@@ -134,13 +134,6 @@ impl BufferPool {
     pub fn reset_peak(&self) {
         let now = self.live.load(Ordering::Relaxed) + self.held();
         self.peak.store(now, Ordering::Relaxed);
-    }
-
-    /// Frees every held buffer.
-    pub fn clear(&self) {
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        free.0.clear();
-        free.1 = 0;
     }
 
     pub fn stats(&self) -> PoolStats {

@@ -18,6 +18,8 @@ use std::path::PathBuf;
 
 /// Timed runs of each candidate before a choice is made.
 pub const ROUNDS: usize = 2;
+/// The most products a problem spends on trials (fewer where some candidates do not fit).
+pub const MAX_TRIALS: usize = ROUNDS * CoopConfig::CANDIDATES.len();
 const FILE: &str = "coop_tiles.json";
 /// Part of the adapter key: a kernel revision that changes which tiles win must not reuse the
 /// old choices.
