@@ -62,6 +62,39 @@ fn released_buffers_are_reused_without_raising_the_peak() {
 }
 
 #[test]
+fn the_least_recently_released_buffers_are_freed_first() {
+    let ctx = common::ctx();
+    ctx.reset_peak();
+    let mb = |n: usize| GpuTensor::empty(&ctx, n, 262144, GpuDtype::F32).unwrap();
+    // 4 + 3 + 2 + 1 MiB alive: the mark is 10 MiB. Released in the order 3, 1, 4, 2.
+    let (a4, a3, a2, a1) = (mb(4), mb(3), mb(2), mb(1));
+    drop(a3);
+    drop(a1);
+    drop(a4);
+    drop(a2);
+    // 5 MiB more must fit under 10 with nothing alive: 3, then 1, then 4 are freed (held 2 MiB).
+    // Freeing the largest first would have kept 1 and 2.
+    let c = mb(5);
+    assert_eq!(ctx.memory(), (5 << 20, 10 << 20));
+    let before = ctx.pool_stats();
+    let b2 = mb(2);
+    let after2 = ctx.pool_stats();
+    assert_eq!(
+        after2.reused,
+        before.reused + 1,
+        "the 2 MiB buffer was kept"
+    );
+    let b1 = mb(1);
+    let after1 = ctx.pool_stats();
+    assert_eq!(
+        after1.created,
+        after2.created + 1,
+        "the 1 MiB buffer was freed"
+    );
+    drop((c, b2, b1));
+}
+
+#[test]
 fn a_reused_buffer_does_not_disturb_work_submitted_before_its_release() {
     // C = A·B is submitted, A is dropped while that work may still run, and a new tensor of A's
     // size takes A's buffer and is overwritten at once: C must still be the product with the old A.

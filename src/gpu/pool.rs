@@ -9,11 +9,16 @@
 //! fit under the mark reached so far (or nothing is held). The mark counts both, so it is the
 //! memory the tensors really occupy. `WGPRESS_BUFFER_POOL=0` turns reuse off (every release frees).
 //!
+//! Which held buffers go first: the least recently released. Replaying the take/give trace of a
+//! 7B-shaped GPTQ run (BENCHMARKS.md, session 7), that creates 86 buffers per block (38 GB in the
+//! first four blocks) where freeing the largest first created 128 (108 GB); an offline optimum that
+//! knows the future requests creates 83.
+//!
 //! A reused buffer holds its previous contents: `GpuTensor::empty` promises no initial values,
 //! and every caller that needs zeros writes them. This module must not be used for buffers other
 //! than tensor chunks (one usage set for all of them, so any buffer fits any request of its size).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -32,10 +37,53 @@ pub struct PoolStats {
     pub create_seconds: f64,
 }
 
+/// Held buffers by byte size, each with the sequence number of its release (oldest first within
+/// a size), and their total.
+#[derive(Default)]
+struct Held {
+    by_size: HashMap<u64, VecDeque<(u64, wgpu::Buffer)>>,
+    bytes: u64,
+    seq: u64,
+}
+
+impl Held {
+    fn push(&mut self, bytes: u64, buffer: wgpu::Buffer) {
+        self.seq += 1;
+        self.by_size
+            .entry(bytes)
+            .or_default()
+            .push_back((self.seq, buffer));
+        self.bytes += bytes;
+    }
+
+    /// The most recently released buffer of exactly `bytes`.
+    fn pop(&mut self, bytes: u64) -> Option<wgpu::Buffer> {
+        let (_, b) = self.by_size.get_mut(&bytes)?.pop_back()?;
+        self.bytes -= bytes;
+        Some(b)
+    }
+
+    /// The least recently released buffer of any size.
+    fn pop_oldest(&mut self) -> Option<(u64, wgpu::Buffer)> {
+        let size = *self
+            .by_size
+            .iter()
+            .filter_map(|(s, q)| q.front().map(|(seq, _)| (seq, s)))
+            .min()?
+            .1;
+        let q = self.by_size.get_mut(&size)?;
+        let (_, b) = q.pop_front()?;
+        if q.is_empty() {
+            self.by_size.remove(&size);
+        }
+        self.bytes -= size;
+        Some((size, b))
+    }
+}
+
 pub struct BufferPool {
     enabled: bool,
-    /// Held buffers by byte size; `held` is their total (both under this lock).
-    free: Mutex<(HashMap<u64, Vec<wgpu::Buffer>>, u64)>,
+    free: Mutex<Held>,
     live: AtomicU64,
     peak: AtomicU64,
     reused: AtomicU64,
@@ -47,7 +95,7 @@ impl BufferPool {
     pub fn new(enabled: bool) -> BufferPool {
         BufferPool {
             enabled,
-            free: Mutex::new((HashMap::new(), 0)),
+            free: Mutex::new(Held::default()),
             live: AtomicU64::new(0),
             peak: AtomicU64::new(0),
             reused: AtomicU64::new(0),
@@ -64,33 +112,28 @@ impl BufferPool {
     /// A buffer of exactly `bytes` for a tensor chunk: a held one, or a new one.
     pub fn take(&self, device: &wgpu::Device, bytes: u64) -> wgpu::Buffer {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        let (map, held) = &mut *free;
-        if let Some(b) = map.get_mut(&bytes).and_then(Vec::pop) {
-            *held -= bytes;
+        if let Some(b) = free.pop(bytes) {
+            log::trace!("buffer pool: take {bytes} reused");
             self.reused.fetch_add(1, Ordering::Relaxed);
             self.live.fetch_add(bytes, Ordering::Relaxed);
             return b;
         }
-        // Release held buffers (largest first) until the new one fits under the mark.
+        // Release held buffers (least recently released first) until the new one fits under
+        // the mark.
         let live = self.live.load(Ordering::Relaxed);
         let mark = self.peak.load(Ordering::Relaxed);
-        while *held > 0 && live + *held + bytes > mark {
-            let Some(&size) = map
-                .iter()
-                .filter(|(_, v)| !v.is_empty())
-                .map(|(s, _)| s)
-                .max()
-            else {
+        while free.bytes > 0 && live + free.bytes + bytes > mark {
+            let Some((size, b)) = free.pop_oldest() else {
                 break;
             };
-            if let Some(b) = map.get_mut(&size).and_then(Vec::pop) {
-                *held -= size;
-                drop(b);
-            }
+            log::debug!("buffer pool: released a held {size}-byte buffer to stay under the mark");
+            drop(b);
         }
-        map.retain(|_, v| !v.is_empty());
-        let held_now = *held;
+        let held_now = free.bytes;
         drop(free);
+        log::debug!(
+            "buffer pool: creating {bytes} bytes (live {live}, held {held_now}, mark {mark})"
+        );
         let t = Instant::now();
         let buffer = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("tensor"),
@@ -109,12 +152,12 @@ impl BufferPool {
     /// A tensor chunk's buffer of `bytes` is no longer used by any tensor.
     pub fn give(&self, buffer: wgpu::Buffer, bytes: u64) {
         self.live.fetch_sub(bytes, Ordering::Relaxed);
+        log::trace!("buffer pool: give {bytes}");
         if !self.enabled {
             return;
         }
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        free.0.entry(bytes).or_default().push(buffer);
-        free.1 += bytes;
+        free.push(bytes, buffer);
     }
 
     /// (bytes of live tensors, high-water mark of live plus held bytes).
@@ -127,7 +170,7 @@ impl BufferPool {
 
     /// Bytes held for reuse.
     fn held(&self) -> u64 {
-        self.free.lock().unwrap_or_else(|e| e.into_inner()).1
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).bytes
     }
 
     /// Starts a new high-water mark from what is allocated now.
