@@ -1,8 +1,10 @@
 //! `wgpress compress` for weight-only methods (RTN): read each tensor of the checkpoint, quantize
 //! the linear layers of the decoder blocks, write the chosen format atomically with a report.
-//! Tensors are processed one at a time (only one tensor's f32 copy is alive at once besides the
-//! compressed output). Methods that need calibration statistics go through the layer-streaming
-//! pipeline instead; this module must not grow a second forward pass.
+//! Tensors are decoded and quantized one at a time; the output writer packs and encodes them on
+//! its own thread (`Sink`), whose bounded queue holds a few more (the host memory beyond the
+//! compressed output is a few tensors, never the model). Methods that need calibration
+//! statistics go through the layer-streaming pipeline instead; this module must not grow a
+//! second forward pass.
 
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -15,6 +17,8 @@ use crate::model::safetensors::Dtype;
 use crate::model::writer::{MARKER, OutputDir};
 use crate::quant::{QuantSpec, QuantizedTensor};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::thread::{Scope, ScopedJoinHandle};
 use std::time::Instant;
 
 /// Output format.
@@ -113,20 +117,22 @@ pub struct CalibrationReport {
 pub struct PhaseTimes {
     /// Tokenizing and drawing the windows, embedding them, copying the non-block tensors.
     pub prepare: f64,
-    /// Uploading each block's weights.
+    /// Each block's weights: waiting for their host decode (done ahead, beside the previous
+    /// block's GPU work, unless overlap is off) and uploading them.
     pub load: f64,
     /// Block forwards: the partial ones that capture each site's input and the full one that
     /// makes the next block's input.
     pub forward: f64,
     /// Accumulating H = (2/n)·XᵀX.
     pub hessian: f64,
-    /// The layer method (GPTQ or RTN), including the decode and single upload of W, Ŵ's
-    /// dequantization on the GPU and the download of the quantized result.
+    /// The layer method (GPTQ or RTN), including the single upload of W (decoded with the
+    /// block's load), Ŵ's dequantization on the GPU and the download of the quantized result.
     pub method: f64,
     /// The per-layer weight and output errors (on the GPU) and the block's replacement weight
     /// (Ŵ, converted to f16 on the GPU under --precision f16).
     pub error: f64,
-    /// Handing tensors to the output writer and writing the files.
+    /// Handing tensors to the output writer (to its thread, waiting only when its queue is
+    /// full) and, at the end, waiting for it and writing the files.
     pub write: f64,
 }
 
@@ -224,8 +230,34 @@ enum Writer<'a> {
     Dense(Vec<NamedTensor>),
 }
 
+/// A tensor on its way to the writer. A quantized layer's dense values, when the dense writer
+/// needs them and the caller has none, are made on the writer's side of the queue.
+enum Item {
+    Quantized {
+        name: String,
+        q: QuantizedTensor,
+        deq: Option<Vec<f32>>,
+    },
+    Plain(ExportTensor),
+}
+
 impl Writer<'_> {
-    fn add(&mut self, t: ExportTensor) -> Result<()> {
+    fn add(&mut self, item: Item) -> Result<()> {
+        let t = match item {
+            Item::Plain(t) => t,
+            Item::Quantized { name, q, deq } => match self {
+                Writer::Dense(_) => ExportTensor::Plain {
+                    name,
+                    shape: vec![q.rows, q.cols],
+                    data: deq.unwrap_or_else(|| q.dequantize()),
+                },
+                _ => ExportTensor::Quantized {
+                    name: name.trim_end_matches(".weight").to_string(),
+                    tensor: q,
+                    bias: None,
+                },
+            },
+        };
         match self {
             Writer::Gptq(w) => w.add(&t),
             Writer::CompressedTensors(w) => w.add(&t),
@@ -240,15 +272,67 @@ impl Writer<'_> {
     }
 }
 
-pub(crate) struct Sink<'a> {
-    out: &'a OutputDir,
-    writer: Writer<'a>,
-    dtype: Dtype,
-    pub copied: usize,
+/// Setting [`OVERLAP_ENV`] to `0` runs the host work that otherwise overlaps the GPU (the output
+/// writer's packing and encoding, the pipeline's decode of the next block) in line on the calling
+/// thread. The output is the same byte for byte; the switch exists to profile the host work and
+/// to rule the helper threads out when something goes wrong.
+pub const OVERLAP_ENV: &str = "WGPRESS_OVERLAP";
+
+/// Whether host work runs on helper threads (see [`OVERLAP_ENV`]).
+pub(crate) fn overlap() -> bool {
+    std::env::var(OVERLAP_ENV).map_or(true, |v| v != "0")
 }
 
-impl<'a> Sink<'a> {
-    pub fn new(out: &'a OutputDir, opts: &CompressOptions) -> Result<Self> {
+/// Tensors handed to the writer thread and not yet taken by it. Eight hold a block's seven
+/// linear layers and its norms, so the caller waits on the writer only when it falls a whole
+/// block behind; the bound keeps the host memory the queue can hold to a few tensors (at 7B
+/// shapes the quantized MLP layers are ~45 MB each; the f32 embedding and head copied before the
+/// first block, 0.5 GB each, are the largest items).
+const WRITE_QUEUE: usize = 8;
+
+/// The text of a panic's payload (a `&str` or a `String`; anything else has none).
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}
+
+/// Where the sink's tensors go.
+enum To<'s> {
+    /// The writer itself, on the caller's thread (overlap off).
+    Inline(Writer<'s>),
+    /// A thread that owns the writer and takes the tensors in queue order, so the files are the
+    /// ones the inline writer makes. It gives the writer back when the queue closes, or stops at
+    /// the writer's first error (dropping the queue's receiving end, which is how the caller
+    /// learns of it).
+    Thread {
+        queue: SyncSender<Item>,
+        thread: ScopedJoinHandle<'s, Result<Writer<'s>>>,
+    },
+    /// Finished, or failed and already reported.
+    Closed,
+}
+
+/// The output writer as the compressors see it. With overlap on (the default) the writer runs on
+/// a scoped thread of the caller's `scope`, so packing and encoding (17 s of a 7B GPTQ run)
+/// happen while the GPU works; a writer error comes back from the next hand-off or from
+/// `finish`, and the caller commits the output only after `finish` succeeded.
+pub(crate) struct Sink<'s> {
+    out: &'s OutputDir,
+    dtype: Dtype,
+    dense: bool,
+    pub copied: usize,
+    to: To<'s>,
+}
+
+impl<'s> Sink<'s> {
+    pub fn new(
+        scope: &'s Scope<'s, '_>,
+        out: &'s OutputDir,
+        opts: &CompressOptions,
+    ) -> Result<Self> {
         let writer = match opts.format {
             Format::Gptq => Writer::Gptq(GptqWriter::new(
                 out,
@@ -266,12 +350,76 @@ impl<'a> Sink<'a> {
             Format::Gguf => Writer::Gguf(GgufWriter::new(out, opts.dtype)?),
             Format::Dense => Writer::Dense(Vec::new()),
         };
+        let to = if overlap() {
+            let (queue, items) = sync_channel::<Item>(WRITE_QUEUE);
+            let thread = std::thread::Builder::new()
+                .name("wgpress-writer".into())
+                .spawn_scoped(scope, move || {
+                    let mut writer = writer;
+                    for item in items {
+                        writer.add(item)?;
+                    }
+                    Ok(writer)
+                })
+                .map_err(|e| Error::Output {
+                    path: out.final_path().into(),
+                    problem: format!("cannot start the writer thread: {e}"),
+                })?;
+            To::Thread { queue, thread }
+        } else {
+            To::Inline(writer)
+        };
         Ok(Sink {
             out,
-            writer,
             dtype: opts.dtype,
+            dense: opts.format == Format::Dense,
             copied: 0,
+            to,
         })
+    }
+
+    /// Hands `item` to the writer; an error is the writer's, from this tensor or (overlap on)
+    /// an earlier one.
+    fn send(&mut self, item: Item) -> Result<()> {
+        match &mut self.to {
+            To::Inline(w) => w.add(item),
+            To::Thread { queue, thread } => {
+                // The thread ends before the queue closes only by failing; checking first
+                // reports a failure at the first hand-off after it rather than a queue later.
+                if !thread.is_finished() && queue.send(item).is_ok() {
+                    return Ok(());
+                }
+                match self.close() {
+                    Err(e) => Err(e),
+                    Ok(_) => Err(self.output_error("the writer thread stopped early")),
+                }
+            }
+            To::Closed => Err(self.output_error("the writer already failed or finished")),
+        }
+    }
+
+    /// Closes the queue and waits for the writer thread: the writer, or what stopped it.
+    fn close(&mut self) -> Result<Writer<'s>> {
+        match std::mem::replace(&mut self.to, To::Closed) {
+            To::Inline(w) => Ok(w),
+            To::Thread { queue, thread } => {
+                drop(queue);
+                thread.join().unwrap_or_else(|p| {
+                    Err(self.output_error(&format!(
+                        "the writer thread panicked: {}",
+                        panic_message(&*p)
+                    )))
+                })
+            }
+            To::Closed => Err(self.output_error("the writer already failed or finished")),
+        }
+    }
+
+    fn output_error(&self, problem: &str) -> Error {
+        Error::Output {
+            path: self.out.final_path().into(),
+            problem: problem.into(),
+        }
     }
 
     /// A quantized linear layer `name` (ending in `.weight`), with its dequantized values when
@@ -284,35 +432,30 @@ impl<'a> Sink<'a> {
         q: QuantizedTensor,
         deq: Option<Vec<f32>>,
     ) -> Result<()> {
-        let t = match self.writer {
-            Writer::Dense(_) => ExportTensor::Plain {
-                name: name.to_string(),
-                shape: vec![q.rows, q.cols],
-                data: deq.unwrap_or_else(|| q.dequantize()),
-            },
-            _ => ExportTensor::Quantized {
-                name: name.trim_end_matches(".weight").to_string(),
-                tensor: q,
-                bias: None,
-            },
-        };
-        self.writer.add(t)
+        // Values no writer reads would only take queue memory.
+        let deq = deq.filter(|_| self.dense);
+        self.send(Item::Quantized {
+            name: name.to_string(),
+            q,
+            deq,
+        })
     }
 
     /// A tensor copied as it is (converted to the output dtype).
     pub fn plain(&mut self, name: &str, shape: Vec<usize>, data: Vec<f32>) -> Result<()> {
         self.copied += 1;
-        self.writer.add(ExportTensor::Plain {
+        self.send(Item::Plain(ExportTensor::Plain {
             name: name.to_string(),
             shape,
             data,
-        })
+        }))
     }
 
-    /// Writes the weights, the side files and report.json; the caller then commits the output.
-    pub fn finish(self, model: &Model, mut report: CompressReport) -> Result<CompressReport> {
+    /// Waits for the writer, then writes the weights, the side files and report.json; the
+    /// caller then commits the output.
+    pub fn finish(mut self, model: &Model, mut report: CompressReport) -> Result<CompressReport> {
         let out = self.out;
-        match self.writer {
+        match self.close()? {
             Writer::Gptq(w) => w.finish(&model.config.raw)?,
             Writer::CompressedTensors(w) => w.finish(&model.config.raw)?,
             Writer::Gguf(w) => {
@@ -323,7 +466,7 @@ impl<'a> Sink<'a> {
                     .unwrap_or_else(|| "model".into());
                 w.finish(&model.config, &model.dir, &name)?
             }
-            Writer::Dense(d) => write_dense(self.out, &model.config.raw, &d, self.dtype)?,
+            Writer::Dense(d) => write_dense(out, &model.config.raw, &d, self.dtype)?,
         }
         for f in SIDE_FILES {
             let src = model.dir.join(f);
@@ -337,6 +480,14 @@ impl<'a> Sink<'a> {
             .map_err(|e| Error::format(out.path().join(MARKER), e.to_string()))?;
         out.write_json(MARKER, &json)?;
         Ok(report)
+    }
+}
+
+impl Drop for Sink<'_> {
+    /// On an early return the thread is joined here, its result dropped: a panic in it must not
+    /// resurface as the scope's panic in place of the caller's error.
+    fn drop(&mut self) {
+        let _ = self.close();
     }
 }
 
@@ -388,37 +539,40 @@ pub fn rtn(
         ctx.reset_peak();
     }
     let mut report = CompressReport::new(engine, model, opts, "rtn");
-    let mut sink = Sink::new(&out, opts)?;
-    for (i, name) in names.iter().enumerate() {
-        progress(i, names.len(), name);
-        let info = model.weights.info(name)?;
-        let data = model.weights.to_f32(name)?;
-        let shape = info.shape.clone();
-        if model.config.is_linear(name) {
-            let (rows, cols) = (shape[0], shape[1]);
-            let t = Instant::now();
-            let q = crate::quant::rtn::quantize(engine, &data, rows, cols, &spec)
-                .map_err(|e| Error::tensor(&info.file, name, e.to_string()))?;
-            let deq = q.dequantize();
-            report.layers.push(LayerReport {
-                name: name.clone(),
-                shape: [rows, cols],
-                seconds: t.elapsed().as_secs_f64(),
-                rel_weight_err: rel_err(&data, &deq),
-                rel_output_err: None,
-                damp_used: None,
-                dead_columns: 0,
-            });
-            sink.quantized(name, q, Some(deq))?;
-        } else {
-            sink.plain(name, shape, data)?;
+    // The writer thread borrows `out`, so the scope ends before the commit.
+    let report = std::thread::scope(|scope| {
+        let mut sink = Sink::new(scope, &out, opts)?;
+        for (i, name) in names.iter().enumerate() {
+            progress(i, names.len(), name);
+            let info = model.weights.info(name)?;
+            let data = model.weights.to_f32(name)?;
+            let shape = info.shape.clone();
+            if model.config.is_linear(name) {
+                let (rows, cols) = (shape[0], shape[1]);
+                let t = Instant::now();
+                let q = crate::quant::rtn::quantize(engine, &data, rows, cols, &spec)
+                    .map_err(|e| Error::tensor(&info.file, name, e.to_string()))?;
+                let deq = q.dequantize();
+                report.layers.push(LayerReport {
+                    name: name.clone(),
+                    shape: [rows, cols],
+                    seconds: t.elapsed().as_secs_f64(),
+                    rel_weight_err: rel_err(&data, &deq),
+                    rel_output_err: None,
+                    damp_used: None,
+                    dead_columns: 0,
+                });
+                sink.quantized(name, q, Some(deq))?;
+            } else {
+                sink.plain(name, shape, data)?;
+            }
         }
-    }
-    progress(names.len(), names.len(), "writing");
-    report.peak_gpu_bytes = engine.gpu().map(|c| c.memory().1).unwrap_or(0);
-    report.peak_host_bytes = peak_host_bytes();
-    report.seconds = t0.elapsed().as_secs_f64();
-    let report = sink.finish(model, report)?;
+        progress(names.len(), names.len(), "writing");
+        report.peak_gpu_bytes = engine.gpu().map(|c| c.memory().1).unwrap_or(0);
+        report.peak_host_bytes = peak_host_bytes();
+        report.seconds = t0.elapsed().as_secs_f64();
+        sink.finish(model, report)
+    })?;
     out.commit()?;
     Ok(report)
 }

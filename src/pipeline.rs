@@ -13,6 +13,16 @@
 //! blocks. Methods plug in through [`LayerMethod`]. Each phase's wall time is reported
 //! (`CalibrationReport::phases`).
 //!
+//! Host work runs beside the GPU on scoped threads instead of between its kernels (at 7B shapes
+//! loading and writing were 34 s of a 184 s run with the GPU idle): a helper thread decodes block
+//! l+1 ([`HostBlock`]: every tensor of the block to f32, NaN/Inf refused) while the GPU works on
+//! block l, so a block's load is the wait for that decode plus the upload; and the output writer
+//! packs and encodes on its own thread behind a bounded queue (`compress::Sink`). One block at
+//! most is decoded ahead, so the host holds two blocks' f32 weights (this one's, shrinking as its
+//! layers go to the GPU, and the next one's) plus the writer's queue. A decode error stays with
+//! its tensor until the pipeline reaches it, so a run fails where, and as, an in-line decode
+//! fails; `WGPRESS_OVERLAP=0` does all of it in line, with the same output bytes.
+//!
 //! Per linear layer W crosses to the GPU once, as f32: the method reads it there and leaves Ŵ
 //! there, the layer's errors come from the two ([`layer_errors`]), and Ŵ (converted to f16 on the
 //! GPU under --precision f16) replaces the layer's weight in the block. What comes back is the
@@ -20,8 +30,8 @@
 //! dense writer needs the values.
 use crate::calib::{CalibOptions, sample_windows};
 use crate::compress::{
-    CalibrationReport, CompressOptions, CompressReport, LayerReport, PhaseTimes, Sink,
-    peak_host_bytes, validate,
+    CalibrationReport, CompressOptions, CompressReport, LayerReport, PhaseTimes, Sink, overlap,
+    panic_message, peak_host_bytes, validate,
 };
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -30,13 +40,14 @@ use crate::gpu::stats::HessianAccumulator;
 use crate::gpu::{GpuContext, GpuDtype, GpuTensor};
 use crate::model::Model;
 use crate::model::forward::{
-    ForwardPlan, GpuBlock, Site, attention_residual, capture_input, embed, linear_weight_gpu,
+    ForwardPlan, HostBlock, Site, attention_residual, capture_input, embed, linear_weight_gpu,
     mlp_capture, mlp_residual,
 };
 use crate::model::tokenizer::Tokenizer;
 use crate::model::writer::OutputDir;
 use crate::quant::gptq::GptqOptions;
 use crate::quant::{QuantSpec, QuantizedTensor};
+use std::thread::{Scope, ScopedJoinHandle};
 use std::time::Instant;
 
 /// What a method produced for one layer.
@@ -205,163 +216,181 @@ pub fn run(
     let per_batch = (opts.batch_tokens / seq).clamp(1, windows.len().max(1));
     let out = OutputDir::create(&opts.out)?;
     ctx.reset_peak();
-    let mut report = CompressReport::new(engine, model, opts, method.name());
-    let mut sink = Sink::new(&out, opts)?;
-
-    // Tensors outside the blocks are copied (embeddings, final norm, lm_head).
-    let block_prefix = |n: &str| n.starts_with("model.layers.");
-    for name in model.weights.names() {
-        if !block_prefix(name) {
-            let info = model.weights.info(name)?;
-            sink.plain(name, info.shape.clone(), model.weights.to_f32(name)?)?;
-        }
-    }
-    // The calibration set stays on the GPU as batches of whole sequences; every block pass
-    // walks the batches, so intermediates exist for one batch at a time.
-    let mut xs = {
-        let table = model.weights.to_f32("model.embed_tokens.weight")?;
-        windows
-            .chunks(per_batch)
-            .map(|b| embed(ctx, model, &table, &b.concat(), seq))
-            .collect::<Result<Vec<_>>>()?
-    };
-    drop(windows);
-    let mut energy = Vec::with_capacity(cfg.num_hidden_layers);
-    let plan = ForwardPlan::new(ctx, cfg, seq, opts.precision)?;
     let mut phases = PhaseTimes::default();
-    clock.lap(&mut phases.prepare)?;
-    let layers = cfg.num_hidden_layers;
-    for l in 0..layers {
-        progress(&format!("block {l}"), l, layers);
-        let p = format!("model.layers.{l}.");
-        let mut blk = GpuBlock::upload(ctx, model, l, opts.precision)?;
-        clock.lap(&mut phases.load)?;
-        // True-sequential: each input is captured from the block as compressed so far, so o_proj
-        // sees the compressed q/k/v's attention output, and so on; only one input is alive.
-        //
-        // Each pass starts from what the earlier sites left, never re-running finished layers:
-        // the O pass keeps o_proj's input (the attention output, in the form o_proj multiplies
-        // it: f16 under --precision f16); the GateUp pass turns it into the residual stream
-        // h = x + o_proj(a) and stores h over x (x is not needed after that); the Down and
-        // output passes start from h. That saves three of the four attention computations and
-        // q/k/v projections per block, for one activation-sized buffer alive from the O pass to
-        // the GateUp pass.
-        let mut kept: Vec<Option<GpuTensor>> = Vec::new();
-        kept.resize_with(xs.len(), || None);
-        for site in Site::ALL {
-            let mut acc: Option<HessianAccumulator> = None;
-            for (x, kept_a) in xs.iter_mut().zip(kept.iter_mut()) {
-                let input = match site {
-                    Site::Qkv | Site::O => capture_input(ctx, &plan, &blk, x, site)?,
-                    Site::GateUp | Site::Down => {
-                        if site == Site::GateUp {
-                            let a = kept_a.take().ok_or_else(|| {
-                                Error::invalid("pipeline: a batch's attention output was not kept")
-                            })?;
-                            *x = attention_residual(ctx, &plan, &blk, x, &a)?;
-                        }
-                        mlp_capture(ctx, &plan, &blk, x, site)?
-                    }
-                };
-                let input = plan.stats_input(ctx, input)?;
-                clock.lap(&mut phases.forward)?;
-                add_hessian(ctx, &mut acc, &input)?;
-                if site == Site::O {
-                    *kept_a = Some(input);
-                }
-                clock.lap(&mut phases.hessian)?;
-            }
-            let h = acc
-                .ok_or_else(|| Error::invalid("calibration: no windows"))?
-                .finish(ctx)?;
-            clock.lap(&mut phases.hessian)?;
-            for short in site.layers() {
-                let name = format!("{p}{short}.weight");
-                let info = model.weights.info(&name)?;
-                let (rows, cols) = (info.shape[0], info.shape[1]);
-                // The host decode refuses NaN/Inf (naming the tensor and index); after it W
-                // crosses to the GPU once and everything else of the layer happens there.
-                let w = {
-                    let host = model.weights.to_f32(&name)?;
-                    GpuTensor::from_f32(ctx, rows, cols, &host)?
-                };
-                let t = Instant::now();
-                let c = method
-                    .compress(ctx, &w, &h)
-                    .map_err(|e| Error::tensor(&info.file, &name, e.to_string()))?;
-                let seconds = t.elapsed().as_secs_f64();
-                clock.lap(&mut phases.method)?;
-                let errors = layer_errors(ctx, w, &c.deq, &h)?;
-                report.layers.push(LayerReport {
-                    name: name.clone(),
-                    shape: [rows, cols],
-                    seconds,
-                    rel_weight_err: errors.rel_weight,
-                    rel_output_err: Some(errors.rel_output),
-                    damp_used: c.damp_used,
-                    dead_columns: c.dead_columns,
-                });
-                let g = linear_weight_gpu(ctx, opts.precision, &name, c.deq)?;
-                match *short {
-                    "self_attn.q_proj" => blk.q = g,
-                    "self_attn.k_proj" => blk.k = g,
-                    "self_attn.v_proj" => blk.v = g,
-                    "self_attn.o_proj" => blk.o = g,
-                    "mlp.gate_proj" => blk.gate = g,
-                    "mlp.up_proj" => blk.up = g,
-                    _ => blk.down = g,
-                }
-                clock.lap(&mut phases.error)?;
-                sink.quantized(&name, c.q, None)?;
-                clock.lap(&mut phases.write)?;
-            }
-        }
-        // The compressed block produces the next block's input from h, batch by batch in place
-        // (each output depends only on its own batch's sequences).
-        for x in xs.iter_mut() {
-            *x = mlp_residual(ctx, &plan, &blk, x)?;
-        }
-        // The energies below download (synchronize) anyway; an f16 overflow in this block's
-        // captures or output stops the run here rather than corrupting later Hessians.
-        plan.check_range(ctx)?;
-        energy.push(position_energy(ctx, &xs, seq)?);
-        clock.lap(&mut phases.forward)?;
+    // The helper threads (the writer, the next block's decode) borrow `out` and `model`; the
+    // scope joins them before the commit.
+    let mut report = std::thread::scope(|scope| -> Result<CompressReport> {
+        let mut report = CompressReport::new(engine, model, opts, method.name());
+        let mut sink = Sink::new(scope, &out, opts)?;
+        // Block 0's decode overlaps the preparation below.
+        let mut next = Some(Prefetch::start(scope, model, 0)?);
+
+        // Tensors outside the blocks are copied (embeddings, final norm, lm_head).
+        let block_prefix = |n: &str| n.starts_with("model.layers.");
         for name in model.weights.names() {
-            if name.starts_with(&p) && !cfg.is_linear(name) {
+            if !block_prefix(name) {
                 let info = model.weights.info(name)?;
                 sink.plain(name, info.shape.clone(), model.weights.to_f32(name)?)?;
             }
         }
-        drop(blk);
-        clock.lap(&mut phases.write)?;
-        let pool = ctx.pool_stats();
-        log::info!(
-            "block {l} done at {:.1} s (so far: {}; peak GPU {:.0} MiB; GPU buffers created {} in {:.2} s, reused {})",
-            t0.elapsed().as_secs_f64(),
-            phases.line(1),
-            ctx.memory().1 as f64 / 1048576.0,
-            pool.created,
-            pool.create_seconds,
-            pool.reused
-        );
-    }
-    drop(xs);
-    progress("writing", layers, layers);
-    report.calibration = Some(CalibrationReport {
-        files: calib.files.clone(),
-        nsamples: calib.nsamples,
-        seqlen: seq,
-        seed: calib.seed,
-        bos: calib.bos,
-        precision: opts.precision,
-        position_energy: energy,
-        batch_sequences: per_batch,
-        phases: phases.clone(),
-    });
-    report.peak_gpu_bytes = ctx.memory().1;
-    report.peak_host_bytes = peak_host_bytes();
-    report.seconds = t0.elapsed().as_secs_f64();
-    let mut report = sink.finish(model, report)?;
+        // The calibration set stays on the GPU as batches of whole sequences; every block pass
+        // walks the batches, so intermediates exist for one batch at a time.
+        let mut xs = {
+            let table = model.weights.to_f32("model.embed_tokens.weight")?;
+            windows
+                .chunks(per_batch)
+                .map(|b| embed(ctx, model, &table, &b.concat(), seq))
+                .collect::<Result<Vec<_>>>()?
+        };
+        drop(windows);
+        let mut energy = Vec::with_capacity(cfg.num_hidden_layers);
+        let plan = ForwardPlan::new(ctx, cfg, seq, opts.precision)?;
+        clock.lap(&mut phases.prepare)?;
+        let layers = cfg.num_hidden_layers;
+        for l in 0..layers {
+            progress(&format!("block {l}"), l, layers);
+            let p = format!("model.layers.{l}.");
+            let mut host = next
+                .take()
+                .map_or_else(|| HostBlock::decode(model, l), Prefetch::wait)?;
+            // One block ahead at most: the next decode starts once this one is in hand, so the
+            // host holds this block's f32 weights and the next one's.
+            next = (l + 1 < layers)
+                .then(|| Prefetch::start(scope, model, l + 1))
+                .transpose()?;
+            let mut blk = host.upload(ctx, opts.precision)?;
+            clock.lap(&mut phases.load)?;
+            // True-sequential: each input is captured from the block as compressed so far, so
+            // o_proj sees the compressed q/k/v's attention output, and so on; only one input is
+            // alive.
+            //
+            // Each pass starts from what the earlier sites left, never re-running finished
+            // layers: the O pass keeps o_proj's input (the attention output, in the form o_proj
+            // multiplies it: f16 under --precision f16); the GateUp pass turns it into the
+            // residual stream h = x + o_proj(a) and stores h over x (x is not needed after
+            // that); the Down and output passes start from h. That saves three of the four
+            // attention computations and q/k/v projections per block, for one activation-sized
+            // buffer alive from the O pass to the GateUp pass.
+            let mut kept: Vec<Option<GpuTensor>> = Vec::new();
+            kept.resize_with(xs.len(), || None);
+            for site in Site::ALL {
+                let mut acc: Option<HessianAccumulator> = None;
+                for (x, kept_a) in xs.iter_mut().zip(kept.iter_mut()) {
+                    let input = match site {
+                        Site::Qkv | Site::O => capture_input(ctx, &plan, &blk, x, site)?,
+                        Site::GateUp | Site::Down => {
+                            if site == Site::GateUp {
+                                let a = kept_a.take().ok_or_else(|| {
+                                    Error::invalid(
+                                        "pipeline: a batch's attention output was not kept",
+                                    )
+                                })?;
+                                *x = attention_residual(ctx, &plan, &blk, x, &a)?;
+                            }
+                            mlp_capture(ctx, &plan, &blk, x, site)?
+                        }
+                    };
+                    let input = plan.stats_input(ctx, input)?;
+                    clock.lap(&mut phases.forward)?;
+                    add_hessian(ctx, &mut acc, &input)?;
+                    if site == Site::O {
+                        *kept_a = Some(input);
+                    }
+                    clock.lap(&mut phases.hessian)?;
+                }
+                let h = acc
+                    .ok_or_else(|| Error::invalid("calibration: no windows"))?
+                    .finish(ctx)?;
+                clock.lap(&mut phases.hessian)?;
+                for short in site.layers() {
+                    let name = format!("{p}{short}.weight");
+                    let info = model.weights.info(&name)?;
+                    let (rows, cols) = (info.shape[0], info.shape[1]);
+                    // Decoded with the block (where NaN/Inf was refused, naming the tensor and
+                    // index); W crosses to the GPU once and everything else of the layer happens
+                    // there, so the host copy goes now.
+                    let w = {
+                        let host = host.tensor(&name)?.take_values()?;
+                        GpuTensor::from_f32(ctx, rows, cols, &host)?
+                    };
+                    let t = Instant::now();
+                    let c = method
+                        .compress(ctx, &w, &h)
+                        .map_err(|e| Error::tensor(&info.file, &name, e.to_string()))?;
+                    let seconds = t.elapsed().as_secs_f64();
+                    clock.lap(&mut phases.method)?;
+                    let errors = layer_errors(ctx, w, &c.deq, &h)?;
+                    report.layers.push(LayerReport {
+                        name: name.clone(),
+                        shape: [rows, cols],
+                        seconds,
+                        rel_weight_err: errors.rel_weight,
+                        rel_output_err: Some(errors.rel_output),
+                        damp_used: c.damp_used,
+                        dead_columns: c.dead_columns,
+                    });
+                    let g = linear_weight_gpu(ctx, opts.precision, &name, c.deq)?;
+                    match *short {
+                        "self_attn.q_proj" => blk.q = g,
+                        "self_attn.k_proj" => blk.k = g,
+                        "self_attn.v_proj" => blk.v = g,
+                        "self_attn.o_proj" => blk.o = g,
+                        "mlp.gate_proj" => blk.gate = g,
+                        "mlp.up_proj" => blk.up = g,
+                        _ => blk.down = g,
+                    }
+                    clock.lap(&mut phases.error)?;
+                    sink.quantized(&name, c.q, None)?;
+                    clock.lap(&mut phases.write)?;
+                }
+            }
+            // The compressed block produces the next block's input from h, batch by batch in
+            // place (each output depends only on its own batch's sequences).
+            for x in xs.iter_mut() {
+                *x = mlp_residual(ctx, &plan, &blk, x)?;
+            }
+            // The energies below download (synchronize) anyway; an f16 overflow in this block's
+            // captures or output stops the run here rather than corrupting later Hessians.
+            plan.check_range(ctx)?;
+            energy.push(position_energy(ctx, &xs, seq)?);
+            clock.lap(&mut phases.forward)?;
+            for t in host.tensors() {
+                let info = t.info;
+                if !cfg.is_linear(&info.name) {
+                    sink.plain(&info.name, info.shape.clone(), t.take_values()?)?;
+                }
+            }
+            drop((blk, host));
+            clock.lap(&mut phases.write)?;
+            let pool = ctx.pool_stats();
+            log::info!(
+                "block {l} done at {:.1} s (so far: {}; peak GPU {:.0} MiB; GPU buffers created {} in {:.2} s, reused {})",
+                t0.elapsed().as_secs_f64(),
+                phases.line(1),
+                ctx.memory().1 as f64 / 1048576.0,
+                pool.created,
+                pool.create_seconds,
+                pool.reused
+            );
+        }
+        drop(xs);
+        progress("writing", layers, layers);
+        report.calibration = Some(CalibrationReport {
+            files: calib.files.clone(),
+            nsamples: calib.nsamples,
+            seqlen: seq,
+            seed: calib.seed,
+            bos: calib.bos,
+            precision: opts.precision,
+            position_energy: energy,
+            batch_sequences: per_batch,
+            phases: phases.clone(),
+        });
+        report.peak_gpu_bytes = ctx.memory().1;
+        report.peak_host_bytes = peak_host_bytes();
+        report.seconds = t0.elapsed().as_secs_f64();
+        sink.finish(model, report)
+    })?;
     out.commit()?;
     // report.json was written before the final files were; the returned report adds them.
     clock.lap(&mut phases.write)?;
@@ -371,6 +400,64 @@ pub fn run(
         c.phases = phases;
     }
     Ok(report)
+}
+
+/// Block `layer`'s host data (see [`HostBlock`]): decoding on a helper thread while the GPU works
+/// on the block before, or, with overlap off, decoded in line when asked for. A decode error is
+/// part of the block and surfaces when the pipeline reaches the tensor, as in line.
+struct Prefetch<'s, 'm> {
+    model: &'m Model,
+    layer: usize,
+    thread: Option<ScopedJoinHandle<'s, Result<HostBlock<'m>>>>,
+}
+
+impl<'s, 'm: 's> Prefetch<'s, 'm> {
+    fn start(scope: &'s Scope<'s, '_>, model: &'m Model, layer: usize) -> Result<Self> {
+        let thread = if overlap() {
+            let t = std::thread::Builder::new()
+                .name(format!("wgpress-decode-{layer}"))
+                .spawn_scoped(scope, move || HostBlock::decode(model, layer))
+                .map_err(|e| {
+                    Error::invalid(format!(
+                        "cannot start the thread that decodes block {layer}: {e}"
+                    ))
+                })?;
+            Some(t)
+        } else {
+            None
+        };
+        Ok(Prefetch {
+            model,
+            layer,
+            thread,
+        })
+    }
+
+    fn wait(mut self) -> Result<HostBlock<'m>> {
+        match self.thread.take() {
+            None => HostBlock::decode(self.model, self.layer),
+            Some(t) => t.join().unwrap_or_else(|p| {
+                Err(Error::format(
+                    self.model.weights.origin(),
+                    format!(
+                        "decoding block {} panicked: {}",
+                        self.layer,
+                        panic_message(&*p)
+                    ),
+                ))
+            }),
+        }
+    }
+}
+
+impl Drop for Prefetch<'_, '_> {
+    /// A block decoded for nothing (the run failed) is joined here and dropped: a panic in its
+    /// thread must not resurface as the scope's panic in place of the run's error.
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Adds `x` to the site's Hessian, creating the accumulator at the first batch (its width is the

@@ -30,18 +30,21 @@ use crate::gpu::stats::F16_MAX;
 use crate::gpu::{GpuContext, GpuDtype, GpuTensor};
 use crate::model::Model;
 use crate::model::config::LlamaConfig;
-use crate::model::safetensors::Dtype;
+use crate::model::safetensors::{Dtype, TensorInfo};
 
 /// The GPU dtype a stored tensor uploads as (f32, f16, bf16; anything else is an error).
 pub fn gpu_dtype(model: &Model, name: &str) -> Result<GpuDtype> {
-    let info = model.weights.info(name)?;
+    gpu_dtype_of(model.weights.info(name)?)
+}
+
+fn gpu_dtype_of(info: &TensorInfo) -> Result<GpuDtype> {
     match info.dtype {
         Dtype::F32 => Ok(GpuDtype::F32),
         Dtype::F16 => Ok(GpuDtype::F16),
         Dtype::BF16 => Ok(GpuDtype::BF16),
         d => Err(Error::tensor(
             &info.file,
-            name,
+            &info.name,
             format!("unsupported dtype {d:?}"),
         )),
     }
@@ -136,30 +139,185 @@ fn warn_out_of_f16_range(name: &str, max: f32, kept: Option<GpuDtype>) {
     );
 }
 
-/// One weight tensor uploaded for `precision`: norm weights and biases as f32, matrices through
-/// [`linear_weight`].
+/// One weight tensor uploaded for `precision` (see [`HostTensor::upload`]).
 fn upload(ctx: &GpuContext, model: &Model, name: &str, precision: Precision) -> Result<GpuTensor> {
-    let info = model.weights.info(name)?;
-    let (rows, cols) = match info.shape[..] {
-        [r, c] => (r, c),
-        [c] => (1, c),
-        _ => {
-            return Err(Error::tensor(
-                &info.file,
-                name,
-                format!("expected a 1-D or 2-D tensor, got shape {:?}", info.shape),
-            ));
-        }
-    };
-    let dtype = gpu_dtype(model, name)?;
-    // to_f32 refuses NaN/Inf (naming the tensor and index) before anything reaches the GPU.
-    let v = model.weights.to_f32(name)?;
-    if rows == 1 {
-        // Norm weights and biases feed f32-only kernels (they are tiny).
-        return GpuTensor::from_f32(ctx, 1, cols, &v);
+    HostTensor::decode(model, name)?.upload(ctx, precision)
+}
+
+/// A stored tensor decoded to f32 on the host, ready to upload. Decoding is the host's share of
+/// loading a block (a 7B block is 200 M bf16 values), so the pipeline does it on a helper thread
+/// ahead of the GPU; uploading needs the GPU context and stays on the caller's thread. A decode
+/// error (NaN/Inf, a dtype that is not a float) is kept, not returned, until the values are
+/// asked for, so a block decoded ahead fails where, and with the message with which, decoding it
+/// in line would have.
+pub struct HostTensor<'m> {
+    pub info: &'m TensorInfo,
+    /// The stored bytes, a view into the checkpoint's map (no copy).
+    stored: &'m [u8],
+    /// `to_f32`'s result; `None` once handed out by [`HostTensor::take_values`].
+    values: Option<Result<Vec<f32>>>,
+}
+
+impl<'m> HostTensor<'m> {
+    /// Decodes tensor `name` of `model`. Only a missing tensor is an error here.
+    pub fn decode(model: &'m Model, name: &str) -> Result<Self> {
+        Ok(HostTensor {
+            info: model.weights.info(name)?,
+            stored: model.weights.bytes(name)?,
+            // to_f32 refuses NaN/Inf (naming the tensor and index) before anything reaches the GPU.
+            values: Some(model.weights.to_f32(name)),
+        })
     }
-    let stored = Some((dtype, model.weights.bytes(name)?));
-    linear_weight(ctx, precision, name, (rows, cols), &v, stored)
+
+    /// The f32 values, or the decode's error (handed out once: the caller stops there).
+    pub fn values(&mut self) -> Result<&[f32]> {
+        if matches!(self.values, Some(Err(_)))
+            && let Some(Err(e)) = self.values.take()
+        {
+            return Err(e);
+        }
+        match &self.values {
+            Some(Ok(v)) => Ok(v),
+            _ => Err(self.gone()),
+        }
+    }
+
+    /// The f32 values (or the decode's error), moved out: later calls are errors.
+    pub fn take_values(&mut self) -> Result<Vec<f32>> {
+        self.values.take().unwrap_or_else(|| Err(self.gone()))
+    }
+
+    fn gone(&self) -> Error {
+        Error::tensor(
+            &self.info.file,
+            &self.info.name,
+            "the decoded values were already handed out",
+        )
+    }
+
+    /// Uploads for `precision`: norm weights and biases as f32, matrices through
+    /// [`linear_weight`] (from the stored bytes unless converted to f16). The checks come in the
+    /// order an in-line decode met them: shape, dtype, then the values.
+    pub fn upload(&mut self, ctx: &GpuContext, precision: Precision) -> Result<GpuTensor> {
+        let info = self.info;
+        let (rows, cols) = match info.shape[..] {
+            [r, c] => (r, c),
+            [c] => (1, c),
+            _ => {
+                return Err(Error::tensor(
+                    &info.file,
+                    &info.name,
+                    format!("expected a 1-D or 2-D tensor, got shape {:?}", info.shape),
+                ));
+            }
+        };
+        let dtype = gpu_dtype_of(info)?;
+        let stored = self.stored;
+        let v = self.values()?;
+        if rows == 1 {
+            // Norm weights and biases feed f32-only kernels (they are tiny).
+            return GpuTensor::from_f32(ctx, 1, cols, v);
+        }
+        linear_weight(
+            ctx,
+            precision,
+            &info.name,
+            (rows, cols),
+            v,
+            Some((dtype, stored)),
+        )
+    }
+}
+
+/// Every tensor of decoder block `layer` (the names under `model.layers.{layer}.`, in the
+/// checkpoint's name order) decoded on the host: what [`HostBlock::upload`] puts on the GPU, and
+/// the f32 copies of the linear weights (for the layer method) and of the other tensors (for the
+/// writer) that the pipeline takes out afterwards. One block's f32 weights; `Send`, so a helper
+/// thread can decode the next block while the GPU works on this one.
+pub struct HostBlock<'m> {
+    model: &'m Model,
+    pub layer: usize,
+    tensors: Vec<HostTensor<'m>>,
+}
+
+impl<'m> HostBlock<'m> {
+    pub fn decode(model: &'m Model, layer: usize) -> Result<Self> {
+        let p = format!("model.layers.{layer}.");
+        let tensors = model
+            .weights
+            .names()
+            .into_iter()
+            .filter(|n| n.starts_with(&p))
+            .map(|n| HostTensor::decode(model, n))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(HostBlock {
+            model,
+            layer,
+            tensors,
+        })
+    }
+
+    /// The block's tensors, in the checkpoint's name order.
+    pub fn tensors(&mut self) -> impl Iterator<Item = &mut HostTensor<'m>> {
+        self.tensors.iter_mut()
+    }
+
+    /// Tensor `name` (a full name); a missing one is the checkpoint's not-found error.
+    pub fn tensor(&mut self, name: &str) -> Result<&mut HostTensor<'m>> {
+        match self.tensors.iter().position(|t| t.info.name == name) {
+            Some(i) => Ok(&mut self.tensors[i]),
+            None => {
+                self.model.weights.info(name)?;
+                Err(Error::invalid(format!(
+                    "{name} is not a tensor of block {}",
+                    self.layer
+                )))
+            }
+        }
+    }
+
+    /// Uploads the block for `precision` (the plan's), leaving the host values in place.
+    pub fn upload(&mut self, ctx: &GpuContext, precision: Precision) -> Result<GpuBlock> {
+        let p = format!("model.layers.{}.", self.layer);
+        let model = self.model;
+        let mut get = |s: &str| self.tensor(&format!("{p}{s}"))?.upload(ctx, precision);
+        let (input_norm, post_norm) = (
+            get("input_layernorm.weight")?,
+            get("post_attention_layernorm.weight")?,
+        );
+        let (q, k, v, o) = (
+            get("self_attn.q_proj.weight")?,
+            get("self_attn.k_proj.weight")?,
+            get("self_attn.v_proj.weight")?,
+            get("self_attn.o_proj.weight")?,
+        );
+        let (gate, up, down) = (
+            get("mlp.gate_proj.weight")?,
+            get("mlp.up_proj.weight")?,
+            get("mlp.down_proj.weight")?,
+        );
+        let mut opt = |s: &str| -> Result<Option<GpuTensor>> {
+            if model.weights.contains(&format!("{p}{s}")) {
+                get(s).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        Ok(GpuBlock {
+            input_norm,
+            post_norm,
+            q,
+            k,
+            v,
+            o,
+            gate,
+            up,
+            down,
+            q_bias: opt("self_attn.q_proj.bias")?,
+            k_bias: opt("self_attn.k_proj.bias")?,
+            v_bias: opt("self_attn.v_proj.bias")?,
+        })
+    }
 }
 
 /// A decoder block's weights on the GPU.
@@ -179,37 +337,14 @@ pub struct GpuBlock {
 }
 
 impl GpuBlock {
-    /// Uploads block `layer` of `model` for `precision` (the plan's).
+    /// Decodes block `layer` of `model` on the host and uploads it for `precision` (the plan's).
     pub fn upload(
         ctx: &GpuContext,
         model: &Model,
         layer: usize,
         precision: Precision,
     ) -> Result<Self> {
-        let p = format!("model.layers.{layer}.");
-        let get = |s: &str| upload(ctx, model, &format!("{p}{s}"), precision);
-        let opt = |s: &str| -> Result<Option<GpuTensor>> {
-            let n = format!("{p}{s}");
-            if model.weights.contains(&n) {
-                upload(ctx, model, &n, precision).map(Some)
-            } else {
-                Ok(None)
-            }
-        };
-        Ok(GpuBlock {
-            input_norm: get("input_layernorm.weight")?,
-            post_norm: get("post_attention_layernorm.weight")?,
-            q: get("self_attn.q_proj.weight")?,
-            k: get("self_attn.k_proj.weight")?,
-            v: get("self_attn.v_proj.weight")?,
-            o: get("self_attn.o_proj.weight")?,
-            gate: get("mlp.gate_proj.weight")?,
-            up: get("mlp.up_proj.weight")?,
-            down: get("mlp.down_proj.weight")?,
-            q_bias: opt("self_attn.q_proj.bias")?,
-            k_bias: opt("self_attn.k_proj.bias")?,
-            v_bias: opt("self_attn.v_proj.bias")?,
-        })
+        HostBlock::decode(model, layer)?.upload(ctx, precision)
     }
 }
 
