@@ -205,6 +205,19 @@ fn overlapped_host_work_writes_the_same_bytes_as_in_line() {
     }
 }
 
+/// The CLI's calibrated compress of `model` fails naming `victim`, with the same message with the
+/// helper threads and in line, and commits nothing either way.
+fn cli_fails_alike(model: &Path, cli: &Path, victim: &str) {
+    let text = calib_text();
+    let args = ["--calib", p(&text), "--nsamples", "2", "--seqlen", "64"];
+    let threads = failure(&compress(model, cli, &args, true));
+    assert_no_output(cli);
+    let inline = failure(&compress(model, cli, &args, false));
+    assert_no_output(cli);
+    assert!(threads.contains(victim), "{threads}");
+    assert_eq!(threads, inline);
+}
+
 /// A writer failure on the writer thread: block 1's post-attention norm holds a value bf16
 /// stores and f16 (the GPTQ format's plain dtype) cannot, which the writer refuses when that
 /// block's norms are handed over. The run returns that error, naming the tensor (the forward
@@ -242,15 +255,7 @@ fn a_writer_failure_mid_run_is_an_error_and_commits_nothing() {
     assert_eq!(err_rtn, err.replace(p(&out), p(&out_rtn)));
     assert_no_output(&out_rtn);
 
-    let text = calib_text();
-    let args = ["--calib", p(&text), "--nsamples", "2", "--seqlen", "64"];
-    let cli = tmp.path().join("cli");
-    let threads = failure(&compress(&dir, &cli, &args, true));
-    assert_no_output(&cli);
-    let inline = failure(&compress(&dir, &cli, &args, false));
-    assert_no_output(&cli);
-    assert!(threads.contains(victim), "{threads}");
-    assert_eq!(threads, inline);
+    cli_fails_alike(&dir, &tmp.path().join("cli"), victim);
 }
 
 /// A block decoded ahead that holds a NaN fails when the pipeline reaches it, with the decode's
@@ -288,13 +293,5 @@ fn a_decode_failure_ahead_surfaces_at_its_block() {
     );
     assert_no_output(&out);
 
-    let text = calib_text();
-    let args = ["--calib", p(&text), "--nsamples", "2", "--seqlen", "64"];
-    let cli = tmp.path().join("cli");
-    let threads = failure(&compress(&dir, &cli, &args, true));
-    assert_no_output(&cli);
-    let inline = failure(&compress(&dir, &cli, &args, false));
-    assert_no_output(&cli);
-    assert!(threads.contains(victim), "{threads}");
-    assert_eq!(threads, inline);
+    cli_fails_alike(&dir, &tmp.path().join("cli"), victim);
 }
