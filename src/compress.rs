@@ -9,7 +9,7 @@
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::export::compressed_tensors::CompressedTensorsWriter;
-use crate::export::dense::{NamedTensor, write_dense};
+use crate::export::dense::DenseWriter;
 use crate::export::gguf::GgufWriter;
 use crate::export::gptq::{ExportTensor, GptqExportOptions, GptqWriter};
 use crate::model::Model;
@@ -222,12 +222,12 @@ pub(crate) fn validate(model: &Model, opts: &CompressOptions) -> Result<()> {
     Ok(())
 }
 
-/// Where compressed tensors go: a streaming format writer, or dense tensors kept until the end.
+/// Where compressed tensors go: a format writer (each streams its tensors to disk as they come).
 enum Writer<'a> {
     Gptq(GptqWriter<'a>),
     CompressedTensors(CompressedTensorsWriter<'a>),
     Gguf(GgufWriter<'a>),
-    Dense(Vec<NamedTensor>),
+    Dense(DenseWriter<'a>),
 }
 
 /// A tensor on its way to the writer. A quantized layer's dense values, when the dense writer
@@ -262,12 +262,12 @@ impl Writer<'_> {
             Writer::Gptq(w) => w.add(&t),
             Writer::CompressedTensors(w) => w.add(&t),
             Writer::Gguf(w) => w.add(&t),
-            Writer::Dense(v) => {
-                if let ExportTensor::Plain { name, shape, data } = t {
-                    v.push((name, shape, data));
-                }
-                Ok(())
-            }
+            Writer::Dense(w) => match t {
+                ExportTensor::Plain { name, shape, data } => w.add(&name, &shape, &data),
+                ExportTensor::Quantized { name, .. } => Err(Error::invalid(format!(
+                    "the dense writer got {name} still quantized"
+                ))),
+            },
         }
     }
 }
@@ -321,7 +321,6 @@ enum To<'s> {
 /// `finish`, and the caller commits the output only after `finish` succeeded.
 pub(crate) struct Sink<'s> {
     out: &'s OutputDir,
-    dtype: Dtype,
     dense: bool,
     pub copied: usize,
     to: To<'s>,
@@ -348,7 +347,7 @@ impl<'s> Sink<'s> {
                 Writer::CompressedTensors(CompressedTensorsWriter::new(out, opts.dtype)?)
             }
             Format::Gguf => Writer::Gguf(GgufWriter::new(out, opts.dtype)?),
-            Format::Dense => Writer::Dense(Vec::new()),
+            Format::Dense => Writer::Dense(DenseWriter::new(out, opts.dtype)?),
         };
         let to = if overlap() {
             let (queue, items) = sync_channel::<Item>(WRITE_QUEUE);
@@ -371,7 +370,6 @@ impl<'s> Sink<'s> {
         };
         Ok(Sink {
             out,
-            dtype: opts.dtype,
             dense: opts.format == Format::Dense,
             copied: 0,
             to,
@@ -466,7 +464,7 @@ impl<'s> Sink<'s> {
                     .unwrap_or_else(|| "model".into());
                 w.finish(&model.config, &model.dir, &name)?
             }
-            Writer::Dense(d) => write_dense(out, &model.config.raw, &d, self.dtype)?,
+            Writer::Dense(w) => w.finish(&model.config.raw)?,
         }
         for f in SIDE_FILES {
             let src = model.dir.join(f);

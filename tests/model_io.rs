@@ -209,6 +209,64 @@ fn to_i32_reads_i32_and_refuses_floats() {
     assert_names(&e, &[&path_str(&p), "`nope`"]);
 }
 
+#[test]
+fn streamed_file_equals_the_one_written_at_once_and_leaves_no_body() {
+    use wgpress::model::writer::{OutputDir, SafetensorsStream};
+    let d = tmp();
+    let mut rng = Rng::new(11);
+    let mk = |name: &str, shape: Vec<usize>, dtype: Dtype, rng: &mut Rng| {
+        let n: usize = shape.iter().product();
+        let (data, _) = encode(&rng.normal_vec(n, 2.0), dtype);
+        TensorOut {
+            name: name.into(),
+            dtype,
+            shape,
+            data,
+        }
+    };
+    let outs = vec![
+        mk("z.first", vec![7, 3], Dtype::F16, &mut rng),
+        mk("a.second", vec![13], Dtype::F32, &mut rng),
+        mk("m.third", vec![2, 5, 3], Dtype::BF16, &mut rng),
+    ];
+    let mut md = BTreeMap::new();
+    md.insert("format".to_string(), "pt".to_string());
+    let whole = d.path().join("whole.safetensors");
+    write_safetensors(&whole, &outs, &md).expect("write");
+
+    let out = OutputDir::create(&d.path().join("o")).expect("out");
+    let mut s = SafetensorsStream::create(&out, "m.safetensors").expect("stream");
+    for t in &outs {
+        s.add(TensorOut {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            data: t.data.clone(),
+        })
+        .expect("add");
+    }
+    // A tensor whose bytes do not match its shape is refused, naming it, and not written.
+    let e = s
+        .add(TensorOut {
+            name: "bad".into(),
+            dtype: Dtype::F32,
+            shape: vec![3],
+            data: vec![0; 8],
+        })
+        .expect_err("short");
+    assert_names(&e, &["`bad`", "needs 12"]);
+    s.finish(&md).expect("finish");
+    let files: Vec<String> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(files, vec!["m.safetensors"]);
+    assert_eq!(
+        std::fs::read(out.path().join("m.safetensors")).unwrap(),
+        std::fs::read(&whole).unwrap()
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // safetensors: broken files
 

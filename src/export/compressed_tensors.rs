@@ -37,7 +37,7 @@ use crate::export::dense::{
 use crate::export::gptq::ExportTensor;
 use crate::export::{check_quantized, first_act_order_column, read_dequantized_with};
 use crate::model::safetensors::SafetensorsSet;
-use crate::model::writer::{OutputDir, TensorOut};
+use crate::model::writer::{OutputDir, SafetensorsStream, TensorOut};
 use crate::quant::{QuantSpec, QuantizedTensor};
 use half::f16;
 use safetensors::Dtype;
@@ -158,14 +158,14 @@ pub fn quantization_config(spec: &QuantSpec) -> serde_json::Value {
 }
 
 /// Builds a compressed-tensors checkpoint tensor by tensor (each [`CompressedTensorsWriter::add`]
-/// packs at once; only the encoded bytes stay in memory). `finish` writes the files into the
-/// (uncommitted) output directory.
+/// packs and writes at once through a [`SafetensorsStream`]: the writer holds one tensor, not the
+/// model). `finish` completes the files in the (uncommitted) output directory.
 pub struct CompressedTensorsWriter<'a> {
     out: &'a OutputDir,
     plain_dtype: Dtype,
     spec: Option<QuantSpec>,
     names: BTreeSet<String>,
-    tensors: Vec<TensorOut>,
+    stream: SafetensorsStream,
 }
 
 impl<'a> CompressedTensorsWriter<'a> {
@@ -182,7 +182,7 @@ impl<'a> CompressedTensorsWriter<'a> {
             plain_dtype,
             spec: None,
             names: BTreeSet::new(),
-            tensors: Vec::new(),
+            stream: SafetensorsStream::create(out, WEIGHTS_FILE)?,
         })
     }
 
@@ -194,8 +194,7 @@ impl<'a> CompressedTensorsWriter<'a> {
         if !self.names.insert(t.name.clone()) {
             return Err(Error::tensor(self.file(), &t.name, "appears twice"));
         }
-        self.tensors.push(t);
-        Ok(())
+        self.stream.add(t)
     }
 
     /// Validates, packs and encodes one tensor.
@@ -341,8 +340,7 @@ impl<'a> CompressedTensorsWriter<'a> {
             Error::invalid("compressed-tensors export needs at least one quantized tensor")
         })?;
         let mut config = config_object(self.out, original_config)?;
-        self.out
-            .write_safetensors(WEIGHTS_FILE, &self.tensors, &safetensors_metadata())?;
+        self.stream.finish(&safetensors_metadata())?;
         config.insert("quantization_config".into(), quantization_config(&spec));
         config.insert(
             "torch_dtype".into(),

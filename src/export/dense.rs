@@ -2,13 +2,13 @@
 //! f32/f16/bf16 tensors under the input checkpoint's names, for any runtime; plus the float
 //! encoding (with range checks) that the GPTQ exporter shares for its non-quantized tensors.
 //!
-//! This module writes through [`OutputDir`] and [`TensorOut`] only (the crate's one safetensors
-//! writer); it does not dequantize, rename or reorder tensors, and it never writes a lossy value
+//! This module writes through [`OutputDir`] and [`SafetensorsStream`] only (the crate's one
+//! safetensors writer); it does not dequantize, rename or reorder tensors, and it never writes a lossy value
 //! silently: a value that overflows the target dtype, or a NaN/infinity in the input, is an error
 //! naming the tensor and index.
 
 use crate::error::{Error, Result};
-use crate::model::writer::{OutputDir, TensorOut};
+use crate::model::writer::{OutputDir, SafetensorsStream, TensorOut};
 use half::{bf16, f16};
 use safetensors::Dtype;
 use std::collections::BTreeMap;
@@ -108,43 +108,76 @@ pub(crate) fn config_object(
     })
 }
 
-/// Writes `tensors` (name, shape, row-major f32 data) as `model.safetensors` in `dtype` (F32, F16 or
-/// BF16), in the order given, plus `config.json` = `original_config` with `torch_dtype` set to
+/// Writes `model.safetensors` in `dtype` (F32, F16 or BF16) tensor by tensor, in the order added
+/// (each is encoded and written at once through a [`SafetensorsStream`], so the writer holds one
+/// tensor, never the model), then `config.json` = the original config with `torch_dtype` set to
 /// match and any `quantization_config` removed (the output is not quantized). Nothing is committed:
-/// the caller commits `out` when the whole output is complete.
+/// the caller commits the output directory when the whole output is complete.
+pub struct DenseWriter<'a> {
+    out: &'a OutputDir,
+    dtype: Dtype,
+    file: std::path::PathBuf,
+    seen: std::collections::BTreeSet<String>,
+    stream: SafetensorsStream,
+}
+
+impl<'a> DenseWriter<'a> {
+    pub fn new(out: &'a OutputDir, dtype: Dtype) -> Result<Self> {
+        torch_dtype_name(dtype)?;
+        Ok(DenseWriter {
+            out,
+            dtype,
+            file: out.final_path().join(WEIGHTS_FILE),
+            seen: Default::default(),
+            stream: SafetensorsStream::create(out, WEIGHTS_FILE)?,
+        })
+    }
+
+    /// Encodes and writes tensor `name` (row-major f32 `data` of `shape`).
+    pub fn add(&mut self, name: &str, shape: &[usize], data: &[f32]) -> Result<()> {
+        if self.seen.contains(name) {
+            return Err(Error::tensor(&self.file, name, "appears twice"));
+        }
+        if shape.iter().product::<usize>() != data.len() {
+            return Err(Error::tensor(
+                &self.file,
+                name,
+                format!("shape {shape:?} does not match {} values", data.len()),
+            ));
+        }
+        let bytes = encode_floats(data, self.dtype, &self.file, name)?;
+        self.seen.insert(name.to_string());
+        self.stream.add(TensorOut {
+            name: name.to_string(),
+            dtype: self.dtype,
+            shape: shape.to_vec(),
+            data: bytes,
+        })
+    }
+
+    /// Completes model.safetensors and writes config.json.
+    pub fn finish(self, original_config: &serde_json::Value) -> Result<()> {
+        let mut config = config_object(self.out, original_config)?;
+        self.stream.finish(&safetensors_metadata())?;
+        config.remove("quantization_config");
+        config.insert("torch_dtype".into(), torch_dtype_name(self.dtype)?.into());
+        self.out
+            .write_json("config.json", &serde_json::Value::Object(config))
+    }
+}
+
+/// Writes `tensors` (name, shape, row-major f32 data) with a [`DenseWriter`], in the order given.
 pub fn write_dense(
     out: &OutputDir,
     original_config: &serde_json::Value,
     tensors: &[NamedTensor],
     dtype: Dtype,
 ) -> Result<()> {
-    let torch_dtype = torch_dtype_name(dtype)?;
-    let file = out.final_path().join(WEIGHTS_FILE);
-    let mut config = config_object(out, original_config)?;
-    let mut seen = std::collections::BTreeSet::new();
-    let mut outs = Vec::with_capacity(tensors.len());
+    let mut w = DenseWriter::new(out, dtype)?;
     for (name, shape, data) in tensors {
-        if !seen.insert(name.as_str()) {
-            return Err(Error::tensor(&file, name, "appears twice"));
-        }
-        if shape.iter().product::<usize>() != data.len() {
-            return Err(Error::tensor(
-                &file,
-                name,
-                format!("shape {shape:?} does not match {} values", data.len()),
-            ));
-        }
-        outs.push(TensorOut {
-            name: name.clone(),
-            dtype,
-            shape: shape.clone(),
-            data: encode_floats(data, dtype, &file, name)?,
-        });
+        w.add(name, shape, data)?;
     }
-    out.write_safetensors(WEIGHTS_FILE, &outs, &safetensors_metadata())?;
-    config.remove("quantization_config");
-    config.insert("torch_dtype".into(), torch_dtype.into());
-    out.write_json("config.json", &serde_json::Value::Object(config))
+    w.finish(original_config)
 }
 
 #[cfg(test)]

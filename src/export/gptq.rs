@@ -23,7 +23,7 @@ use crate::export::dense::{
     NamedTensor, WEIGHTS_FILE, config_object, encode_floats, safetensors_metadata, torch_dtype_name,
 };
 use crate::model::safetensors::SafetensorsSet;
-use crate::model::writer::{OutputDir, TensorOut};
+use crate::model::writer::{OutputDir, SafetensorsStream, TensorOut};
 use crate::quant::pack;
 use crate::quant::{QuantSpec, QuantizedTensor};
 use half::f16;
@@ -82,15 +82,16 @@ impl Default for GptqExportOptions {
     }
 }
 
-/// Builds a GPTQ checkpoint tensor by tensor: each [`GptqWriter::add`] packs and encodes at once, so
-/// only the compressed bytes stay in memory while the pipeline streams blocks. `finish` writes the
-/// files into the (uncommitted) output directory.
+/// Builds a GPTQ checkpoint tensor by tensor: each [`GptqWriter::add`] packs, encodes and writes
+/// at once (a [`SafetensorsStream`]), so the writer holds one tensor, not the compressed model,
+/// while the pipeline streams blocks. `finish` completes the files in the (uncommitted) output
+/// directory.
 pub struct GptqWriter<'a> {
     out: &'a OutputDir,
     opts: GptqExportOptions,
     spec: Option<QuantSpec>,
     names: BTreeSet<String>,
-    tensors: Vec<TensorOut>,
+    stream: SafetensorsStream,
 }
 
 /// The quantize_config.json a spec and options describe.
@@ -125,7 +126,7 @@ impl<'a> GptqWriter<'a> {
             opts,
             spec: None,
             names: BTreeSet::new(),
-            tensors: Vec::new(),
+            stream: SafetensorsStream::create(out, WEIGHTS_FILE)?,
         })
     }
 
@@ -153,12 +154,12 @@ impl<'a> GptqWriter<'a> {
                 }
                 let bytes = encode_floats(data, self.opts.plain_dtype, &self.file(), name)?;
                 self.claim(name)?;
-                self.tensors.push(TensorOut {
+                self.stream.add(TensorOut {
                     name: name.clone(),
                     dtype: self.opts.plain_dtype,
                     shape: shape.clone(),
                     data: bytes,
-                });
+                })?;
             }
             ExportTensor::Quantized { name, tensor, bias } => {
                 self.add_quantized(name, tensor, bias)?
@@ -285,7 +286,9 @@ impl<'a> GptqWriter<'a> {
             self.claim(&o.name)?;
         }
         self.spec = Some(spec);
-        self.tensors.extend(outs);
+        for o in outs {
+            self.stream.add(o)?;
+        }
         Ok(())
     }
 
@@ -297,8 +300,7 @@ impl<'a> GptqWriter<'a> {
         })?;
         let mut config = config_object(self.out, original_config)?;
         let qc = quantize_config(&spec, &self.opts);
-        self.out
-            .write_safetensors(WEIGHTS_FILE, &self.tensors, &safetensors_metadata())?;
+        self.stream.finish(&safetensors_metadata())?;
         self.out.write_json("quantize_config.json", &qc)?;
         config.insert("quantization_config".into(), qc);
         config.insert(

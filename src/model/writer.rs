@@ -172,12 +172,14 @@ fn dtype_name(d: safetensors::Dtype) -> String {
     format!("{d:?}")
 }
 
-/// Streams a safetensors file to `path` (header, then each tensor's bytes).
-pub fn write_safetensors(
+/// The safetensors header for tensors of (name, dtype, shape, byte length), laid out in that order,
+/// padded with spaces so the data starts 8-byte aligned as the reference writer does; with its
+/// 8-byte length prefix.
+fn header_bytes(
     path: &Path,
-    tensors: &[TensorOut],
+    entries: &[(String, safetensors::Dtype, Vec<usize>, usize)],
     metadata: &BTreeMap<String, String>,
-) -> Result<()> {
+) -> Result<Vec<u8>> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
         header.insert(
@@ -186,44 +188,129 @@ pub fn write_safetensors(
         );
     }
     let mut off = 0usize;
-    for t in tensors {
-        let expect = t.shape.iter().product::<usize>() * t.dtype.bitsize() / 8;
-        if expect != t.data.len() {
-            return Err(Error::tensor(
-                path,
-                &t.name,
-                format!(
-                    "data has {} bytes but shape {:?} {:?} needs {expect}",
-                    t.data.len(),
-                    t.shape,
-                    t.dtype
-                ),
-            ));
-        }
+    for (name, dtype, shape, len) in entries {
         header.insert(
-            t.name.clone(),
+            name.clone(),
             serde_json::json!({
-                "dtype": dtype_name(t.dtype),
-                "shape": t.shape,
-                "data_offsets": [off, off + t.data.len()],
+                "dtype": dtype_name(*dtype),
+                "shape": shape,
+                "data_offsets": [off, off + len],
             }),
         );
-        off += t.data.len();
+        off += len;
     }
     let mut h = serde_json::to_vec(&serde_json::Value::Object(header))
         .map_err(|e| Error::format(path, e.to_string()))?;
-    // Pad the header with spaces so tensor data starts 8-byte aligned, as the reference writer does.
     while (h.len() + 8) % 8 != 0 {
         h.push(b' ');
     }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    Ok(out)
+}
+
+/// The byte length `t`'s shape and dtype need, or the error naming the mismatch.
+fn checked_len(path: &Path, t: &TensorOut) -> Result<usize> {
+    let expect = t.shape.iter().product::<usize>() * t.dtype.bitsize() / 8;
+    if expect != t.data.len() {
+        return Err(Error::tensor(
+            path,
+            &t.name,
+            format!(
+                "data has {} bytes but shape {:?} {:?} needs {expect}",
+                t.data.len(),
+                t.shape,
+                t.dtype
+            ),
+        ));
+    }
+    Ok(expect)
+}
+
+/// Writes a safetensors file to `path` when every tensor is at hand (header, then each tensor's
+/// bytes).
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[TensorOut],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let mut entries = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        entries.push((
+            t.name.clone(),
+            t.dtype,
+            t.shape.clone(),
+            checked_len(path, t)?,
+        ));
+    }
+    let h = header_bytes(path, &entries, metadata)?;
     let f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
     let mut w = std::io::BufWriter::new(f);
     let io = |e| Error::io(path, e);
-    w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
     w.write_all(&h).map_err(io)?;
     for t in tensors {
         w.write_all(&t.data).map_err(io)?;
     }
     w.flush().map_err(io)?;
     Ok(())
+}
+
+/// A safetensors file written as its tensors arrive, for exporters that get a model tensor by
+/// tensor: each tensor's bytes go to a body file next to the output at once, so the exporter holds
+/// one tensor and never the whole (compressed) model; `finish` writes the header (known only
+/// then), appends the body with a file-to-file copy and removes it. The body lives in the output's
+/// temporary directory, so a failed run leaves nothing behind.
+pub struct SafetensorsStream {
+    path: PathBuf,
+    body_path: PathBuf,
+    body: std::io::BufWriter<std::fs::File>,
+    entries: Vec<(String, safetensors::Dtype, Vec<usize>, usize)>,
+}
+
+impl SafetensorsStream {
+    /// Starts file `name` of `out`.
+    pub fn create(out: &OutputDir, name: &str) -> Result<Self> {
+        let path = out.path().join(name);
+        let body_path = out.path().join(format!("{name}.body"));
+        let f = std::fs::File::create(&body_path).map_err(|e| Error::io(&body_path, e))?;
+        Ok(SafetensorsStream {
+            path,
+            body_path,
+            body: std::io::BufWriter::with_capacity(1 << 20, f),
+            entries: Vec::new(),
+        })
+    }
+
+    /// Appends `t` (its bytes are written now and dropped with `t`).
+    pub fn add(&mut self, t: TensorOut) -> Result<()> {
+        let len = checked_len(&self.path, &t)?;
+        self.body
+            .write_all(&t.data)
+            .map_err(|e| Error::io(&self.body_path, e))?;
+        self.entries.push((t.name, t.dtype, t.shape, len));
+        Ok(())
+    }
+
+    /// Writes the file: header, then the body's bytes.
+    pub fn finish(self, metadata: &BTreeMap<String, String>) -> Result<()> {
+        let SafetensorsStream {
+            path,
+            body_path,
+            body,
+            entries,
+        } = self;
+        // Flushed to the OS (not to disk): the copy below reads it back through a new handle.
+        drop(
+            body.into_inner()
+                .map_err(|e| Error::io(&body_path, e.into_error()))?,
+        );
+        let h = header_bytes(&path, &entries, metadata)?;
+        let mut f = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+        f.write_all(&h).map_err(|e| Error::io(&path, e))?;
+        let mut src = std::fs::File::open(&body_path).map_err(|e| Error::io(&body_path, e))?;
+        // File to file: std uses copy_file_range/sendfile where the OS has them.
+        std::io::copy(&mut src, &mut f).map_err(|e| Error::io(&path, e))?;
+        drop(src);
+        std::fs::remove_file(&body_path).map_err(|e| Error::io(&body_path, e))
+    }
 }
