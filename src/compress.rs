@@ -226,7 +226,7 @@ pub(crate) fn validate(model: &Model, opts: &CompressOptions) -> Result<()> {
 enum Writer<'a> {
     Gptq(GptqWriter<'a>),
     CompressedTensors(CompressedTensorsWriter<'a>),
-    Gguf(GgufWriter<'a>),
+    Gguf(Box<GgufWriter<'a>>),
     Dense(DenseWriter<'a>),
 }
 
@@ -330,6 +330,7 @@ impl<'s> Sink<'s> {
     pub fn new(
         scope: &'s Scope<'s, '_>,
         out: &'s OutputDir,
+        model: &Model,
         opts: &CompressOptions,
     ) -> Result<Self> {
         let writer = match opts.format {
@@ -346,7 +347,21 @@ impl<'s> Sink<'s> {
             Format::CompressedTensors => {
                 Writer::CompressedTensors(CompressedTensorsWriter::new(out, opts.dtype)?)
             }
-            Format::Gguf => Writer::Gguf(GgufWriter::new(out, opts.dtype)?),
+            Format::Gguf => {
+                // general.name: the checkpoint directory's name.
+                let name = model
+                    .dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_else(|| "model".into());
+                Writer::Gguf(Box::new(GgufWriter::new(
+                    out,
+                    opts.dtype,
+                    &model.config,
+                    &model.dir,
+                    &name,
+                )?))
+            }
             Format::Dense => Writer::Dense(DenseWriter::new(out, opts.dtype)?),
         };
         let to = if overlap() {
@@ -456,14 +471,7 @@ impl<'s> Sink<'s> {
         match self.close()? {
             Writer::Gptq(w) => w.finish(&model.config.raw)?,
             Writer::CompressedTensors(w) => w.finish(&model.config.raw)?,
-            Writer::Gguf(w) => {
-                let name = model
-                    .dir
-                    .file_name()
-                    .map(|n| n.to_string_lossy().to_string())
-                    .unwrap_or_else(|| "model".into());
-                w.finish(&model.config, &model.dir, &name)?
-            }
+            Writer::Gguf(w) => w.finish()?,
             Writer::Dense(w) => w.finish(&model.config.raw)?,
         }
         for f in SIDE_FILES {
@@ -539,7 +547,7 @@ pub fn rtn(
     let mut report = CompressReport::new(engine, model, opts, "rtn");
     // The writer thread borrows `out`, so the scope ends before the commit.
     let report = std::thread::scope(|scope| {
-        let mut sink = Sink::new(scope, &out, opts)?;
+        let mut sink = Sink::new(scope, &out, model, opts)?;
         for (i, name) in names.iter().enumerate() {
             progress(i, names.len(), name);
             let info = model.weights.info(name)?;

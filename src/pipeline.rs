@@ -221,7 +221,7 @@ pub fn run(
     // scope joins them before the commit.
     let mut report = std::thread::scope(|scope| -> Result<CompressReport> {
         let mut report = CompressReport::new(engine, model, opts, method.name());
-        let mut sink = Sink::new(scope, &out, opts)?;
+        let mut sink = Sink::new(scope, &out, model, opts)?;
         // Block 0's decode overlaps the preparation below.
         let mut next = Some(Prefetch::start(scope, model, 0)?);
 

@@ -425,11 +425,11 @@ fn export_gguf_with_tokenizer(
     tokenizer_dir: &Path,
 ) -> PathBuf {
     let out = OutputDir::create(dir).unwrap();
-    let mut w = GgufWriter::new(&out, dtype).unwrap();
+    let mut w = GgufWriter::new(&out, dtype, &config(), tokenizer_dir, "test").unwrap();
     for t in tensors {
         w.add(t).unwrap();
     }
-    w.finish(&config(), tokenizer_dir, "test").unwrap();
+    w.finish().unwrap();
     out.commit().unwrap().join(GGUF_FILE)
 }
 
@@ -565,11 +565,11 @@ fn gguf_bad_inputs_give_clear_errors() {
     let mut rng = Rng::new(43);
     let run = |ts: Vec<ExportTensor>, cfg: LlamaConfig, tok: PathBuf| {
         move |o: &OutputDir| {
-            let mut w = GgufWriter::new(o, Dtype::F16)?;
+            let mut w = GgufWriter::new(o, Dtype::F16, &cfg, &tok, "bad")?;
             for t in &ts {
                 w.add(t)?;
             }
-            w.finish(&cfg, &tok, "bad")
+            w.finish()
         }
     };
     let one = |t: QuantizedTensor| {

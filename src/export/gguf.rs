@@ -28,12 +28,11 @@ use crate::export::dense::{NamedTensor, encode_floats};
 use crate::export::gptq::ExportTensor;
 use crate::export::{check_quantized, first_act_order_column};
 use crate::model::config::LlamaConfig;
-use crate::model::writer::OutputDir;
+use crate::model::writer::{BodyFile, OutputDir};
 use crate::quant::{QuantSpec, QuantizedTensor};
 use half::{bf16, f16};
 use safetensors::Dtype;
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// File name of the GGUF file inside an output directory.
@@ -311,7 +310,7 @@ fn put_kv(w: &mut Vec<u8>, key: &str, v: &Kv) {
     }
 }
 
-/// One encoded tensor waiting for `finish`.
+/// One encoded tensor on its way to the file.
 struct Pending {
     name: String,
     /// Dimensions in GGUF order (ne0 = innermost = input columns).
@@ -321,33 +320,58 @@ struct Pending {
     permute: Option<Permute>,
 }
 
-/// Builds a GGUF file tensor by tensor: each [`GgufWriter::add`] encodes at once (only the encoded
-/// bytes stay in memory); `finish` permutes attn_q/attn_k rows (it needs the head counts from the
-/// config), adds the metadata and tokenizer, and writes `model.gguf` into the (uncommitted)
-/// output directory.
+/// A tensor already in the data section: its header entry.
+struct Written {
+    name: String,
+    ne: Vec<u64>,
+    ty: GgmlType,
+    offset: u64,
+}
+
+/// Builds a GGUF file tensor by tensor: each [`GgufWriter::add`] encodes, puts attn_q/attn_k rows
+/// in llama.cpp's order and writes the tensor's data at once (a [`BodyFile`]: the writer holds one
+/// tensor, never the model); `finish` adds the metadata and tokenizer and writes the header, so
+/// `model.gguf` is complete in the (uncommitted) output directory.
 pub struct GgufWriter<'a> {
     out: &'a OutputDir,
     plain_dtype: Dtype,
+    config: LlamaConfig,
+    tokenizer_dir: PathBuf,
+    model_name: String,
     qtype: Option<GgmlType>,
     names: BTreeSet<String>,
-    tensors: Vec<Pending>,
+    written: Vec<Written>,
+    data: BodyFile,
 }
 
 impl<'a> GgufWriter<'a> {
     /// `plain_dtype` (F16, BF16 or F32) is the type of unquantized matrices (embeddings, an
     /// unquantized output); 1-D tensors (norms, biases) are always F32, as llama.cpp expects.
-    pub fn new(out: &'a OutputDir, plain_dtype: Dtype) -> Result<Self> {
+    /// The metadata come from `config` (and `general.name` = `name`), the tokenizer from
+    /// `tokenizer_dir/tokenizer.json`; both are checked here, before any tensor is made.
+    pub fn new(
+        out: &'a OutputDir,
+        plain_dtype: Dtype,
+        config: &LlamaConfig,
+        tokenizer_dir: &Path,
+        name: &str,
+    ) -> Result<Self> {
         if !matches!(plain_dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32) {
             return Err(Error::invalid(format!(
                 "GGUF export writes unquantized tensors as F16, BF16 or F32, not {plain_dtype:?}"
             )));
         }
+        check_config(config, tokenizer_dir)?;
         Ok(GgufWriter {
             out,
             plain_dtype,
+            config: config.clone(),
+            tokenizer_dir: tokenizer_dir.to_path_buf(),
+            model_name: name.to_string(),
             qtype: None,
             names: BTreeSet::new(),
-            tensors: Vec::new(),
+            written: Vec::new(),
+            data: BodyFile::create(out, GGUF_FILE)?,
         })
     }
 
@@ -355,11 +379,34 @@ impl<'a> GgufWriter<'a> {
         self.out.final_path().join(GGUF_FILE)
     }
 
+    /// Puts attn_q/attn_k rows in llama.cpp's order (it needs the head counts from the config)
+    /// and writes the tensor's data, padded to the alignment.
     fn push(&mut self, p: Pending) -> Result<()> {
-        if !self.names.insert(p.name.clone()) {
+        if self.names.contains(&p.name) {
             return Err(Error::tensor(self.file(), &p.name, "appears twice"));
         }
-        self.tensors.push(p);
+        let mut data = p.data;
+        if let Some(perm) = p.permute {
+            let heads = match perm {
+                Permute::Q => self.config.num_attention_heads,
+                Permute::K => self.config.num_key_value_heads,
+            };
+            // ne = [cols, rows] for a matrix, [rows] for a bias.
+            let rows = *p.ne.last().unwrap_or(&1) as usize;
+            check_permutable(rows, heads, &p.name)?;
+            data = permute_rows(&data, data.len() / rows, heads);
+        }
+        self.names.insert(p.name.clone());
+        let offset = self.data.len();
+        self.data.write(&data)?;
+        let pad = data.len().next_multiple_of(ALIGNMENT) - data.len();
+        self.data.write(&[0u8; ALIGNMENT][..pad])?;
+        self.written.push(Written {
+            name: p.name,
+            ne: p.ne,
+            ty: p.ty,
+            offset,
+        });
         Ok(())
     }
 
@@ -483,11 +530,12 @@ impl<'a> GgufWriter<'a> {
         }
     }
 
-    /// Writes `model.gguf`: metadata from `config` (and `general.name`), the tokenizer from
-    /// `tokenizer_dir/tokenizer.json`, attn_q/attn_k rows in llama.cpp's order, data aligned to 32.
-    pub fn finish(self, config: &LlamaConfig, tokenizer_dir: &Path, name: &str) -> Result<()> {
-        let file = self.file();
-        check_config(config, tokenizer_dir)?;
+    /// Completes `model.gguf`: metadata from the config (and `general.name`), the tokenizer, the
+    /// tensor table, then the data written by `add` (aligned to 32).
+    pub fn finish(self) -> Result<()> {
+        let config = &self.config;
+        let name = self.model_name.as_str();
+        let tokenizer_dir = self.tokenizer_dir.as_path();
         let qtype = self
             .qtype
             .ok_or_else(|| Error::invalid("GGUF export needs at least one quantized tensor"))?;
@@ -533,52 +581,25 @@ impl<'a> GgufWriter<'a> {
         ));
         kv.extend(tokenizer_kv(tokenizer_dir, c)?);
 
-        let mut tensors = self.tensors;
-        for t in &mut tensors {
-            if let Some(p) = t.permute {
-                let heads = match p {
-                    Permute::Q => c.num_attention_heads,
-                    Permute::K => c.num_key_value_heads,
-                };
-                // ne = [cols, rows] for a matrix, [rows] for a bias.
-                let rows = *t.ne.last().unwrap_or(&1) as usize;
-                check_permutable(rows, heads, &t.name)?;
-                t.data = permute_rows(&t.data, t.data.len() / rows, heads);
-            }
-        }
-
         let mut head = Vec::new();
         head.extend_from_slice(MAGIC);
         head.extend_from_slice(&VERSION.to_le_bytes());
-        head.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+        head.extend_from_slice(&(self.written.len() as u64).to_le_bytes());
         head.extend_from_slice(&(kv.len() as u64).to_le_bytes());
         for (k, v) in &kv {
             put_kv(&mut head, k, v);
         }
-        let mut offset = 0usize;
-        for t in &tensors {
+        for t in &self.written {
             put_str(&mut head, &t.name);
             head.extend_from_slice(&(t.ne.len() as u32).to_le_bytes());
             for d in &t.ne {
                 head.extend_from_slice(&d.to_le_bytes());
             }
             head.extend_from_slice(&t.ty.id().to_le_bytes());
-            head.extend_from_slice(&(offset as u64).to_le_bytes());
-            offset = (offset + t.data.len()).next_multiple_of(ALIGNMENT);
+            head.extend_from_slice(&t.offset.to_le_bytes());
         }
         head.resize(head.len().next_multiple_of(ALIGNMENT), 0);
-
-        let path = self.out.path().join(GGUF_FILE);
-        let f = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
-        let mut w = std::io::BufWriter::new(f);
-        let io = |e| Error::io(&file, e);
-        w.write_all(&head).map_err(io)?;
-        for t in &tensors {
-            w.write_all(&t.data).map_err(io)?;
-            let pad = t.data.len().next_multiple_of(ALIGNMENT) - t.data.len();
-            w.write_all(&[0u8; ALIGNMENT][..pad]).map_err(io)?;
-        }
-        w.flush().map_err(io)
+        self.data.finish(&head)
     }
 }
 

@@ -255,62 +255,103 @@ pub fn write_safetensors(
     Ok(())
 }
 
-/// A safetensors file written as its tensors arrive, for exporters that get a model tensor by
-/// tensor: each tensor's bytes go to a body file next to the output at once, so the exporter holds
-/// one tensor and never the whole (compressed) model; `finish` writes the header (known only
-/// then), appends the body with a file-to-file copy and removes it. The body lives in the output's
-/// temporary directory, so a failed run leaves nothing behind.
-pub struct SafetensorsStream {
+/// A file whose header is known only after its data: the data goes to a body file next to it as
+/// it is produced, and [`BodyFile::finish`] writes the header, appends the body with a file-to-file
+/// copy and removes it. Lets an exporter hold one tensor instead of the whole model; the body
+/// lives in the output's temporary directory, so a failed run leaves nothing behind.
+pub struct BodyFile {
     path: PathBuf,
     body_path: PathBuf,
     body: std::io::BufWriter<std::fs::File>,
-    entries: Vec<(String, safetensors::Dtype, Vec<usize>, usize)>,
+    len: u64,
 }
 
-impl SafetensorsStream {
+impl BodyFile {
     /// Starts file `name` of `out`.
     pub fn create(out: &OutputDir, name: &str) -> Result<Self> {
         let path = out.path().join(name);
         let body_path = out.path().join(format!("{name}.body"));
         let f = std::fs::File::create(&body_path).map_err(|e| Error::io(&body_path, e))?;
-        Ok(SafetensorsStream {
+        Ok(BodyFile {
             path,
             body_path,
             body: std::io::BufWriter::with_capacity(1 << 20, f),
-            entries: Vec::new(),
+            len: 0,
         })
     }
 
-    /// Appends `t` (its bytes are written now and dropped with `t`).
-    pub fn add(&mut self, t: TensorOut) -> Result<()> {
-        let len = checked_len(&self.path, &t)?;
+    /// The final file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes of data so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
         self.body
-            .write_all(&t.data)
+            .write_all(bytes)
             .map_err(|e| Error::io(&self.body_path, e))?;
-        self.entries.push((t.name, t.dtype, t.shape, len));
+        self.len += bytes.len() as u64;
         Ok(())
     }
 
-    /// Writes the file: header, then the body's bytes.
-    pub fn finish(self, metadata: &BTreeMap<String, String>) -> Result<()> {
-        let SafetensorsStream {
+    /// Writes the file: `head`, then the data.
+    pub fn finish(self, head: &[u8]) -> Result<()> {
+        let BodyFile {
             path,
             body_path,
             body,
-            entries,
+            ..
         } = self;
         // Flushed to the OS (not to disk): the copy below reads it back through a new handle.
         drop(
             body.into_inner()
                 .map_err(|e| Error::io(&body_path, e.into_error()))?,
         );
-        let h = header_bytes(&path, &entries, metadata)?;
         let mut f = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
-        f.write_all(&h).map_err(|e| Error::io(&path, e))?;
+        f.write_all(head).map_err(|e| Error::io(&path, e))?;
         let mut src = std::fs::File::open(&body_path).map_err(|e| Error::io(&body_path, e))?;
         // File to file: std uses copy_file_range/sendfile where the OS has them.
         std::io::copy(&mut src, &mut f).map_err(|e| Error::io(&path, e))?;
         drop(src);
         std::fs::remove_file(&body_path).map_err(|e| Error::io(&body_path, e))
+    }
+}
+
+/// A safetensors file written as its tensors arrive (a [`BodyFile`]; the header is written last),
+/// for exporters that get a model tensor by tensor.
+pub struct SafetensorsStream {
+    file: BodyFile,
+    entries: Vec<(String, safetensors::Dtype, Vec<usize>, usize)>,
+}
+
+impl SafetensorsStream {
+    /// Starts file `name` of `out`.
+    pub fn create(out: &OutputDir, name: &str) -> Result<Self> {
+        Ok(SafetensorsStream {
+            file: BodyFile::create(out, name)?,
+            entries: Vec::new(),
+        })
+    }
+
+    /// Appends `t` (its bytes are written now and dropped with `t`).
+    pub fn add(&mut self, t: TensorOut) -> Result<()> {
+        let len = checked_len(self.file.path(), &t)?;
+        self.file.write(&t.data)?;
+        self.entries.push((t.name, t.dtype, t.shape, len));
+        Ok(())
+    }
+
+    /// Writes the file: header, then the tensors' bytes.
+    pub fn finish(self, metadata: &BTreeMap<String, String>) -> Result<()> {
+        let h = header_bytes(self.file.path(), &self.entries, metadata)?;
+        self.file.finish(&h)
     }
 }
