@@ -3,9 +3,9 @@
 //! encoding (with range checks) that the GPTQ exporter shares for its non-quantized tensors.
 //!
 //! This module writes through [`OutputDir`] and [`SafetensorsStream`] only (the crate's one
-//! safetensors writer); it does not dequantize, rename or reorder tensors, and it never writes a lossy value
-//! silently: a value that overflows the target dtype, or a NaN/infinity in the input, is an error
-//! naming the tensor and index.
+//! safetensors writer); it does not dequantize, rename or reorder tensors, and it never writes a
+//! lossy value silently: a value that overflows the target dtype, or a NaN/infinity in the input,
+//! is an error naming the tensor and index.
 
 use crate::error::{Error, Result};
 use crate::model::writer::{OutputDir, SafetensorsStream, TensorOut};

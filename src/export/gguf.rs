@@ -397,7 +397,7 @@ impl<'a> GgufWriter<'a> {
             data = permute_rows(&data, data.len() / rows, heads);
         }
         self.names.insert(p.name.clone());
-        let offset = self.data.len();
+        let offset = self.data.position();
         self.data.write(&data)?;
         let pad = data.len().next_multiple_of(ALIGNMENT) - data.len();
         self.data.write(&[0u8; ALIGNMENT][..pad])?;

@@ -58,7 +58,11 @@ impl Held {
 
     /// The most recently released buffer of exactly `bytes`.
     fn pop(&mut self, bytes: u64) -> Option<wgpu::Buffer> {
-        let (_, b) = self.by_size.get_mut(&bytes)?.pop_back()?;
+        let q = self.by_size.get_mut(&bytes)?;
+        let (_, b) = q.pop_back()?;
+        if q.is_empty() {
+            self.by_size.remove(&bytes);
+        }
         self.bytes -= bytes;
         Some(b)
     }

@@ -285,13 +285,9 @@ impl BodyFile {
         &self.path
     }
 
-    /// Bytes of data so far.
-    pub fn len(&self) -> u64 {
+    /// Offset in the data of the next byte written (the bytes written so far).
+    pub fn position(&self) -> u64 {
         self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
