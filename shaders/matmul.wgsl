@@ -12,8 +12,10 @@ struct Params {
     a_off: u32, lda: u32, b_off: u32, ldb: u32,
     c_off: u32, ldc: u32, b_trans: u32, alpha: f32,
     // Nonzero: only tiles that reach the lower triangle (column <= row) of C are computed; tiles
-    // entirely above the diagonal are skipped (symmetric updates such as a Cholesky's trailing one).
-    lower: u32, pad0: u32, pad1: u32, pad2: u32,
+    // entirely above the diagonal are skipped (symmetric products such as a Cholesky's trailing
+    // update or XᵀX). Row r of this dispatch is row row_base + r of the matrix whose triangle
+    // counts (a row range of C walked in pieces).
+    lower: u32, pad0: u32, pad1: u32, row_base: u32,
 }
 
 @group(0) @binding(2) var<storage, read_write> C: array<f32>;
@@ -72,7 +74,7 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
     let row0 = wid.y * BM;
     let col0 = wid.x * BN;
     // Workgroup-uniform, so the barriers below stay in uniform control flow.
-    if (p.lower != 0u && col0 >= row0 + BM) {
+    if (p.lower != 0u && col0 >= p.row_base + row0 + BM) {
         return;
     }
 

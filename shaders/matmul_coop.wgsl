@@ -25,10 +25,11 @@ struct Params {
     m: u32, n: u32, k: u32, accumulate: u32,
     a_off: u32, lda: u32, b_off: u32, ldb: u32,
     c_off: u32, ldc: u32, b_trans: u32, alpha: f32,
-    // Nonzero: tiles entirely above the diagonal of C are skipped (as in matmul.wgsl).
+    // Nonzero: tiles entirely above the diagonal of C are skipped (as in matmul.wgsl, which also
+    // explains row_base).
     lower: u32,
     // 2: A's (B's) offset and leading dimension are multiples of 8; 1: even; 0: odd.
-    a_align: u32, b_align: u32, pad2: u32,
+    a_align: u32, b_align: u32, row_base: u32,
 }
 
 @group(0) @binding(2) var<storage, read_write> MC: array<f32>;
@@ -244,7 +245,7 @@ fn main(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: v
     let col0 = wid.x * BN;
     // Workgroup-uniform, so the barriers and cooperative operations stay in uniform control flow
     // (naga rejects cooperative operations after an early return, hence a call, not a return).
-    if (p.lower == 0u || col0 < row0 + BM) {
+    if (p.lower == 0u || col0 < p.row_base + row0 + BM) {
         tile(tid, row0, col0);
     }
 }

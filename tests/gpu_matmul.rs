@@ -1,5 +1,8 @@
 mod common;
-use wgpress::gpu::matmul::{CoopConfig, Layout, MatmulPath, matmul_into, matmul_into_coop};
+use wgpress::gpu::matmul::{
+    CoopConfig, Layout, MatmulPath, coop_available, matmul_into, matmul_into_coop,
+    matmul_lower_into,
+};
 use wgpress::gpu::{GpuContext, GpuDtype, GpuTensor};
 use wgpress::reference;
 use wgpress::rng::Rng;
@@ -16,6 +19,9 @@ struct Case {
     path: Option<MatmulPath>,
     /// Forces the cooperative kernel with this tile configuration.
     config: Option<CoopConfig>,
+    /// Only C's lower triangle (`matmul_lower_into`, layout TN): elements above the diagonal are
+    /// not compared.
+    lower: bool,
 }
 
 fn case(m: usize, n: usize, k: usize, layout: Layout, da: GpuDtype, db: GpuDtype) -> Case {
@@ -29,6 +35,7 @@ fn case(m: usize, n: usize, k: usize, layout: Layout, da: GpuDtype, db: GpuDtype
         accumulate: false,
         path: None,
         config: None,
+        lower: false,
     }
 }
 
@@ -43,6 +50,7 @@ fn check(ctx: &GpuContext, seed: u64, c: Case) {
         accumulate,
         path,
         config,
+        lower,
     } = c;
     let mut rng = Rng::new(seed);
     let a = rng.normal_vec(m * k, 1.0);
@@ -68,6 +76,7 @@ fn check(ctx: &GpuContext, seed: u64, c: Case) {
         gc.fill_u32(ctx, common::POISON);
     }
     let took = match config {
+        _ if lower => matmul_lower_into(ctx, &ga, &gb, &gc, accumulate, path).unwrap(),
         Some(cfg) => {
             matmul_into_coop(ctx, &ga, &gb, layout, &gc, accumulate, cfg).unwrap();
             MatmulPath::Coop
@@ -98,7 +107,7 @@ fn check(ctx: &GpuContext, seed: u64, c: Case) {
     }
     // f32 accumulation of k products: |error| <= k * 2^-24 * sum|a||b| (plus one rounding of the
     // accumulated C); we allow 2x that. Inputs were rounded to 16 bits before both sides saw them.
-    for i in 0..m * n {
+    for i in (0..m * n).filter(|i| !lower || i % n <= i / n) {
         let tol = 2.0 * (k as f64 + 2.0) * 2f64.powi(-24) * (scale[i] + c0[i].abs() as f64) + 1e-30;
         let e = (got[i] as f64 - want[i]).abs();
         assert!(
@@ -364,6 +373,55 @@ fn every_coop_tile_configuration_matches_reference_where_offered() {
             );
         }
     }
+}
+
+#[test]
+fn lower_triangle_tn_products_match_reference() {
+    // Square and rectangular C, tiles straddling the diagonal, C split into 7-row chunks (the
+    // triangle test then needs each dispatch's row offset), accumulation; the cooperative kernel
+    // too where the adapter has it.
+    let mut seed = 1500;
+    let big = common::ctx();
+    let small = common::ctx_with(Some(2048));
+    let coop = coop_available(&big);
+    for ctx in [&big, &small] {
+        for &(m, n, k) in &[(300, 300, 37), (130, 201, 70), (201, 130, 9)] {
+            for (da, path) in [
+                (GpuDtype::F32, MatmulPath::Tiled),
+                (GpuDtype::F16, MatmulPath::Coop),
+            ] {
+                if path == MatmulPath::Coop && !coop {
+                    continue;
+                }
+                seed += 1;
+                check(
+                    ctx,
+                    seed,
+                    Case {
+                        accumulate: seed % 2 == 0,
+                        path: Some(path),
+                        lower: true,
+                        ..case(m, n, k, Layout::TN, da, da)
+                    },
+                );
+            }
+        }
+    }
+    // Tiles wholly above the diagonal are not computed: C[0][299] lies in the tile of rows
+    // 0..128 and columns 256..300 of either kernel, and keeps its poison.
+    let (a, _) = common::upload(
+        &big,
+        20,
+        300,
+        &Rng::new(3).normal_vec(20 * 300, 1.0),
+        GpuDtype::F32,
+    );
+    let c = GpuTensor::empty(&big, 300, 300, GpuDtype::F32).unwrap();
+    c.fill_u32(&big, common::POISON);
+    matmul_lower_into(&big, &a, &a, &c, false, None).unwrap();
+    let got = c.to_f32(&big).unwrap();
+    assert_eq!(got[299].to_bits(), common::POISON);
+    assert!(got[299 * 300].is_finite());
 }
 
 #[test]

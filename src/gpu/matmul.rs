@@ -59,7 +59,8 @@ struct Params {
     /// 8, 1 when even, 0 otherwise.
     a_align: u32,
     b_align: u32,
-    pad: u32,
+    /// With `lower`: the row of the triangle's matrix that this dispatch's row 0 is.
+    row_base: u32,
 }
 
 impl Params {
@@ -68,7 +69,13 @@ impl Params {
     fn work(&self, ea: u64, eb: u64) -> (f64, f64) {
         let (m, n, k) = (self.m as f64, self.n as f64, self.k as f64);
         let c = m * n * 4.0 * if self.accumulate != 0 { 2.0 } else { 1.0 };
-        (2.0 * m * n * k, m * k * ea as f64 + k * n * eb as f64 + c)
+        // A lower-triangle product does about half of the rectangle's work where its rows
+        // straddle the diagonal (the profile's rates are estimates there).
+        let part = if self.lower != 0 { 0.5 } else { 1.0 };
+        (
+            part * 2.0 * m * n * k,
+            m * k * ea as f64 + k * n * eb as f64 + part * c,
+        )
     }
 
     /// Offsets and leading dimensions that are multiples of 8 (2) let the cooperative kernel
@@ -383,7 +390,23 @@ pub fn matmul_into(
     accumulate: bool,
     path: Option<MatmulPath>,
 ) -> Result<MatmulPath> {
-    matmul_impl(ctx, a, b, layout, c, accumulate, path, None)
+    matmul_impl(ctx, a, b, layout, c, accumulate, path, None, false)
+}
+
+/// The lower triangle of C = [C +] Aᵀ·A-like products in layout TN (A stored k x m, B k x n,
+/// typically B = A, as in XᵀX): only tiles of C that reach its lower triangle (column <= row) are
+/// computed, so a symmetric product costs about half. Elements above the diagonal are left as
+/// they are in tiles wholly above it and hold their own products in tiles that straddle it; the
+/// caller mirrors the lower triangle (`gpu::stats` does). Returns the path taken.
+pub fn matmul_lower_into(
+    ctx: &GpuContext,
+    a: &GpuTensor,
+    b: &GpuTensor,
+    c: &GpuTensor,
+    accumulate: bool,
+    path: Option<MatmulPath>,
+) -> Result<MatmulPath> {
+    matmul_impl(ctx, a, b, Layout::TN, c, accumulate, path, None, true)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -396,6 +419,7 @@ fn matmul_impl(
     accumulate: bool,
     path: Option<MatmulPath>,
     cfg: Option<CoopConfig>,
+    lower: bool,
 ) -> Result<MatmulPath> {
     let (m, n, k) = dims(a, b, layout);
     let shape = format!(
@@ -437,10 +461,15 @@ fn matmul_impl(
         Some(MatmulPath::Tiled) => false,
         None => coop,
     };
+    let op = Op {
+        layout,
+        accumulate,
+        lower,
+    };
     match (use_coop, cfg) {
-        (false, _) => run_walk(ctx, a, b, layout, c, accumulate, &shape, None)?,
-        (true, Some(cfg)) => run_walk(ctx, a, b, layout, c, accumulate, &shape, Some(cfg))?,
-        (true, None) => run_tuned(ctx, a, b, layout, c, accumulate, &shape)?,
+        (false, _) => run_walk(ctx, a, b, op, c, &shape, None)?,
+        (true, Some(cfg)) => run_walk(ctx, a, b, op, c, &shape, Some(cfg))?,
+        (true, None) => run_tuned(ctx, a, b, op, c, &shape)?,
     }
     Ok(if use_coop {
         MatmulPath::Coop
@@ -471,8 +500,18 @@ pub fn matmul_into_coop(
         accumulate,
         Some(MatmulPath::Coop),
         Some(cfg),
+        false,
     )?;
     Ok(())
+}
+
+/// What one product computes besides its operands: their layout, whether C accumulates, and
+/// whether only C's lower triangle is wanted (layout TN only).
+#[derive(Clone, Copy)]
+struct Op {
+    layout: Layout,
+    accumulate: bool,
+    lower: bool,
 }
 
 /// Whether `cfg` fits this adapter's workgroup memory and invocation limits.
@@ -488,9 +527,8 @@ fn run_tuned(
     ctx: &GpuContext,
     a: &GpuTensor,
     b: &GpuTensor,
-    layout: Layout,
+    op: Op,
     c: &GpuTensor,
-    accumulate: bool,
     shape: &str,
 ) -> Result<()> {
     use super::tune::{Pick, Tuner};
@@ -511,13 +549,13 @@ fn run_tuned(
         tuner.pick(shape)
     };
     match pick {
-        Pick::Use(cfg) => run_walk(ctx, a, b, layout, c, accumulate, shape, Some(cfg)),
+        Pick::Use(cfg) => run_walk(ctx, a, b, op, c, shape, Some(cfg)),
         Pick::Trial(cfg) => {
             // Compiled and idle before the clock starts, so the time is this product's alone.
-            coop_pipeline(ctx, a.dtype, b.dtype, layout, cfg)?;
+            coop_pipeline(ctx, a.dtype, b.dtype, op.layout, cfg)?;
             ctx.sync("matmul_coop", shape)?;
             let t = std::time::Instant::now();
-            run_walk(ctx, a, b, layout, c, accumulate, shape, Some(cfg))?;
+            run_walk(ctx, a, b, op, c, shape, Some(cfg))?;
             ctx.sync("matmul_coop", shape)?;
             let secs = t.elapsed().as_secs_f64();
             let mut t = ctx.tuner.lock().map_err(super::context::poisoned)?;
@@ -551,12 +589,16 @@ fn run_walk(
     ctx: &GpuContext,
     a: &GpuTensor,
     b: &GpuTensor,
-    layout: Layout,
+    op: Op,
     c: &GpuTensor,
-    accumulate: bool,
     shape: &str,
     coop: Option<CoopConfig>,
 ) -> Result<()> {
+    let Op {
+        layout,
+        accumulate,
+        lower,
+    } = op;
     let (_, n, k) = dims(a, b, layout);
     let (pipe, key, (bm, bn)) = if let Some(cfg) = coop {
         if !coop_fits(ctx, cfg) {
@@ -583,7 +625,14 @@ fn run_walk(
         (pipe, key, (TILE, TILE))
     };
     if layout == Layout::TN {
-        return run_walk_tn(ctx, a, b, c, accumulate, shape, &pipe, &key, (bm, bn));
+        return run_walk_tn(ctx, a, b, c, op, shape, &pipe, &key, (bm, bn));
+    }
+    if lower {
+        return Err(Error::gpu(
+            "matmul",
+            shape,
+            "a lower-triangle product is only walked in layout TN",
+        ));
     }
     let max_rows = ctx.max_workgroups_per_dim() as usize * bm;
     if n.div_ceil(bn) > ctx.max_workgroups_per_dim() as usize {
@@ -626,7 +675,7 @@ fn run_walk(
                     lower: 0,
                     a_align: 0,
                     b_align: 0,
-                    pad: 0,
+                    row_base: 0,
                 });
                 binds.push((ai, bi, ci, sub_n, e - s));
             }
@@ -668,12 +717,13 @@ fn run_walk_tn(
     a: &GpuTensor,
     b: &GpuTensor,
     c: &GpuTensor,
-    accumulate: bool,
+    op: Op,
     shape: &str,
     pipe: &wgpu::ComputePipeline,
     label: &str,
     (bm, bn): (usize, usize),
 ) -> Result<()> {
+    let accumulate = op.accumulate;
     let (m, n) = (a.cols, b.cols);
     let max_wg = ctx.max_workgroups_per_dim() as usize;
     if n.div_ceil(bn) > max_wg {
@@ -718,10 +768,10 @@ fn run_walk_tn(
                     ldc: u(n)?,
                     b_trans: 0,
                     alpha: 1.0,
-                    lower: 0,
+                    lower: op.lower as u32,
                     a_align: 0,
                     b_align: 0,
-                    pad: 0,
+                    row_base: u(cc.row_start + s)?,
                 });
                 binds.push((ai, bi, ci, e - s));
                 s = e;
@@ -862,7 +912,7 @@ impl<'a> RegionGemm<'a> {
             lower: self.lower as u32,
             a_align: 0,
             b_align: 0,
-            pad: 0,
+            row_base: 0,
         };
         // Every prepared step is recorded by its caller, so its work is declared here (a
         // lower-triangle product does about half of the square one's work).

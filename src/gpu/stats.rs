@@ -4,8 +4,9 @@
 //! calls; the L2 norm is [`sqrt_in_place`] of the sum at the end).
 //!
 //! XᵀX of a chunk is one matmul call in layout TN (A = B = X, tokens x features, both chunked
-//! along the token axis, which is K), accumulated into H, so H costs 2·n·d² flops at the matmul
-//! kernel's speed. Where the adapter has cooperative matrices, f16 X goes through the tensor-core
+//! along the token axis, which is K), accumulated into H. Only the tiles reaching H's lower
+//! triangle are computed (about n·d² flops instead of 2·n·d²) and `finish` mirrors the lower
+//! triangle onto the upper one (`shaders/mirror.wgsl`). Where the adapter has cooperative matrices, f16 X goes through the tensor-core
 //! kernel (exact inputs, f32 accumulation), and so does bf16 X once its max |x| is known to fit
 //! f16's range (values below f16's normal range, |x| < 6.1e-5, keep fewer bits, which moves H by
 //! less than 1e-8 per product); f32 X and any out-of-range bf16 chunk take the f32 tiled kernel. The column statistics use `shaders/stats.wgsl`, a
@@ -20,7 +21,7 @@
 
 use super::buffer::{GpuDtype, GpuTensor};
 use super::context::{Dispatch, GpuContext};
-use super::matmul::{Layout, MatmulPath, coop_available, loader, matmul_into};
+use super::matmul::{MatmulPath, coop_available, loader, matmul_lower_into};
 use super::reduce::{check_workgroup_size, plan, to_u32};
 use crate::error::{Error, Result};
 use crate::shaders;
@@ -49,7 +50,8 @@ impl HessianAccumulator {
         self.n
     }
 
-    /// The unscaled running sum XᵀX (d x d f32).
+    /// The unscaled running sum XᵀX (d x d f32); only its lower triangle is complete until
+    /// `finish`.
     pub fn xtx(&self) -> &GpuTensor {
         &self.h
     }
@@ -73,21 +75,92 @@ impl HessianAccumulator {
         // f16 X takes the cooperative kernel by matmul's own rule; bf16 X only once it fits f16.
         let bf16_coop = x.dtype == GpuDtype::BF16 && coop_available(ctx) && fits_f16(ctx, x)?;
         let path = bf16_coop.then_some(MatmulPath::Coop);
-        matmul_into(ctx, x, x, Layout::TN, &self.h, true, path)?;
+        // XᵀX is symmetric: only the tiles reaching the lower triangle are computed, and
+        // `finish` mirrors them.
+        matmul_lower_into(ctx, x, x, &self.h, true, path)?;
         self.n += x.rows as u64;
         Ok(())
     }
 
-    /// H = (2/n)·XᵀX, scaled in place on the GPU. An error if no token was added (H undefined).
+    /// H = (2/n)·XᵀX, its upper triangle mirrored from the lower one and scaled in place on the
+    /// GPU. An error if no token was added (H undefined).
     pub fn finish(self, ctx: &GpuContext) -> Result<GpuTensor> {
         if self.n == 0 {
             return Err(Error::invalid(
                 "hessian: no calibration tokens were added, H = (2/n)·XᵀX is undefined",
             ));
         }
+        mirror_lower(ctx, &self.h)?;
         scale_in_place(ctx, &self.h, (2.0 / self.n as f64) as f32)?;
         Ok(self.h)
     }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct MirrorParams {
+    d: u32,
+    r0: u32,
+    nr: u32,
+    s0: u32,
+    ns: u32,
+    pad: [u32; 3],
+}
+
+/// M[i][j] = M[j][i] for j > i, in place, for a square f32 tensor in any number of row chunks
+/// (`shaders/mirror.wgsl`: one dispatch per pair of chunks that holds such elements).
+pub fn mirror_lower(ctx: &GpuContext, m: &GpuTensor) -> Result<()> {
+    const KERNEL: &str = "mirror";
+    let shape = m.shape_str();
+    if m.dtype != GpuDtype::F32 || m.rows != m.cols {
+        return Err(Error::invalid(format!(
+            "mirror: expected a square F32 tensor, got {shape}"
+        )));
+    }
+    let d = m.cols;
+    let max = ctx.max_workgroups_per_dim() as usize;
+    let mut params = Vec::new();
+    let mut binds = Vec::new();
+    for (di, dc) in m.chunks.iter().enumerate() {
+        for (si, sc) in m.chunks.iter().enumerate() {
+            // Some j in S's rows must exceed some i in D's rows.
+            if dc.rows == 0 || sc.rows == 0 || sc.row_start + sc.rows <= dc.row_start + 1 {
+                continue;
+            }
+            let groups = (sc.rows.div_ceil(16), dc.rows.div_ceil(16));
+            if groups.0 > max || groups.1 > max {
+                return Err(Error::gpu(
+                    KERNEL,
+                    &shape,
+                    "the dispatch grid limit is exceeded",
+                ));
+            }
+            params.push(MirrorParams {
+                d: to_u32(d, KERNEL, &shape)?,
+                r0: to_u32(dc.row_start, KERNEL, &shape)?,
+                nr: to_u32(dc.rows, KERNEL, &shape)?,
+                s0: to_u32(sc.row_start, KERNEL, &shape)?,
+                ns: to_u32(sc.rows, KERNEL, &shape)?,
+                pad: [0; 3],
+            });
+            binds.push((di, si, (groups.0 as u32, groups.1 as u32, 1)));
+        }
+    }
+    if params.is_empty() {
+        return Ok(());
+    }
+    // Trusted: every index the kernel forms is inside the rows of its two chunks (checked above).
+    let pipe = ctx.pipeline(KERNEL, shaders::MIRROR, "main", true)?;
+    let dispatches: Vec<Dispatch> = params
+        .iter()
+        .zip(&binds)
+        .map(|(p, &(di, si, groups))| Dispatch {
+            buffers: vec![&m.chunks[di].buffer, &m.chunks[si].buffer],
+            uniform: Some(bytemuck::bytes_of(p)),
+            groups,
+        })
+        .collect();
+    ctx.run(KERNEL, &shape, &pipe, &dispatches)
 }
 
 /// Largest finite f16.
