@@ -133,13 +133,14 @@ pub struct HessianBench {
     pub dtype: String,
     /// Time of one `HessianAccumulator::add` of all `tokens` rows (XᵀX into H).
     pub ms: f64,
-    /// 2·tokens·dim² flops per add (the full d x d product, both triangles, as torch's X.T @ X)
-    /// over `ms`.
+    /// 2·tokens·dim² flops per add (the full d x d product, both triangles, as torch's X.T @ X
+    /// computes it) over `ms`: an effective rate, since only the tiles reaching the lower
+    /// triangle (about half) are computed.
     pub tflops: f64,
 }
 
-/// Times accumulating XᵀX of a random `tokens x d` X (one `add`, the final 2/n scale excluded:
-/// it is d² work once per layer).
+/// Times accumulating XᵀX of a random `tokens x d` X (one `add`; `finish`, which mirrors the
+/// lower triangle and applies 2/n, is excluded: it is d² work once per layer).
 pub fn hessian(
     ctx: &GpuContext,
     tokens: usize,

@@ -238,7 +238,8 @@ enum BenchKernel {
         #[command(flatten)]
         gpu: GpuArgs,
     },
-    /// H = (2/n) XᵀX accumulation: ms and TFLOP/s (2·n·d² flops).
+    /// H = (2/n) XᵀX accumulation: ms and effective TFLOP/s (2·n·d² flops, the full product;
+    /// only the lower triangle's tiles, about half, are computed).
     Hessian {
         #[arg(long, default_value_t = 65536)]
         tokens: usize,
