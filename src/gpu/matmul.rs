@@ -506,7 +506,8 @@ pub fn matmul_into_coop(
 }
 
 /// What one product computes besides its operands: their layout, whether C accumulates, and
-/// whether only C's lower triangle is wanted (layout TN only).
+/// whether only C's lower triangle is wanted (honoured by the TN walk; `matmul_lower_into` is
+/// the only way to ask for it).
 #[derive(Clone, Copy)]
 struct Op {
     layout: Layout,
@@ -595,9 +596,7 @@ fn run_walk(
     coop: Option<CoopConfig>,
 ) -> Result<()> {
     let Op {
-        layout,
-        accumulate,
-        lower,
+        layout, accumulate, ..
     } = op;
     let (_, n, k) = dims(a, b, layout);
     let (pipe, key, (bm, bn)) = if let Some(cfg) = coop {
@@ -624,15 +623,10 @@ fn run_walk(
         let pipe = ctx.pipeline(&key, &tiled_source(a.dtype, b.dtype, layout)?, "main", true)?;
         (pipe, key, (TILE, TILE))
     };
+    // Only the TN walk honours `lower` (its only caller is XᵀX); the others compute every tile,
+    // which contains the lower triangle too.
     if layout == Layout::TN {
         return run_walk_tn(ctx, a, b, c, op, shape, &pipe, &key, (bm, bn));
-    }
-    if lower {
-        return Err(Error::gpu(
-            "matmul",
-            shape,
-            "a lower-triangle product is only walked in layout TN",
-        ));
     }
     let max_rows = ctx.max_workgroups_per_dim() as usize * bm;
     if n.div_ceil(bn) > ctx.max_workgroups_per_dim() as usize {
