@@ -11,7 +11,10 @@
 //! memory is the calibration activations twice (X and the kept attention output; 1.5x under f16)
 //! plus one block, one Hessian and one batch's intermediates, independent of the number of
 //! blocks. Methods plug in through [`LayerMethod`]. Each phase's wall time is reported
-//! (`CalibrationReport::phases`).
+//! (`CalibrationReport::phases`): the clock waits for the GPU at every phase boundary (twice per
+//! batch and site) so each phase is charged its own GPU work; [`PHASE_SYNC_ENV`]`=0` drops those
+//! waits (the GPU then runs on across boundaries and the phases count host time), which measures
+//! what the waits cost.
 //!
 //! Host work runs beside the GPU on scoped threads instead of between its kernels (at 7B shapes
 //! loading and writing were 34 s of a 184 s run with the GPU idle): a helper thread decodes block
@@ -475,24 +478,38 @@ fn add_hessian(
     }
 }
 
-/// Charges wall time to pipeline phases, waiting for the GPU at each boundary so its work is
-/// charged to the phase that submitted it.
+/// Setting this environment variable to `0` stops the phase clock from waiting for the GPU at
+/// each phase boundary (same output; the phases then count host time only).
+pub const PHASE_SYNC_ENV: &str = "WGPRESS_PHASE_SYNC";
+
+/// Charges wall time to pipeline phases, waiting for the GPU at each boundary (unless
+/// [`PHASE_SYNC_ENV`] is `0`) so its work is charged to the phase that submitted it.
 struct Clock<'a> {
     ctx: &'a GpuContext,
     last: Instant,
+    wait: bool,
 }
 
 impl<'a> Clock<'a> {
     fn new(ctx: &'a GpuContext) -> Self {
+        let wait = std::env::var(PHASE_SYNC_ENV).map_or(true, |v| v != "0");
+        if !wait {
+            log::info!(
+                "{PHASE_SYNC_ENV}=0: phase times count host time only (the GPU is not waited for at phase boundaries)"
+            );
+        }
         Clock {
             ctx,
             last: Instant::now(),
+            wait,
         }
     }
 
     /// Adds the time since the previous lap to `phase`.
     fn lap(&mut self, phase: &mut f64) -> Result<()> {
-        self.ctx.sync("pipeline", "phase boundary")?;
+        if self.wait {
+            self.ctx.sync("pipeline", "phase boundary")?;
+        }
         let now = Instant::now();
         *phase += (now - self.last).as_secs_f64();
         self.last = now;

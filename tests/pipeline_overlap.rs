@@ -1,7 +1,8 @@
 //! Host work beside the GPU (`WGPRESS_OVERLAP`): the output writer on its own thread and the next
 //! block decoded ahead. Whatever the threads' timing, the files are the in-line run's byte for
 //! byte, and a failure on a helper thread (a writer refusing a tensor, a block that fails to
-//! decode) is the same error as in line, with nothing committed.
+//! decode) is the same error as in line, with nothing committed. Dropping the phase clock's GPU
+//! waits (`WGPRESS_PHASE_SYNC=0`) must not change a byte either.
 mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -12,6 +13,7 @@ use wgpress::model::Model;
 use wgpress::model::forward::Precision;
 use wgpress::model::safetensors::{Dtype, SafetensorsSet};
 use wgpress::model::writer::{TensorOut, write_safetensors};
+use wgpress::pipeline::PHASE_SYNC_ENV;
 use wgpress::pipeline::{Rtn, run};
 use wgpress::quant::QuantSpec;
 
@@ -30,10 +32,23 @@ fn p(path: &Path) -> &str {
 /// `wgpress compress MODEL --out OUT ARGS` with overlap on or off (the user's adapter and log
 /// settings removed, as in tests/cli.rs).
 fn compress(model: &Path, out: &Path, args: &[&str], overlap: bool) -> Output {
+    compress_env(model, out, args, overlap, &[])
+}
+
+/// `compress` with extra environment variables.
+fn compress_env(
+    model: &Path,
+    out: &Path,
+    args: &[&str],
+    overlap: bool,
+    env: &[(&str, &str)],
+) -> Output {
     Command::new(env!("CARGO_BIN_EXE_wgpress"))
         .env_remove("WGPRESS_ADAPTER")
         .env_remove("RUST_LOG")
         .env_remove("WGPU_BACKEND")
+        .env_remove(PHASE_SYNC_ENV)
+        .envs(env.iter().copied())
         .env(OVERLAP_ENV, if overlap { "1" } else { "0" })
         .args(["compress", p(model), "--out", p(out)])
         .args(args)
@@ -187,7 +202,20 @@ fn overlapped_host_work_writes_the_same_bytes_as_in_line() {
         args.extend(grid);
         let out = |tag: &str| tmp.path().join(format!("{label}-{tag}"));
         ok(&compress(&tiny, &out("inline"), &args, false));
-        ok(&compress(&tiny, &out("threads"), &args, true));
+        // The GPTQ-format run also drops the phase clock's GPU waits: neither may change a byte.
+        let env: &[(&str, &str)] = if label == "gptq-gptq" {
+            &[(PHASE_SYNC_ENV, "0")]
+        } else {
+            &[]
+        };
+        let threads = compress_env(&tiny, &out("threads"), &args, true, env);
+        ok(&threads);
+        let said = String::from_utf8_lossy(&threads.stderr).contains("count host time only");
+        assert_eq!(
+            said,
+            !env.is_empty(),
+            "{label}: the clock's mode was not logged as set"
+        );
         let want = files(&out("inline"));
         assert!(want.len() >= 2, "{label}: only {} files", want.len());
         let got = files(&out("threads"));
