@@ -10,7 +10,8 @@
 //! squares follow the same argument; max |x| is exact; the norm adds one rounding of the sqrt.
 mod common;
 use wgpress::gpu::stats::{
-    HessianAccumulator, channel_stats, channel_stats_into, scale_in_place, sqrt_in_place,
+    HessianAccumulator, channel_stats, channel_stats_into, mirror_lower, scale_in_place,
+    sqrt_in_place,
 };
 use wgpress::gpu::{GpuContext, GpuDtype, GpuTensor};
 use wgpress::reference;
@@ -197,4 +198,34 @@ fn scale_reaches_every_element_of_a_chunked_tensor() {
     for (g, w) in got.iter().zip(&v) {
         assert_eq!(*g, w * 0.25);
     }
+}
+
+#[test]
+fn mirror_copies_the_lower_triangle_up_across_chunks() {
+    // A random, non-symmetric matrix, so a missed or misplaced element shows; whole (one chunk)
+    // and in 4-row chunks (1 KiB bindings at d = 61) or 1-row ones (d = 3), where most tiles
+    // pair two chunks. The result is a copy, so it must be exact.
+    for (limit, d) in [(None, 200), (Some(1024), 61), (Some(16), 3)] {
+        let ctx = common::ctx_with(limit);
+        let m = Rng::new(d as u64).normal_vec(d * d, 1.0);
+        let g = GpuTensor::from_f32(&ctx, d, d, &m).unwrap();
+        if limit.is_some() {
+            assert!(g.chunks.len() > 1, "d={d}: expected several chunks");
+        }
+        mirror_lower(&ctx, &g).unwrap();
+        let got = g.to_f32(&ctx).unwrap();
+        let want = reference::stats::mirror_lower(&m, d);
+        for i in 0..d * d {
+            assert_eq!(
+                got[i].to_bits(),
+                want[i].to_bits(),
+                "d={d} limit={limit:?}: M[{}, {}]",
+                i / d,
+                i % d
+            );
+        }
+    }
+    let ctx = common::ctx();
+    let e = mirror_lower(&ctx, &GpuTensor::empty(&ctx, 3, 4, GpuDtype::F32).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("square"), "{e}");
 }

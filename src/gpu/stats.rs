@@ -6,18 +6,19 @@
 //! XᵀX of a chunk is one matmul call in layout TN (A = B = X, tokens x features, both chunked
 //! along the token axis, which is K), accumulated into H. Only the tiles reaching H's lower
 //! triangle are computed (about n·d² flops instead of 2·n·d²) and `finish` mirrors the lower
-//! triangle onto the upper one (`shaders/mirror.wgsl`). Where the adapter has cooperative matrices, f16 X goes through the tensor-core
-//! kernel (exact inputs, f32 accumulation), and so does bf16 X once its max |x| is known to fit
-//! f16's range (values below f16's normal range, |x| < 6.1e-5, keep fewer bits, which moves H by
-//! less than 1e-8 per product); f32 X and any out-of-range bf16 chunk take the f32 tiled kernel. The column statistics use `shaders/stats.wgsl`, a
-//! one-pass column reduction (X is read once; a transposed view would cost a copy of X) whose
-//! cost, n·d loads, is negligible next to the product. `shaders/elementwise.wgsl` applies the
-//! final 2/n and the square root in place.
+//! triangle onto the upper one ([`mirror_lower`], `shaders/mirror.wgsl`). Where the adapter has
+//! cooperative matrices, f16 X goes through the tensor-core kernel (exact inputs, f32
+//! accumulation), and so does bf16 X once its max |x| is known to fit f16's range (values below
+//! f16's normal range, |x| < 6.1e-5, keep fewer bits, which moves H by less than 1e-8 per
+//! product); f32 X and any out-of-range bf16 chunk take the f32 tiled kernel. The column
+//! statistics use `shaders/stats.wgsl`, a one-pass column reduction (X is read once; a
+//! transposed view would cost a copy of X) whose cost, n·d loads, is negligible next to the
+//! product. `shaders/elementwise.wgsl` applies the final 2/n and the square root in place.
 //!
-//! Every shape, offset and extent is validated on the host before a dispatch (this is what lets the
-//! pipelines be built without runtime bounds checks). This module must not download data (beyond
-//! the d column maxima of the bf16 range check), fall back to the CPU, or know about models and layers (`calib/` decides what X is); the reference is
-//! `reference::stats`.
+//! Every shape, offset and extent is validated on the host before a dispatch (this is what lets
+//! the pipelines be built without runtime bounds checks). This module must not download data
+//! (beyond the d column maxima of the bf16 range check), fall back to the CPU, or know about
+//! models and layers (`calib/` decides what X is); the reference is `reference::stats`.
 
 use super::buffer::{GpuDtype, GpuTensor};
 use super::context::{Dispatch, GpuContext};

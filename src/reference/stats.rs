@@ -37,3 +37,15 @@ pub fn channel_stats(x: &[f32], n: usize, d: usize) -> (Vec<f64>, Vec<f64>) {
     }
     (s, a)
 }
+
+/// `m` (d x d, row-major) with its upper triangle replaced by the transposed lower one:
+/// m[i][j] = m[j][i] for j > i (what `gpu::stats::mirror_lower` does to the lower-triangle XᵀX).
+pub fn mirror_lower(m: &[f32], d: usize) -> Vec<f32> {
+    let mut out = m.to_vec();
+    for i in 0..d {
+        for j in i + 1..d {
+            out[i * d + j] = m[j * d + i];
+        }
+    }
+    out
+}
