@@ -69,12 +69,12 @@ impl Params {
     fn work(&self, ea: u64, eb: u64) -> (f64, f64) {
         let (m, n, k) = (self.m as f64, self.n as f64, self.k as f64);
         let c = m * n * 4.0 * if self.accumulate != 0 { 2.0 } else { 1.0 };
-        // A lower-triangle product does about half of the rectangle's work where its rows
-        // straddle the diagonal (the profile's rates are estimates there).
+        // A lower-triangle product does about half of the rectangle's flops (the profile's
+        // rates are estimates there); its bytes are counted whole.
         let part = if self.lower != 0 { 0.5 } else { 1.0 };
         (
             part * 2.0 * m * n * k,
-            m * k * ea as f64 + k * n * eb as f64 + part * c,
+            m * k * ea as f64 + k * n * eb as f64 + c,
         )
     }
 
@@ -908,11 +908,9 @@ impl<'a> RegionGemm<'a> {
             b_align: 0,
             row_base: 0,
         };
-        // Every prepared step is recorded by its caller, so its work is declared here (a
-        // lower-triangle product does about half of the square one's work).
+        // Every prepared step is recorded by its caller, so its work is declared here.
         let (f, b) = p.work(4, 4);
-        let half = if self.lower { 0.5 } else { 1.0 };
-        ctx.add_work(&pipeline, f * half, b);
+        ctx.add_work(&pipeline, f, b);
         Ok(GemmStep {
             pipeline,
             buffers: [self.a.buf, self.b.buf, self.c.buf],
