@@ -13,8 +13,7 @@ use wgpress::model::Model;
 use wgpress::model::forward::Precision;
 use wgpress::model::safetensors::{Dtype, SafetensorsSet};
 use wgpress::model::writer::{TensorOut, write_safetensors};
-use wgpress::pipeline::PHASE_SYNC_ENV;
-use wgpress::pipeline::{Rtn, run};
+use wgpress::pipeline::{PHASE_SYNC_ENV, Progress, Rtn, run};
 use wgpress::quant::QuantSpec;
 
 fn root() -> PathBuf {
@@ -163,6 +162,13 @@ fn calib() -> CalibOptions {
     }
 }
 
+/// The error of a calibrated RTN run of `m` through the pipeline into `out`, as text.
+fn pipeline_error(e: &Engine, m: &Model, out: &Path, progress: Progress<'_>) -> String {
+    run(e, m, &Rtn(opts(out).spec), &calib(), &opts(out), progress)
+        .unwrap_err()
+        .to_string()
+}
+
 /// GPTQ through the pipeline (a streaming writer with act-order, GGUF with its permutation at
 /// `finish`, dense with its dequantization on the writer's side) and RTN's direct path, with the
 /// helper threads and in line: the same files, byte for byte. The writer takes tensors in
@@ -260,16 +266,7 @@ fn a_writer_failure_mid_run_is_an_error_and_commits_nothing() {
     let e = common::gpu_engine();
 
     let out = tmp.path().join("o");
-    let err = run(
-        &e,
-        &m,
-        &Rtn(opts(&out).spec),
-        &calib(),
-        &opts(&out),
-        &|_, _, _| {},
-    )
-    .unwrap_err()
-    .to_string();
+    let err = pipeline_error(&e, &m, &out, &|_, _, _| {});
     assert!(
         err.contains(victim) && err.contains("overflows F16") && err.contains("index 5"),
         "{err}"
@@ -297,16 +294,9 @@ fn a_decode_failure_ahead_surfaces_at_its_block() {
     let e = common::gpu_engine();
     let out = tmp.path().join("o");
     let blocks = std::sync::Mutex::new(Vec::new());
-    let err = run(
-        &e,
-        &m,
-        &Rtn(opts(&out).spec),
-        &calib(),
-        &opts(&out),
-        &|stage, _, _| blocks.lock().unwrap().push(stage.to_string()),
-    )
-    .unwrap_err()
-    .to_string();
+    let err = pipeline_error(&e, &m, &out, &|stage, _, _| {
+        blocks.lock().unwrap().push(stage.to_string())
+    });
     assert!(
         err.contains(victim)
             && err.contains("non-finite")
