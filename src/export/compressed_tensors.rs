@@ -31,9 +31,7 @@
 //! [`SafetensorsSet`]) and does not commit the output.
 
 use crate::error::{Error, Result};
-use crate::export::dense::{
-    NamedTensor, WEIGHTS_FILE, config_object, encode_floats, safetensors_metadata, torch_dtype_name,
-};
+use crate::export::dense::{NamedTensor, WEIGHTS_FILE, encode_floats, finish_checkpoint};
 use crate::export::gptq::ExportTensor;
 use crate::export::{check_quantized, first_act_order_column, read_dequantized_with};
 use crate::model::safetensors::SafetensorsSet;
@@ -339,15 +337,13 @@ impl<'a> CompressedTensorsWriter<'a> {
         let spec = self.spec.ok_or_else(|| {
             Error::invalid("compressed-tensors export needs at least one quantized tensor")
         })?;
-        let mut config = config_object(self.out, original_config)?;
-        self.stream.finish(&safetensors_metadata())?;
-        config.insert("quantization_config".into(), quantization_config(&spec));
-        config.insert(
-            "torch_dtype".into(),
-            torch_dtype_name(self.plain_dtype)?.into(),
-        );
-        self.out
-            .write_json("config.json", &serde_json::Value::Object(config))
+        finish_checkpoint(
+            self.out,
+            self.stream,
+            original_config,
+            Some(quantization_config(&spec)),
+            self.plain_dtype,
+        )
     }
 }
 

@@ -108,6 +108,27 @@ pub(crate) fn config_object(
     })
 }
 
+/// Completes a checkpoint whose tensors went through `stream`: model.safetensors (the stream's
+/// header, then its body), then config.json = `original_config` with `quantization_config` set to
+/// `quantization` (removed when `None`) and `torch_dtype` naming `dtype`. The original config is
+/// checked to be an object before the stream is finished. Shared by every safetensors exporter.
+pub(crate) fn finish_checkpoint(
+    out: &OutputDir,
+    stream: SafetensorsStream,
+    original_config: &serde_json::Value,
+    quantization: Option<serde_json::Value>,
+    dtype: Dtype,
+) -> Result<()> {
+    let mut config = config_object(out, original_config)?;
+    stream.finish(&safetensors_metadata())?;
+    match quantization {
+        Some(q) => config.insert("quantization_config".into(), q),
+        None => config.remove("quantization_config"),
+    };
+    config.insert("torch_dtype".into(), torch_dtype_name(dtype)?.into());
+    out.write_json("config.json", &serde_json::Value::Object(config))
+}
+
 /// Writes `model.safetensors` in `dtype` (F32, F16 or BF16) tensor by tensor, in the order added
 /// (each is encoded and written at once through a [`SafetensorsStream`], so the writer holds one
 /// tensor, never the model), then `config.json` = the original config with `torch_dtype` set to
@@ -157,12 +178,7 @@ impl<'a> DenseWriter<'a> {
 
     /// Completes model.safetensors and writes config.json.
     pub fn finish(self, original_config: &serde_json::Value) -> Result<()> {
-        let mut config = config_object(self.out, original_config)?;
-        self.stream.finish(&safetensors_metadata())?;
-        config.remove("quantization_config");
-        config.insert("torch_dtype".into(), torch_dtype_name(self.dtype)?.into());
-        self.out
-            .write_json("config.json", &serde_json::Value::Object(config))
+        finish_checkpoint(self.out, self.stream, original_config, None, self.dtype)
     }
 }
 

@@ -19,9 +19,7 @@
 //! safetensors itself (reading goes through [`SafetensorsSet`]) and does not commit the output.
 
 use crate::error::{Error, Result};
-use crate::export::dense::{
-    NamedTensor, WEIGHTS_FILE, config_object, encode_floats, safetensors_metadata, torch_dtype_name,
-};
+use crate::export::dense::{NamedTensor, WEIGHTS_FILE, encode_floats, finish_checkpoint};
 use crate::model::safetensors::SafetensorsSet;
 use crate::model::writer::{OutputDir, SafetensorsStream, TensorOut};
 use crate::quant::pack;
@@ -298,17 +296,15 @@ impl<'a> GptqWriter<'a> {
         let spec = self.spec.ok_or_else(|| {
             Error::invalid("GPTQ export needs at least one quantized tensor".to_string())
         })?;
-        let mut config = config_object(self.out, original_config)?;
         let qc = quantize_config(&spec, &self.opts);
-        self.stream.finish(&safetensors_metadata())?;
-        self.out.write_json("quantize_config.json", &qc)?;
-        config.insert("quantization_config".into(), qc);
-        config.insert(
-            "torch_dtype".into(),
-            torch_dtype_name(self.opts.plain_dtype)?.into(),
-        );
-        self.out
-            .write_json("config.json", &serde_json::Value::Object(config))
+        finish_checkpoint(
+            self.out,
+            self.stream,
+            original_config,
+            Some(qc.clone()),
+            self.opts.plain_dtype,
+        )?;
+        self.out.write_json("quantize_config.json", &qc)
     }
 }
 
