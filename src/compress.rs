@@ -107,12 +107,40 @@ pub struct CalibrationReport {
     pub position_energy: Vec<Vec<f64>>,
     /// Sequences per forward batch ([`CompressOptions::batch_tokens`] in whole sequences).
     pub batch_sequences: usize,
-    /// Wall time per phase of the pipeline.
+    /// Host wall time per phase of the pipeline. Unless the phase waits are on
+    /// (`pipeline::PHASE_SYNC_ENV`), GPU work is charged to the phase that next waits for it.
     pub phases: PhaseTimes,
+    /// The GPU timeline per phase (timestamps at the phase boundaries: each span, busy or idle,
+    /// goes to the phase whose boundary ends it); `None` on adapters without timestamp queries.
+    pub gpu_phases: Option<PhaseTimes>,
 }
 
-/// Wall seconds of each phase of a calibrated run. The pipeline waits for the GPU at each phase
-/// boundary, so GPU work is charged to the phase that submitted it.
+/// A phase of a calibrated run (see [`PhaseTimes`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Prepare,
+    Load,
+    Forward,
+    Hessian,
+    Method,
+    Error,
+    Write,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 7] = [
+        Phase::Prepare,
+        Phase::Load,
+        Phase::Forward,
+        Phase::Hessian,
+        Phase::Method,
+        Phase::Error,
+        Phase::Write,
+    ];
+}
+
+/// Seconds of each phase of a calibrated run, measured on the host's clock or on the GPU's
+/// timeline (see [`CalibrationReport`]).
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct PhaseTimes {
     /// Tokenizing and drawing the windows, embedding them, copying the non-block tensors.
@@ -137,6 +165,39 @@ pub struct PhaseTimes {
 }
 
 impl PhaseTimes {
+    /// Seconds in [`Phase::ALL`] order.
+    pub fn from_seconds(s: [f64; 7]) -> Self {
+        let [prepare, load, forward, hessian, method, error, write] = s;
+        PhaseTimes {
+            prepare,
+            load,
+            forward,
+            hessian,
+            method,
+            error,
+            write,
+        }
+    }
+
+    /// Adds `seconds` to `phase`.
+    pub fn add(&mut self, phase: Phase, seconds: f64) {
+        let slot = match phase {
+            Phase::Prepare => &mut self.prepare,
+            Phase::Load => &mut self.load,
+            Phase::Forward => &mut self.forward,
+            Phase::Hessian => &mut self.hessian,
+            Phase::Method => &mut self.method,
+            Phase::Error => &mut self.error,
+            Phase::Write => &mut self.write,
+        };
+        *slot += seconds;
+    }
+
+    /// The sum over all phases.
+    pub fn total(&self) -> f64 {
+        self.named().iter().map(|(_, s)| s).sum()
+    }
+
     /// (name, seconds) in pipeline order.
     pub fn named(&self) -> [(&'static str, f64); 7] {
         [

@@ -156,6 +156,10 @@ enum Cmd {
         out: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Number of decoder blocks instead of the shape's own (e.g. a 2-block llama-7b to
+        /// profile one block's kernels quickly); every block keeps the shape's sizes.
+        #[arg(long)]
+        layers: Option<usize>,
     },
     /// Time a kernel on the chosen adapter.
     Bench {
@@ -525,8 +529,19 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Synth { shape, out, seed } => {
-            let spec = wgpress::model::synth::SynthSpec::named(&shape)?;
+        Cmd::Synth {
+            shape,
+            out,
+            seed,
+            layers,
+        } => {
+            let mut spec = wgpress::model::synth::SynthSpec::named(&shape)?;
+            if let Some(n) = layers {
+                if n == 0 {
+                    bail!("--layers must be at least 1");
+                }
+                spec.layers = n;
+            }
             let t = std::time::Instant::now();
             wgpress::model::synth::write_random_llama(&out, &spec, seed)?;
             println!(
@@ -1005,10 +1020,13 @@ mod compress {
         );
         if let Some(c) = &report.calibration {
             println!(
-                "phases (s): {} ({} sequences per batch)",
+                "phases (s, host clock): {} ({} sequences per batch)",
                 c.phases.line(2),
                 c.batch_sequences
             );
+            if let Some(g) = &c.gpu_phases {
+                println!("phases (s, GPU timeline): {}", g.line(2));
+            }
         }
         println!(
             "wrote {:?} checkpoint to {} (report.json inside)",

@@ -10,11 +10,12 @@
 //! by the residual stream after attention, where the Down and output passes start. Peak GPU
 //! memory is the calibration activations twice (X and the kept attention output; 1.5x under f16)
 //! plus one block, one Hessian and one batch's intermediates, independent of the number of
-//! blocks. Methods plug in through [`LayerMethod`]. Each phase's wall time is reported
-//! (`CalibrationReport::phases`): the clock waits for the GPU at every phase boundary (twice per
-//! batch and site) so each phase is charged its own GPU work; [`PHASE_SYNC_ENV`]`=0` drops those
-//! waits (the GPU then runs on across boundaries and the phases count host time), which measures
-//! what the waits cost.
+//! blocks. Methods plug in through [`LayerMethod`]. Each phase's time is reported twice: on the
+//! host's clock (`CalibrationReport::phases`) and on the GPU's timeline (`gpu_phases`, from a
+//! timestamp at every phase boundary, read back once per block). The clock does not wait for the
+//! GPU at the boundaries: at 7B those waits (8192 of them) left the GPU idle while the host
+//! encoded the next phase, 14 s of a 130 s run. [`PHASE_SYNC_ENV`]`=1` puts them back, for host
+//! phases that charge each phase its own GPU work on adapters without timestamps.
 //!
 //! Host work runs beside the GPU on scoped threads instead of between its kernels (at 7B shapes
 //! loading and writing were 34 s of a 184 s run with the GPU idle): a helper thread decodes block
@@ -33,13 +34,14 @@
 //! dense writer needs the values.
 use crate::calib::{CalibOptions, sample_windows};
 use crate::compress::{
-    CalibrationReport, CompressOptions, CompressReport, LayerReport, PhaseTimes, Sink, overlap,
-    panic_message, peak_host_bytes, validate,
+    CalibrationReport, CompressOptions, CompressReport, LayerReport, Phase, PhaseTimes, Sink,
+    overlap, panic_message, peak_host_bytes, validate,
 };
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::gpu::matmul::{Layout, matmul_into};
 use crate::gpu::stats::HessianAccumulator;
+use crate::gpu::timeline::Timeline;
 use crate::gpu::{GpuContext, GpuDtype, GpuTensor};
 use crate::model::Model;
 use crate::model::forward::{
@@ -212,14 +214,13 @@ pub fn run(
             calib.seqlen, cfg.max_position_embeddings
         )));
     }
-    let mut clock = Clock::new(ctx);
+    let mut clock = Clock::new(ctx)?;
     let tok = Tokenizer::load(&model.dir, cfg.vocab_size)?;
     let windows = sample_windows(&tok, calib)?;
     let seq = calib.seqlen;
     let per_batch = (opts.batch_tokens / seq).clamp(1, windows.len().max(1));
     let out = OutputDir::create(&opts.out)?;
     ctx.reset_peak();
-    let mut phases = PhaseTimes::default();
     // The helper threads (the writer, the next block's decode) borrow `out` and `model`; the
     // scope joins them before the commit.
     let mut report = std::thread::scope(|scope| -> Result<CompressReport> {
@@ -248,7 +249,7 @@ pub fn run(
         drop(windows);
         let mut energy = Vec::with_capacity(cfg.num_hidden_layers);
         let plan = ForwardPlan::new(ctx, cfg, seq, opts.precision)?;
-        clock.lap(&mut phases.prepare)?;
+        clock.lap(Phase::Prepare)?;
         let layers = cfg.num_hidden_layers;
         for l in 0..layers {
             progress(&format!("block {l}"), l, layers);
@@ -262,7 +263,7 @@ pub fn run(
                 .then(|| Prefetch::start(scope, model, l + 1))
                 .transpose()?;
             let mut blk = host.upload(ctx, opts.precision)?;
-            clock.lap(&mut phases.load)?;
+            clock.lap(Phase::Load)?;
             // True-sequential: each input is captured from the block as compressed so far, so
             // o_proj sees the compressed q/k/v's attention output, and so on; only one input is
             // alive.
@@ -294,17 +295,17 @@ pub fn run(
                         }
                     };
                     let input = plan.stats_input(ctx, input)?;
-                    clock.lap(&mut phases.forward)?;
+                    clock.lap(Phase::Forward)?;
                     add_hessian(ctx, &mut acc, &input)?;
                     if site == Site::O {
                         *kept_a = Some(input);
                     }
-                    clock.lap(&mut phases.hessian)?;
+                    clock.lap(Phase::Hessian)?;
                 }
                 let h = acc
                     .ok_or_else(|| Error::invalid("calibration: no windows"))?
                     .finish(ctx)?;
-                clock.lap(&mut phases.hessian)?;
+                clock.lap(Phase::Hessian)?;
                 for short in site.layers() {
                     let name = format!("{p}{short}.weight");
                     let info = model.weights.info(&name)?;
@@ -321,7 +322,7 @@ pub fn run(
                         .compress(ctx, &w, &h)
                         .map_err(|e| Error::tensor(&info.file, &name, e.to_string()))?;
                     let seconds = t.elapsed().as_secs_f64();
-                    clock.lap(&mut phases.method)?;
+                    clock.lap(Phase::Method)?;
                     let errors = layer_errors(ctx, w, &c.deq, &h)?;
                     report.layers.push(LayerReport {
                         name: name.clone(),
@@ -342,9 +343,9 @@ pub fn run(
                         "mlp.up_proj" => blk.up = g,
                         _ => blk.down = g,
                     }
-                    clock.lap(&mut phases.error)?;
+                    clock.lap(Phase::Error)?;
                     sink.quantized(&name, c.q, None)?;
-                    clock.lap(&mut phases.write)?;
+                    clock.lap(Phase::Write)?;
                 }
             }
             // The compressed block produces the next block's input from h, batch by batch in
@@ -356,7 +357,8 @@ pub fn run(
             // captures or output stops the run here rather than corrupting later Hessians.
             plan.check_range(ctx)?;
             energy.push(position_energy(ctx, &xs, seq)?);
-            clock.lap(&mut phases.forward)?;
+            clock.lap(Phase::Forward)?;
+            clock.flush()?;
             for t in host.tensors() {
                 let info = t.info;
                 if !cfg.is_linear(&info.name) {
@@ -364,12 +366,12 @@ pub fn run(
                 }
             }
             drop((blk, host));
-            clock.lap(&mut phases.write)?;
+            clock.lap(Phase::Write)?;
             let pool = ctx.pool_stats();
             log::info!(
                 "block {l} done at {:.1} s (so far: {}; peak GPU {:.0} MiB; GPU buffers created {} in {:.2} s, reused {})",
                 t0.elapsed().as_secs_f64(),
-                phases.line(1),
+                clock.line(),
                 ctx.memory().1 as f64 / 1048576.0,
                 pool.created,
                 pool.create_seconds,
@@ -387,7 +389,8 @@ pub fn run(
             precision: opts.precision,
             position_energy: energy,
             batch_sequences: per_batch,
-            phases: phases.clone(),
+            phases: clock.host.clone(),
+            gpu_phases: clock.gpu(),
         });
         report.peak_gpu_bytes = ctx.memory().1;
         report.peak_host_bytes = peak_host_bytes();
@@ -396,11 +399,13 @@ pub fn run(
     })?;
     out.commit()?;
     // report.json was written before the final files were; the returned report adds them.
-    clock.lap(&mut phases.write)?;
+    clock.lap(Phase::Write)?;
+    clock.flush()?;
     report.peak_host_bytes = peak_host_bytes();
     report.seconds = t0.elapsed().as_secs_f64();
     if let Some(c) = report.calibration.as_mut() {
-        c.phases = phases;
+        c.phases = clock.host.clone();
+        c.gpu_phases = clock.gpu();
     }
     Ok(report)
 }
@@ -478,42 +483,86 @@ fn add_hessian(
     }
 }
 
-/// Setting this environment variable to `0` stops the phase clock from waiting for the GPU at
-/// each phase boundary (same output; the phases then count host time only).
+/// Setting this environment variable to `1` makes the phase clock wait for the GPU at each phase
+/// boundary, so the host phase times charge GPU work to the phase that submitted it (slower:
+/// the GPU idles while the host encodes the next phase). Off by default; the GPU timeline
+/// ([`crate::gpu::timeline`]) gives the per-phase split without waiting.
 pub const PHASE_SYNC_ENV: &str = "WGPRESS_PHASE_SYNC";
 
-/// Charges wall time to pipeline phases, waiting for the GPU at each boundary (unless
-/// [`PHASE_SYNC_ENV`] is `0`) so its work is charged to the phase that submitted it.
+/// Charges wall time to pipeline phases on the host's clock and, where the adapter has timestamp
+/// queries, on the GPU's timeline (a mark at every boundary, read back at [`Clock::flush`]).
 struct Clock<'a> {
     ctx: &'a GpuContext,
     last: Instant,
     wait: bool,
+    host: PhaseTimes,
+    timeline: Option<Timeline>,
+    gpu: [f64; 7],
 }
 
 impl<'a> Clock<'a> {
-    fn new(ctx: &'a GpuContext) -> Self {
-        let wait = std::env::var(PHASE_SYNC_ENV).map_or(true, |v| v != "0");
-        if !wait {
-            log::info!(
-                "{PHASE_SYNC_ENV}=0: phase times count host time only (the GPU is not waited for at phase boundaries)"
-            );
-        }
-        Clock {
+    fn new(ctx: &'a GpuContext) -> Result<Self> {
+        let wait = std::env::var(PHASE_SYNC_ENV).is_ok_and(|v| v == "1");
+        let timeline = Timeline::new(ctx)?;
+        log::info!(
+            "phase clock: {}; {}",
+            if wait {
+                "waits for the GPU at each phase boundary ({PHASE_SYNC_ENV}=1)"
+            } else {
+                "host phases count host time (GPU work lands in the phase that next waits for it)"
+            },
+            if timeline.is_some() {
+                "GPU timeline from timestamps"
+            } else {
+                "no GPU timeline (the adapter has no timestamp queries)"
+            }
+        );
+        Ok(Clock {
             ctx,
             last: Instant::now(),
             wait,
-        }
+            host: PhaseTimes::default(),
+            timeline,
+            gpu: [0.0; 7],
+        })
     }
 
     /// Adds the time since the previous lap to `phase`.
-    fn lap(&mut self, phase: &mut f64) -> Result<()> {
+    fn lap(&mut self, phase: Phase) -> Result<()> {
         if self.wait {
             self.ctx.sync("pipeline", "phase boundary")?;
         }
+        if let Some(t) = self.timeline.as_mut() {
+            t.mark(self.ctx, phase as usize, &mut self.gpu)?;
+        }
         let now = Instant::now();
-        *phase += (now - self.last).as_secs_f64();
+        self.host.add(phase, (now - self.last).as_secs_f64());
         self.last = now;
         Ok(())
+    }
+
+    /// Reads the GPU timeline so far (waits for the GPU: call it where the pipeline synchronizes
+    /// anyway).
+    fn flush(&mut self) -> Result<()> {
+        match self.timeline.as_mut() {
+            Some(t) => t.flush(self.ctx, &mut self.gpu),
+            None => Ok(()),
+        }
+    }
+
+    /// The GPU timeline's phases as read so far.
+    fn gpu(&self) -> Option<PhaseTimes> {
+        self.timeline
+            .as_ref()
+            .map(|_| PhaseTimes::from_seconds(self.gpu))
+    }
+
+    /// "so far" line of the block log: host phases, and the GPU's where there are any.
+    fn line(&self) -> String {
+        match self.gpu() {
+            Some(g) => format!("host {}; GPU {}", self.host.line(1), g.line(1)),
+            None => self.host.line(1),
+        }
     }
 }
 

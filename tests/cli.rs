@@ -628,6 +628,39 @@ fn inspect_tiny() {
     );
 }
 
+/// `synth --layers` keeps the named shape's sizes with fewer blocks (the quick 7B-block profile
+/// on the device relies on it); 0 blocks is refused.
+#[test]
+fn synth_layers_override() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("t1");
+    ok(&run(&[
+        "synth",
+        "--shape",
+        "tiny",
+        "--layers",
+        "1",
+        "--out",
+        p(&m),
+    ]));
+    let cfg = read_json(&m.join("config.json"));
+    assert_eq!(cfg["num_hidden_layers"], 1, "{cfg}");
+    assert_eq!(cfg["hidden_size"], 256, "{cfg}");
+    let (out, _) = ok(&run(&["inspect", p(&m)]));
+    assert!(out.contains("layers 1"), "{out}");
+    assert!(!out.contains("model.layers.1."), "{out}");
+    let err = fails(&run(&[
+        "synth",
+        "--shape",
+        "tiny",
+        "--layers",
+        "0",
+        "--out",
+        p(&tmp.path().join("t0")),
+    ]));
+    assert!(err.contains("--layers must be at least 1"), "{err}");
+}
+
 /// 7. `bench matmul` on a small odd shape prints one result row.
 #[test]
 fn bench_matmul_small() {

@@ -134,9 +134,33 @@ fn batched_calibration_forward_keeps_the_hessians_and_lowers_peak_memory() {
         one.peak_gpu_bytes,
         all.peak_gpu_bytes
     );
-    let total: f64 = c1.phases.named().iter().map(|(_, s)| s).sum();
+    let total = c1.phases.total();
     assert!(c1.phases.forward > 0.0 && c1.phases.hessian > 0.0 && c1.phases.method > 0.0);
     assert!(total <= one.seconds * 1.01, "{total} > {}", one.seconds);
+    // The GPU timeline exists exactly where the adapter has timestamps. Every phase that
+    // submits GPU work gets a span, and the spans lie between the first and the last mark of
+    // the run, so they cannot sum to more than its wall time.
+    let Engine::Gpu(ctx) = &e else {
+        panic!("a GPU engine")
+    };
+    match &c1.gpu_phases {
+        None => assert!(!ctx.caps.timestamps, "timestamps but no GPU timeline"),
+        Some(g) => {
+            assert!(ctx.caps.timestamps);
+            for (name, s) in g.named() {
+                if ["forward", "hessian", "method", "error"].contains(&name) {
+                    assert!(s > 0.0, "GPU phase {name}: {s}");
+                }
+                assert!(s.is_finite() && s >= 0.0, "GPU phase {name}: {s}");
+            }
+            assert!(
+                g.total() <= one.seconds * 1.01,
+                "GPU timeline {} s > run {} s",
+                g.total(),
+                one.seconds
+            );
+        }
+    }
 }
 
 #[test]

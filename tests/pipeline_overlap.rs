@@ -1,8 +1,8 @@
 //! Host work beside the GPU (`WGPRESS_OVERLAP`): the output writer on its own thread and the next
 //! block decoded ahead. Whatever the threads' timing, the files are the in-line run's byte for
 //! byte, and a failure on a helper thread (a writer refusing a tensor, a block that fails to
-//! decode) is the same error as in line, with nothing committed. Dropping the phase clock's GPU
-//! waits (`WGPRESS_PHASE_SYNC=0`) must not change a byte either.
+//! decode) is the same error as in line, with nothing committed. Turning the phase clock's GPU
+//! waits on (`WGPRESS_PHASE_SYNC=1`; off by default) must not change a byte either.
 mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -208,15 +208,17 @@ fn overlapped_host_work_writes_the_same_bytes_as_in_line() {
         args.extend(grid);
         let out = |tag: &str| tmp.path().join(format!("{label}-{tag}"));
         ok(&compress(&tiny, &out("inline"), &args, false));
-        // The GPTQ-format run also drops the phase clock's GPU waits: neither may change a byte.
+        // The GPTQ-format run also turns the phase clock's GPU waits on: neither may change a
+        // byte.
         let env: &[(&str, &str)] = if label == "gptq-gptq" {
-            &[(PHASE_SYNC_ENV, "0")]
+            &[(PHASE_SYNC_ENV, "1")]
         } else {
             &[]
         };
         let threads = compress_env(&tiny, &out("threads"), &args, true, env);
         ok(&threads);
-        let said = String::from_utf8_lossy(&threads.stderr).contains("count host time only");
+        let said = String::from_utf8_lossy(&threads.stderr)
+            .contains("waits for the GPU at each phase boundary");
         assert_eq!(
             said,
             !env.is_empty(),

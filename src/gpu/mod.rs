@@ -13,6 +13,7 @@ pub mod profile;
 pub mod quant;
 pub mod reduce;
 pub mod stats;
+pub mod timeline;
 pub mod tune;
 
 pub use buffer::{GpuDtype, GpuTensor};
