@@ -20,7 +20,8 @@
 //! Host work runs beside the GPU on scoped threads instead of between its kernels (at 7B shapes
 //! loading and writing were 34 s of a 184 s run with the GPU idle): a helper thread decodes block
 //! l+1 ([`HostBlock`]: every tensor of the block to f32, NaN/Inf refused) while the GPU works on
-//! block l, so a block's load is the wait for that decode plus the upload; and the output writer
+//! block l, so a block's load is the wait for that decode plus the upload, done while the GPU
+//! runs block l's output pass (the GPU holds both blocks' weights meanwhile); and the output writer
 //! packs and encodes on its own thread behind a bounded queue (`compress::Sink`). One block at
 //! most is decoded ahead, so the host holds two blocks' f32 weights (this one's, shrinking as its
 //! layers go to the GPU, and the next one's) plus the writer's queue. A decode error stays with
@@ -251,18 +252,27 @@ pub fn run(
         let plan = ForwardPlan::new(ctx, cfg, seq, opts.precision)?;
         clock.lap(Phase::Prepare)?;
         let layers = cfg.num_hidden_layers;
-        for l in 0..layers {
-            progress(&format!("block {l}"), l, layers);
-            let p = format!("model.layers.{l}.");
+        // Block l's weights in hand and on the GPU: taken from the decode thread, the next
+        // decode started (one block ahead at most, so the host holds this block's f32 weights
+        // and the next one's), and uploaded.
+        let mut load = |l: usize| -> Result<_> {
             let mut host = next
                 .take()
                 .map_or_else(|| HostBlock::decode(model, l), Prefetch::wait)?;
-            // One block ahead at most: the next decode starts once this one is in hand, so the
-            // host holds this block's f32 weights and the next one's.
             next = (l + 1 < layers)
                 .then(|| Prefetch::start(scope, model, l + 1))
                 .transpose()?;
-            let mut blk = host.upload(ctx, opts.precision)?;
+            let blk = host.upload(ctx, opts.precision)?;
+            Ok((host, blk))
+        };
+        let mut staged = None;
+        for l in 0..layers {
+            progress(&format!("block {l}"), l, layers);
+            let p = format!("model.layers.{l}.");
+            let (mut host, mut blk) = match staged.take() {
+                Some(b) => b?,
+                None => load(l)?,
+            };
             clock.lap(Phase::Load)?;
             // True-sequential: each input is captured from the block as compressed so far, so
             // o_proj sees the compressed q/k/v's attention output, and so on; only one input is
@@ -352,6 +362,15 @@ pub fn run(
             // place (each output depends only on its own batch's sequences).
             for x in xs.iter_mut() {
                 *x = mlp_residual(ctx, &plan, &blk, x)?;
+            }
+            clock.lap(Phase::Forward)?;
+            // The next block's weights cross while the GPU runs the output pass just submitted
+            // (the checks below wait for it): loaded after them, the GPU sat idle through every
+            // load, 10.8 s of a 7B run. The GPU then holds two blocks' weights for this while.
+            // A failed load is kept until its block starts, where an in-line load fails.
+            if l + 1 < layers {
+                staged = Some(load(l + 1));
+                clock.lap(Phase::Load)?;
             }
             // The energies below download (synchronize) anyway; an f16 overflow in this block's
             // captures or output stops the run here rather than corrupting later Hessians.
