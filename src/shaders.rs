@@ -17,6 +17,7 @@ pub const GPTQ: &str = include_str!("../shaders/gptq.wgsl");
 pub const GPTQ_SG: &str = include_str!("../shaders/gptq_sg.wgsl");
 pub const LINALG: &str = include_str!("../shaders/linalg.wgsl");
 pub const PEAKS: &str = include_str!("../shaders/peaks.wgsl");
+pub const ATTENTION_COOP: &str = include_str!("../shaders/attention_coop.wgsl");
 
 /// Every module as the GPU will see it: (name, source, needs cooperative matrices).
 pub fn all_modules() -> Vec<(String, String, bool)> {
@@ -27,6 +28,10 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
     for d in [64, 80, 128] {
         let name = format!("forward.wgsl (attention, head dim {d})");
         v.push((name, crate::gpu::forward::attention_source(d), false));
+    }
+    for d in [32, 64, 128] {
+        let name = format!("attention_coop.wgsl (head dim {d})");
+        v.push((name, crate::gpu::forward::attention_f16_source(d), true));
     }
     v.push(("linalg.wgsl".into(), LINALG.to_string(), false));
     v.push(("peaks.wgsl".into(), PEAKS.to_string(), false));

@@ -128,6 +128,90 @@ fn attention_matches_reference_for_gqa_ratios_and_odd_lengths() {
     assert!(e.to_string().contains("multiple of 4"), "{e}");
 }
 
+/// The tensor-core attention (f16 q, k, v; f32 scores, sums and output; probabilities rounded
+/// to f16) against the f64-accumulating reference run on the same f16-rounded inputs. Runs where
+/// the adapter has cooperative matrices (the device, not lavapipe); elsewhere it must refuse
+/// clearly.
+#[test]
+fn attention_f16_matches_reference_on_rounded_inputs() {
+    let ctx = common::ctx();
+    let mut rng = Rng::new(19);
+    if !k::attention_f16_available(&ctx, 64) {
+        let z = GpuTensor::from_f32_as(&ctx, 4, 64, &[0.5; 256], GpuDtype::F16).unwrap();
+        let e = k::attention_f16(&ctx, &z, &z, &z, 4, (1, 1, 64))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("cooperative"), "{e}");
+        eprintln!(
+            "no cooperative matrices on {}: f32 attention only",
+            ctx.adapter
+        );
+        return;
+    }
+    for &(hq, hk, d, seq, nseq) in &[
+        (4, 4, 32, 7, 2),
+        (6, 2, 64, 70, 1),
+        (8, 2, 32, 131, 2),
+        (3, 1, 16, 1, 3),
+        (2, 1, 128, 200, 1),
+        (2, 2, 48, 65, 2),
+        (4, 1, 128, 1000, 1),
+        (2, 2, 128, 128, 3),
+    ] {
+        let c = cfg(hq, hk, d);
+        let rows = seq * nseq;
+        let h16 = |v: Vec<f32>| -> Vec<f32> {
+            v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
+        };
+        let q = h16(rng.normal_vec(rows * hq * d, 1.0));
+        let kk = h16(rng.normal_vec(rows * hk * d, 1.0));
+        let v = h16(rng.normal_vec(rows * hk * d, 1.0));
+        let up =
+            |x: &[f32], w: usize| GpuTensor::from_f32_as(&ctx, rows, w, x, GpuDtype::F16).unwrap();
+        let (gq, gk, gv) = (up(&q, hq * d), up(&kk, hk * d), up(&v, hk * d));
+        // The output reuses this poisoned buffer of its size, so an unwritten element is NaN.
+        let poisoned = GpuTensor::empty_aligned(&ctx, rows, hq * d, GpuDtype::F32, seq).unwrap();
+        poisoned.fill_u32(&ctx, common::POISON);
+        drop(poisoned);
+        let reused = ctx.pool_stats().reused;
+        let got = k::attention_f16(&ctx, &gq, &gk, &gv, seq, (hq, hk, d))
+            .unwrap()
+            .to_f32(&ctx)
+            .unwrap();
+        assert!(
+            ctx.pool_stats().reused > reused,
+            "the output did not reuse the poison"
+        );
+        let vmax = v.iter().fold(0f32, |a, x| a.max(x.abs()));
+        for s in 0..nseq {
+            let (a, b) = (s * seq, (s + 1) * seq);
+            let want = r::attention(
+                &c,
+                &q[a * hq * d..b * hq * d],
+                &kk[a * hk * d..b * hk * d],
+                &v[a * hk * d..b * hk * d],
+                seq,
+            )
+            .unwrap();
+            let e = max_abs(&got[a * hq * d..b * hq * d], &want);
+            // Exact f16 products summed in f32 for the scores; each probability rounded to f16
+            // (relative 2^-11) and the row sum taken before that rounding (another 2^-11 at
+            // most), so an output, a convex combination of v, moves by at most 2^-10 max|v|.
+            let tol = vmax / 1024.0 + 1e-5;
+            assert!(
+                e < tol,
+                "hq {hq} hk {hk} d {d} seq {seq}: {e} (tolerance {tol})"
+            );
+        }
+    }
+    // Head dimensions that are not multiples of 16 are refused.
+    let z = GpuTensor::from_f32_as(&ctx, 4, 40, &[0.5; 160], GpuDtype::F16).unwrap();
+    let e = k::attention_f16(&ctx, &z, &z, &z, 4, (1, 1, 40))
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("multiple of 16"), "{e}");
+}
+
 #[test]
 fn silu_mul_add_and_nll_match_host_math() {
     let ctx = common::ctx_with(Some(2048));

@@ -274,13 +274,109 @@ pub fn attention(
     (hq, hk, d): (usize, usize, usize),
 ) -> Result<GpuTensor> {
     f32_only("attention", &[q, k, v])?;
-    let shape = format!("{} rows, seq {seq}, heads {hq}/{hk}, d {d}", q.rows);
+    check_attention(q, k, v, seq, (hq, hk, d), 4)?;
+    let pipe = ctx.pipeline(
+        &format!("forward_d{d}"),
+        &attention_source(d),
+        "attention",
+        true,
+    )?;
+    run_attention(ctx, &pipe, "attention", q, k, v, seq, (hq, hk, d))
+}
+
+/// Whether [`attention_f16`] runs here for head dimension `d`: cooperative matrices (as the
+/// tensor-core matmul needs them), d a multiple of 16 up to [`MAX_HEAD_DIM`], and room for its
+/// staged tiles in workgroup memory.
+pub fn attention_f16_available(ctx: &GpuContext, d: usize) -> bool {
+    d.is_multiple_of(16)
+        && d > 0
+        && d <= MAX_HEAD_DIM
+        && super::matmul::coop_available(ctx)
+        && attention_f16_storage(d) <= ctx.caps.max_workgroup_storage as usize
+}
+
+/// Workgroup bytes of attention_coop.wgsl for head dimension `d`: 64 staged queries and 32
+/// keys and values (rows of d + 8 halves), per subgroup 16 x 16 f32 scores and f16
+/// probabilities, and 64 rows x 2 halves of (max, sum).
+fn attention_f16_storage(d: usize) -> usize {
+    (64 + 2 * 32) * (d + 8) * 2 + 4 * 256 * 4 + 4 * 256 * 2 + 256 * 4
+}
+
+/// attention_coop.wgsl for head dimension `d` (a multiple of 16): the constant set and one
+/// named output accumulator per 16 dimensions.
+pub fn attention_f16_source(d: usize) -> String {
+    let n = d / 16;
+    let lines = |f: &dyn Fn(usize) -> String| (0..n).map(f).collect::<Vec<_>>().join("\n");
+    shaders::ATTENTION_COOP
+        .replace(ATTN_F16_D16_LINE, &format!("const HEAD_D16: u32 = {n}u;"))
+        .replace(
+            "//@ACC_DECL",
+            &lines(&|i| format!("    var o{i} = coop_mat16x16<f32, C>();")),
+        )
+        .replace(
+            "//@ACC_MMA",
+            &lines(&|i| format!("            o{i} = coopMultiplyAdd(pf, vtile(kc, {i}u), o{i});")),
+        )
+        .replace(
+            "//@ACC_STORE",
+            &lines(&|i| format!("    put_o(o{i}, {i}u, sg, lane, s, t0, h, direct);")),
+        )
+}
+
+/// The line of attention_coop.wgsl that [`attention_f16_source`] rewrites.
+const ATTN_F16_D16_LINE: &str = "const HEAD_D16: u32 = 8u;";
+
+/// [`attention`] on tensor cores for f16 q, k, v (see attention_coop.wgsl): f32 output, scores
+/// and sums in f32, the probabilities rounded to f16 before they multiply v. Only where
+/// [`attention_f16_available`]; the same shapes and chunk rule as [`attention`].
+pub fn attention_f16(
+    ctx: &GpuContext,
+    q: &GpuTensor,
+    k: &GpuTensor,
+    v: &GpuTensor,
+    seq: usize,
+    (hq, hk, d): (usize, usize, usize),
+) -> Result<GpuTensor> {
+    for t in [q, k, v] {
+        if t.dtype != GpuDtype::F16 {
+            return Err(Error::invalid(format!(
+                "attention_f16: expected f16 q, k, v, got {}",
+                t.shape_str()
+            )));
+        }
+    }
+    check_attention(q, k, v, seq, (hq, hk, d), 16)?;
+    if !attention_f16_available(ctx, d) {
+        return Err(Error::gpu(
+            "attention_f16",
+            format!("head dim {d}"),
+            "needs cooperative 16x16 f16 matrices, subgroups of 32 and room for its tiles",
+        ));
+    }
+    let pipe = ctx.pipeline(
+        &format!("attention_coop_d{d}"),
+        &attention_f16_source(d),
+        "main",
+        true,
+    )?;
+    run_attention(ctx, &pipe, "attention_f16", q, k, v, seq, (hq, hk, d))
+}
+
+/// The shape rule of both attention kernels (`mult`: the head dimension's required factor).
+fn check_attention(
+    q: &GpuTensor,
+    k: &GpuTensor,
+    v: &GpuTensor,
+    seq: usize,
+    (hq, hk, d): (usize, usize, usize),
+    mult: usize,
+) -> Result<()> {
     if seq == 0
         || hk == 0
         || !hq.is_multiple_of(hk)
         || d == 0
         || d > MAX_HEAD_DIM
-        || !d.is_multiple_of(4)
+        || !d.is_multiple_of(mult)
         || q.cols != hq * d
         || k.cols != hk * d
         || v.cols != hk * d
@@ -291,7 +387,7 @@ pub fn attention(
         return Err(Error::Shape {
             op: "attention".into(),
             expected: format!(
-                "q rows x {hq}*{d}, k/v rows x {hk}*{d}, rows a multiple of {seq}, head dim a multiple of 4, <= {MAX_HEAD_DIM}"
+                "q rows x {hq}*{d}, k/v rows x {hk}*{d}, rows a multiple of {seq}, head dim a multiple of {mult}, <= {MAX_HEAD_DIM}"
             ),
             got: format!(
                 "q {}, k {}, v {}",
@@ -301,6 +397,23 @@ pub fn attention(
             ),
         });
     }
+    Ok(())
+}
+
+/// Dispatches an attention kernel (both share the uniforms and the grid: 64 queries of one head
+/// per workgroup) over every run of whole sequences that lies in one chunk of all operands.
+#[allow(clippy::too_many_arguments)]
+fn run_attention(
+    ctx: &GpuContext,
+    pipe: &wgpu::ComputePipeline,
+    kernel: &str,
+    q: &GpuTensor,
+    k: &GpuTensor,
+    v: &GpuTensor,
+    seq: usize,
+    (hq, hk, d): (usize, usize, usize),
+) -> Result<GpuTensor> {
+    let shape = format!("{} rows, seq {seq}, heads {hq}/{hk}, d {d}", q.rows);
     let o = GpuTensor::empty_aligned(ctx, q.rows, q.cols, GpuDtype::F32, seq)?;
     let ranges = GpuTensor::common_row_ranges(&[q, k, v, &o]);
     if ranges
@@ -308,17 +421,11 @@ pub fn attention(
         .any(|(a, b)| !a.is_multiple_of(seq) || !b.is_multiple_of(seq))
     {
         return Err(Error::gpu(
-            "attention",
+            kernel,
             &shape,
             "a sequence straddles a chunk boundary of q, k or v; allocate them aligned to the sequence length",
         ));
     }
-    let pipe = ctx.pipeline(
-        &format!("forward_d{d}"),
-        &attention_source(d),
-        "attention",
-        true,
-    )?;
     let blocks = seq.div_ceil(ATTN_ROWS);
     let mut params = Vec::new();
     let mut binds = Vec::new();
@@ -351,12 +458,18 @@ pub fn attention(
                 pad: 0,
             });
             binds.push((loc, ns));
+            // The useful work for --profile: q kᵀ and p v over the causal half (the f16 kernel
+            // computes q kᵀ twice; that is its cost, not work done).
+            let pairs = (seq * (seq + 1) / 2) as f64;
+            let bytes = (ns * seq * (q.cols + k.cols + v.cols) * q.dtype.size() as usize
+                + ns * seq * q.cols * 4) as f64;
+            ctx.add_work(pipe, (ns * hq) as f64 * 4.0 * d as f64 * pairs, bytes);
             s0 += ns;
         }
     }
     if hq > GRID {
         return Err(Error::gpu(
-            "attention",
+            kernel,
             &shape,
             "too many heads for one dispatch",
         ));
@@ -375,7 +488,7 @@ pub fn attention(
             groups: ((ns * blocks) as u32, hq as u32, 1),
         })
         .collect();
-    ctx.run("attention", &shape, &pipe, &ds)?;
+    ctx.run(kernel, &shape, pipe, &ds)?;
     Ok(o)
 }
 
@@ -479,6 +592,17 @@ pub fn range_flag(ctx: &GpuContext) -> Result<GpuTensor> {
 /// |x| > 65504 (or a non-finite one) is saturated to ±65504 and sets `flag` (see [`range_flag`]);
 /// the caller must check it before trusting anything computed from the result.
 pub fn to_f16(ctx: &GpuContext, x: &GpuTensor, flag: &GpuTensor) -> Result<GpuTensor> {
+    to_f16_aligned(ctx, x, flag, 1)
+}
+
+/// [`to_f16`] into chunks of whole groups of `align` rows (`GpuTensor::empty_aligned`), so a
+/// sequence of `align` rows never straddles a chunk (as attention requires).
+pub fn to_f16_aligned(
+    ctx: &GpuContext,
+    x: &GpuTensor,
+    flag: &GpuTensor,
+    align: usize,
+) -> Result<GpuTensor> {
     f32_only("to_f16", &[x])?;
     if !x.cols.is_multiple_of(2) {
         return Err(Error::Shape {
@@ -494,7 +618,7 @@ pub fn to_f16(ctx: &GpuContext, x: &GpuTensor, flag: &GpuTensor) -> Result<GpuTe
             got: flag.shape_str(),
         });
     }
-    let y = GpuTensor::empty(ctx, x.rows, x.cols, GpuDtype::F16)?;
+    let y = GpuTensor::empty_aligned(ctx, x.rows, x.cols, GpuDtype::F16, align)?;
     if x.rows == 0 || x.cols == 0 {
         return Ok(y);
     }

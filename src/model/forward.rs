@@ -9,8 +9,11 @@
 //! - `F16`: weights are converted to f16 once, at upload, and each linear's input is rounded to f16
 //!   by `gpu::forward::to_f16` right before the product, so F16 x F16 takes the tensor-core kernel
 //!   where the adapter has one (and the tiled kernel, with the same f16-input / f32-accumulate
-//!   numerics, elsewhere). Norms, rotary, attention, residuals and the captured inputs stay f32;
-//!   calibration's Hessians read the captured inputs' f16 rounding ([`ForwardPlan::stats_input`]).
+//!   numerics, elsewhere). Norms, rotary, residuals and the captured inputs stay f32; attention
+//!   too, except where the adapter has cooperative matrices: there q, k, v are rounded to f16
+//!   and attention runs on tensor cores ([`ForwardPlan::attention`]; its probabilities round to
+//!   f16 as well). Calibration's Hessians read the captured inputs' f16 rounding
+//!   ([`ForwardPlan::stats_input`]).
 //!   A weight tensor with a value beyond f16's range keeps its stored dtype and f32 activations
 //!   (logged, naming the tensor); an activation beyond f16's range is an error at the next
 //!   [`ForwardPlan::check_range`] (rerun with f32). Rounding each input to f16 costs a relative
@@ -416,6 +419,10 @@ fn linear(
     Ok(y)
 }
 
+/// Setting this environment variable to `0` keeps attention in f32 under [`Precision::F16`]
+/// (the tensor-core attention is otherwise used wherever the adapter has it).
+pub const F16_ATTENTION_ENV: &str = "WGPRESS_F16_ATTENTION";
+
 /// Static per-model pieces of the forward: the rotary table, shapes and the linear layers'
 /// precision (blocks must be uploaded with the same precision).
 pub struct ForwardPlan {
@@ -461,6 +468,28 @@ impl ForwardPlan {
         } else {
             Ok(x)
         }
+    }
+
+    /// Causal attention of the block: under F16 (unless [`F16_ATTENTION_ENV`] is `0`), where the
+    /// adapter has cooperative matrices
+    /// ([`k::attention_f16_available`]), on tensor cores from f16 copies of q, k, v (rounded and
+    /// range-checked like every f16 linear input; the probabilities are rounded to f16 too);
+    /// otherwise the f32 kernel. Takes q, k, v to free each as soon as it is converted.
+    pub fn attention(
+        &self,
+        ctx: &GpuContext,
+        q: GpuTensor,
+        k: GpuTensor,
+        v: GpuTensor,
+    ) -> Result<GpuTensor> {
+        let (hq, hk, d) = self.heads;
+        let allowed = std::env::var(F16_ATTENTION_ENV).map_or(true, |v| v != "0");
+        if self.precision != Precision::F16 || !allowed || !k::attention_f16_available(ctx, d) {
+            return k::attention(ctx, &q, &k, &v, self.seq, self.heads);
+        }
+        let half = |t: GpuTensor| k::to_f16_aligned(ctx, &t, &self.range_flag, self.seq);
+        let (qh, kh, vh) = (half(q)?, half(k)?, half(v)?);
+        k::attention_f16(ctx, &qh, &kh, &vh, self.seq, (hq, hk, d))
     }
 
     /// An error if any linear input since the plan was made exceeded f16's range (their f16 copies
@@ -521,8 +550,7 @@ fn run_block(
     drop(n1);
     k::rope(ctx, &q, hq, d, seq, &plan.rope)?;
     k::rope(ctx, &kk, hk, d, seq, &plan.rope)?;
-    let a = k::attention(ctx, &q, &kk, &v, seq, (hq, hk, d))?;
-    drop((q, kk, v));
+    let a = plan.attention(ctx, q, kk, v)?;
     if stop == Some(Site::O) {
         return Ok(a);
     }
