@@ -218,6 +218,10 @@ pub fn run(
     let mut clock = Clock::new(ctx)?;
     let tok = Tokenizer::load(&model.dir, cfg.vocab_size)?;
     let windows = sample_windows(&tok, calib)?;
+    log::debug!(
+        "prepare: calibration windows drawn at {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
     let seq = calib.seqlen;
     let per_batch = (opts.batch_tokens / seq).clamp(1, windows.len().max(1));
     let out = OutputDir::create(&opts.out)?;
@@ -238,6 +242,10 @@ pub fn run(
                 sink.plain(name, info.shape.clone(), model.weights.to_f32(name)?)?;
             }
         }
+        log::debug!(
+            "prepare: tensors outside the blocks handed to the writer at {:.2} s",
+            t0.elapsed().as_secs_f64()
+        );
         // The calibration set stays on the GPU as batches of whole sequences; every block pass
         // walks the batches, so intermediates exist for one batch at a time.
         let mut xs = {
@@ -248,6 +256,10 @@ pub fn run(
                 .collect::<Result<Vec<_>>>()?
         };
         drop(windows);
+        log::debug!(
+            "prepare: calibration set embedded at {:.2} s",
+            t0.elapsed().as_secs_f64()
+        );
         let mut energy = Vec::with_capacity(cfg.num_hidden_layers);
         let plan = ForwardPlan::new(ctx, cfg, seq, opts.precision)?;
         clock.lap(Phase::Prepare)?;

@@ -27,6 +27,27 @@ fn sixteen_bit_odd_columns_keep_chunks_word_aligned() {
     assert_eq!(t.to_bytes(&ctx).unwrap(), bytes);
 }
 
+/// Filling with a pattern writes from the host; filling with zero clears on the GPU, in order
+/// with the work around it: every chunk, every element, after an upload and before a read.
+#[test]
+fn fills_reach_every_chunk_and_zero_is_ordered_with_other_work() {
+    let ctx = common::ctx_with(Some(1024));
+    let data = Rng::new(4).normal_vec(37 * 29, 1.0);
+    let t = GpuTensor::from_f32(&ctx, 37, 29, &data).unwrap();
+    assert!(t.chunks.len() > 1);
+    t.fill_u32(&ctx, common::POISON);
+    let words: Vec<u32> = bytemuck::pod_collect_to_vec(&t.to_bytes(&ctx).unwrap());
+    assert!(words.iter().all(|&w| w == common::POISON));
+    // Upload and clear one tensor, upload, read and clear another, then read both.
+    let u = GpuTensor::from_f32(&ctx, 37, 29, &data).unwrap();
+    u.fill_u32(&ctx, 0);
+    let v = GpuTensor::from_f32(&ctx, 37, 29, &data).unwrap();
+    assert_eq!(v.to_f32(&ctx).unwrap(), data);
+    v.fill_u32(&ctx, 0);
+    assert!(u.to_f32(&ctx).unwrap().iter().all(|&x| x.to_bits() == 0));
+    assert!(v.to_f32(&ctx).unwrap().iter().all(|&x| x.to_bits() == 0));
+}
+
 #[test]
 fn a_row_larger_than_the_limit_is_a_clear_error() {
     let ctx = common::ctx_with(Some(64));

@@ -376,15 +376,28 @@ impl GpuContext {
         entry: &str,
         trusted: bool,
     ) -> Result<Arc<wgpu::ComputePipeline>> {
+        self.pipeline_from(key, entry, trusted, || Ok(source.to_string()))
+    }
+
+    /// [`GpuContext::pipeline`] for a generated source, made only when `key` misses the cache
+    /// (a matmul variant's source is composed from several pieces; not on every product).
+    pub(crate) fn pipeline_from(
+        &self,
+        key: &str,
+        entry: &str,
+        trusted: bool,
+        make: impl FnOnce() -> Result<String>,
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
         let unchecked = trusted && !self.checked;
         let full_key = format!("{key}/{entry}/{unchecked}");
         if let Some(p) = self.pipelines.lock().map_err(poisoned)?.get(&full_key) {
             return Ok(p.clone());
         }
+        let source = make()?;
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let desc = wgpu::ShaderModuleDescriptor {
             label: Some(key),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
+            source: wgpu::ShaderSource::Wgsl(source.as_str().into()),
         };
         let module = if unchecked {
             // SAFETY: the kernel wrappers that mark a pipeline trusted check every shape, stride and

@@ -275,12 +275,9 @@ pub fn attention(
 ) -> Result<GpuTensor> {
     f32_only("attention", &[q, k, v])?;
     check_attention(q, k, v, seq, (hq, hk, d), 4)?;
-    let pipe = ctx.pipeline(
-        &format!("forward_d{d}"),
-        &attention_source(d),
-        "attention",
-        true,
-    )?;
+    let pipe = ctx.pipeline_from(&format!("forward_d{d}"), "attention", true, || {
+        Ok(attention_source(d))
+    })?;
     run_attention(ctx, &pipe, "attention", q, k, v, seq, (hq, hk, d))
 }
 
@@ -353,12 +350,9 @@ pub fn attention_f16(
             "needs cooperative 16x16 f16 matrices, subgroups of 32 and room for its tiles",
         ));
     }
-    let pipe = ctx.pipeline(
-        &format!("attention_coop_d{d}"),
-        &attention_f16_source(d),
-        "main",
-        true,
-    )?;
+    let pipe = ctx.pipeline_from(&format!("attention_coop_d{d}"), "main", true, || {
+        Ok(attention_f16_source(d))
+    })?;
     run_attention(ctx, &pipe, "attention_f16", q, k, v, seq, (hq, hk, d))
 }
 

@@ -579,7 +579,7 @@ fn coop_pipeline(
     let key = format!("matmul_coop {a:?}x{b:?} {layout:?} {}", cfg.name());
     // Trusted: every offset and extent the walk passes is derived from the chunk table, so each
     // index the kernel forms (guarded by m, n, k) stays inside its binding.
-    let pipe = ctx.pipeline(&key, &coop_source(a, b, layout, cfg)?, "main", true)?;
+    let pipe = ctx.pipeline_from(&key, "main", true, || coop_source(a, b, layout, cfg))?;
     Ok((pipe, key))
 }
 
@@ -620,7 +620,9 @@ fn run_walk(
         let key = format!("matmul {:?}x{:?} {:?}", a.dtype, b.dtype, layout);
         // Trusted: every offset and extent below is derived from the chunk table, so each index
         // the kernel forms (guarded by m, n, k) stays inside its binding.
-        let pipe = ctx.pipeline(&key, &tiled_source(a.dtype, b.dtype, layout)?, "main", true)?;
+        let pipe = ctx.pipeline_from(&key, "main", true, || {
+            tiled_source(a.dtype, b.dtype, layout)
+        })?;
         (pipe, key, (TILE, TILE))
     };
     // Only the TN walk honours `lower` (its only caller is XᵀX); the others compute every tile,
@@ -877,19 +879,22 @@ impl<'a> RegionGemm<'a> {
         if self.m.div_ceil(TILE) > max || self.n.div_ceil(TILE) > max {
             return fail("region exceeds the dispatch grid limit");
         }
-        let (key, src) = if aliased {
-            (
-                format!("matmul aliased {}", self.b_trans),
-                aliased_source(self.b_trans)?,
-            )
+        let l = if self.b_trans { Layout::NT } else { Layout::NN };
+        let pipeline = if aliased {
+            ctx.pipeline_from(
+                &format!("matmul aliased {}", self.b_trans),
+                "main",
+                true,
+                || aliased_source(self.b_trans),
+            )?
         } else {
-            let l = if self.b_trans { Layout::NT } else { Layout::NN };
-            (
-                format!("matmul {:?}x{:?} {:?}", GpuDtype::F32, GpuDtype::F32, l),
-                tiled_source(GpuDtype::F32, GpuDtype::F32, l)?,
-            )
+            ctx.pipeline_from(
+                &format!("matmul {:?}x{:?} {:?}", GpuDtype::F32, GpuDtype::F32, l),
+                "main",
+                true,
+                || tiled_source(GpuDtype::F32, GpuDtype::F32, l),
+            )?
         };
-        let pipeline = ctx.pipeline(&key, &src, "main", true)?;
         let p = Params {
             m: self.m as u32,
             n: self.n as u32,

@@ -268,9 +268,8 @@ pub fn channel_stats_into(
     for ch in &x.chunks {
         to_u32(ch.rows * x.cols, KERNEL, &shape)?;
     }
-    let src = stats_source(x.dtype)?;
     let key = format!("col_stats {:?}", x.dtype);
-    let pipe = ctx.pipeline(&key, &src, "col_stats", true)?;
+    let pipe = ctx.pipeline_from(&key, "col_stats", true, || stats_source(x.dtype))?;
     let max_cols = ctx.max_workgroups_per_dim() as usize * STATS_COLS;
     let mut params = Vec::new();
     let mut binds = Vec::new();
