@@ -14,6 +14,8 @@
 //   nll         per row: logsumexp(logits) - logits[target] (the cross-entropy of one token)
 //   to_f16      y (f16 pairs) = x (f32) rounded to f16, for the f16 forward's linear inputs; a value
 //               beyond f16's range is saturated and raises a flag the host checks
+//   embed       out row r = table row ids[r], for the rows whose id lies in the bound table chunk
+//               (one dispatch per pair of output and table chunks)
 
 struct Rows {
     rows: u32,
@@ -433,4 +435,34 @@ fn to_f16(@builtin(global_invocation_id) gid: vec3<u32>) {
         atomicMax(&h_flag[0], 1u);
     }
     h_y[hp.y_off / 2u + i] = pack2x16float(clamp(v, vec2<f32>(-F16_MAX), vec2<f32>(F16_MAX)));
+}
+
+// ---- embed: binding 0 table chunk (table rows t_row0..t_row0 + t_rows), 1 ids (one per output
+// row of the whole tensor), 2 out chunk, 3 params
+struct Embed {
+    rows: u32,    // rows of this output chunk
+    cols: u32,
+    id_off: u32,  // first output row of this chunk (index into ids)
+    t_row0: u32,
+    t_rows: u32,
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
+}
+@group(0) @binding(0) var<storage, read> e_table: array<f32>;
+@group(0) @binding(1) var<storage, read> e_ids: array<u32>;
+@group(0) @binding(2) var<storage, read_write> e_out: array<f32>;
+@group(0) @binding(3) var<uniform> ep: Embed;
+
+@compute @workgroup_size(256)
+fn embed(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x + gid.y * 65535u * 256u;
+    if (i >= ep.rows * ep.cols) {
+        return;
+    }
+    let r = i / ep.cols;
+    let id = e_ids[ep.id_off + r];
+    if (id >= ep.t_row0 && id < ep.t_row0 + ep.t_rows) {
+        e_out[i] = e_table[(id - ep.t_row0) * ep.cols + i % ep.cols];
+    }
 }

@@ -186,13 +186,13 @@ pub fn forward(
     let mut rng = Rng::new(7);
     let vocab = model.config.vocab_size as u64;
     let mut ids = || -> Vec<u32> { (0..seq_len).map(|_| rng.below(vocab) as u32).collect() };
-    let warm = gm.logits(ctx, model, &ids())?;
+    let warm = gm.logits(ctx, &ids())?;
     drop(warm);
     ctx.sync("forward", "warm-up")?;
     let windows = windows.max(1);
     let t = Instant::now();
     for _ in 0..windows {
-        let l = gm.logits(ctx, model, &ids())?;
+        let l = gm.logits(ctx, &ids())?;
         ctx.sync("forward", &format!("{seq_len} tokens"))?;
         drop(l);
     }

@@ -81,9 +81,9 @@ pub fn perplexity(
             for (i, win) in windows.iter().enumerate() {
                 progress(i, windows.len());
                 let (w, from) = (win.ids, win.score_from - 1);
-                let logits = gm.logits(ctx, model, w)?;
-                if let (Some(gb), Some(b)) = (&gb, base) {
-                    let lb = gb.logits(ctx, b, w)?;
+                let logits = gm.logits(ctx, w)?;
+                if let Some(gb) = &gb {
+                    let lb = gb.logits(ctx, w)?;
                     let kt = crate::gpu::forward::kl_top1(ctx, &lb, &logits)?.to_f32(ctx)?;
                     for r in from..seq - 1 {
                         kl += kt[2 * r] as f64;

@@ -46,8 +46,8 @@ use crate::gpu::timeline::Timeline;
 use crate::gpu::{GpuContext, GpuDtype, GpuTensor};
 use crate::model::Model;
 use crate::model::forward::{
-    ForwardPlan, HostBlock, Site, attention_residual, capture_input, embed, linear_weight_gpu,
-    mlp_capture, mlp_residual,
+    ForwardPlan, HostBlock, Site, attention_residual, capture_input, embed, embedding_table,
+    linear_weight_gpu, mlp_capture, mlp_residual,
 };
 use crate::model::tokenizer::Tokenizer;
 use crate::model::writer::OutputDir;
@@ -249,10 +249,10 @@ pub fn run(
         // The calibration set stays on the GPU as batches of whole sequences; every block pass
         // walks the batches, so intermediates exist for one batch at a time.
         let mut xs = {
-            let table = model.weights.to_f32("model.embed_tokens.weight")?;
+            let table = embedding_table(ctx, model)?;
             windows
                 .chunks(per_batch)
-                .map(|b| embed(ctx, model, &table, &b.concat(), seq))
+                .map(|b| embed(ctx, &table, &b.concat(), seq))
                 .collect::<Result<Vec<_>>>()?
         };
         drop(windows);

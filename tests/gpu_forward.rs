@@ -212,6 +212,40 @@ fn attention_f16_matches_reference_on_rounded_inputs() {
     assert!(e.to_string().contains("multiple of 16"), "{e}");
 }
 
+/// The embedding gather on the GPU copies rows exactly, with the table and the output each in
+/// several chunks (4 KiB bindings): every output row comes from the dispatch of the table chunk
+/// holding its id. The output reuses a poisoned buffer, so an unwritten element shows.
+#[test]
+fn embed_gathers_table_rows_across_chunks() {
+    let ctx = common::ctx_with(Some(4096));
+    let (vocab, hd, seq) = (83, 36, 7);
+    let table = Rng::new(12).normal_vec(vocab * hd, 1.0);
+    let gt = GpuTensor::from_f32(&ctx, vocab, hd, &table).unwrap();
+    assert!(gt.chunks.len() > 2);
+    let mut ids: Vec<u32> = (0..8 * seq as u32)
+        .map(|i| (i * 37 + 5) % vocab as u32)
+        .collect();
+    ids[3] = vocab as u32 - 1;
+    ids[9] = 0;
+    let poisoned = GpuTensor::empty_aligned(&ctx, ids.len(), hd, GpuDtype::F32, seq).unwrap();
+    poisoned.fill_u32(&ctx, common::POISON);
+    drop(poisoned);
+    let x = k::embed(&ctx, &gt, &ids, seq).unwrap();
+    assert!(x.chunks.len() > 1 && x.chunks.iter().all(|c| c.row_start % seq == 0));
+    let got = x.to_f32(&ctx).unwrap();
+    let want: Vec<f32> = ids
+        .iter()
+        .flat_map(|&id| table[id as usize * hd..(id as usize + 1) * hd].to_vec())
+        .collect();
+    assert_eq!(got, want);
+    let e = k::embed(&ctx, &gt, &[1, vocab as u32], seq).err().unwrap();
+    assert!(
+        e.to_string()
+            .contains("token id 83 at position 1 is outside the vocabulary (83)"),
+        "{e}"
+    );
+}
+
 #[test]
 fn silu_mul_add_and_nll_match_host_math() {
     let ctx = common::ctx_with(Some(2048));
@@ -354,7 +388,7 @@ fn tiny_logits_match_transformers_fixture() {
         .collect();
     let want = fx.to_f32("logits").unwrap();
     let gm = GpuModel::load(&ctx, &m, ids.len(), Precision::F32).unwrap();
-    let got = gm.logits(&ctx, &m, &ids).unwrap().to_f32(&ctx).unwrap();
+    let got = gm.logits(&ctx, &ids).unwrap().to_f32(&ctx).unwrap();
     let e = max_abs(&got, &want);
     // transformers' own CPU and GPU f32 forwards differ by 2.1e-5 on these logits (|logit| <= 22.5);
     // our f32 reduction orders differ from both: 1e-4 leaves 4x room while any real error (rope

@@ -2,7 +2,8 @@
 //! RMSNorm, rotary embeddings, causal grouped-query attention, SwiGLU, residual/bias adds (and
 //! [`sub`], the weight difference of a compressed layer's error) and the per-token cross-entropy,
 //! all f32; plus [`to_f16`], the f32 -> f16 rounding of a linear layer's input for the f16
-//! forward (and of a compressed layer's weights for the passes after it). All row-chunk aware.
+//! forward (and of a compressed layer's weights for the passes after it); and [`embed`], the
+//! embedding lookup. All row-chunk aware.
 //! The CPU references are in `reference::forward`; this module must not orchestrate a whole
 //! block (that is the model's job).
 
@@ -673,4 +674,78 @@ mod tests {
         let s = super::attention_source(20);
         assert!(s.contains("const HEAD_D4: u32 = 5u;") && !s.contains(super::HEAD_D4_LINE));
     }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct Embed {
+    rows: u32,
+    cols: u32,
+    id_off: u32,
+    t_row0: u32,
+    t_rows: u32,
+    pad: [u32; 3],
+}
+
+/// Rows `ids` of the f32 embedding `table` (vocab x hidden, any chunking) into a new
+/// ids.len() x hidden f32 tensor aligned to `align` rows. Every id must be below the table's
+/// rows (an error naming the first that is not): an output row is written by the dispatch of the
+/// table chunk holding its id.
+pub fn embed(ctx: &GpuContext, table: &GpuTensor, ids: &[u32], align: usize) -> Result<GpuTensor> {
+    f32_only("embed", &[table])?;
+    if let Some((i, &id)) = ids
+        .iter()
+        .enumerate()
+        .find(|(_, id)| **id as usize >= table.rows)
+    {
+        return Err(Error::invalid(format!(
+            "token id {id} at position {i} is outside the vocabulary ({})",
+            table.rows
+        )));
+    }
+    let cols = table.cols;
+    let out = GpuTensor::empty_aligned(ctx, ids.len(), cols, GpuDtype::F32, align)?;
+    if ids.is_empty() || cols == 0 {
+        return Ok(out);
+    }
+    let id_t = GpuTensor::from_bytes(ctx, ids.len(), 1, GpuDtype::U32, bytemuck::cast_slice(ids))?;
+    let shape = format!("{} ids, table {}", ids.len(), table.shape_str());
+    if id_t.chunks.len() != 1 {
+        return Err(Error::gpu(
+            "embed",
+            &shape,
+            "the ids do not fit one storage binding",
+        ));
+    }
+    let mut params = Vec::new();
+    let mut binds = Vec::new();
+    for (oi, oc) in out.chunks.iter().enumerate().filter(|(_, c)| c.rows > 0) {
+        for (ti, tc) in table.chunks.iter().enumerate().filter(|(_, c)| c.rows > 0) {
+            params.push(Embed {
+                rows: oc.rows as u32,
+                cols: cols as u32,
+                id_off: oc.row_start as u32,
+                t_row0: tc.row_start as u32,
+                t_rows: tc.rows as u32,
+                pad: [0; 3],
+            });
+            binds.push((ti, oi, grid((oc.rows * cols).div_ceil(WG))));
+        }
+    }
+    let ds: Vec<Dispatch> = params
+        .iter()
+        .zip(&binds)
+        .map(|(p, &(ti, oi, groups))| Dispatch {
+            buffers: vec![
+                &table.chunks[ti].buffer,
+                &id_t.chunks[0].buffer,
+                &out.chunks[oi].buffer,
+            ],
+            uniform: Some(bytemuck::bytes_of(p)),
+            groups,
+        })
+        .collect();
+    let pipe = pipeline(ctx, "embed")?;
+    ctx.run("embed", &shape, &pipe, &ds)?;
+    Ok(out)
 }

@@ -625,27 +625,25 @@ fn mlp_act(ctx: &GpuContext, plan: &ForwardPlan, b: &GpuBlock, h: &GpuTensor) ->
     Ok(g)
 }
 
-/// Embedding lookup on the host (the table stays in the mmap), uploaded aligned to `seq`.
-pub fn embed(
-    ctx: &GpuContext,
-    model: &Model,
-    table: &[f32],
-    ids: &[u32],
-    seq: usize,
-) -> Result<GpuTensor> {
-    let hd = model.config.hidden_size;
-    let vocab = model.config.vocab_size;
-    let mut x = Vec::with_capacity(ids.len() * hd);
-    for (i, &id) in ids.iter().enumerate() {
-        let id = id as usize;
-        if id >= vocab {
-            return Err(Error::invalid(format!(
-                "token id {id} at position {i} is outside the vocabulary ({vocab})"
-            )));
-        }
-        x.extend_from_slice(&table[id * hd..(id + 1) * hd]);
+/// The embedding table on the GPU as f32 (decoded once on the host), for [`embed`].
+pub fn embedding_table(ctx: &GpuContext, model: &Model) -> Result<GpuTensor> {
+    let name = "model.embed_tokens.weight";
+    let info = model.weights.info(name)?;
+    let (vocab, hd) = (model.config.vocab_size, model.config.hidden_size);
+    if info.shape[..] != [vocab, hd] {
+        return Err(Error::tensor(
+            &info.file,
+            name,
+            format!("expected shape [{vocab}, {hd}], got {:?}", info.shape),
+        ));
     }
-    GpuTensor::from_f32_aligned(ctx, ids.len(), hd, &x, seq)
+    GpuTensor::from_f32(ctx, vocab, hd, &model.weights.to_f32(name)?)
+}
+
+/// Embedding lookup of `ids` on the GPU (`gpu::forward::embed` from [`embedding_table`]), aligned
+/// to `seq` rows: only the ids cross to the GPU, not their rows.
+pub fn embed(ctx: &GpuContext, table: &GpuTensor, ids: &[u32], seq: usize) -> Result<GpuTensor> {
+    k::embed(ctx, table, ids, seq)
 }
 
 /// A whole model resident on the GPU for evaluation: every block, the final norm and the head.
@@ -655,7 +653,7 @@ pub struct GpuModel {
     blocks: Vec<GpuBlock>,
     final_norm: GpuTensor,
     head: GpuTensor,
-    table: Vec<f32>,
+    table: GpuTensor,
 }
 
 impl GpuModel {
@@ -677,12 +675,12 @@ impl GpuModel {
             blocks,
             final_norm,
             head,
-            table: model.weights.to_f32("model.embed_tokens.weight")?,
+            table: embedding_table(ctx, model)?,
         })
     }
 
     /// Logits (rows x vocab, f32) of whole sequences of `plan.seq` ids.
-    pub fn logits(&self, ctx: &GpuContext, model: &Model, ids: &[u32]) -> Result<GpuTensor> {
+    pub fn logits(&self, ctx: &GpuContext, ids: &[u32]) -> Result<GpuTensor> {
         if ids.is_empty() || !ids.len().is_multiple_of(self.plan.seq) {
             return Err(Error::invalid(format!(
                 "{} token ids are not whole sequences of {}",
@@ -690,7 +688,7 @@ impl GpuModel {
                 self.plan.seq
             )));
         }
-        let mut x = embed(ctx, model, &self.table, ids, self.plan.seq)?;
+        let mut x = embed(ctx, &self.table, ids, self.plan.seq)?;
         for b in &self.blocks {
             x = block_forward(ctx, &self.plan, b, &x)?;
         }
