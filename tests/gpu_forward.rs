@@ -78,6 +78,57 @@ fn rms_norm_and_rope_match_reference() {
     assert!(max_abs(&got, &want) < 5e-6, "rope {}", max_abs(&got, &want));
 }
 
+type AttentionKernel = fn(
+    &wgpress::gpu::GpuContext,
+    &GpuTensor,
+    &GpuTensor,
+    &GpuTensor,
+    usize,
+    (usize, usize, usize),
+) -> wgpress::Result<GpuTensor>;
+
+/// Runs `kernel` on random q, k, v stored as `dtype` for `(hq, hk, d, seq, sequences)` and returns
+/// the largest |error| against the reference on the values the GPU saw, and max|v|. The output
+/// reuses a poisoned buffer of its size (checked), so an unwritten element fails.
+fn attention_error(
+    ctx: &wgpress::gpu::GpuContext,
+    rng: &mut Rng,
+    (hq, hk, d, seq, nseq): (usize, usize, usize, usize, usize),
+    dtype: GpuDtype,
+    kernel: AttentionKernel,
+) -> (f32, f32) {
+    let c = cfg(hq, hk, d);
+    let rows = seq * nseq;
+    let mut up = |w: usize| common::upload(ctx, rows, w, &rng.normal_vec(rows * w, 1.0), dtype);
+    let ((gq, q), (gk, kk), (gv, v)) = (up(hq * d), up(hk * d), up(hk * d));
+    let poisoned = GpuTensor::empty_aligned(ctx, rows, hq * d, GpuDtype::F32, seq).unwrap();
+    poisoned.fill_u32(ctx, common::POISON);
+    drop(poisoned);
+    let reused = ctx.pool_stats().reused;
+    let got = kernel(ctx, &gq, &gk, &gv, seq, (hq, hk, d))
+        .unwrap()
+        .to_f32(ctx)
+        .unwrap();
+    assert!(
+        ctx.pool_stats().reused > reused,
+        "the output did not reuse the poison"
+    );
+    let mut worst = 0f32;
+    for s in 0..nseq {
+        let (a, b) = (s * seq, (s + 1) * seq);
+        let want = r::attention(
+            &c,
+            &q[a * hq * d..b * hq * d],
+            &kk[a * hk * d..b * hk * d],
+            &v[a * hk * d..b * hk * d],
+            seq,
+        )
+        .unwrap();
+        worst = worst.max(max_abs(&got[a * hq * d..b * hq * d], &want));
+    }
+    (worst, v.iter().fold(0f32, |m, x| m.max(x.abs())))
+}
+
 #[test]
 fn attention_matches_reference_for_gqa_ratios_and_odd_lengths() {
     let ctx = common::ctx();
@@ -85,7 +136,7 @@ fn attention_matches_reference_for_gqa_ratios_and_odd_lengths() {
     // 1000 tokens: llvmpipe (Mesa 22.3.6) returned wrong results from ~470 tokens on with the
     // previous kernel (head loops bounded by a uniform); this one must hold everywhere.
     let long = 1000;
-    for &(hq, hk, d, seq, nseq) in &[
+    for &shape in &[
         (3, 1, 64, long, 1),
         (4, 4, 32, 7, 2),
         (6, 2, 64, 70, 1),
@@ -94,33 +145,10 @@ fn attention_matches_reference_for_gqa_ratios_and_odd_lengths() {
         (2, 1, 128, 33, 1),
         (5, 5, 20, 40, 1),
     ] {
-        let c = cfg(hq, hk, d);
-        let rows = seq * nseq;
-        let q = rng.normal_vec(rows * hq * d, 1.0);
-        let kk = rng.normal_vec(rows * hk * d, 1.0);
-        let v = rng.normal_vec(rows * hk * d, 1.0);
-        let gq = GpuTensor::from_f32(&ctx, rows, hq * d, &q).unwrap();
-        let gk = GpuTensor::from_f32(&ctx, rows, hk * d, &kk).unwrap();
-        let gv = GpuTensor::from_f32(&ctx, rows, hk * d, &v).unwrap();
-        let got = k::attention(&ctx, &gq, &gk, &gv, seq, (hq, hk, d))
-            .unwrap()
-            .to_f32(&ctx)
-            .unwrap();
-        for s in 0..nseq {
-            let (a, b) = (s * seq, (s + 1) * seq);
-            let want = r::attention(
-                &c,
-                &q[a * hq * d..b * hq * d],
-                &kk[a * hk * d..b * hk * d],
-                &v[a * hk * d..b * hk * d],
-                seq,
-            )
-            .unwrap();
-            let e = max_abs(&got[a * hq * d..b * hq * d], &want);
-            // f32 dot products of d terms and an online softmax over <= seq keys, outputs O(1):
-            // a few hundred ulp at most.
-            assert!(e < 2e-5, "hq {hq} hk {hk} d {d} seq {seq}: {e}");
-        }
+        let (e, _) = attention_error(&ctx, &mut rng, shape, GpuDtype::F32, k::attention);
+        // f32 dot products of d terms and an online softmax over <= seq keys, outputs O(1):
+        // a few hundred ulp at most.
+        assert!(e < 2e-5, "{shape:?}: {e}");
     }
     // One module per head dimension works on whole vec4s: other dimensions are refused.
     let z = GpuTensor::from_f32(&ctx, 4, 6, &[0.5; 24]).unwrap();
@@ -148,7 +176,7 @@ fn attention_f16_matches_reference_on_rounded_inputs() {
         );
         return;
     }
-    for &(hq, hk, d, seq, nseq) in &[
+    for &shape in &[
         (4, 4, 32, 7, 2),
         (6, 2, 64, 70, 1),
         (8, 2, 32, 131, 2),
@@ -158,51 +186,12 @@ fn attention_f16_matches_reference_on_rounded_inputs() {
         (4, 1, 128, 1000, 1),
         (2, 2, 128, 128, 3),
     ] {
-        let c = cfg(hq, hk, d);
-        let rows = seq * nseq;
-        let h16 = |v: Vec<f32>| -> Vec<f32> {
-            v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
-        };
-        let q = h16(rng.normal_vec(rows * hq * d, 1.0));
-        let kk = h16(rng.normal_vec(rows * hk * d, 1.0));
-        let v = h16(rng.normal_vec(rows * hk * d, 1.0));
-        let up =
-            |x: &[f32], w: usize| GpuTensor::from_f32_as(&ctx, rows, w, x, GpuDtype::F16).unwrap();
-        let (gq, gk, gv) = (up(&q, hq * d), up(&kk, hk * d), up(&v, hk * d));
-        // The output reuses this poisoned buffer of its size, so an unwritten element is NaN.
-        let poisoned = GpuTensor::empty_aligned(&ctx, rows, hq * d, GpuDtype::F32, seq).unwrap();
-        poisoned.fill_u32(&ctx, common::POISON);
-        drop(poisoned);
-        let reused = ctx.pool_stats().reused;
-        let got = k::attention_f16(&ctx, &gq, &gk, &gv, seq, (hq, hk, d))
-            .unwrap()
-            .to_f32(&ctx)
-            .unwrap();
-        assert!(
-            ctx.pool_stats().reused > reused,
-            "the output did not reuse the poison"
-        );
-        let vmax = v.iter().fold(0f32, |a, x| a.max(x.abs()));
-        for s in 0..nseq {
-            let (a, b) = (s * seq, (s + 1) * seq);
-            let want = r::attention(
-                &c,
-                &q[a * hq * d..b * hq * d],
-                &kk[a * hk * d..b * hk * d],
-                &v[a * hk * d..b * hk * d],
-                seq,
-            )
-            .unwrap();
-            let e = max_abs(&got[a * hq * d..b * hq * d], &want);
-            // Exact f16 products summed in f32 for the scores; each probability rounded to f16
-            // (relative 2^-11) and the row sum taken before that rounding (another 2^-11 at
-            // most), so an output, a convex combination of v, moves by at most 2^-10 max|v|.
-            let tol = vmax / 1024.0 + 1e-5;
-            assert!(
-                e < tol,
-                "hq {hq} hk {hk} d {d} seq {seq}: {e} (tolerance {tol})"
-            );
-        }
+        let (e, vmax) = attention_error(&ctx, &mut rng, shape, GpuDtype::F16, k::attention_f16);
+        // Exact f16 products summed in f32 for the scores; each probability rounded to f16
+        // (relative 2^-11) and the row sum taken before that rounding (another 2^-11 at
+        // most), so an output, a convex combination of v, moves by at most 2^-10 max|v|.
+        let tol = vmax / 1024.0 + 1e-5;
+        assert!(e < tol, "{shape:?}: {e} (tolerance {tol})");
     }
     // Head dimensions that are not multiples of 16 are refused.
     let z = GpuTensor::from_f32_as(&ctx, 4, 40, &[0.5; 160], GpuDtype::F16).unwrap();
