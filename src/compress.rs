@@ -667,3 +667,23 @@ fn dir_bytes(dir: &Path) -> u64 {
         })
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The GPU timeline indexes phases by `Phase as usize` into the array `from_seconds` reads,
+    /// so the enum order, `Phase::ALL`, `from_seconds` and `add` must agree.
+    #[test]
+    fn phase_indices_agree_with_from_seconds_and_add() {
+        for (i, &p) in Phase::ALL.iter().enumerate() {
+            assert_eq!(p as usize, i);
+            let mut s = [0.0; 7];
+            s[i] = 1.5;
+            let mut t = PhaseTimes::default();
+            t.add(p, 1.5);
+            assert_eq!(PhaseTimes::from_seconds(s).named(), t.named(), "{p:?}");
+            assert_eq!(t.total(), 1.5);
+        }
+    }
+}

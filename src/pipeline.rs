@@ -9,13 +9,14 @@
 //! finished layers: o_proj's input is kept from the O pass to the GateUp pass, which replaces X_l
 //! by the residual stream after attention, where the Down and output passes start. Peak GPU
 //! memory is the calibration activations twice (X and the kept attention output; 1.5x under f16)
-//! plus one block, one Hessian and one batch's intermediates, independent of the number of
+//! plus one block (two while the next one loads during the output pass), one Hessian and one
+//! batch's intermediates, independent of the number of
 //! blocks. Methods plug in through [`LayerMethod`]. Each phase's time is reported twice: on the
 //! host's clock (`CalibrationReport::phases`) and on the GPU's timeline (`gpu_phases`, from a
 //! timestamp at every phase boundary, read back once per block). The clock does not wait for the
 //! GPU at the boundaries: at 7B those waits (8192 of them) left the GPU idle while the host
-//! encoded the next phase, 14 s of a 130 s run. [`PHASE_SYNC_ENV`]`=1` puts them back, for host
-//! phases that charge each phase its own GPU work on adapters without timestamps.
+//! encoded the next phase, about 5 s of a 7B run. [`PHASE_SYNC_ENV`]`=1` puts them back, for
+//! host phases that charge each phase its own GPU work on adapters without timestamps.
 //!
 //! Host work runs beside the GPU on scoped threads instead of between its kernels (at 7B shapes
 //! loading and writing were 34 s of a 184 s run with the GPU idle): a helper thread decodes block
