@@ -47,7 +47,7 @@ use crate::gpu::timeline::Timeline;
 use crate::gpu::{GpuContext, GpuDtype, GpuTensor};
 use crate::model::Model;
 use crate::model::forward::{
-    ForwardPlan, HostBlock, Site, attention_residual, capture_input, embed, embedding_table,
+    ForwardPlan, HostBlock, Site, attention_residual, capture_input, embedding_table,
     linear_weight_gpu, mlp_capture, mlp_residual,
 };
 use crate::model::tokenizer::Tokenizer;
@@ -253,7 +253,7 @@ pub fn run(
             let table = embedding_table(ctx, model)?;
             windows
                 .chunks(per_batch)
-                .map(|b| embed(ctx, &table, &b.concat(), seq))
+                .map(|b| crate::gpu::forward::embed(ctx, &table, &b.concat(), seq))
                 .collect::<Result<Vec<_>>>()?
         };
         drop(windows);

@@ -51,15 +51,19 @@ pub const MAX_HEAD_DIM: usize = 128;
 const ATTN_ROWS: usize = 64;
 
 fn f32_only(op: &str, ts: &[&GpuTensor]) -> Result<()> {
-    for t in ts {
-        if t.dtype != GpuDtype::F32 {
-            return Err(Error::invalid(format!(
-                "{op}: expected f32 tensors, got {}",
-                t.shape_str()
-            )));
-        }
+    dtype_only(op, ts, GpuDtype::F32)
+}
+
+/// An error naming `op` and the first of `ts` not stored as `dtype`.
+fn dtype_only(op: &str, ts: &[&GpuTensor], dtype: GpuDtype) -> Result<()> {
+    match ts.iter().find(|t| t.dtype != dtype) {
+        Some(t) => Err(Error::invalid(format!(
+            "{op}: expected {} tensors, got {}",
+            format!("{dtype:?}").to_lowercase(),
+            t.shape_str()
+        ))),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 fn same_shape(op: &str, a: &GpuTensor, b: &GpuTensor) -> Result<()> {
@@ -335,14 +339,7 @@ pub fn attention_f16(
     seq: usize,
     (hq, hk, d): (usize, usize, usize),
 ) -> Result<GpuTensor> {
-    for t in [q, k, v] {
-        if t.dtype != GpuDtype::F16 {
-            return Err(Error::invalid(format!(
-                "attention_f16: expected f16 q, k, v, got {}",
-                t.shape_str()
-            )));
-        }
-    }
+    dtype_only("attention_f16", &[q, k, v], GpuDtype::F16)?;
     check_attention(q, k, v, seq, (hq, hk, d), 16)?;
     if !attention_f16_available(ctx, d) {
         return Err(Error::gpu(

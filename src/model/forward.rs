@@ -433,6 +433,8 @@ pub struct ForwardPlan {
     pub precision: Precision,
     /// Set by `to_f16` when an activation exceeded f16's range (F16 only).
     range_flag: GpuTensor,
+    /// Attention runs on tensor cores (see [`ForwardPlan::attention`]); decided once here.
+    f16_attention: bool,
 }
 
 impl ForwardPlan {
@@ -443,6 +445,9 @@ impl ForwardPlan {
         precision: Precision,
     ) -> Result<Self> {
         let inv = crate::reference::forward::rope_inv_freq(cfg)?;
+        let allowed = std::env::var(F16_ATTENTION_ENV).map_or(true, |v| v != "0");
+        let f16_attention =
+            precision == Precision::F16 && allowed && k::attention_f16_available(ctx, cfg.head_dim);
         Ok(ForwardPlan {
             seq,
             rope: k::rope_table(ctx, &inv, seq)?,
@@ -454,6 +459,7 @@ impl ForwardPlan {
             eps: cfg.rms_norm_eps as f32,
             precision,
             range_flag: k::range_flag(ctx)?,
+            f16_attention,
         })
     }
 
@@ -482,14 +488,12 @@ impl ForwardPlan {
         k: GpuTensor,
         v: GpuTensor,
     ) -> Result<GpuTensor> {
-        let (hq, hk, d) = self.heads;
-        let allowed = std::env::var(F16_ATTENTION_ENV).map_or(true, |v| v != "0");
-        if self.precision != Precision::F16 || !allowed || !k::attention_f16_available(ctx, d) {
+        if !self.f16_attention {
             return k::attention(ctx, &q, &k, &v, self.seq, self.heads);
         }
         let half = |t: GpuTensor| k::to_f16_aligned(ctx, &t, &self.range_flag, self.seq);
         let (qh, kh, vh) = (half(q)?, half(k)?, half(v)?);
-        k::attention_f16(ctx, &qh, &kh, &vh, self.seq, (hq, hk, d))
+        k::attention_f16(ctx, &qh, &kh, &vh, self.seq, self.heads)
     }
 
     /// An error if any linear input since the plan was made exceeded f16's range (their f16 copies
@@ -625,7 +629,8 @@ fn mlp_act(ctx: &GpuContext, plan: &ForwardPlan, b: &GpuBlock, h: &GpuTensor) ->
     Ok(g)
 }
 
-/// The embedding table on the GPU as f32 (decoded once on the host), for [`embed`].
+/// The embedding table on the GPU as f32 (decoded once on the host), for `gpu::forward::embed`
+/// (which gathers the rows of a batch's ids there: only the ids cross to the GPU).
 pub fn embedding_table(ctx: &GpuContext, model: &Model) -> Result<GpuTensor> {
     let name = "model.embed_tokens.weight";
     let info = model.weights.info(name)?;
@@ -638,12 +643,6 @@ pub fn embedding_table(ctx: &GpuContext, model: &Model) -> Result<GpuTensor> {
         ));
     }
     GpuTensor::from_f32(ctx, vocab, hd, &model.weights.to_f32(name)?)
-}
-
-/// Embedding lookup of `ids` on the GPU (`gpu::forward::embed` from [`embedding_table`]), aligned
-/// to `seq` rows: only the ids cross to the GPU, not their rows.
-pub fn embed(ctx: &GpuContext, table: &GpuTensor, ids: &[u32], seq: usize) -> Result<GpuTensor> {
-    k::embed(ctx, table, ids, seq)
 }
 
 /// A whole model resident on the GPU for evaluation: every block, the final norm and the head.
@@ -688,7 +687,7 @@ impl GpuModel {
                 self.plan.seq
             )));
         }
-        let mut x = embed(ctx, &self.table, ids, self.plan.seq)?;
+        let mut x = k::embed(ctx, &self.table, ids, self.plan.seq)?;
         for b in &self.blocks {
             x = block_forward(ctx, &self.plan, b, &x)?;
         }
