@@ -135,7 +135,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn spans_are_charged_to_the_mark_that_ends_them() {
+    fn spans_are_charged_to_the_mark_that_ends_them() -> Result<()> {
         let mut into = [0.0; 3];
         // Origin at 100 ticks, then marks for tags 2, 0, 2 at 1 ns per tick.
         add_spans(
@@ -144,16 +144,16 @@ mod tests {
             None,
             1.0,
             &mut into,
-        )
-        .unwrap();
+        )?;
         let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs();
         assert!(
             close(into[0], 50e-9) && into[1] == 0.0 && close(into[2], 1250e-9),
             "{into:?}"
         );
         // A second read-back continues from the last mark; a step back counts zero.
-        add_spans(&[1500, 1450], &[1, 1], Some(1400), 2.0, &mut into).unwrap();
+        add_spans(&[1500, 1450], &[1, 1], Some(1400), 2.0, &mut into)?;
         assert!(close(into[1], 200e-9), "{into:?}");
         assert!(add_spans(&[1, 2], &[0, 7], Some(0), 1.0, &mut into).is_err());
+        Ok(())
     }
 }
