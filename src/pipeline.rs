@@ -76,8 +76,27 @@ pub struct Compressed {
 /// and low-rank methods use it.
 pub trait LayerMethod {
     fn name(&self) -> &'static str;
-    fn compress(&self, ctx: &GpuContext, w: &GpuTensor, h: &GpuTensor) -> Result<Compressed>;
+    /// Derives from a site's Hessian what every layer reading that input shares (GPTQ: the
+    /// inverse-Hessian factor, so q/k/v factor their Hessian once, not three times); `None`
+    /// when a method shares nothing. Called once per site, before the site's first layer.
+    fn prepare(&self, _ctx: &GpuContext, _h: &GpuTensor) -> Result<SiteWork> {
+        Ok(None)
+    }
+    /// Compresses one layer. `site` holds what [`LayerMethod::prepare`] made from `h`; on the
+    /// site's `last` layer the method may take it, to free its memory as early as it can.
+    fn compress(
+        &self,
+        ctx: &GpuContext,
+        w: &GpuTensor,
+        h: &GpuTensor,
+        site: &mut SiteWork,
+        last: bool,
+    ) -> Result<Compressed>;
 }
+
+/// What a method shares between the layers of one site (see [`LayerMethod::prepare`]); opaque
+/// to the pipeline, which only hands it back.
+pub type SiteWork = Option<Box<dyn std::any::Any>>;
 
 /// Round to nearest on the shared grid.
 pub struct Rtn(pub QuantSpec);
@@ -86,7 +105,14 @@ impl LayerMethod for Rtn {
     fn name(&self) -> &'static str {
         "rtn"
     }
-    fn compress(&self, ctx: &GpuContext, w: &GpuTensor, _h: &GpuTensor) -> Result<Compressed> {
+    fn compress(
+        &self,
+        ctx: &GpuContext,
+        w: &GpuTensor,
+        _h: &GpuTensor,
+        _site: &mut SiteWork,
+        _last: bool,
+    ) -> Result<Compressed> {
         use crate::gpu::quant;
         let grid = quant::fit_grid(ctx, w, &self.0)?;
         let packed = quant::quantize_packed(ctx, w, &self.0, &grid)?;
@@ -109,9 +135,34 @@ impl LayerMethod for Gptq {
     fn name(&self) -> &'static str {
         "gptq"
     }
-    fn compress(&self, ctx: &GpuContext, w: &GpuTensor, h: &GpuTensor) -> Result<Compressed> {
+    fn prepare(&self, ctx: &GpuContext, h: &GpuTensor) -> Result<SiteWork> {
+        let f = crate::gpu::gptq::gptq_factor(ctx, h, &self.0)?;
+        log::debug!("gptq factor of H {0}x{0}: {1:?}", f.cols(), f.phases);
+        Ok(Some(Box::new(f)))
+    }
+
+    fn compress(
+        &self,
+        ctx: &GpuContext,
+        w: &GpuTensor,
+        h: &GpuTensor,
+        site: &mut SiteWork,
+        last: bool,
+    ) -> Result<Compressed> {
+        use crate::gpu::gptq::{FactorUse, GptqFactor, gptq_gpu, gptq_gpu_factored};
         let (rows, cols) = (w.rows, w.cols);
-        let r = crate::gpu::gptq::gptq_gpu(ctx, w, h, &self.0)?;
+        // The pipeline's decode refused non-finite weights, so the GPU check is skipped.
+        let r = if last {
+            match site.take().map(|b| b.downcast::<GptqFactor>()) {
+                Some(Ok(f)) => gptq_gpu_factored(ctx, w, FactorUse::Last(f), &self.0, true)?,
+                _ => gptq_gpu(ctx, w, h, &self.0)?,
+            }
+        } else {
+            match site.as_ref().and_then(|b| b.downcast_ref::<GptqFactor>()) {
+                Some(f) => gptq_gpu_factored(ctx, w, FactorUse::Keep(f), &self.0, true)?,
+                None => gptq_gpu(ctx, w, h, &self.0)?,
+            }
+        };
         log::debug!("gptq {rows}x{cols}: {:?}", r.phases);
         if r.result.damp_used != self.0.damp {
             log::warn!(
@@ -325,26 +376,47 @@ pub fn run(
                     }
                     clock.lap(Phase::Hessian)?;
                 }
-                let h = acc
-                    .ok_or_else(|| Error::invalid("calibration: no windows"))?
-                    .finish(ctx)?;
-                clock.lap(Phase::Hessian)?;
+                // The site's weights cross to the GPU now, while it runs the passes just
+                // submitted: uploaded between the layers, each copy (180 MB of f32 for a 7B
+                // gate_proj) ran on the host while the GPU, drained by the previous layer's
+                // read-backs, waited. Decoded with the block (where NaN/Inf was refused, naming
+                // the tensor and index); W crosses once and everything else of the layer
+                // happens on the GPU, so each host copy goes now.
+                let mut weights = Vec::with_capacity(site.layers().len());
                 for short in site.layers() {
                     let name = format!("{p}{short}.weight");
                     let info = model.weights.info(&name)?;
                     let (rows, cols) = (info.shape[0], info.shape[1]);
-                    // Decoded with the block (where NaN/Inf was refused, naming the tensor and
-                    // index); W crosses to the GPU once and everything else of the layer happens
-                    // there, so the host copy goes now.
-                    let w = {
-                        let host = host.tensor(&name)?.take_values()?;
-                        GpuTensor::from_f32(ctx, rows, cols, &host)?
-                    };
+                    let host = host.tensor(&name)?.take_values()?;
+                    weights.push((
+                        *short,
+                        name,
+                        info,
+                        GpuTensor::from_f32(ctx, rows, cols, &host)?,
+                    ));
+                }
+                clock.lap(Phase::Load)?;
+                let h = acc
+                    .ok_or_else(|| Error::invalid("calibration: no windows"))?
+                    .finish(ctx)?;
+                clock.lap(Phase::Hessian)?;
+                // Shared work of the site's layers; its time is charged to the first layer.
+                let t = Instant::now();
+                let first = format!("{p}{}.weight", site.layers()[0]);
+                let mut shared = method.prepare(ctx, &h).map_err(|e| {
+                    let file = model.weights.info(&first).map(|i| i.file.clone());
+                    Error::tensor(file.unwrap_or_default(), &first, e.to_string())
+                })?;
+                let mut shared_s = t.elapsed().as_secs_f64();
+                clock.lap(Phase::Method)?;
+                let n_layers = weights.len();
+                for (i, (short, name, info, w)) in weights.into_iter().enumerate() {
+                    let (rows, cols) = (w.rows, w.cols);
                     let t = Instant::now();
                     let c = method
-                        .compress(ctx, &w, &h)
+                        .compress(ctx, &w, &h, &mut shared, i + 1 == n_layers)
                         .map_err(|e| Error::tensor(&info.file, &name, e.to_string()))?;
-                    let seconds = t.elapsed().as_secs_f64();
+                    let seconds = t.elapsed().as_secs_f64() + std::mem::take(&mut shared_s);
                     clock.lap(Phase::Method)?;
                     let errors = layer_errors(ctx, w, &c.deq, &h)?;
                     report.layers.push(LayerReport {
@@ -357,7 +429,7 @@ pub fn run(
                         dead_columns: c.dead_columns,
                     });
                     let g = linear_weight_gpu(ctx, opts.precision, &name, c.deq)?;
-                    match *short {
+                    match short {
                         "self_attn.q_proj" => blk.q = g,
                         "self_attn.k_proj" => blk.k = g,
                         "self_attn.v_proj" => blk.v = g,

@@ -442,3 +442,57 @@ fn non_finite_weights_are_named_on_both_entry_points() {
         assert!(e.contains(&want), "{e}");
     }
 }
+
+/// One factor of H shared by several layers (the pipeline's q/k/v and gate/up): each layer's
+/// integers, grids, g_idx, damping and Ŵ equal those of its own full run bit for bit (the factor
+/// is the same computation, made once), whether the factor is kept or consumed by the last
+/// layer; a layer of another width is refused, naming both widths.
+#[test]
+fn shared_factor_gives_each_layer_its_own_runs_result() {
+    use wgpress::gpu::gptq::{FactorUse, gptq_factor, gptq_gpu, gptq_gpu_factored};
+    let ctx = ctx();
+    let cols = 88;
+    let (_, h) = layer(1, cols, 240, 31);
+    let ht = GpuTensor::from_f32(&ctx, cols, cols, &h).unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (group, act) in [(Some(8), true), (Some(22), false)] {
+        let mut o = GptqOptions::new(QuantSpec::new(3, group, group == Some(8)).unwrap());
+        o.act_order = act;
+        let label = format!("group {group:?} act {act}");
+        let ws: Vec<(usize, Vec<f32>)> = [(37, 40), (130, 41), (9, 42)]
+            .iter()
+            .map(|&(rows, seed)| (rows, layer(rows, cols, 1, seed).0))
+            .collect();
+        let mut factor = Some(gptq_factor(&ctx, &ht, &o).unwrap());
+        for (i, (rows, w)) in ws.iter().enumerate() {
+            let wt = GpuTensor::from_f32(&ctx, *rows, cols, w).unwrap();
+            let own = gptq_gpu(&ctx, &wt, &ht, &o).unwrap();
+            let shared = if i + 1 == ws.len() {
+                let f = factor.take().unwrap();
+                gptq_gpu_factored(&ctx, &wt, FactorUse::Last(Box::new(f)), &o, false).unwrap()
+            } else {
+                let f = factor.as_ref().unwrap();
+                gptq_gpu_factored(&ctx, &wt, FactorUse::Keep(f), &o, false).unwrap()
+            };
+            assert!(
+                own.result.q == shared.result.q,
+                "{label}: layer {i} integers"
+            );
+            assert_eq!(own.result.perm, shared.result.perm, "{label}: layer {i}");
+            assert_eq!(own.result.damp_used, shared.result.damp_used, "{label}");
+            assert_eq!(
+                bits(&own.dequantized.to_f32(&ctx).unwrap()),
+                bits(&shared.dequantized.to_f32(&ctx).unwrap()),
+                "{label}: layer {i} Ŵ"
+            );
+        }
+    }
+    let o = GptqOptions::new(QuantSpec::new(4, Some(8), false).unwrap());
+    let f = gptq_factor(&ctx, &ht, &o).unwrap();
+    let wt = GpuTensor::from_f32(&ctx, 5, 80, &layer(5, 80, 1, 7).0).unwrap();
+    let e = gptq_gpu_factored(&ctx, &wt, FactorUse::Keep(&f), &o, false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("88 columns") && e.contains("5x80"), "{e}");
+}

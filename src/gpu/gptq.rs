@@ -17,7 +17,9 @@
 //!
 //! W comes in as a [`GpuTensor`] ([`gptq_gpu`]: the pipeline uploads each layer once and keeps
 //! it for the layer's errors) or as a host slice ([`gptq`], [`gptq_with`]: uploaded once, then
-//! the same path).
+//! the same path). Steps (1) and (2) depend on H alone: [`gptq_factor`] makes them once for
+//! every layer reading the same input (q/k/v, gate/up) and [`gptq_gpu_factored`] runs steps (3)
+//! and (4) of each layer from that [`GptqFactor`], with the same result bit for bit.
 //!
 //! This module must not quantize on the host or loop over columns on the host.
 
@@ -270,8 +272,87 @@ fn check_finite(ctx: &GpuContext, w: &GpuTensor) -> Result<()> {
     }
 }
 
-/// The GPTQ core: `dequantize` keeps Ŵ on the GPU; `finite_checked` skips the GPU finiteness
-/// check when the caller already checked the host copy.
+/// What GPTQ derives from the Hessian alone, shared by every layer that reads the same input
+/// (q/k/v share one Hessian, gate/up another): dead columns, the processing order, the damping
+/// finally used and U, the upper Cholesky factor of the damped, permuted H⁻¹ (n x n on the GPU,
+/// n = cols rounded up to the Cholesky block). Made by [`gptq_factor`], used by
+/// [`gptq_gpu_factored`]; U is released by the last layer that uses it.
+pub struct GptqFactor {
+    cols: usize,
+    n: usize,
+    u: Option<GpuTensor>,
+    perm: Vec<u32>,
+    dead: Vec<bool>,
+    pos_t: GpuTensor,
+    damp: f32,
+    /// Time of steps (1) and (2): the prepare, Cholesky and inverse phases.
+    pub phases: GptqPhases,
+}
+
+impl GptqFactor {
+    /// Input columns (the Hessian's width).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The damping fraction finally used.
+    pub fn damp_used(&self) -> f32 {
+        self.damp
+    }
+}
+
+/// How a layer uses a [`GptqFactor`]: `Keep` leaves U for later layers; `Last` frees it as soon
+/// as the column loop is done, before Ŵ and the read-back buffers are allocated.
+pub enum FactorUse<'a> {
+    Keep(&'a GptqFactor),
+    Last(Box<GptqFactor>),
+}
+
+/// Steps (1) and (2) of GPTQ for the Hessian `h` (`cols x cols` f32 on the GPU): the part every
+/// layer reading the same input shares. One read-back (diag H, `cols` floats) and one per
+/// Cholesky attempt (its success flag).
+pub fn gptq_factor(ctx: &GpuContext, h: &GpuTensor, opts: &GptqOptions) -> Result<GptqFactor> {
+    opts.validate(h.cols)?;
+    check_hessian(h, h.cols)?;
+    factor_impl(ctx, h, opts, false)
+}
+
+/// GPTQ of weights already on the GPU, as [`gptq_gpu`], with steps (1) and (2) taken from a
+/// factor of the layer's Hessian. `finite_checked`: the caller has already refused non-finite
+/// weights (the pipeline's decode does), so the GPU check and its read-back are skipped.
+pub fn gptq_gpu_factored(
+    ctx: &GpuContext,
+    w: &GpuTensor,
+    factor: FactorUse<'_>,
+    opts: &GptqOptions,
+    finite_checked: bool,
+) -> Result<GpuGptq> {
+    let (result, dequantized, phases) = apply_impl(
+        ctx,
+        w,
+        factor,
+        opts,
+        Hooks::default(),
+        true,
+        finite_checked,
+        false,
+    )?;
+    let dequantized = dequantized.ok_or_else(|| {
+        Error::gpu(
+            KERNEL,
+            w.shape_str(),
+            "the dequantized weights were not made",
+        )
+    })?;
+    Ok(GpuGptq {
+        result,
+        dequantized,
+        phases,
+    })
+}
+
+/// The GPTQ core: the factor of H, then the layer. `dequantize` keeps Ŵ on the GPU;
+/// `finite_checked` skips the GPU finiteness check when the caller already checked the host copy.
 /// `timed`: wait for the GPU at each phase boundary so [`GptqPhases`] charges each phase its own
 /// GPU time (the benchmark); otherwise the phases count host time and the GPU runs on across
 /// them (the pipeline: each wait left the GPU idle while the host encoded the next phase).
@@ -286,24 +367,53 @@ fn gptq_impl(
     finite_checked: bool,
     timed: bool,
 ) -> Result<(GptqResult, Option<GpuTensor>, GptqPhases)> {
-    let (rows, cols) = (w.rows, w.cols);
+    let cols = w.cols;
     opts.validate(cols)?;
-    let spec = opts.spec;
-    let shape = format!("{rows}x{cols}");
-    if w.dtype != GpuDtype::F32 || rows == 0 || cols == 0 {
+    check_weights(w)?;
+    check_hessian(h, cols)?;
+    if !finite_checked {
+        check_finite(ctx, w)?;
+    }
+    let factor = factor_impl(ctx, h, opts, timed)?;
+    let fp = factor.phases;
+    let (result, deq, mut phases) = apply_impl(
+        ctx,
+        w,
+        FactorUse::Last(Box::new(factor)),
+        opts,
+        hooks,
+        dequantize,
+        true,
+        timed,
+    )?;
+    phases.prepare_s += fp.prepare_s;
+    phases.cholesky_s += fp.cholesky_s;
+    phases.inverse_s += fp.inverse_s;
+    Ok((result, deq, phases))
+}
+
+fn check_weights(w: &GpuTensor) -> Result<()> {
+    if w.dtype != GpuDtype::F32 || w.rows == 0 || w.cols == 0 {
         return Err(Error::Shape {
             op: "gptq".into(),
             expected: "f32 weights with at least one row and one column".into(),
             got: w.shape_str(),
         });
     }
-    check_hessian(h, cols)?;
-    if !finite_checked {
-        check_finite(ctx, w)?;
-    }
+    Ok(())
+}
+
+/// Steps (1) and (2): diag H, dead columns, the order, and U (retrying with more damping).
+fn factor_impl(
+    ctx: &GpuContext,
+    h: &GpuTensor,
+    opts: &GptqOptions,
+    timed: bool,
+) -> Result<GptqFactor> {
+    let cols = h.cols;
+    let shape = format!("H {cols}x{cols}");
     let mut phases = GptqPhases::default();
     let t0 = Instant::now();
-
     // (1) diag H on the host.
     let diag_t = GpuTensor::empty(ctx, 1, cols, GpuDtype::F32)?;
     {
@@ -408,7 +518,65 @@ fn gptq_impl(
     }
     linalg::flip(ctx, &work)?;
     lap(ctx, &mut phases.inverse_s)?;
-    let u = work;
+    Ok(GptqFactor {
+        cols,
+        n,
+        u: Some(work),
+        perm,
+        dead,
+        pos_t,
+        damp,
+        phases,
+    })
+}
+
+/// Steps (3) and (4) for one layer's weights, given the factor of its Hessian.
+#[allow(clippy::too_many_arguments)]
+fn apply_impl(
+    ctx: &GpuContext,
+    w: &GpuTensor,
+    factor: FactorUse<'_>,
+    opts: &GptqOptions,
+    hooks: Hooks,
+    dequantize: bool,
+    finite_checked: bool,
+    timed: bool,
+) -> Result<(GptqResult, Option<GpuTensor>, GptqPhases)> {
+    let (rows, cols) = (w.rows, w.cols);
+    opts.validate(cols)?;
+    check_weights(w)?;
+    // The last user owns U and frees it after the column loop.
+    let held: Box<GptqFactor>;
+    let (f, owned_u): (&GptqFactor, Option<GpuTensor>) = match factor {
+        FactorUse::Keep(f) => (f, None),
+        FactorUse::Last(mut last) => {
+            let u = last.u.take();
+            held = last;
+            (&held, u)
+        }
+    };
+    if f.cols != cols {
+        return Err(Error::Shape {
+            op: "gptq".into(),
+            expected: format!("weights with {} columns (the factor's Hessian)", f.cols),
+            got: w.shape_str(),
+        });
+    }
+    if !finite_checked {
+        check_finite(ctx, w)?;
+    }
+    let spec = opts.spec;
+    let shape = format!("{rows}x{cols}");
+    let mut phases = GptqPhases::default();
+    let (n, damp, dead) = (f.n, f.damp, &f.dead);
+    let (perm, pos_t) = (&f.perm, &f.pos_t);
+    let u = owned_u.as_ref().or(f.u.as_ref()).ok_or_else(|| {
+        Error::gpu(
+            KERNEL,
+            &shape,
+            "the factor's U was released by an earlier layer",
+        )
+    })?;
 
     // (3) the column loop, one row chunk at a time.
     let t1 = Instant::now();
@@ -578,7 +746,7 @@ fn gptq_impl(
                         ld: err_w,
                     },
                     b: Region {
-                        buf: one(&u),
+                        buf: one(u),
                         len: n * n,
                         off: u_row * n + c0,
                         ld: n,
@@ -620,7 +788,7 @@ fn gptq_impl(
                     &p_fit,
                     vec![
                         &chunk.buffer,
-                        one(&pos_t),
+                        one(pos_t),
                         one(&shrink_t),
                         one(&scales),
                         one(&zeros),
@@ -630,7 +798,7 @@ fn gptq_impl(
                     &p_block,
                     vec![
                         &chunk.buffer,
-                        one(&u),
+                        one(u),
                         one(&err),
                         one(&q),
                         one(&scales),
@@ -668,7 +836,7 @@ fn gptq_impl(
     phases.loop_s = t1.elapsed().as_secs_f64() - upload_s;
     // The padded working copy and U are done with; Ŵ takes their place.
     drop(wp);
-    drop(u);
+    drop(owned_u);
 
     // Results to the host, back in the original column order.
     let t2 = Instant::now();
@@ -679,7 +847,7 @@ fn gptq_impl(
         q: vec![0; rows * cols],
         scales: vec![0.0; rows * ng],
         zeros: vec![0; rows * ng],
-        g_idx: group_index(&perm, &spec, opts.static_groups),
+        g_idx: group_index(perm, &spec, opts.static_groups),
     };
     let deq = if dequantize {
         Some(GpuTensor::empty(ctx, rows, cols, GpuDtype::F32)?)
@@ -700,7 +868,7 @@ fn gptq_impl(
             &shape,
             &p_unperm,
             &[Dispatch {
-                buffers: vec![one(&q), one(&pos_t), one(&orig)],
+                buffers: vec![one(&q), one(pos_t), one(&orig)],
                 uniform: Some(bytemuck::bytes_of(&p)),
                 groups: grid(ctx, (rc * words).div_ceil(256)),
             }],
@@ -737,7 +905,7 @@ fn gptq_impl(
         q: qt,
         damp_used: damp,
         dead_columns: dead.iter().filter(|&&d| d).count(),
-        perm,
+        perm: perm.clone(),
     };
     Ok((result, deq, phases))
 }
