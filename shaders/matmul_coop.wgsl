@@ -8,12 +8,15 @@
 // the constants A_TRANS / B_TRANS, and the tile configuration (`gpu::matmul::CoopConfig`):
 //   SGM x SGN subgroups of 32 per workgroup, each a 64 x 64 block of C in 16 accumulators of
 //   16 x 16, so the workgroup tile is BM = 64 SGM by BN = 64 SGN; NBUF = 1 or 2 staging buffers;
-//   SLICE_A / SLICE_B halves per staged slice and THREADS = 32 SGM SGN.
-// K is staged 32 at a time in workgroup memory in the source's own orientation (a straight copy,
+//   SLICE_A / SLICE_B halves per staged slice, THREADS = 32 SGM SGN and BK, the slice depth.
+// K is staged BK (32 or 64) at a time in workgroup memory in the source's own orientation (a straight copy,
 // read back with coopLoad or coopLoadT as the orientation requires). With two buffers the next
 // slice is staged while the current one is multiplied (one barrier per slice). Interior slices
 // whose offset and leading dimension are multiples of 8 (the host's a_align/b_align) copy eight
 // elements per load, then pairs, then single elements with zeros outside m, n, k.
+// EXACT (host constant): every dispatch of this pipeline has m, n and k multiples of the tile and
+// slice and both operands aligned to 8, so only the eight-element copy is compiled in (the
+// driver keeps every path of a runtime branch live, which costs registers and speed).
 // C: a tile wholly inside C, not accumulated, with alpha = 1 stores its accumulators straight to
 // C; other tiles go through a per-subgroup 16 x 16 scratch, element by element under bounds
 // checks, applying alpha and accumulation (C + product, in that order for every configuration,
@@ -37,11 +40,14 @@ struct Params {
 
 const BM: u32 = 64u * SGM;
 const BN: u32 = 64u * SGN;
-const BK: u32 = 32u;
+// BK (the slice depth, 32 or 64) comes from the host.
 // Row strides of the staged slices, padded by 8 halves so consecutive rows start in different
-// banks: SK for a slice stored k-contiguous (BM or BN rows of 32), SWA / SWB for one stored
-// m/n-contiguous (32 rows of BM or BN).
-const SK: u32 = 40u;
+// banks: SK for a slice stored k-contiguous (BM or BN rows of BK), SWA / SWB for one stored
+// m/n-contiguous (BK rows of BM or BN).
+const SK: u32 = BK + 8u;
+// Eight-element and two-element pieces per k-contiguous row of a slice.
+const K8: u32 = BK / 8u;
+const K2: u32 = BK / 2u;
 const SWA: u32 = BM + 8u;
 const SWB: u32 = BN + 8u;
 
@@ -75,28 +81,38 @@ fn put8(s: u32, lo: vec4<f16>, hi: vec4<f16>, is_a: bool) {
     }
 }
 
-// Copies K slice [k0, k0 + 32) of this workgroup's A tile into slice buffer `buf`. Consecutive
+// Eight elements per load: a slice wholly inside A whose offset and leading dimension are
+// multiples of 8.
+fn stage8_a(tid: u32, row0: u32, k0: u32, base: u32) {
+    for (var j = 0u; j < BM * K8 / THREADS; j++) {
+        let q = j * THREADS + tid;
+        if (A_TRANS) {
+            let kk = q / (BM / 8u);
+            let r = (q % (BM / 8u)) * 8u;
+            let i8 = p.a_off + (k0 + kk) * p.lda + row0 + r;
+            put8(base + kk * SWA + r, ld4_ma(i8), ld4_ma(i8 + 4u), true);
+        } else {
+            let r = q / K8;
+            let kk = (q % K8) * 8u;
+            let i8 = p.a_off + (row0 + r) * p.lda + k0 + kk;
+            put8(base + r * SK + kk, ld4_ma(i8), ld4_ma(i8 + 4u), true);
+        }
+    }
+}
+
+// Copies K slice [k0, k0 + BK) of this workgroup's A tile into slice buffer `buf`. Consecutive
 // threads take consecutive elements of the source, so a subgroup reads consecutive addresses.
 fn stage_a(tid: u32, row0: u32, k0: u32, buf: u32) {
     let base = buf * SLICE_A;
+    if (EXACT) {
+        stage8_a(tid, row0, k0, base);
+        return;
+    }
     let inside = k0 + BK <= p.k && row0 + BM <= p.m;
     if (inside && p.a_align == 2u) {
-        for (var j = 0u; j < BM * 4u / THREADS; j++) {
-            let q = j * THREADS + tid;
-            if (A_TRANS) {
-                let kk = q / (BM / 8u);
-                let r = (q % (BM / 8u)) * 8u;
-                let i8 = p.a_off + (k0 + kk) * p.lda + row0 + r;
-                put8(base + kk * SWA + r, ld4_ma(i8), ld4_ma(i8 + 4u), true);
-            } else {
-                let r = q >> 2u;
-                let kk = (q & 3u) * 8u;
-                let i8 = p.a_off + (row0 + r) * p.lda + k0 + kk;
-                put8(base + r * SK + kk, ld4_ma(i8), ld4_ma(i8 + 4u), true);
-            }
-        }
+        stage8_a(tid, row0, k0, base);
     } else if (inside && p.a_align == 1u) {
-        for (var j = 0u; j < BM * 16u / THREADS; j++) {
+        for (var j = 0u; j < BM * K2 / THREADS; j++) {
             let q = j * THREADS + tid;
             if (A_TRANS) {
                 let kk = q / (BM / 2u);
@@ -106,8 +122,8 @@ fn stage_a(tid: u32, row0: u32, k0: u32, buf: u32) {
                 SA[s] = v.x;
                 SA[s + 1u] = v.y;
             } else {
-                let r = q >> 4u;
-                let kk = (q & 15u) * 2u;
+                let r = q / K2;
+                let kk = (q % K2) * 2u;
                 let v = ld2_ma(p.a_off + (row0 + r) * p.lda + k0 + kk);
                 let s = base + r * SK + kk;
                 SA[s] = v.x;
@@ -115,17 +131,35 @@ fn stage_a(tid: u32, row0: u32, k0: u32, buf: u32) {
             }
         }
     } else {
-        for (var j = 0u; j < BM * 32u / THREADS; j++) {
+        for (var j = 0u; j < BM * BK / THREADS; j++) {
             let e = j * THREADS + tid;
             if (A_TRANS) {
                 let kk = e / BM;
                 let r = e % BM;
                 SA[base + kk * SWA + r] = get_a(row0 + r, k0 + kk);
             } else {
-                let r = e >> 5u;
-                let kk = e & 31u;
+                let r = e / BK;
+                let kk = e % BK;
                 SA[base + r * SK + kk] = get_a(row0 + r, k0 + kk);
             }
+        }
+    }
+}
+
+// The same for B's tile.
+fn stage8_b(tid: u32, col0: u32, k0: u32, base: u32) {
+    for (var j = 0u; j < BN * K8 / THREADS; j++) {
+        let q = j * THREADS + tid;
+        if (B_TRANS) {
+            let c = q / K8;
+            let kk = (q % K8) * 8u;
+            let i8 = p.b_off + (col0 + c) * p.ldb + k0 + kk;
+            put8(base + c * SK + kk, ld4_mb(i8), ld4_mb(i8 + 4u), false);
+        } else {
+            let kk = q / (BN / 8u);
+            let c = (q % (BN / 8u)) * 8u;
+            let i8 = p.b_off + (k0 + kk) * p.ldb + col0 + c;
+            put8(base + kk * SWB + c, ld4_mb(i8), ld4_mb(i8 + 4u), false);
         }
     }
 }
@@ -133,28 +167,19 @@ fn stage_a(tid: u32, row0: u32, k0: u32, buf: u32) {
 // The same for B's tile (columns col0..col0 + BN of op(B)).
 fn stage_b(tid: u32, col0: u32, k0: u32, buf: u32) {
     let base = buf * SLICE_B;
+    if (EXACT) {
+        stage8_b(tid, col0, k0, base);
+        return;
+    }
     let inside = k0 + BK <= p.k && col0 + BN <= p.n;
     if (inside && p.b_align == 2u) {
-        for (var j = 0u; j < BN * 4u / THREADS; j++) {
-            let q = j * THREADS + tid;
-            if (B_TRANS) {
-                let c = q >> 2u;
-                let kk = (q & 3u) * 8u;
-                let i8 = p.b_off + (col0 + c) * p.ldb + k0 + kk;
-                put8(base + c * SK + kk, ld4_mb(i8), ld4_mb(i8 + 4u), false);
-            } else {
-                let kk = q / (BN / 8u);
-                let c = (q % (BN / 8u)) * 8u;
-                let i8 = p.b_off + (k0 + kk) * p.ldb + col0 + c;
-                put8(base + kk * SWB + c, ld4_mb(i8), ld4_mb(i8 + 4u), false);
-            }
-        }
+        stage8_b(tid, col0, k0, base);
     } else if (inside && p.b_align == 1u) {
-        for (var j = 0u; j < BN * 16u / THREADS; j++) {
+        for (var j = 0u; j < BN * K2 / THREADS; j++) {
             let q = j * THREADS + tid;
             if (B_TRANS) {
-                let c = q >> 4u;
-                let kk = (q & 15u) * 2u;
+                let c = q / K2;
+                let kk = (q % K2) * 2u;
                 let v = ld2_mb(p.b_off + (col0 + c) * p.ldb + k0 + kk);
                 let s = base + c * SK + kk;
                 SB[s] = v.x;
@@ -169,11 +194,11 @@ fn stage_b(tid: u32, col0: u32, k0: u32, buf: u32) {
             }
         }
     } else {
-        for (var j = 0u; j < BN * 32u / THREADS; j++) {
+        for (var j = 0u; j < BN * BK / THREADS; j++) {
             let e = j * THREADS + tid;
             if (B_TRANS) {
-                let c = e >> 5u;
-                let kk = e & 31u;
+                let c = e / BK;
+                let kk = e % BK;
                 SB[base + c * SK + kk] = get_b(k0 + kk, col0 + c);
             } else {
                 let kk = e / BN;
@@ -184,7 +209,7 @@ fn stage_b(tid: u32, col0: u32, k0: u32, buf: u32) {
     }
 }
 
-// The 16 x 16 block of op(A) at tile rows r (0..BM) and slice columns kk (0..32).
+// The 16 x 16 block of op(A) at tile rows r (0..BM) and slice columns kk (0..BK).
 fn tile_a(buf: u32, r: u32, kk: u32) -> coop_mat16x16<f16, A> {
     if (A_TRANS) {
         let i = buf * SLICE_A + kk * SWA + r;
@@ -196,7 +221,7 @@ fn tile_a(buf: u32, r: u32, kk: u32) -> coop_mat16x16<f16, A> {
     return coopLoadT<coop_mat16x16<f16, A>>(&SA[i], s);
 }
 
-// The 16 x 16 block of op(B) at slice rows kk (0..32) and tile columns c (0..BN).
+// The 16 x 16 block of op(B) at slice rows kk (0..BK) and tile columns c (0..BN).
 fn tile_b(buf: u32, kk: u32, c: u32) -> coop_mat16x16<f16, B> {
     if (B_TRANS) {
         let i = buf * SLICE_B + c * SK + kk;

@@ -183,7 +183,8 @@ enum BenchKernel {
         #[arg(long, value_enum)]
         path: Option<BenchPath>,
         /// Time the cooperative kernel with these tile configurations (SGMxSGNxBUFFERS, e.g.
-        /// 2x2x2, or `all` for every tuning candidate); repeatable.
+        /// 2x2x2, with an optional slice depth, e.g. 2x2x1k64, or `all` for every tuning
+        /// candidate); repeatable.
         #[arg(long = "coop-config")]
         coop_configs: Vec<String>,
         #[arg(long, default_value_t = 10)]

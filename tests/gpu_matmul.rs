@@ -331,7 +331,12 @@ fn every_coop_tile_configuration_matches_reference_where_offered() {
         return;
     }
     let mut seed = 1300;
-    for cfg in CoopConfig::CANDIDATES {
+    // The tuning candidates and 64-deep slices (offered to `bench --coop-config`).
+    let configs: Vec<CoopConfig> = CoopConfig::CANDIDATES
+        .into_iter()
+        .chain([CoopConfig::parse("2x2x1k64").unwrap()])
+        .collect();
+    for &cfg in &configs {
         for &(m, n, k) in &[
             (300, 264, 96),
             (520, 272, 200),
@@ -359,7 +364,7 @@ fn every_coop_tile_configuration_matches_reference_where_offered() {
     }
     // Chunked operands (2 KiB bindings) under the widest tiles.
     let small = common::ctx_with(Some(2048));
-    for cfg in CoopConfig::CANDIDATES {
+    for &cfg in &configs {
         for (layout, accumulate) in [(Layout::NN, true), (Layout::NT, false), (Layout::TN, true)] {
             seed += 1;
             check(
@@ -372,6 +377,78 @@ fn every_coop_tile_configuration_matches_reference_where_offered() {
                 },
             );
         }
+    }
+}
+
+/// Products that tile exactly (m, n multiples of every candidate's tile, k of its slice depth,
+/// operands 8-aligned) take the kernel's EXACT variant, which compiles only the eight-element
+/// copy and no bounds checks: each candidate and layout against the reference, accumulating or
+/// not, the lower-triangle TN product too, and one non-exact product alongside to show the
+/// variant is chosen by shape (the profile names each pipeline).
+#[test]
+fn exact_tiling_variant_matches_reference_where_offered() {
+    let ctx = common::ctx();
+    if !wgpress::gpu::matmul::coop_available(&ctx) {
+        eprintln!(
+            "adapter {} has no f16 cooperative matrices: skipped",
+            ctx.adapter
+        );
+        return;
+    }
+    let profiled = ctx.start_profiling().is_ok();
+    let mut seed = 1700;
+    let deep = CoopConfig::parse("2x2x1k64").unwrap();
+    for cfg in CoopConfig::CANDIDATES.into_iter().chain([deep]) {
+        for layout in [Layout::NN, Layout::NT, Layout::TN] {
+            seed += 1;
+            check(
+                &ctx,
+                seed,
+                Case {
+                    accumulate: seed % 2 == 0,
+                    config: Some(cfg),
+                    ..case(768, 1280, 192, layout, GpuDtype::F16, GpuDtype::F16)
+                },
+            );
+        }
+    }
+    for accumulate in [false, true] {
+        seed += 1;
+        check(
+            &ctx,
+            seed,
+            Case {
+                accumulate,
+                path: Some(MatmulPath::Coop),
+                lower: true,
+                ..case(768, 768, 320, Layout::TN, GpuDtype::F16, GpuDtype::F16)
+            },
+        );
+    }
+    seed += 1;
+    check(
+        &ctx,
+        seed,
+        Case {
+            config: Some(CoopConfig::DEFAULT),
+            ..case(770, 1280, 192, Layout::NT, GpuDtype::F16, GpuDtype::F16)
+        },
+    );
+    if profiled {
+        let prof = ctx.take_profile().unwrap().unwrap();
+        let names: Vec<&String> = prof.families.keys().collect();
+        for cfg in CoopConfig::CANDIDATES.into_iter().chain([deep]) {
+            let exact = format!("matmul_coop F16xF16 NT {} exact/main", cfg.name());
+            assert!(
+                prof.families.contains_key(&exact),
+                "{exact} not in {names:?}"
+            );
+        }
+        let general = format!("matmul_coop F16xF16 NT {}/main", CoopConfig::DEFAULT.name());
+        assert!(
+            prof.families.contains_key(&general),
+            "{general} not in {names:?}"
+        );
     }
 }
 
@@ -431,7 +508,11 @@ fn coop_configurations_parse_and_fit_the_workgroup_limit() {
         // 48 KiB: the smallest workgroup memory limit seen on the adapters we target.
         assert!(cfg.workgroup_bytes() <= 48 * 1024, "{cfg:?}");
     }
-    for bad in ["2x2", "3x2x2", "2x2x3", "axbxc", ""] {
+    assert_eq!(CoopConfig::parse("2x2x1k64").unwrap().bk, 64);
+    assert_eq!(CoopConfig::parse("2x2x1").unwrap().bk, 32);
+    for bad in [
+        "2x2", "3x2x2", "2x2x3", "axbxc", "", "2x2x1k48", "2x2x1k", "2x2k64",
+    ] {
         assert!(CoopConfig::parse(bad).is_err(), "{bad}");
     }
 }

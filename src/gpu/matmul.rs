@@ -81,6 +81,17 @@ impl Params {
     /// Offsets and leading dimensions that are multiples of 8 (2) let the cooperative kernel
     /// load interior slices eight elements at a time, even ones (1) two at a time (the tiled
     /// kernel ignores these fields).
+    /// Whether this dispatch suits the cooperative kernel's EXACT variant with tiles `bm` x `bn`
+    /// and slices `bk` deep: whole tiles and slices only, both operands 8-aligned (after
+    /// [`Params::set_align`]).
+    fn exact(&self, (bm, bn): (usize, usize), bk: u32) -> bool {
+        (self.m as usize).is_multiple_of(bm)
+            && (self.n as usize).is_multiple_of(bn)
+            && self.k.is_multiple_of(bk)
+            && self.a_align == 2
+            && self.b_align == 2
+    }
+
     fn set_align(&mut self) {
         let q = |off: u32, ld: u32| {
             if off.is_multiple_of(8) && ld.is_multiple_of(8) {
@@ -192,12 +203,14 @@ fn coop_loader(name: &str, binding: u32, dtype: GpuDtype) -> Result<String> {
 
 /// A cooperative kernel's tile configuration: `sgm` x `sgn` subgroups of 32 per workgroup, each
 /// computing a 64 x 64 block of C (so a 64·sgm x 64·sgn workgroup tile), with one or two K-slice
-/// staging buffers (two overlap the next slice's copy with the current slice's multiplies).
+/// staging buffers (two overlap the next slice's copy with the current slice's multiplies) of
+/// `bk` (32 or 64) positions of K each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CoopConfig {
     pub sgm: u32,
     pub sgn: u32,
     pub nbuf: u32,
+    pub bk: u32,
 }
 
 impl CoopConfig {
@@ -207,35 +220,43 @@ impl CoopConfig {
         sgm: 2,
         sgn: 2,
         nbuf: 1,
+        bk: 32,
     };
 
     /// The candidates the tuner times, each within 48 KiB of workgroup memory.
+    /// (64-deep slices lost to 32 on the H200 for every problem measured, 8-15%: BENCHMARKS.md,
+    /// session 10; `--coop-config 2x2x1k64` still times them.)
     pub const CANDIDATES: [CoopConfig; 6] = [
         CoopConfig::DEFAULT,
         CoopConfig {
             sgm: 2,
             sgn: 2,
             nbuf: 2,
+            bk: 32,
         },
         CoopConfig {
             sgm: 4,
             sgn: 2,
             nbuf: 1,
+            bk: 32,
         },
         CoopConfig {
             sgm: 2,
             sgn: 4,
             nbuf: 1,
+            bk: 32,
         },
         CoopConfig {
             sgm: 2,
             sgn: 1,
             nbuf: 2,
+            bk: 32,
         },
         CoopConfig {
             sgm: 1,
             sgn: 2,
             nbuf: 2,
+            bk: 32,
         },
     ];
 
@@ -245,15 +266,15 @@ impl CoopConfig {
     }
 
     /// Halves per staged K slice of A (`rows` = BM) or B (BN): the larger of the k-contiguous
-    /// (rows x 40) and the m/n-contiguous (32 x (rows + 8)) layouts.
-    fn slice(rows: u32) -> u32 {
-        (rows * 40).max(32 * (rows + 8))
+    /// (rows x (bk + 8)) and the m/n-contiguous (bk x (rows + 8)) layouts.
+    fn slice(self, rows: u32) -> u32 {
+        (rows * (self.bk + 8)).max(self.bk * (rows + 8))
     }
 
     /// Bytes of workgroup memory: the staged slices (f16) and the f32 output scratch.
     pub fn workgroup_bytes(self) -> u64 {
         let (bm, bn) = (64 * self.sgm, 64 * self.sgn);
-        let halves = self.nbuf * (Self::slice(bm) + Self::slice(bn));
+        let halves = self.nbuf * (self.slice(bm) + self.slice(bn));
         2 * halves as u64 + 4 * 256 * (self.sgm * self.sgn) as u64
     }
 
@@ -261,27 +282,42 @@ impl CoopConfig {
         32 * self.sgm * self.sgn
     }
 
-    /// "2x2x2": subgroup rows, subgroup columns, buffers.
+    /// "2x2x2": subgroup rows, subgroup columns, buffers; "2x2x1k64" with 64-deep slices.
     pub fn name(self) -> String {
-        format!("{}x{}x{}", self.sgm, self.sgn, self.nbuf)
+        let k = if self.bk == 32 {
+            String::new()
+        } else {
+            format!("k{}", self.bk)
+        };
+        format!("{}x{}x{}{k}", self.sgm, self.sgn, self.nbuf)
     }
 
     pub fn parse(s: &str) -> Result<CoopConfig> {
-        let v: Vec<u32> = s
+        let bad = || {
+            Error::invalid(format!(
+                "coop config {s:?}: expected e.g. 2x2x2 or 2x2x1k64"
+            ))
+        };
+        let (tiles, bk) = match s.trim().split_once('k') {
+            Some((t, k)) => (t, k.parse::<u32>().map_err(|_| bad())?),
+            None => (s.trim(), 32),
+        };
+        let v: Vec<u32> = tiles
             .split('x')
             .map(|p| p.trim().parse::<u32>())
             .collect::<std::result::Result<_, _>>()
-            .map_err(|_| Error::invalid(format!("coop config {s:?}: expected e.g. 2x2x2")))?;
+            .map_err(|_| bad())?;
         match v[..] {
             [sgm, sgn, nbuf]
                 if [1, 2, 4].contains(&sgm)
                     && [1, 2, 4].contains(&sgn)
-                    && [1, 2].contains(&nbuf) =>
+                    && [1, 2].contains(&nbuf)
+                    && [32, 64].contains(&bk) =>
             {
-                Ok(CoopConfig { sgm, sgn, nbuf })
+                Ok(CoopConfig { sgm, sgn, nbuf, bk })
             }
             _ => Err(Error::invalid(format!(
-                "coop config {s:?}: subgroup rows and columns must be 1, 2 or 4 and buffers 1 or 2"
+                "coop config {s:?}: subgroup rows and columns must be 1, 2 or 4, buffers 1 or 2 and the slice depth (k) 32 or 64"
             ))),
         }
     }
@@ -289,26 +325,36 @@ impl CoopConfig {
     fn constants(self) -> String {
         let (bm, bn) = (64 * self.sgm, 64 * self.sgn);
         format!(
-            "const SGM: u32 = {}u;\nconst SGN: u32 = {}u;\nconst NBUF: u32 = {}u;\nconst THREADS: u32 = {}u;\nconst SLICE_A: u32 = {}u;\nconst SLICE_B: u32 = {}u;\nconst SA_LEN: u32 = {}u;\nconst SB_LEN: u32 = {}u;\nconst SC_LEN: u32 = {}u;\n",
+            "const SGM: u32 = {}u;\nconst SGN: u32 = {}u;\nconst NBUF: u32 = {}u;\nconst BK: u32 = {}u;\nconst THREADS: u32 = {}u;\nconst SLICE_A: u32 = {}u;\nconst SLICE_B: u32 = {}u;\nconst SA_LEN: u32 = {}u;\nconst SB_LEN: u32 = {}u;\nconst SC_LEN: u32 = {}u;\n",
             self.sgm,
             self.sgn,
             self.nbuf,
+            self.bk,
             self.threads(),
-            Self::slice(bm),
-            Self::slice(bn),
-            self.nbuf * Self::slice(bm),
-            self.nbuf * Self::slice(bn),
+            self.slice(bm),
+            self.slice(bn),
+            self.nbuf * self.slice(bm),
+            self.nbuf * self.slice(bn),
             256 * self.sgm * self.sgn,
         )
     }
 }
 
 /// The cooperative-matrix kernel's source for one (A dtype, B dtype, layout, tiles) variant.
-pub fn coop_source(a: GpuDtype, b: GpuDtype, layout: Layout, cfg: CoopConfig) -> Result<String> {
+/// `exact`: the variant for products whose every dispatch tiles exactly with 8-aligned operands
+/// ([`Params::exact`]), which compiles only the eight-element copy.
+pub fn coop_source(
+    a: GpuDtype,
+    b: GpuDtype,
+    layout: Layout,
+    cfg: CoopConfig,
+    exact: bool,
+) -> Result<String> {
     let prelude = "enable f16;\nenable wgpu_cooperative_matrix;\n".to_string()
         + &coop_loader("MA", 0, a)?
         + &coop_loader("MB", 1, b)?
-        + &cfg.constants();
+        + &cfg.constants()
+        + &format!("const EXACT: bool = {exact};\n");
     Ok(compose(prelude, layout, shaders::MATMUL_COOP))
 }
 
@@ -332,8 +378,11 @@ pub fn all_sources() -> Vec<(String, String, bool)> {
     }
     for cfg in CoopConfig::CANDIDATES {
         for l in [Layout::NN, Layout::NT, Layout::TN] {
-            if let Ok(s) = coop_source(GpuDtype::F16, GpuDtype::F16, l, cfg) {
-                v.push((format!("matmul_coop.wgsl {} {l:?}", cfg.name()), s, true));
+            for exact in [false, true] {
+                if let Ok(s) = coop_source(GpuDtype::F16, GpuDtype::F16, l, cfg, exact) {
+                    let name = format!("matmul_coop.wgsl {} {l:?} exact={exact}", cfg.name());
+                    v.push((name, s, true));
+                }
             }
         }
     }
@@ -343,7 +392,7 @@ pub fn all_sources() -> Vec<(String, String, bool)> {
                 if let Ok(s) = tiled_source(a, b, l) {
                     v.push((format!("matmul.wgsl {a:?}x{b:?} {l:?}"), s, false));
                 }
-                if let Ok(s) = coop_source(a, b, l, CoopConfig::DEFAULT) {
+                if let Ok(s) = coop_source(a, b, l, CoopConfig::DEFAULT, false) {
                     v.push((format!("matmul_coop.wgsl {a:?}x{b:?} {l:?}"), s, true));
                 }
             }
@@ -552,8 +601,11 @@ fn run_tuned(
     match pick {
         Pick::Use(cfg) => run_walk(ctx, a, b, op, c, shape, Some(cfg)),
         Pick::Trial(cfg) => {
-            // Compiled and idle before the clock starts, so the time is this product's alone.
-            coop_pipeline(ctx, a.dtype, b.dtype, op.layout, cfg)?;
+            // Compiled (both variants) and idle before the clock starts, so the time is this
+            // product's alone.
+            for exact in [false, true] {
+                coop_pipeline(ctx, a.dtype, b.dtype, op.layout, cfg, exact)?;
+            }
             ctx.sync("matmul_coop", shape)?;
             let t = std::time::Instant::now();
             run_walk(ctx, a, b, op, c, shape, Some(cfg))?;
@@ -575,12 +627,40 @@ fn coop_pipeline(
     b: GpuDtype,
     layout: Layout,
     cfg: CoopConfig,
+    exact: bool,
 ) -> Result<(std::sync::Arc<wgpu::ComputePipeline>, String)> {
-    let key = format!("matmul_coop {a:?}x{b:?} {layout:?} {}", cfg.name());
+    let x = if exact { " exact" } else { "" };
+    let key = format!("matmul_coop {a:?}x{b:?} {layout:?} {}{x}", cfg.name());
     // Trusted: every offset and extent the walk passes is derived from the chunk table, so each
-    // index the kernel forms (guarded by m, n, k) stays inside its binding.
-    let pipe = ctx.pipeline_from(&key, "main", true, || coop_source(a, b, layout, cfg))?;
+    // index the kernel forms (guarded by m, n, k) stays inside its binding; the exact variant
+    // is only chosen where every dispatch tiles exactly.
+    let pipe = ctx.pipeline_from(&key, "main", true, || coop_source(a, b, layout, cfg, exact))?;
     Ok((pipe, key))
+}
+
+/// The pipeline of a walk's dispatches `params` (their alignment set): the tiled kernel, or the
+/// cooperative one with `coop`'s tiles, in its exact variant where every dispatch allows it.
+fn walk_pipeline(
+    ctx: &GpuContext,
+    a: GpuDtype,
+    b: GpuDtype,
+    layout: Layout,
+    coop: Option<CoopConfig>,
+    params: &[Params],
+) -> Result<(std::sync::Arc<wgpu::ComputePipeline>, String)> {
+    match coop {
+        Some(cfg) => {
+            let exact = params.iter().all(|p| p.exact(cfg.tile(), cfg.bk));
+            coop_pipeline(ctx, a, b, layout, cfg, exact)
+        }
+        None => {
+            let key = format!("matmul {a:?}x{b:?} {layout:?}");
+            // Trusted: every offset and extent the walk passes is derived from the chunk table,
+            // so each index the kernel forms (guarded by m, n, k) stays inside its binding.
+            let pipe = ctx.pipeline_from(&key, "main", true, || tiled_source(a, b, layout))?;
+            Ok((pipe, key))
+        }
+    }
 }
 
 /// Records the kernel's dispatches over the operands' chunks: the tiled kernel (`coop` None)
@@ -599,7 +679,7 @@ fn run_walk(
         layout, accumulate, ..
     } = op;
     let (_, n, k) = dims(a, b, layout);
-    let (pipe, key, (bm, bn)) = if let Some(cfg) = coop {
+    let (bm, bn) = if let Some(cfg) = coop {
         if !coop_fits(ctx, cfg) {
             return Err(Error::gpu(
                 "matmul_coop",
@@ -614,21 +694,14 @@ fn run_walk(
                 ),
             ));
         }
-        let (pipe, key) = coop_pipeline(ctx, a.dtype, b.dtype, layout, cfg)?;
-        (pipe, key, cfg.tile())
+        cfg.tile()
     } else {
-        let key = format!("matmul {:?}x{:?} {:?}", a.dtype, b.dtype, layout);
-        // Trusted: every offset and extent below is derived from the chunk table, so each index
-        // the kernel forms (guarded by m, n, k) stays inside its binding.
-        let pipe = ctx.pipeline_from(&key, "main", true, || {
-            tiled_source(a.dtype, b.dtype, layout)
-        })?;
-        (pipe, key, (TILE, TILE))
+        (TILE, TILE)
     };
     // Only the TN walk honours `lower` (its only caller is XᵀX); the others compute every tile,
     // which contains the lower triangle too.
     if layout == Layout::TN {
-        return run_walk_tn(ctx, a, b, c, op, shape, &pipe, &key, (bm, bn));
+        return run_walk_tn(ctx, a, b, c, op, shape, coop, (bm, bn));
     }
     let max_rows = ctx.max_workgroups_per_dim() as usize * bm;
     if n.div_ceil(bn) > ctx.max_workgroups_per_dim() as usize {
@@ -684,6 +757,9 @@ fn run_walk(
     }
     for p in &mut params {
         p.set_align();
+    }
+    let (pipe, key) = walk_pipeline(ctx, a.dtype, b.dtype, layout, coop, &params)?;
+    for p in &params {
         let (f, b) = p.work(a.dtype.size(), b.dtype.size());
         ctx.add_work(&pipe, f, b);
     }
@@ -715,8 +791,7 @@ fn run_walk_tn(
     c: &GpuTensor,
     op: Op,
     shape: &str,
-    pipe: &wgpu::ComputePipeline,
-    label: &str,
+    coop: Option<CoopConfig>,
     (bm, bn): (usize, usize),
 ) -> Result<()> {
     let accumulate = op.accumulate;
@@ -780,8 +855,11 @@ fn run_walk_tn(
     }
     for p in &mut params {
         p.set_align();
+    }
+    let (pipe, label) = walk_pipeline(ctx, a.dtype, b.dtype, Layout::TN, coop, &params)?;
+    for p in &params {
         let (f, b) = p.work(a.dtype.size(), b.dtype.size());
-        ctx.add_work(pipe, f, b);
+        ctx.add_work(&pipe, f, b);
     }
     let dispatches: Vec<Dispatch> = params
         .iter()
@@ -796,7 +874,7 @@ fn run_walk_tn(
             groups: (n.div_ceil(bn) as u32, rows.div_ceil(bm) as u32, 1),
         })
         .collect();
-    ctx.run(label, shape, pipe, &dispatches)
+    ctx.run(&label, shape, &pipe, &dispatches)
 }
 
 fn zero_or_keep(ctx: &GpuContext, c: &GpuTensor, accumulate: bool) -> Result<()> {
