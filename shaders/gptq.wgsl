@@ -16,7 +16,10 @@
 //                 `gather` the original columns [k·group, (k+1)·group) of static groups
 //   block_rows    the fused in-block column loop, one invocation per row (gptq_sg.wgsl has the
 //                 subgroup variant): quantize position i, err = (w - deq) / U_ii, later positions
-//                 of the block w_j -= err·U_ij, err kept for the lazy update; no host round trip
+//                 of the block w_j -= err·U_ij, err kept for the lazy update; no host round trip.
+//                 Each row's Σ err² accumulates in `bloss`: GPTQ's loss, tr(Δ H' Δᵀ) for the
+//                 damped Hessian H', from which the pipeline takes the layer's output error
+//                 without another product
 
 struct Params {
     rows: u32,      // rows of the W chunk (or of the H chunk for the hess_* entries)
@@ -238,7 +241,8 @@ fn fit_groups(
 @group(0) @binding(5) var<storage, read_write> bzeros: array<u32>;
 @group(0) @binding(6) var<storage, read> bgidx: array<u32>;
 @group(0) @binding(7) var<storage, read> bshrink: array<f32>;
-@group(0) @binding(8) var<uniform> bp: Params;
+@group(0) @binding(8) var<storage, read_write> bloss: array<f32>;
+@group(0) @binding(9) var<uniform> bp: Params;
 
 const BMAX: u32 = 128u;
 // unpermute: the packed integers back in original column order, four per u32 (byte t of word k is
@@ -342,6 +346,7 @@ fn block_rows(
         g = Grid(bscales[r * bp.ng + k], bzeros[r * bp.ng + k]);
     }
     var word = 0u;
+    var loss = 0.0;
     for (var i = 0u; i < bw; i++) {
         let pi = bp.b0 + i;
         let cur = (i & 1u) * BMAX;
@@ -389,6 +394,7 @@ fn block_rows(
         let q = quantize_one(wi, gi.scale, gi.zero, bp.maxq, 0);
         let err = (wi - gi.scale * (f32(q) - f32(gi.zero))) / urow_s[cur + i];
         wsw[wsi(i, t)] = err;
+        loss = loss + err * err;
         word = word | (q << (8u * (pi % 4u)));
         if (row_ok && (pi % 4u == 3u || i + 1u == bw)) {
             atomicOr(&bq[r * (n / 4u) + pi / 4u], word);
@@ -431,5 +437,8 @@ fn block_rows(
         if (rr < rows_here) {
             berr[(r0 + rr) * bp.err_ld + bp.err_col + k] = wsw[wsi(k, rr)];
         }
+    }
+    if (row_ok) {
+        bloss[r] = bloss[r] + loss;
     }
 }

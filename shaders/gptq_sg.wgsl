@@ -136,4 +136,9 @@ fn block_sg(
         if (c2 < bw) { berr[eb + c2] = e2; atomicOr(&bq[qb + (bp.b0 + c2) / 4u], q2 << (8u * ((bp.b0 + c2) % 4u))); }
         if (c3 < bw) { berr[eb + c3] = e3; atomicOr(&bq[qb + (bp.b0 + c3) / 4u], q3 << (8u * ((bp.b0 + c3) % 4u))); }
     }
+    // The row's running Σ err² (lanes past the block hold zeros).
+    let loss = subgroupAdd(e0 * e0 + e1 * e1 + e2 * e2 + e3 * e3);
+    if (row_ok && lane == 0u) {
+        bloss[r] = bloss[r] + loss;
+    }
 }

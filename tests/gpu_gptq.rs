@@ -496,3 +496,71 @@ fn shared_factor_gives_each_layer_its_own_runs_result() {
         .to_string();
     assert!(e.contains("88 columns") && e.contains("5x80"), "{e}");
 }
+
+/// GPTQ's loss Σ err² is tr(Δ H' Δᵀ) for the damped H' = H + λI (Δ = W - Ŵ, no dead columns),
+/// so the pipeline's output error from the loss (`layer_errors` with `output_loss`) equals the
+/// one from the second f32 product, over both column loops, act-order, static groups, sym and
+/// asym grids, 2 to 8 bits, row-chunked W, and a small damping (the cancellation loss - λ·||Δ||² is
+/// then the smallest). Tolerance 1e-4 relative: the identity holds exactly only for the exact
+/// factor U and exact updates, and the direct product itself sums in f32 (~1e-5 relative at
+/// these sizes); lavapipe measured at most 1.1e-6 apart (the 8-bit case, whose error is 3.7e-5
+/// of the output). A wrong loss (a missed block, a missing square, a stale row) is off by far
+/// more: every term is positive and each block contributes its share.
+#[test]
+fn gptq_loss_gives_the_output_error_of_the_direct_product() {
+    use wgpress::gpu::gptq::{ColumnLoop, Hooks, gptq_gpu_with, subgroup_loop};
+    use wgpress::pipeline::layer_errors;
+    let whole = ctx();
+    let small = ctx_with(Some(64 * 1024));
+    let mut loops = vec![ColumnLoop::Rows];
+    if subgroup_loop(&whole) {
+        loops.push(ColumnLoop::Subgroup);
+    }
+    for (i, (rows, cols, bits, group, act, stat, sym, damp)) in [
+        (150, 96, 4, Some(32), true, false, false, 0.01),
+        (70, 136, 3, Some(8), true, true, false, 0.01),
+        (97, 72, 2, None, false, false, true, 0.001),
+        (33, 200, 8, Some(40), false, false, true, 0.1),
+        (260, 88, 4, Some(22), true, false, true, 0.01),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (w, h) = layer(rows, cols, 3 * cols, 50 + i as u64);
+        let mut o = GptqOptions::new(QuantSpec::new(bits, group, sym).unwrap());
+        o.act_order = act;
+        o.static_groups = stat;
+        o.damp = damp;
+        for &kind in &loops {
+            for c in [&whole, &small] {
+                // The small bindings (row-chunked W) only where U (n x n, n = cols rounded up
+                // to 64) still fits one.
+                let n = cols.div_ceil(64) * 64;
+                if c.binding_limit() < (n * n * 4) as u64 {
+                    continue;
+                }
+                let label = format!("case {i} {kind:?} chunks {}", c.binding_limit());
+                let hooks = Hooks {
+                    column_loop: Some(kind),
+                    ..Hooks::default()
+                };
+                let ht = GpuTensor::from_f32(c, cols, cols, &h).unwrap();
+                let wt = GpuTensor::from_f32(c, rows, cols, &w).unwrap();
+                let r = gptq_gpu_with(c, &wt, &ht, &o, hooks).unwrap();
+                assert_eq!(r.result.dead_columns, 0, "{label}");
+                assert!(r.loss > 0.0 && r.damp_add > 0.0, "{label}");
+                let direct = layer_errors(c, wt, &r.dequantized, &ht, None).unwrap();
+                let wt = GpuTensor::from_f32(c, rows, cols, &w).unwrap();
+                let from_loss =
+                    layer_errors(c, wt, &r.dequantized, &ht, Some((r.loss, r.damp_add))).unwrap();
+                assert_eq!(direct.rel_weight, from_loss.rel_weight, "{label}");
+                let rel = (from_loss.rel_output - direct.rel_output).abs() / direct.rel_output;
+                eprintln!(
+                    "{label}: output error {:.6e} direct, {:.6e} from the loss, {rel:.2e} apart",
+                    direct.rel_output, from_loss.rel_output
+                );
+                assert!(rel < 1e-4, "{label}: {rel:e}");
+            }
+        }
+    }
+}

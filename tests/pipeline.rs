@@ -372,7 +372,7 @@ fn layer_errors_match_an_f64_host_computation() {
     let gd = wgpress::gpu::GpuTensor::from_f32(&ctx, rows, cols, &deq).unwrap();
     let gh = wgpress::gpu::GpuTensor::from_f32(&ctx, cols, cols, &h).unwrap();
     assert!(gw.chunks.len() > 1 && gh.chunks.len() > 1);
-    let got = layer_errors(&ctx, gw, &gd, &gh).unwrap();
+    let got = layer_errors(&ctx, gw, &gd, &gh, None).unwrap();
     // Ŵ is only read.
     assert_eq!(gd.to_f32(&ctx).unwrap(), deq);
 
@@ -424,7 +424,7 @@ fn layer_errors_match_an_f64_host_computation() {
 
     // Zero weights: the weight error falls back to ||Δ||², the output error to 0 (as before).
     let z = wgpress::gpu::GpuTensor::from_f32(&ctx, rows, cols, &vec![0.0; rows * cols]).unwrap();
-    let got = layer_errors(&ctx, z, &gd, &gh).unwrap();
+    let got = layer_errors(&ctx, z, &gd, &gh, None).unwrap();
     let dsq: f64 = deq.iter().map(|&v| v as f64 * v as f64).sum();
     assert!(
         (got.rel_weight / dsq - 1.0).abs() <= tol_w,
@@ -434,7 +434,7 @@ fn layer_errors_match_an_f64_host_computation() {
     assert_eq!(got.rel_output, 0.0);
     // Mismatched shapes are refused.
     let small = wgpress::gpu::GpuTensor::from_f32(&ctx, 2, cols, &vec![0.0; 2 * cols]).unwrap();
-    let e = layer_errors(&ctx, small, &gd, &gh)
+    let e = layer_errors(&ctx, small, &gd, &gh, None)
         .err()
         .unwrap()
         .to_string();

@@ -13,7 +13,8 @@
 //! span's end every column after it. Rows are independent, so W is processed one binding-sized
 //! row chunk at a time; U must fit one binding. (4) per row chunk: the integers back in original
 //! column order, dequantized on the GPU with g_idx when the caller wants Ŵ there
-//! ([`gptq_gpu`]), and read back into the host [`QuantizedTensor`].
+//! ([`gptq_gpu`]), and read back into the host [`QuantizedTensor`], with GPTQ's loss (each row's
+//! Σ err², summed by the column-loop kernels: [`GpuGptq::loss`]).
 //!
 //! W comes in as a [`GpuTensor`] ([`gptq_gpu`]: the pipeline uploads each layer once and keeps
 //! it for the layer's errors) or as a host slice ([`gptq`], [`gptq_with`]: uploaded once, then
@@ -188,14 +189,20 @@ pub fn gptq_with(
     ctx.queue.submit([]);
     ctx.sync(KERNEL, &format!("{rows}x{cols}"))?;
     let upload_s = t.elapsed().as_secs_f64();
-    let (result, _, mut phases) = gptq_impl(ctx, &wt, h, opts, hooks, false, true, true)?;
-    phases.upload_s += upload_s;
-    Ok((result, phases))
+    let mut a = gptq_impl(ctx, &wt, h, opts, hooks, false, true, true)?;
+    a.phases.upload_s += upload_s;
+    Ok((a.result, a.phases))
 }
 
 /// What [`gptq_gpu`] produced: the host result and Ŵ still on the GPU.
 pub struct GpuGptq {
     pub result: GptqResult,
+    /// GPTQ's loss Σ err² (err = (w - q) / U_ii, summed in f64 over per-row f32 sums): in exact
+    /// arithmetic tr(Δ H' Δᵀ) for H' = the damped Hessian, so the layer's output error on the
+    /// calibration inputs is `loss - damp_add·||Δ||²` where no column is dead.
+    pub loss: f64,
+    /// The damping added to H's diagonal (the fraction used times mean diag H).
+    pub damp_add: f32,
     /// The dequantized weights (`rows x cols` f32, original column order), equal bit for bit to
     /// `result.q.dequantize()`.
     pub dequantized: GpuTensor,
@@ -223,19 +230,7 @@ pub fn gptq_gpu_with(
     opts: &GptqOptions,
     hooks: Hooks,
 ) -> Result<GpuGptq> {
-    let (result, dequantized, phases) = gptq_impl(ctx, w, h, opts, hooks, true, false, false)?;
-    let dequantized = dequantized.ok_or_else(|| {
-        Error::gpu(
-            KERNEL,
-            w.shape_str(),
-            "the dequantized weights were not made",
-        )
-    })?;
-    Ok(GpuGptq {
-        result,
-        dequantized,
-        phases,
-    })
+    gptq_impl(ctx, w, h, opts, hooks, true, false, false)?.on_gpu(w)
 }
 
 fn check_hessian(h: &GpuTensor, cols: usize) -> Result<()> {
@@ -285,6 +280,7 @@ pub struct GptqFactor {
     dead: Vec<bool>,
     pos_t: GpuTensor,
     damp: f32,
+    damp_add: f32,
     /// Time of steps (1) and (2): the prepare, Cholesky and inverse phases.
     pub phases: GptqPhases,
 }
@@ -327,7 +323,7 @@ pub fn gptq_gpu_factored(
     opts: &GptqOptions,
     finite_checked: bool,
 ) -> Result<GpuGptq> {
-    let (result, dequantized, phases) = apply_impl(
+    apply_impl(
         ctx,
         w,
         factor,
@@ -336,19 +332,36 @@ pub fn gptq_gpu_factored(
         true,
         finite_checked,
         false,
-    )?;
-    let dequantized = dequantized.ok_or_else(|| {
-        Error::gpu(
-            KERNEL,
-            w.shape_str(),
-            "the dequantized weights were not made",
-        )
-    })?;
-    Ok(GpuGptq {
-        result,
-        dequantized,
-        phases,
-    })
+    )?
+    .on_gpu(w)
+}
+
+/// What steps (3) and (4) produced for one layer.
+struct Applied {
+    result: GptqResult,
+    deq: Option<GpuTensor>,
+    phases: GptqPhases,
+    loss: f64,
+    damp_add: f32,
+}
+
+impl Applied {
+    fn on_gpu(self, w: &GpuTensor) -> Result<GpuGptq> {
+        let dequantized = self.deq.ok_or_else(|| {
+            Error::gpu(
+                KERNEL,
+                w.shape_str(),
+                "the dequantized weights were not made",
+            )
+        })?;
+        Ok(GpuGptq {
+            result: self.result,
+            loss: self.loss,
+            damp_add: self.damp_add,
+            dequantized,
+            phases: self.phases,
+        })
+    }
 }
 
 /// The GPTQ core: the factor of H, then the layer. `dequantize` keeps Ŵ on the GPU;
@@ -366,7 +379,7 @@ fn gptq_impl(
     dequantize: bool,
     finite_checked: bool,
     timed: bool,
-) -> Result<(GptqResult, Option<GpuTensor>, GptqPhases)> {
+) -> Result<Applied> {
     let cols = w.cols;
     opts.validate(cols)?;
     check_weights(w)?;
@@ -376,7 +389,7 @@ fn gptq_impl(
     }
     let factor = factor_impl(ctx, h, opts, timed)?;
     let fp = factor.phases;
-    let (result, deq, mut phases) = apply_impl(
+    let mut a = apply_impl(
         ctx,
         w,
         FactorUse::Last(Box::new(factor)),
@@ -386,10 +399,10 @@ fn gptq_impl(
         true,
         timed,
     )?;
-    phases.prepare_s += fp.prepare_s;
-    phases.cholesky_s += fp.cholesky_s;
-    phases.inverse_s += fp.inverse_s;
-    Ok((result, deq, phases))
+    a.phases.prepare_s += fp.prepare_s;
+    a.phases.cholesky_s += fp.cholesky_s;
+    a.phases.inverse_s += fp.inverse_s;
+    Ok(a)
 }
 
 fn check_weights(w: &GpuTensor) -> Result<()> {
@@ -483,6 +496,7 @@ fn factor_impl(
         ));
     }
     let mut damp = opts.damp;
+    let mut damp_add;
     let mut attempt = 0;
     let mut mark = Instant::now();
     let mut lap = |ctx: &GpuContext, slot: &mut f64| -> Result<()> {
@@ -495,7 +509,7 @@ fn factor_impl(
     };
     phases.prepare_s = t0.elapsed().as_secs_f64();
     loop {
-        let damp_add = (damp as f64 * mean) as f32;
+        damp_add = (damp as f64 * mean) as f32;
         prepare_hessian(ctx, h, &work, &pos_t, n, damp_add, &shape)?;
         lap(ctx, &mut phases.prepare_s)?;
         let chol = linalg::cholesky(ctx, &work)?;
@@ -526,6 +540,7 @@ fn factor_impl(
         dead,
         pos_t,
         damp,
+        damp_add,
         phases,
     })
 }
@@ -541,7 +556,7 @@ fn apply_impl(
     dequantize: bool,
     finite_checked: bool,
     timed: bool,
-) -> Result<(GptqResult, Option<GpuTensor>, GptqPhases)> {
+) -> Result<Applied> {
     let (rows, cols) = (w.rows, w.cols);
     opts.validate(cols)?;
     check_weights(w)?;
@@ -690,7 +705,10 @@ fn apply_impl(
         let scales = GpuTensor::empty(ctx, rc, ng, GpuDtype::F32)?;
         let zeros = GpuTensor::empty(ctx, rc, ng, GpuDtype::U32)?;
         let err = GpuTensor::empty(ctx, rc, err_w, GpuDtype::F32)?;
-        for t in [&q, &scales, &zeros, &err] {
+        // Each row's running Σ err² (GPTQ's loss), added to by every block kernel.
+        let loss = GpuTensor::empty(ctx, 1, rc, GpuDtype::F32)?;
+        loss.fill_u32(ctx, 0);
+        for t in [&q, &scales, &zeros, &err, &loss] {
             if t.chunks.len() != 1 {
                 return Err(Error::gpu(KERNEL, &shape, "a per-chunk buffer split"));
             }
@@ -805,6 +823,7 @@ fn apply_impl(
                         one(&zeros),
                         one(&gidx_t),
                         one(&shrink_t),
+                        one(&loss),
                     ],
                 ),
             };
@@ -827,7 +846,7 @@ fn apply_impl(
         let steps: Vec<(&wgpu::ComputePipeline, &Dispatch)> =
             dispatches.iter().map(|(p, d)| (*p, d)).collect();
         ctx.run_steps("gptq", &shape, &steps)?;
-        outputs.push((r0, rc, q, scales, zeros));
+        outputs.push((r0, rc, q, scales, zeros, loss));
     }
     if timed {
         ctx.sync(KERNEL, &shape)?;
@@ -856,7 +875,8 @@ fn apply_impl(
     };
     let p_unperm = ctx.pipeline(KERNEL, &source(), "unpermute", false)?;
     let words = cols.div_ceil(4);
-    for (r0, rc, q, scales, zeros) in outputs {
+    let mut loss = 0.0;
+    for (r0, rc, q, scales, zeros, loss_t) in outputs {
         // Back to the original column order on the GPU, so the host only copies bytes.
         let orig = GpuTensor::empty(ctx, rc, words, GpuDtype::U32)?;
         let p = Params {
@@ -899,6 +919,7 @@ fn apply_impl(
         }
         qt.scales[r0 * ng..(r0 + rc) * ng].copy_from_slice(&grid_t.scales.to_f32(ctx)?);
         qt.zeros[r0 * ng..(r0 + rc) * ng].copy_from_slice(&grid_t.zeros.to_u32(ctx)?);
+        loss += loss_t.to_f32(ctx)?.iter().map(|&v| v as f64).sum::<f64>();
     }
     phases.download_s = t2.elapsed().as_secs_f64();
     let result = GptqResult {
@@ -907,7 +928,13 @@ fn apply_impl(
         dead_columns: dead.iter().filter(|&&d| d).count(),
         perm: perm.clone(),
     };
-    Ok((result, deq, phases))
+    Ok(Applied {
+        result,
+        deq,
+        phases,
+        loss,
+        damp_add: f.damp_add,
+    })
 }
 
 /// work = J·(P·H·Pᵀ + damping, dead columns fixed, padded with identity)·J.
