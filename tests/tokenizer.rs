@@ -138,3 +138,48 @@ fn added_token_beyond_vocab_is_refused() {
     // No tokenizer_config.json or config.json here: BOS falls back to the `<s>` name.
     assert_eq!(tok.bos_id(), Some(1));
 }
+
+/// A long text encoded in pieces on several threads gives exactly the one-pass ids: text built
+/// to stress the cut rule (blank lines, spaces and tabs before newlines, "\r\n", newlines before
+/// spaces, digits and punctuation, non-ASCII letters, a newline before an apostrophe), long
+/// enough for 2-7 pieces; and a tokenizer the rule does not cover (a normalizer added) is
+/// encoded in one piece, with the same ids as before the change.
+#[test]
+fn long_texts_encode_in_parallel_pieces_with_identical_ids() {
+    let tok = Tokenizer::load(&tiny(), 2048).expect("load");
+    assert!(tok.splits_exactly(), "the tiny tokenizer is byte-level BPE");
+    // Mostly newlines where a cut would change the ids (runs, whitespace on either side), so
+    // the first newline past a piece's target is usually one the rule must skip.
+    let lines = [
+        "KING HENRY.\n\n\nWhat say'st thou?\n\n",
+        "  Enter   GLOUCESTER, \n\tattended.\r\nCome,\n\n\n come!\n\n",
+        "1601: twenty-three (23) ducats; \n'tis so. \nÉlan — naïve café.\n\n\n",
+        "x\n\n\ny\n\n\nz \nw\t\nv\n\n",
+        FIXTURE_TEXT,
+    ];
+    let mut text = String::new();
+    let mut i = 0usize;
+    while text.len() < 600 * 1024 {
+        text.push_str(lines[i % lines.len()]);
+        text.push_str(&format!("{} ", i % 97));
+        i += 1;
+    }
+    let serial = tok.encode_with(&text, 1).expect("encode");
+    for threads in [2, 3, 7] {
+        assert_eq!(
+            tok.encode_with(&text, threads).expect("encode"),
+            serial,
+            "{threads} threads"
+        );
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny().join("tokenizer.json")).unwrap())
+            .unwrap();
+    json["normalizer"] = serde_json::json!({"type": "NFC"});
+    std::fs::write(dir.path().join("tokenizer.json"), json.to_string()).unwrap();
+    let nfc = Tokenizer::load(dir.path(), 2048).expect("load");
+    assert!(!nfc.splits_exactly());
+    assert_eq!(nfc.encode_with(&text, 7).expect("encode"), serial);
+}
