@@ -394,7 +394,7 @@ impl<'s> Sink<'s> {
         model: &Model,
         opts: &CompressOptions,
     ) -> Result<Self> {
-        let writer = match opts.format {
+        let mut writer = match opts.format {
             Format::Gptq => Writer::Gptq(GptqWriter::new(
                 out,
                 GptqExportOptions {
@@ -425,6 +425,14 @@ impl<'s> Sink<'s> {
             }
             Format::Dense => Writer::Dense(DenseWriter::new(out, opts.dtype)?),
         };
+        let tensors = model.weights.names().len();
+        match &mut writer {
+            Writer::Gptq(w) => w.expect_tensors(tensors)?,
+            Writer::CompressedTensors(w) => w.expect_tensors(tensors)?,
+            Writer::Dense(w) => w.expect_tensors(tensors)?,
+            // GGUF's data must start right after its aligned header: no room can be reserved.
+            Writer::Gguf(_) => {}
+        }
         let to = if overlap() {
             let (queue, items) = sync_channel::<Item>(WRITE_QUEUE);
             let thread = std::thread::Builder::new()

@@ -267,6 +267,98 @@ fn streamed_file_equals_the_one_written_at_once_and_leaves_no_body() {
     );
 }
 
+/// With header room reserved (`expect_tensors`) the data goes straight into the final file and
+/// the header is written in place, padded with spaces to fill the room: the file holds the same
+/// tensors as one written at once (read back by our reader and by the `safetensors` crate),
+/// is exactly room + data long, and leaves no body file. Too little room falls back to the copy
+/// (a valid file with the unpadded header); room asked for after data is refused.
+#[test]
+fn streamed_file_with_reserved_header_room_is_written_in_place() {
+    use wgpress::model::writer::{OutputDir, SafetensorsStream};
+    let d = tmp();
+    let mut rng = Rng::new(12);
+    let outs: Vec<TensorOut> = [
+        ("z.first", vec![7, 3]),
+        ("a.second", vec![13]),
+        ("m", vec![2, 5]),
+    ]
+    .into_iter()
+    .map(|(name, shape)| {
+        let n: usize = shape.iter().product();
+        TensorOut {
+            name: name.into(),
+            dtype: Dtype::F32,
+            shape,
+            data: encode(&rng.normal_vec(n, 2.0), Dtype::F32).0,
+        }
+    })
+    .collect();
+    let md = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    for in_place in [true, false] {
+        let mut outs: Vec<TensorOut> = outs
+            .iter()
+            .map(|t| TensorOut {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                data: t.data.clone(),
+            })
+            .collect();
+        if !in_place {
+            // A 5000-character name outgrows the 4.8 KiB room of three tensors.
+            outs[1].name = "n".repeat(5000);
+        }
+        let whole = d.path().join(format!("whole{in_place}.safetensors"));
+        write_safetensors(&whole, &outs, &md).expect("write");
+        let whole_bytes = std::fs::read(&whole).unwrap();
+        let data_len: usize = outs.iter().map(|t| t.data.len()).sum();
+        let out = OutputDir::create(&d.path().join(format!("o{in_place}"))).expect("out");
+        let mut s = SafetensorsStream::create(&out, "m.safetensors").expect("stream");
+        s.expect_tensors(outs.len()).expect("reserve");
+        for t in &outs {
+            s.add(TensorOut {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                data: t.data.clone(),
+            })
+            .expect("add");
+        }
+        let e = s.expect_tensors(3).expect_err("after data");
+        assert!(e.to_string().contains("before any data"), "{e}");
+        s.finish(&md).expect("finish");
+        let files: Vec<String> = std::fs::read_dir(out.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        assert_eq!(files, vec!["m.safetensors"]);
+        let p = out.path().join("m.safetensors");
+        let bytes = std::fs::read(&p).unwrap();
+        let room = 4096 + 256 * outs.len();
+        if in_place {
+            assert_eq!(bytes.len(), room + data_len);
+            assert!(bytes[..room].ends_with(b"   "), "header padded with spaces");
+        } else {
+            assert_eq!(bytes, whole_bytes, "the copy writes the unpadded header");
+        }
+        assert_eq!(
+            &bytes[bytes.len() - data_len..],
+            &whole_bytes[whole_bytes.len() - data_len..]
+        );
+        let set = SafetensorsSet::open_file(&p).expect("our reader");
+        let theirs = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors crate");
+        for t in &outs {
+            assert_eq!(set.bytes(&t.name).unwrap(), &t.data[..], "{}", t.name);
+            assert_eq!(
+                theirs.tensor(&t.name).unwrap().data(),
+                &t.data[..],
+                "{}",
+                t.name
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // safetensors: broken files
 

@@ -184,6 +184,13 @@ impl<'a> CompressedTensorsWriter<'a> {
         })
     }
 
+    /// Declares that about `tensors` model tensors will be added (up to five entries each:
+    /// weight_packed, weight_scale, weight_shape, weight_zero_point, bias), so the header is
+    /// written in place (see [`SafetensorsStream::expect_tensors`]); before the first tensor.
+    pub fn expect_tensors(&mut self, tensors: usize) -> Result<()> {
+        self.stream.expect_tensors(5 * tensors)
+    }
+
     fn file(&self) -> PathBuf {
         self.out.final_path().join(WEIGHTS_FILE)
     }
@@ -355,6 +362,7 @@ pub fn write_compressed_tensors(
     plain_dtype: Dtype,
 ) -> Result<()> {
     let mut w = CompressedTensorsWriter::new(out, plain_dtype)?;
+    w.expect_tensors(tensors.len())?;
     for t in tensors {
         w.add(t)?;
     }

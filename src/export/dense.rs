@@ -154,6 +154,12 @@ impl<'a> DenseWriter<'a> {
         })
     }
 
+    /// Declares that about `tensors` tensors will be added, so the header is written in place
+    /// (see [`SafetensorsStream::expect_tensors`]); before the first tensor.
+    pub fn expect_tensors(&mut self, tensors: usize) -> Result<()> {
+        self.stream.expect_tensors(tensors)
+    }
+
     /// Encodes and writes tensor `name` (row-major f32 `data` of `shape`).
     pub fn add(&mut self, name: &str, shape: &[usize], data: &[f32]) -> Result<()> {
         if self.seen.contains(name) {
@@ -190,6 +196,7 @@ pub fn write_dense(
     dtype: Dtype,
 ) -> Result<()> {
     let mut w = DenseWriter::new(out, dtype)?;
+    w.expect_tensors(tensors.len())?;
     for (name, shape, data) in tensors {
         w.add(name, shape, data)?;
     }

@@ -128,6 +128,13 @@ impl<'a> GptqWriter<'a> {
         })
     }
 
+    /// Declares that about `tensors` model tensors will be added (up to five entries each:
+    /// qweight, qzeros, scales, g_idx, bias), so the header is written in place (see
+    /// [`SafetensorsStream::expect_tensors`]); before the first tensor.
+    pub fn expect_tensors(&mut self, tensors: usize) -> Result<()> {
+        self.stream.expect_tensors(5 * tensors)
+    }
+
     fn file(&self) -> PathBuf {
         self.out.final_path().join(WEIGHTS_FILE)
     }
@@ -316,6 +323,7 @@ pub fn write_gptq(
     opts: &GptqExportOptions,
 ) -> Result<()> {
     let mut w = GptqWriter::new(out, opts.clone())?;
+    w.expect_tensors(tensors.len())?;
     for t in tensors {
         w.add(t)?;
     }

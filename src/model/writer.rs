@@ -259,11 +259,18 @@ pub fn write_safetensors(
 /// it is produced, and [`BodyFile::finish`] writes the header, appends the body with a file-to-file
 /// copy and removes it. Lets an exporter hold one tensor instead of the whole model; the body
 /// lives in the output's temporary directory, so a failed run leaves nothing behind.
+///
+/// With room reserved for the header ([`BodyFile::reserve`], before any data) the data goes
+/// straight to the file after that room and a header of exactly that size is written in place:
+/// the copy took 3 s of a 7B-shaped run (3.7 GB written twice). A header of another size falls
+/// back to a copy into a new file.
 pub struct BodyFile {
     path: PathBuf,
     body_path: PathBuf,
     body: std::io::BufWriter<std::fs::File>,
     len: u64,
+    /// Bytes reserved for the header at the start of `path` (0: the body is in `body_path`).
+    reserved: u64,
 }
 
 impl BodyFile {
@@ -277,7 +284,38 @@ impl BodyFile {
             body_path,
             body: std::io::BufWriter::with_capacity(1 << 20, f),
             len: 0,
+            reserved: 0,
         })
+    }
+
+    /// Reserves `bytes` at the start of the file for the header (see [`BodyFile`]); only before
+    /// any data was written.
+    pub fn reserve(&mut self, bytes: u64) -> Result<()> {
+        use std::io::{Seek, SeekFrom};
+        if self.len != 0 || self.reserved != 0 {
+            return Err(Error::invalid(format!(
+                "{}: header room must be reserved before any data",
+                self.path.display()
+            )));
+        }
+        let mut f = std::fs::File::create(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        f.set_len(bytes).map_err(|e| Error::io(&self.path, e))?;
+        f.seek(SeekFrom::Start(bytes))
+            .map_err(|e| Error::io(&self.path, e))?;
+        let old = std::mem::replace(
+            &mut self.body,
+            std::io::BufWriter::with_capacity(1 << 20, f),
+        );
+        drop(old);
+        std::fs::remove_file(&self.body_path).map_err(|e| Error::io(&self.body_path, e))?;
+        self.body_path = self.path.clone();
+        self.reserved = bytes;
+        Ok(())
+    }
+
+    /// Bytes reserved for the header (0 when none were).
+    pub fn reserved(&self) -> u64 {
+        self.reserved
     }
 
     /// The final file's path.
@@ -300,24 +338,45 @@ impl BodyFile {
 
     /// Writes the file: `head`, then the data.
     pub fn finish(self, head: &[u8]) -> Result<()> {
+        use std::io::{Seek, SeekFrom};
         let BodyFile {
             path,
             body_path,
             body,
+            reserved,
             ..
         } = self;
         // Flushed to the OS (not to disk): the copy below reads it back through a new handle.
-        drop(
-            body.into_inner()
-                .map_err(|e| Error::io(&body_path, e.into_error()))?,
-        );
-        let mut f = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
-        f.write_all(head).map_err(|e| Error::io(&path, e))?;
+        let mut written = body
+            .into_inner()
+            .map_err(|e| Error::io(&body_path, e.into_error()))?;
+        if reserved > 0 && head.len() as u64 == reserved {
+            written
+                .seek(SeekFrom::Start(0))
+                .map_err(|e| Error::io(&path, e))?;
+            return written.write_all(head).map_err(|e| Error::io(&path, e));
+        }
+        drop(written);
+        // The header does not fill the room exactly (or none was reserved): header and data go
+        // to a new file.
+        let tmp = if reserved > 0 {
+            path.with_extension("header")
+        } else {
+            path.clone()
+        };
+        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(head).map_err(|e| Error::io(&tmp, e))?;
         let mut src = std::fs::File::open(&body_path).map_err(|e| Error::io(&body_path, e))?;
+        src.seek(SeekFrom::Start(reserved))
+            .map_err(|e| Error::io(&body_path, e))?;
         // File to file: std uses copy_file_range/sendfile where the OS has them.
-        std::io::copy(&mut src, &mut f).map_err(|e| Error::io(&path, e))?;
+        std::io::copy(&mut src, &mut f).map_err(|e| Error::io(&tmp, e))?;
         drop(src);
-        std::fs::remove_file(&body_path).map_err(|e| Error::io(&body_path, e))
+        if reserved > 0 {
+            std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
+        } else {
+            std::fs::remove_file(&body_path).map_err(|e| Error::io(&body_path, e))
+        }
     }
 }
 
@@ -345,9 +404,25 @@ impl SafetensorsStream {
         Ok(())
     }
 
+    /// Reserves header room for about `tensors` entries (before the first [`add`]), so the
+    /// header is written in place instead of copying the data behind it (see [`BodyFile`]):
+    /// 256 bytes per entry, plus 4 KiB. A header that outgrows it still works, by the copy.
+    ///
+    /// [`add`]: SafetensorsStream::add
+    pub fn expect_tensors(&mut self, tensors: usize) -> Result<()> {
+        self.file
+            .reserve((4096 + 256 * tensors as u64).next_multiple_of(8))
+    }
+
     /// Writes the file: header, then the tensors' bytes.
     pub fn finish(self, metadata: &BTreeMap<String, String>) -> Result<()> {
-        let h = header_bytes(self.file.path(), &self.entries, metadata)?;
+        let mut h = header_bytes(self.file.path(), &self.entries, metadata)?;
+        let room = self.file.reserved() as usize;
+        if h.len() < room {
+            // The header JSON may end in spaces (the format's own padding): fill the room.
+            h.resize(room, b' ');
+            h[..8].copy_from_slice(&((room - 8) as u64).to_le_bytes());
+        }
         self.file.finish(&h)
     }
 }
