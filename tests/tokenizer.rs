@@ -182,4 +182,11 @@ fn long_texts_encode_in_parallel_pieces_with_identical_ids() {
     let nfc = Tokenizer::load(dir.path(), 2048).expect("load");
     assert!(!nfc.splits_exactly());
     assert_eq!(nfc.encode_with(&text, 7).expect("encode"), serial);
+    // Padding (or truncation) would apply to every piece: such a tokenizer is not split either.
+    json["normalizer"] = serde_json::Value::Null;
+    json["padding"] = serde_json::json!({"strategy": "BatchLongest", "direction": "Right",
+        "pad_to_multiple_of": 8, "pad_id": 0, "pad_type_id": 0, "pad_token": "<unk>"});
+    std::fs::write(dir.path().join("tokenizer.json"), json.to_string()).unwrap();
+    let padded = Tokenizer::load(dir.path(), 2048).expect("load");
+    assert!(!padded.splits_exactly());
 }

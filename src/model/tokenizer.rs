@@ -84,8 +84,8 @@ impl Tokenizer {
     }
 
     /// Whether long texts may be encoded in pieces: true for byte-level BPE with GPT-2's
-    /// pre-tokenizer regex, no normalizer, no prefix space and no added token containing a
-    /// newline. Its regex always ends a pre-token after a lone "\n" between two non-whitespace
+    /// pre-tokenizer regex, no normalizer, no prefix space, no truncation or padding and no
+    /// added token containing a newline. Its regex always ends a pre-token after a lone "\n" between two non-whitespace
     /// characters (no alternative spans whitespace and a non-space character, except " ?" with
     /// a plain space), and the text before such a point ends in the same pre-token ("\n") as in
     /// the whole text, so encoding the two sides apart gives the same ids. Other tokenizers
@@ -185,7 +185,10 @@ fn splits_exactly(v: &serde_json::Value) -> bool {
                     .is_none_or(|c| c.contains('\n'))
             })
         });
+    // Truncation or padding would apply to each piece.
     absent("normalizer")
+        && absent("truncation")
+        && absent("padding")
         && pre.get("type").and_then(|t| t.as_str()) == Some("ByteLevel")
         && flag("use_regex", true)
         && !flag("add_prefix_space", true)
