@@ -157,17 +157,19 @@ impl LayerMethod for Gptq {
     ) -> Result<Compressed> {
         use crate::gpu::gptq::{FactorUse, GptqFactor, gptq_gpu, gptq_gpu_factored};
         let (rows, cols) = (w.rows, w.cols);
-        // The pipeline's decode refused non-finite weights, so the GPU check is skipped.
-        let r = if last {
-            match site.take().map(|b| b.downcast::<GptqFactor>()) {
-                Some(Ok(f)) => gptq_gpu_factored(ctx, w, FactorUse::Last(f), &self.0, true)?,
-                _ => gptq_gpu(ctx, w, h, &self.0)?,
-            }
+        let factor = if last {
+            site.take()
+                .and_then(|b| b.downcast::<GptqFactor>().ok())
+                .map(FactorUse::Last)
         } else {
-            match site.as_ref().and_then(|b| b.downcast_ref::<GptqFactor>()) {
-                Some(f) => gptq_gpu_factored(ctx, w, FactorUse::Keep(f), &self.0, true)?,
-                None => gptq_gpu(ctx, w, h, &self.0)?,
-            }
+            site.as_ref()
+                .and_then(|b| b.downcast_ref::<GptqFactor>())
+                .map(FactorUse::Keep)
+        };
+        let r = match factor {
+            // The pipeline's decode refused non-finite weights, so the GPU check is skipped.
+            Some(f) => gptq_gpu_factored(ctx, w, f, &self.0, true)?,
+            None => gptq_gpu(ctx, w, h, &self.0)?,
         };
         log::debug!("gptq {rows}x{cols}: {:?}", r.phases);
         if r.result.damp_used != self.0.damp {
@@ -423,11 +425,10 @@ pub fn run(
                 clock.lap(Phase::Hessian)?;
                 // Shared work of the site's layers; its time is charged to the first layer.
                 let t = Instant::now();
-                let first = format!("{p}{}.weight", site.layers()[0]);
-                let mut shared = method.prepare(ctx, &h).map_err(|e| {
-                    let file = model.weights.info(&first).map(|i| i.file.clone());
-                    Error::tensor(file.unwrap_or_default(), &first, e.to_string())
-                })?;
+                let (_, first, first_info, _) = &weights[0];
+                let mut shared = method
+                    .prepare(ctx, &h)
+                    .map_err(|e| Error::tensor(&first_info.file, first, e.to_string()))?;
                 let mut shared_s = t.elapsed().as_secs_f64();
                 clock.lap(Phase::Method)?;
                 let n_layers = weights.len();

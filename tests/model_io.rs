@@ -237,13 +237,7 @@ fn streamed_file_equals_the_one_written_at_once_and_leaves_no_body() {
     let out = OutputDir::create(&d.path().join("o")).expect("out");
     let mut s = SafetensorsStream::create(&out, "m.safetensors").expect("stream");
     for t in &outs {
-        s.add(TensorOut {
-            name: t.name.clone(),
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-            data: t.data.clone(),
-        })
-        .expect("add");
+        s.add(t.clone()).expect("add");
     }
     // A tensor whose bytes do not match its shape is refused, naming it, and not written.
     let e = s
@@ -295,15 +289,7 @@ fn streamed_file_with_reserved_header_room_is_written_in_place() {
     .collect();
     let md = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     for in_place in [true, false] {
-        let mut outs: Vec<TensorOut> = outs
-            .iter()
-            .map(|t| TensorOut {
-                name: t.name.clone(),
-                dtype: t.dtype,
-                shape: t.shape.clone(),
-                data: t.data.clone(),
-            })
-            .collect();
+        let mut outs = outs.clone();
         if !in_place {
             // A 5000-character name outgrows the 4.8 KiB room of three tensors.
             outs[1].name = "n".repeat(5000);
@@ -316,13 +302,7 @@ fn streamed_file_with_reserved_header_room_is_written_in_place() {
         let mut s = SafetensorsStream::create(&out, "m.safetensors").expect("stream");
         s.expect_tensors(outs.len()).expect("reserve");
         for t in &outs {
-            s.add(TensorOut {
-                name: t.name.clone(),
-                dtype: t.dtype,
-                shape: t.shape.clone(),
-                data: t.data.clone(),
-            })
-            .expect("add");
+            s.add(t.clone()).expect("add");
         }
         let e = s.expect_tensors(3).expect_err("after data");
         assert!(e.to_string().contains("before any data"), "{e}");

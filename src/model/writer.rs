@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 pub const MARKER: &str = "report.json";
 
 /// A tensor to write: raw little-endian bytes in `dtype`'s layout.
+#[derive(Clone)]
 pub struct TensorOut {
     pub name: String,
     pub dtype: safetensors::Dtype,
