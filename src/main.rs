@@ -38,6 +38,7 @@ impl GpuArgs {
     fn engine(&self) -> Result<ProfiledEngine> {
         let opts = ContextOptions {
             adapter: self.adapter.clone(),
+            dump_shaders: std::env::var_os(wgpress::gpu::DUMP_SHADERS_ENV).map(Into::into),
             ..Default::default()
         };
         let engine = Engine::new(&opts, self.cpu)?;

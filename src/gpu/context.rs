@@ -12,6 +12,12 @@ use std::sync::{Arc, Mutex};
 /// Environment variable read when no `--adapter` is given (same syntax: name substring or index).
 pub const ADAPTER_ENV: &str = "WGPRESS_ADAPTER";
 
+/// A directory (read by the binary into [`ContextOptions::dump_shaders`]): every shader module the
+/// context builds is also written there as the exact WGSL handed to wgpu (host constants
+/// included), named after its pipeline key and entry point, so a driver-side tool (tools/vkstats:
+/// registers, spills, shared memory per kernel) sees what ran.
+pub const DUMP_SHADERS_ENV: &str = "WGPRESS_DUMP_SHADERS";
+
 /// What the caller asks of the context.
 #[derive(Clone, Debug, Default)]
 pub struct ContextOptions {
@@ -23,6 +29,8 @@ pub struct ContextOptions {
     pub checked_shaders: bool,
     /// Leave out the optional fast-path features (f16, subgroups, cooperative matrices).
     pub no_fast_paths: bool,
+    /// Also write every shader module built to this directory ([`DUMP_SHADERS_ENV`]).
+    pub dump_shaders: Option<std::path::PathBuf>,
 }
 
 /// One adapter as found on this machine.
@@ -154,6 +162,7 @@ pub struct GpuContext {
     pub(crate) limits: wgpu::Limits,
     binding_limit: u64,
     pub(crate) checked: bool,
+    dump_shaders: Option<std::path::PathBuf>,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
     /// The cooperative matmul's tile tuning books (`gpu::tune`), made at first use.
     pub(crate) tuner: Mutex<Option<super::tune::Tuner>>,
@@ -291,6 +300,7 @@ impl GpuContext {
             limits,
             binding_limit,
             checked: opts.checked_shaders,
+            dump_shaders: opts.dump_shaders.clone(),
             pipelines: Mutex::new(HashMap::new()),
             tuner: Mutex::new(None),
             pool: Arc::new(super::pool::BufferPool::from_env()),
@@ -394,6 +404,9 @@ impl GpuContext {
             return Ok(p.clone());
         }
         let source = make()?;
+        if let Some(dir) = &self.dump_shaders {
+            dump_shader(dir, &full_key, &source);
+        }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let desc = wgpu::ShaderModuleDescriptor {
             label: Some(key),
@@ -715,6 +728,26 @@ pub(crate) struct Dispatch<'a> {
     pub groups: (u32, u32, u32),
 }
 
+/// Writes `source` to `dir` ([`ContextOptions::dump_shaders`]). A diagnostic: a failure to write
+/// is logged, never an error of the run.
+fn dump_shader(dir: &std::path::Path, full_key: &str, source: &str) {
+    let name: String = full_key
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let path = dir.join(format!("{name}.wgsl"));
+    let text = format!("// wgpress pipeline {full_key} (key/entry/unchecked)\n{source}");
+    if let Err(e) = std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, text)) {
+        log::warn!("{DUMP_SHADERS_ENV}: cannot write {}: {e}", path.display());
+    }
+}
+
 pub(crate) fn poisoned<T>(_: std::sync::PoisonError<T>) -> Error {
     Error::gpu("context", "-", "internal lock poisoned by an earlier panic")
 }
@@ -749,6 +782,32 @@ mod tests {
         let a = ctx.pipeline("k", src, "main", false).unwrap();
         let b = ctx.pipeline("k", src, "main", false).unwrap();
         assert!(Arc::ptr_eq(&a, &b));
+    }
+
+    #[test]
+    fn dumped_shaders_are_the_complete_source_of_each_pipeline() {
+        let dir = std::env::temp_dir().join(format!("wgpress-dump-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ctx = GpuContext::new(&ContextOptions {
+            checked_shaders: true,
+            dump_shaders: Some(dir.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        let src = "@group(0) @binding(0) var<storage, read_write> o: array<u32>;\n@compute @workgroup_size(1) fn entry_x() { o[0] = 7u; }";
+        ctx.pipeline("dump test/k", src, "entry_x", true).unwrap();
+        let files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        let name = files[0].file_name().unwrap().to_string_lossy().to_string();
+        // Checked context: the trusted request still builds with checks, and the name says so.
+        assert_eq!(name, "dump_test_k_entry_x_false.wgsl");
+        let text = std::fs::read_to_string(&files[0]).unwrap();
+        assert!(text.ends_with(src), "{text}");
+        naga::front::wgsl::parse_str(&text).expect("the dump parses as WGSL");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

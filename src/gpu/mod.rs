@@ -17,4 +17,4 @@ pub mod timeline;
 pub mod tune;
 
 pub use buffer::{GpuDtype, GpuTensor};
-pub use context::{AdapterSummary, ContextOptions, GpuContext, list_adapters};
+pub use context::{AdapterSummary, ContextOptions, DUMP_SHADERS_ENV, GpuContext, list_adapters};
