@@ -14,6 +14,8 @@
 //   nll         per row: logsumexp(logits) - logits[target] (the cross-entropy of one token)
 //   to_f16      y (f16 pairs) = x (f32) rounded to f16, for the f16 forward's linear inputs; a value
 //               beyond f16's range is saturated and raises a flag the host checks
+//   widen       y (f32) = x (f16 or bf16 pairs), exactly: a block's weights cross to the GPU as
+//               stored and are widened there for a layer method
 //   embed       out row r = table row ids[r], for the rows whose id lies in the bound table chunk
 //               (one dispatch per pair of output and table chunks)
 
@@ -27,7 +29,7 @@ struct Rows {
     heads: u32,    // rope: heads in the row
     head_dim: u32, // rope
     pos0: u32,     // rope: position of the dispatch's first row minus (its row index mod seq)
-    pad0: u32,
+    bf16: u32,     // widen: 1 when x is bf16, 0 for f16
     pad1: u32,
     pad2: u32,
 }
@@ -435,6 +437,28 @@ fn to_f16(@builtin(global_invocation_id) gid: vec3<u32>) {
         atomicMax(&h_flag[0], 1u);
     }
     h_y[hp.y_off / 2u + i] = pack2x16float(clamp(v, vec2<f32>(-F16_MAX), vec2<f32>(F16_MAX)));
+}
+
+// ---- widen: binding 0 x (f16 or bf16, two per word), 1 y (f32), 2 params.
+// One invocation per pair, rows of even width (as to_f16). Both widenings are exact: bf16 is the
+// top half of an f32, and every f16 (subnormals included) is a normal f32.
+@group(0) @binding(0) var<storage, read> w_x: array<u32>;
+@group(0) @binding(1) var<storage, read_write> w_y: array<f32>;
+@group(0) @binding(2) var<uniform> wp: Rows;
+
+@compute @workgroup_size(256)
+fn widen(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x + gid.y * 65535u * 256u;
+    if (i >= wp.rows * wp.cols / 2u) {
+        return;
+    }
+    let w = w_x[wp.x_off / 2u + i];
+    var v = unpack2x16float(w);
+    if (wp.bf16 == 1u) {
+        v = vec2<f32>(bitcast<f32>(w << 16u), bitcast<f32>(w & 0xffff0000u));
+    }
+    w_y[wp.y_off + 2u * i] = v.x;
+    w_y[wp.y_off + 2u * i + 1u] = v.y;
 }
 
 // ---- embed: binding 0 table chunk (table rows t_row0..t_row0 + t_rows), 1 ids (one per output

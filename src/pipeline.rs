@@ -29,10 +29,12 @@
 //! its tensor until the pipeline reaches it, so a run fails where, and as, an in-line decode
 //! fails; `WGPRESS_OVERLAP=0` does all of it in line, with the same output bytes.
 //!
-//! Per linear layer W crosses to the GPU once, as f32: the method reads it there and leaves Ŵ
-//! there, the layer's errors come from the two ([`layer_errors`]; GPTQ's own loss replaces one
-//! of its two products), and Ŵ (converted to f16 on the
-//! GPU under --precision f16) replaces the layer's weight in the block. What comes back is the
+//! Per linear layer W crosses to the GPU once, as stored (with its block; a 16-bit layer is
+//! widened to f32 there, exactly, for its method, and never multiplied as the original: every
+//! pass runs after its layers were replaced): the method reads it there and leaves Ŵ there,
+//! the layer's errors come from the two ([`layer_errors`]; GPTQ's own loss replaces one of its
+//! two products), and Ŵ (converted to f16 on the GPU under --precision f16) replaces the
+//! layer's weight in the block. What comes back is the
 //! quantized tensor for the writer and a few per-row sums; the host never dequantizes unless the
 //! dense writer needs the values.
 use crate::calib::{CalibOptions, sample_windows};
@@ -48,7 +50,7 @@ use crate::gpu::timeline::Timeline;
 use crate::gpu::{GpuContext, GpuDtype, GpuTensor};
 use crate::model::Model;
 use crate::model::forward::{
-    ForwardPlan, HostBlock, Site, attention_residual, capture_input, embedding_table,
+    ForwardPlan, HostBlock, Precision, Site, attention_residual, capture_input, embedding_table,
     linear_weight_gpu, mlp_capture, mlp_residual,
 };
 use crate::model::tokenizer::Tokenizer;
@@ -349,7 +351,12 @@ pub fn run(
             next = (l + 1 < layers)
                 .then(|| Prefetch::start(scope, model, l + 1))
                 .transpose()?;
-            let blk = host.upload(ctx, opts.precision)?;
+            // The linear weights cross as stored (bf16 for most checkpoints), not converted for
+            // the plan's precision: the true-sequential passes only ever multiply by compressed
+            // layers (each site's layers are replaced before a pass uses them), and the layer
+            // method's f32 copy is widened from these bytes on the GPU. Converting to f16 on the
+            // host and sending f32 again per site moved 1.2 GB per 7B block instead of 0.4.
+            let blk = host.upload(ctx, Precision::F32)?;
             Ok((host, blk))
         };
         let mut staged = None;
@@ -410,13 +417,15 @@ pub fn run(
                     let name = format!("{p}{short}.weight");
                     let info = model.weights.info(&name)?;
                     let (rows, cols) = (info.shape[0], info.shape[1]);
-                    let host = host.tensor(&name)?.take_values()?;
-                    weights.push((
-                        *short,
-                        name,
-                        info,
-                        GpuTensor::from_f32(ctx, rows, cols, &host)?,
-                    ));
+                    // The host's f32 copy goes now (the upload already surfaced its decode error).
+                    let values = host.tensor(&name)?.take_values()?;
+                    let stored = blk.linear_mut(short)?;
+                    let w = if stored.dtype != GpuDtype::F32 && cols.is_multiple_of(2) {
+                        crate::gpu::forward::widen(ctx, stored)?
+                    } else {
+                        GpuTensor::from_f32(ctx, rows, cols, &values)?
+                    };
+                    weights.push((*short, name, info, w));
                 }
                 clock.lap(Phase::Load)?;
                 let h = acc
@@ -450,16 +459,7 @@ pub fn run(
                         damp_used: c.damp_used,
                         dead_columns: c.dead_columns,
                     });
-                    let g = linear_weight_gpu(ctx, opts.precision, &name, c.deq)?;
-                    match short {
-                        "self_attn.q_proj" => blk.q = g,
-                        "self_attn.k_proj" => blk.k = g,
-                        "self_attn.v_proj" => blk.v = g,
-                        "self_attn.o_proj" => blk.o = g,
-                        "mlp.gate_proj" => blk.gate = g,
-                        "mlp.up_proj" => blk.up = g,
-                        _ => blk.down = g,
-                    }
+                    *blk.linear_mut(short)? = linear_weight_gpu(ctx, opts.precision, &name, c.deq)?;
                     clock.lap(Phase::Error)?;
                     sink.quantized(&name, c.q, None)?;
                     clock.lap(Phase::Write)?;

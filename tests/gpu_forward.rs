@@ -522,6 +522,67 @@ fn f16_conversion_rounds_to_nearest_and_flags_overflow() {
 }
 
 #[test]
+fn widening_f16_and_bf16_to_f32_is_exact() {
+    // 32 KiB bindings: the f32 output (37 rows of 218 per chunk) and the 16-bit input (75 rows)
+    // split into different chunk counts, so the pieces pair different chunks.
+    let ctx = common::ctx_with(Some(32 * 1024));
+    let (rows, cols) = (137, 218);
+    let mut x = Rng::new(9).normal_vec(rows * cols, 2.0);
+    // Subnormals of both formats, extremes, signed zero and a tie-free spread of exponents.
+    x[..6].copy_from_slice(&[3e-6, -6e-8, 65504.0, -0.0, 1e-40, 3e38]);
+    for (i, v) in x.iter_mut().enumerate().skip(6).step_by(17) {
+        *v *= 2f32.powi((i % 40) as i32 - 20);
+    }
+    for dtype in [GpuDtype::F16, GpuDtype::BF16] {
+        let bits: Vec<u16> = match dtype {
+            GpuDtype::F16 => x
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_bits())
+                .collect(),
+            _ => x
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect(),
+        };
+        let want: Vec<u32> = bits
+            .iter()
+            .map(|&b| match dtype {
+                GpuDtype::F16 => half::f16::from_bits(b).to_f32().to_bits(),
+                _ => half::bf16::from_bits(b).to_f32().to_bits(),
+            })
+            .collect();
+        let gx =
+            GpuTensor::from_bytes(&ctx, rows, cols, dtype, bytemuck::cast_slice(&bits)).unwrap();
+        // A poisoned buffer of the output's size goes back to the pool first, so an element the
+        // kernel leaves unwritten shows as the poison.
+        let poison = vec![common::POISON; rows * cols];
+        let poison = GpuTensor::from_bytes(
+            &ctx,
+            rows,
+            cols,
+            GpuDtype::F32,
+            bytemuck::cast_slice(&poison),
+        )
+        .unwrap();
+        drop(poison);
+        let reused = ctx.pool_stats().reused;
+        let y = k::widen(&ctx, &gx).unwrap();
+        assert_eq!(ctx.pool_stats().reused, reused + y.chunks.len() as u64);
+        assert_eq!(y.dtype, GpuDtype::F32);
+        assert!(gx.chunks.len() > 1 && y.chunks.len() > gx.chunks.len());
+        let got = y.to_u32(&ctx).unwrap();
+        for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g, w, "{dtype:?} element {i}: {}", f32::from_bits(w));
+        }
+    }
+    // f32 input and odd widths are refused.
+    let f = GpuTensor::from_f32(&ctx, 2, 4, &[1.0; 8]).unwrap();
+    assert!(k::widen(&ctx, &f).is_err());
+    let odd = GpuTensor::from_bytes(&ctx, 3, 5, GpuDtype::F16, &[0u8; 30]).unwrap();
+    assert!(k::widen(&ctx, &odd).is_err());
+}
+
+#[test]
 fn f16_forward_keeps_out_of_range_weights_and_refuses_overflowing_activations() {
     let ctx = common::ctx();
     let m = tiny();

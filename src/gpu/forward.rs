@@ -24,7 +24,9 @@ struct Rows {
     heads: u32,
     head_dim: u32,
     pos0: u32,
-    pad: [u32; 3],
+    /// widen: 1 when x is bf16, 0 for f16.
+    bf16: u32,
+    pad: [u32; 2],
 }
 
 #[repr(C)]
@@ -620,6 +622,46 @@ pub fn to_f16_aligned(
         &x.shape_str(),
         &[Bind::Rows(x), Bind::Rows(&y), Bind::Whole(flag)],
         |p| xy_rows(x.cols, p),
+        |n| grid((n * x.cols / 2).div_ceil(WG)),
+    )?;
+    Ok(y)
+}
+
+/// `x` (f16 or bf16, an even number of columns) widened to f32 into a new tensor, exactly. A
+/// layer stored in 16 bits crosses to the GPU once, as stored, and its method gets the f32 copy
+/// from here instead of a second, twice as large upload.
+pub fn widen(ctx: &GpuContext, x: &GpuTensor) -> Result<GpuTensor> {
+    let bf16 = match x.dtype {
+        GpuDtype::F16 => 0,
+        GpuDtype::BF16 => 1,
+        _ => {
+            return Err(Error::invalid(format!(
+                "widen: expected an f16 or bf16 tensor, got {:?} {}",
+                x.dtype,
+                x.shape_str()
+            )));
+        }
+    };
+    if !x.cols.is_multiple_of(2) {
+        return Err(Error::Shape {
+            op: "widen".into(),
+            expected: "an even number of columns".into(),
+            got: x.shape_str(),
+        });
+    }
+    let y = GpuTensor::empty(ctx, x.rows, x.cols, GpuDtype::F32)?;
+    if x.rows == 0 || x.cols == 0 {
+        return Ok(y);
+    }
+    dispatch_rows(
+        ctx,
+        "widen",
+        &x.shape_str(),
+        &[Bind::Rows(x), Bind::Rows(&y)],
+        |p| Rows {
+            bf16,
+            ..xy_rows(x.cols, p)
+        },
         |n| grid((n * x.cols / 2).div_ceil(WG)),
     )?;
     Ok(y)

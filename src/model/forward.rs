@@ -340,6 +340,24 @@ pub struct GpuBlock {
 }
 
 impl GpuBlock {
+    /// The linear layer named by its short name (`self_attn.q_proj`, ..., `mlp.down_proj`).
+    pub fn linear_mut(&mut self, short: &str) -> Result<&mut GpuTensor> {
+        Ok(match short {
+            "self_attn.q_proj" => &mut self.q,
+            "self_attn.k_proj" => &mut self.k,
+            "self_attn.v_proj" => &mut self.v,
+            "self_attn.o_proj" => &mut self.o,
+            "mlp.gate_proj" => &mut self.gate,
+            "mlp.up_proj" => &mut self.up,
+            "mlp.down_proj" => &mut self.down,
+            _ => {
+                return Err(Error::invalid(format!(
+                    "{short} is not a linear layer of a decoder block"
+                )));
+            }
+        })
+    }
+
     /// Decodes block `layer` of `model` on the host and uploads it for `precision` (the plan's).
     pub fn upload(
         ctx: &GpuContext,
