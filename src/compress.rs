@@ -105,9 +105,6 @@ pub struct CalibrationReport {
     /// Per block, the mean squared activation of its output at positions 0..8 (attention sinks
     /// show as position 0 dominating).
     pub position_energy: Vec<Vec<f64>>,
-    /// Batch-block pairs whose down_proj input the Down pass kept for the output pass, which
-    /// then skipped recomputing gate/up for them (`pipeline::KEEP_DOWN_ENV`).
-    pub down_inputs_kept: usize,
     /// Sequences per forward batch ([`CompressOptions::batch_tokens`] in whole sequences).
     pub batch_sequences: usize,
     /// Host wall time per phase of the pipeline. Unless the phase waits are on

@@ -50,8 +50,8 @@ use crate::gpu::timeline::Timeline;
 use crate::gpu::{GpuContext, GpuDtype, GpuTensor};
 use crate::model::Model;
 use crate::model::forward::{
-    ForwardPlan, HostBlock, Precision, Site, attention_residual, capture_input, down_residual,
-    embedding_table, linear_weight_gpu, mlp_capture, mlp_residual,
+    ForwardPlan, HostBlock, Precision, Site, attention_residual, capture_input, embedding_table,
+    linear_weight_gpu, mlp_capture, mlp_residual,
 };
 use crate::model::tokenizer::Tokenizer;
 use crate::model::writer::OutputDir;
@@ -338,9 +338,6 @@ pub fn run(
             t0.elapsed().as_secs_f64()
         );
         let mut energy = Vec::with_capacity(cfg.num_hidden_layers);
-        let keep_down = std::env::var(KEEP_DOWN_ENV).map_or(true, |v| v != "0");
-        let mut down_kept = 0usize;
-        let mut down_budget = 0u64;
         let plan = ForwardPlan::new(ctx, cfg, seq, opts.precision)?;
         clock.lap(Phase::Prepare)?;
         let layers = cfg.num_hidden_layers;
@@ -382,22 +379,11 @@ pub fn run(
             // that); the Down and output passes start from h. That saves three of the four
             // attention computations and q/k/v projections per block, for one activation-sized
             // buffer alive from the O pass to the GateUp pass.
-            //
-            // The output pass recomputes gate/up for down_proj's input, except for the batches
-            // whose Down-pass input was kept (`down_budget` bytes of them; see below).
             let mut kept: Vec<Option<GpuTensor>> = Vec::new();
             kept.resize_with(xs.len(), || None);
-            let mut kept_down: Vec<Option<GpuTensor>> = Vec::new();
-            kept_down.resize_with(xs.len(), || None);
-            let mut kept_bytes = 0u64;
             for site in Site::ALL {
                 let mut acc: Option<HessianAccumulator> = None;
-                if site == Site::Down {
-                    ctx.start_live_window();
-                }
-                for ((x, kept_a), kept_d) in
-                    xs.iter_mut().zip(kept.iter_mut()).zip(kept_down.iter_mut())
-                {
+                for (x, kept_a) in xs.iter_mut().zip(kept.iter_mut()) {
                     let input = match site {
                         Site::Qkv | Site::O => capture_input(ctx, &plan, &blk, x, site)?,
                         Site::GateUp | Site::Down => {
@@ -417,10 +403,6 @@ pub fn run(
                     add_hessian(ctx, &mut acc, &input)?;
                     if site == Site::O {
                         *kept_a = Some(input);
-                    } else if site == Site::Down && kept_bytes + input.bytes() <= down_budget {
-                        kept_bytes += input.bytes();
-                        down_kept += 1;
-                        *kept_d = Some(input);
                     }
                     clock.lap(Phase::Hessian)?;
                 }
@@ -485,30 +467,8 @@ pub fn run(
             }
             // The compressed block produces the next block's input from h, batch by batch in
             // place (each output depends only on its own batch's sequences).
-            for (x, kept_d) in xs.iter_mut().zip(kept_down.iter_mut()) {
-                *x = match kept_d.take() {
-                    // A kept f16 input is what the forward would multiply only if down_proj is
-                    // f16 too (an out-of-range layer stays f32 and takes the f32 input).
-                    Some(g) if g.dtype == GpuDtype::F32 || blk.down.dtype == GpuDtype::F16 => {
-                        down_residual(ctx, &plan, &blk, x, &g)?
-                    }
-                    _ => mlp_residual(ctx, &plan, &blk, x)?,
-                };
-            }
-            // Block 0 keeps nothing and measures the most memory its Down pass, down_proj's
-            // method and this output pass hold at once; every block has the same shapes, so a
-            // later block may keep down_proj inputs up to the rest of the run's high-water mark
-            // without raising it (each kept input adds its bytes to that stretch at most).
-            if l == 0 && keep_down {
-                down_budget = match std::env::var(KEEP_DOWN_BYTES_ENV) {
-                    Ok(v) => v.parse().map_err(|_| {
-                        Error::invalid(format!(
-                            "{KEEP_DOWN_BYTES_ENV}={v:?}: expected a byte count"
-                        ))
-                    })?,
-                    Err(_) => ctx.memory().1.saturating_sub(ctx.live_window_max()),
-                };
-                log::debug!("pipeline: down_proj inputs may keep {down_budget} bytes per block");
+            for x in xs.iter_mut() {
+                *x = mlp_residual(ctx, &plan, &blk, x)?;
             }
             clock.lap(Phase::Forward)?;
             // The next block's weights cross while the GPU runs the output pass just submitted
@@ -554,7 +514,6 @@ pub fn run(
             bos: calib.bos,
             precision: opts.precision,
             position_energy: energy,
-            down_inputs_kept: down_kept,
             batch_sequences: per_batch,
             phases: clock.host.clone(),
             gpu_phases: clock.gpu(),
@@ -649,15 +608,6 @@ fn add_hessian(
             .add(ctx, x),
     }
 }
-
-/// Setting this environment variable to `0` stops the Down pass from keeping down_proj's inputs
-/// for the output pass (which then recomputes gate/up for every batch); the output bytes are the
-/// same either way ([`CalibrationReport::down_inputs_kept`] counts the batches kept).
-pub const KEEP_DOWN_ENV: &str = "WGPRESS_KEEP_DOWN";
-
-/// Bytes of down_proj inputs each block may keep, in place of the budget block 0 measures (for
-/// tests and experiments: a small model's budget is often below one input).
-pub const KEEP_DOWN_BYTES_ENV: &str = "WGPRESS_KEEP_DOWN_BYTES";
 
 /// Setting this environment variable to `1` makes the phase clock wait for the GPU at each phase
 /// boundary, so the host phase times charge GPU work to the phase that submitted it (slower:

@@ -286,11 +286,6 @@ impl GpuTensor {
         Ok(())
     }
 
-    /// The tensor's size in bytes (its chunks' padding aside).
-    pub fn bytes(&self) -> u64 {
-        (self.rows * self.cols) as u64 * self.dtype.size()
-    }
-
     pub fn to_f32(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
         if self.dtype != GpuDtype::F32 {
             return Err(Error::invalid(format!(

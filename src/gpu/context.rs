@@ -362,17 +362,6 @@ impl GpuContext {
         self.pool.memory()
     }
 
-    /// Starts measuring the most live tensor bytes from now (`gpu::pool`), for
-    /// [`GpuContext::live_window_max`]; the high-water mark is untouched.
-    pub fn start_live_window(&self) {
-        self.pool.start_window()
-    }
-
-    /// The most live tensor bytes since [`GpuContext::start_live_window`].
-    pub fn live_window_max(&self) -> u64 {
-        self.pool.window_max()
-    }
-
     /// Starts a new high-water mark from what is allocated now.
     pub fn reset_peak(&self) {
         self.pool.reset_peak()

@@ -90,8 +90,6 @@ pub struct BufferPool {
     free: Mutex<Held>,
     live: AtomicU64,
     peak: AtomicU64,
-    /// Largest `live` since [`BufferPool::start_window`].
-    window: AtomicU64,
     reused: AtomicU64,
     created: AtomicU64,
     create_nanos: AtomicU64,
@@ -104,7 +102,6 @@ impl BufferPool {
             free: Mutex::new(Held::default()),
             live: AtomicU64::new(0),
             peak: AtomicU64::new(0),
-            window: AtomicU64::new(0),
             reused: AtomicU64::new(0),
             created: AtomicU64::new(0),
             create_nanos: AtomicU64::new(0),
@@ -122,8 +119,7 @@ impl BufferPool {
         if let Some(b) = free.pop(bytes) {
             log::trace!("buffer pool: take {bytes} reused");
             self.reused.fetch_add(1, Ordering::Relaxed);
-            let live = self.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
-            self.window.fetch_max(live, Ordering::Relaxed);
+            self.live.fetch_add(bytes, Ordering::Relaxed);
             return b;
         }
         // Release held buffers (least recently released first) until the new one fits under
@@ -154,7 +150,6 @@ impl BufferPool {
         self.created.fetch_add(1, Ordering::Relaxed);
         let live = self.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.peak.fetch_max(live + held_now, Ordering::Relaxed);
-        self.window.fetch_max(live, Ordering::Relaxed);
         buffer
     }
 
@@ -180,18 +175,6 @@ impl BufferPool {
     /// Bytes held for reuse.
     fn held(&self) -> u64 {
         self.free.lock().unwrap_or_else(|e| e.into_inner()).bytes
-    }
-
-    /// Starts measuring the largest live tensor bytes from now ([`BufferPool::window_max`]),
-    /// leaving the high-water mark alone: what a stretch of work needs at most.
-    pub fn start_window(&self) {
-        let live = self.live.load(Ordering::Relaxed);
-        self.window.store(live, Ordering::Relaxed);
-    }
-
-    /// The largest live tensor bytes since [`BufferPool::start_window`].
-    pub fn window_max(&self) -> u64 {
-        self.window.load(Ordering::Relaxed)
     }
 
     /// Starts a new high-water mark from what is allocated now.

@@ -629,20 +629,7 @@ pub fn mlp_residual(
     h: &GpuTensor,
 ) -> Result<GpuTensor> {
     let g = mlp_act(ctx, plan, b, h)?;
-    down_residual(ctx, plan, b, h, &g)
-}
-
-/// [`mlp_residual`] from down_proj's input `g` already in hand (`mlp_capture` at [`Site::Down`] of
-/// the same `h` and block, or its `ForwardPlan::stats_input` form): h + down_proj(g), without
-/// recomputing gate/up. Bit-identical to [`mlp_residual`]: the same product of the same input.
-pub fn down_residual(
-    ctx: &GpuContext,
-    plan: &ForwardPlan,
-    b: &GpuBlock,
-    h: &GpuTensor,
-    g: &GpuTensor,
-) -> Result<GpuTensor> {
-    let xg = linear_input(ctx, plan, g, &[&b.down])?;
+    let xg = linear_input(ctx, plan, &g, &[&b.down])?;
     let out = linear(ctx, plan, &xg, &b.down, None)?;
     k::add(ctx, &out, h)?;
     Ok(out)
