@@ -2,7 +2,8 @@
 //! RMSNorm, rotary embeddings, causal grouped-query attention, SwiGLU, residual/bias adds (and
 //! [`sub`], the weight difference of a compressed layer's error) and the per-token cross-entropy,
 //! all f32; plus [`to_f16`], the f32 -> f16 rounding of a linear layer's input for the f16
-//! forward (and of a compressed layer's weights for the passes after it); and [`embed`], the
+//! forward (and of a compressed layer's weights for the passes after it); [`widen`], the exact
+//! f16/bf16 -> f32 copy of a layer's stored weights for its method; and [`embed`], the
 //! embedding lookup. All row-chunk aware.
 //! The CPU references are in `reference::forward`; this module must not orchestrate a whole
 //! block (that is the model's job).
