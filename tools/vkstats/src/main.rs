@@ -142,6 +142,49 @@ fn parse_args() -> Result<Option<Args>> {
     Ok(Some(a))
 }
 
+/// The extension feature structs vkstats queries and then enables exactly as queried.
+#[derive(Default)]
+struct Features {
+    v11: vk::PhysicalDeviceVulkan11Features<'static>,
+    v12: vk::PhysicalDeviceVulkan12Features<'static>,
+    v13: vk::PhysicalDeviceVulkan13Features<'static>,
+    coop: vk::PhysicalDeviceCooperativeMatrixFeaturesKHR<'static>,
+    pepf: vk::PhysicalDevicePipelineExecutablePropertiesFeaturesKHR<'static>,
+    rob2: vk::PhysicalDeviceRobustness2FeaturesEXT<'static>,
+}
+
+impl Features {
+    /// `f2` with the structs the device has chained behind it, for the query and again for
+    /// vkCreateDevice. `has`: (pipeline executable properties, Vulkan 1.3, cooperative matrices,
+    /// robustness2).
+    fn chain<'a>(
+        &'a mut self,
+        f2: vk::PhysicalDeviceFeatures2<'a>,
+        (pep, v13, coop, rob2): (bool, bool, bool, bool),
+    ) -> vk::PhysicalDeviceFeatures2<'a> {
+        self.v11.p_next = std::ptr::null_mut();
+        self.v12.p_next = std::ptr::null_mut();
+        self.v13.p_next = std::ptr::null_mut();
+        self.coop.p_next = std::ptr::null_mut();
+        self.pepf.p_next = std::ptr::null_mut();
+        self.rob2.p_next = std::ptr::null_mut();
+        let mut f2 = f2.push_next(&mut self.v11).push_next(&mut self.v12);
+        if pep {
+            f2 = f2.push_next(&mut self.pepf);
+        }
+        if v13 {
+            f2 = f2.push_next(&mut self.v13);
+        }
+        if coop {
+            f2 = f2.push_next(&mut self.coop);
+        }
+        if rob2 {
+            f2 = f2.push_next(&mut self.rob2);
+        }
+        f2
+    }
+}
+
 fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(Some(a)) => a,
@@ -493,32 +536,14 @@ impl Gpu {
         }
 
         // Features: query everything the device supports, then enable exactly that.
-        let mut v11 = vk::PhysicalDeviceVulkan11Features::default();
-        let mut v12 = vk::PhysicalDeviceVulkan12Features::default();
-        let mut v13 = vk::PhysicalDeviceVulkan13Features::default();
-        let mut coop = vk::PhysicalDeviceCooperativeMatrixFeaturesKHR::default();
-        let mut pepf = vk::PhysicalDevicePipelineExecutablePropertiesFeaturesKHR::default();
-        let mut rob2 = vk::PhysicalDeviceRobustness2FeaturesEXT::default();
+        let mut feats = Features::default();
+        let has = (has_pep, api >= vk::API_VERSION_1_3, has_coop, has_rob2);
         let mut core = {
-            let mut f2 = vk::PhysicalDeviceFeatures2::default()
-                .push_next(&mut v11)
-                .push_next(&mut v12);
-            if has_pep {
-                f2 = f2.push_next(&mut pepf);
-            }
-            if api >= vk::API_VERSION_1_3 {
-                f2 = f2.push_next(&mut v13);
-            }
-            if has_coop {
-                f2 = f2.push_next(&mut coop);
-            }
-            if has_rob2 {
-                f2 = f2.push_next(&mut rob2);
-            }
+            let mut f2 = feats.chain(vk::PhysicalDeviceFeatures2::default(), has);
             unsafe { inst.get_physical_device_features2(pd, &mut f2) };
             f2.features
         };
-        if has_pep && !b(pepf.pipeline_executable_info) {
+        if has_pep && !b(feats.pepf.pipeline_executable_info) {
             bail!(
                 "device {chosen} ({name}) lists VK_KHR_pipeline_executable_properties but not its \
                  pipelineExecutableInfo feature"
@@ -526,9 +551,9 @@ impl Gpu {
         }
         if no_robust {
             core.robust_buffer_access = vk::FALSE;
-            rob2.robust_buffer_access2 = vk::FALSE;
-            rob2.robust_image_access2 = vk::FALSE;
-            v13.robust_image_access = vk::FALSE;
+            feats.rob2.robust_buffer_access2 = vk::FALSE;
+            feats.rob2.robust_image_access2 = vk::FALSE;
+            feats.v13.robust_image_access = vk::FALSE;
         }
 
         let ci = ash::khr::cooperative_matrix::Instance::new(&instance.entry, inst);
@@ -564,25 +589,25 @@ impl Gpu {
                 && v11p
                     .subgroup_supported_stages
                     .contains(vk::ShaderStageFlags::COMPUTE | vk::ShaderStageFlags::FRAGMENT),
-            subgroup_size_control: b(v13.subgroup_size_control),
-            shader_f16: b(v12.shader_float16)
-                && b(v11.storage_buffer16_bit_access)
-                && b(v11.uniform_and_storage_buffer16_bit_access),
-            storage_input_output16: b(v11.storage_input_output16),
+            subgroup_size_control: b(feats.v13.subgroup_size_control),
+            shader_f16: b(feats.v12.shader_float16)
+                && b(feats.v11.storage_buffer16_bit_access)
+                && b(feats.v11.uniform_and_storage_buffer16_bit_access),
+            storage_input_output16: b(feats.v11.storage_input_output16),
             coop_matrix: has_coop
-                && b(coop.cooperative_matrix)
+                && b(feats.coop.cooperative_matrix)
                 && !coop_props.is_empty()
-                && b(v12.vulkan_memory_model)
-                && b(v12.vulkan_memory_model_device_scope)
+                && b(feats.v12.vulkan_memory_model)
+                && b(feats.v12.vulkan_memory_model_device_scope)
                 && wgpress_coop,
-            integer_dot_product: b(v13.shader_integer_dot_product),
-            shader_int8: b(v12.shader_int8),
-            zero_init_native: b(v13.shader_zero_initialize_workgroup_memory),
-            robust_buffer_access2: has_rob2 && b(rob2.robust_buffer_access2),
+            integer_dot_product: b(feats.v13.shader_integer_dot_product),
+            shader_int8: b(feats.v12.shader_int8),
+            zero_init_native: b(feats.v13.shader_zero_initialize_workgroup_memory),
+            robust_buffer_access2: has_rob2 && b(feats.rob2.robust_buffer_access2),
             robust_image_access: if has_rob2 {
-                b(rob2.robust_image_access2)
+                b(feats.rob2.robust_image_access2)
             } else {
-                b(v13.robust_image_access)
+                b(feats.v13.robust_image_access)
             },
         };
 
@@ -642,28 +667,7 @@ impl Gpu {
             .queue_priorities(&prio)];
 
         // Re-chain the queried (possibly edited) structs for vkCreateDevice.
-        v11.p_next = std::ptr::null_mut();
-        v12.p_next = std::ptr::null_mut();
-        v13.p_next = std::ptr::null_mut();
-        coop.p_next = std::ptr::null_mut();
-        pepf.p_next = std::ptr::null_mut();
-        rob2.p_next = std::ptr::null_mut();
-        let mut f2 = vk::PhysicalDeviceFeatures2::default()
-            .features(core)
-            .push_next(&mut v11)
-            .push_next(&mut v12);
-        if has_pep {
-            f2 = f2.push_next(&mut pepf);
-        }
-        if api >= vk::API_VERSION_1_3 {
-            f2 = f2.push_next(&mut v13);
-        }
-        if has_coop {
-            f2 = f2.push_next(&mut coop);
-        }
-        if has_rob2 {
-            f2 = f2.push_next(&mut rob2);
-        }
+        let mut f2 = feats.chain(vk::PhysicalDeviceFeatures2::default().features(core), has);
         let dci = vk::DeviceCreateInfo::default()
             .queue_create_infos(&qci)
             .enabled_extension_names(&ext_names)
