@@ -287,17 +287,25 @@ fn cooperative_path_matches_reference_where_offered() {
     assert_eq!(took, MatmulPath::Tiled);
 }
 
+/// `ctx` when its adapter has f16 cooperative matrices; otherwise `None`, said on stderr (lavapipe
+/// has none: these tests run on the device, BENCHMARKS.md).
+fn coop(ctx: wgpress::gpu::GpuContext) -> Option<wgpress::gpu::GpuContext> {
+    if coop_available(&ctx) {
+        return Some(ctx);
+    }
+    eprintln!(
+        "adapter {} has no f16 cooperative matrices: skipped",
+        ctx.adapter
+    );
+    None
+}
+
 #[test]
 fn cooperative_path_walks_chunked_operands_where_offered() {
     // 2 KiB bindings: every operand is split, as in the tiled kernel's chunk tests.
-    let ctx = common::ctx_with(Some(2048));
-    if !wgpress::gpu::matmul::coop_available(&ctx) {
-        eprintln!(
-            "adapter {} has no f16 cooperative matrices: skipped",
-            ctx.adapter
-        );
+    let Some(ctx) = coop(common::ctx_with(Some(2048))) else {
         return;
-    }
+    };
     for (seed, (m, n, k), layout, accumulate) in [
         (41, (130, 77, 61), Layout::TN, false),
         (42, (129, 129, 33), Layout::TN, true),
@@ -322,14 +330,9 @@ fn every_coop_tile_configuration_matches_reference_where_offered() {
     // and leading dimensions that are multiples of 8 (eight elements per load; 96 and 200), even
     // ones (pairs; 138), odd ones (single elements; 29), and edge tiles; tiles wholly inside C
     // (stored straight from the accumulators when not accumulating) and edge tiles through the scratch.
-    let ctx = common::ctx();
-    if !wgpress::gpu::matmul::coop_available(&ctx) {
-        eprintln!(
-            "adapter {} has no f16 cooperative matrices: skipped",
-            ctx.adapter
-        );
+    let Some(ctx) = coop(common::ctx()) else {
         return;
-    }
+    };
     let mut seed = 1300;
     // The tuning candidates and 64-deep slices (offered to `bench --coop-config`).
     let configs: Vec<CoopConfig> = CoopConfig::CANDIDATES
@@ -387,14 +390,9 @@ fn every_coop_tile_configuration_matches_reference_where_offered() {
 /// variant is chosen by shape (the profile names each pipeline).
 #[test]
 fn exact_tiling_variant_matches_reference_where_offered() {
-    let ctx = common::ctx();
-    if !wgpress::gpu::matmul::coop_available(&ctx) {
-        eprintln!(
-            "adapter {} has no f16 cooperative matrices: skipped",
-            ctx.adapter
-        );
+    let Some(ctx) = coop(common::ctx()) else {
         return;
-    }
+    };
     let profiled = ctx.start_profiling().is_ok();
     let mut seed = 1700;
     let deep = CoopConfig::parse("2x2x1k64").unwrap();
