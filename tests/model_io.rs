@@ -250,10 +250,7 @@ fn streamed_file_equals_the_one_written_at_once_and_leaves_no_body() {
         .expect_err("short");
     assert_names(&e, &["`bad`", "needs 12"]);
     s.finish(&md).expect("finish");
-    let files: Vec<String> = std::fs::read_dir(out.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-        .collect();
+    let files: Vec<String> = dir_files(out.path()).into_keys().collect();
     assert_eq!(files, vec!["m.safetensors"]);
     assert_eq!(
         std::fs::read(out.path().join("m.safetensors")).unwrap(),
@@ -307,10 +304,7 @@ fn streamed_file_with_reserved_header_room_is_written_in_place() {
         let e = s.expect_tensors(3).expect_err("after data");
         assert!(e.to_string().contains("before any data"), "{e}");
         s.finish(&md).expect("finish");
-        let files: Vec<String> = std::fs::read_dir(out.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-            .collect();
+        let files: Vec<String> = dir_files(out.path()).into_keys().collect();
         assert_eq!(files, vec!["m.safetensors"]);
         let p = out.path().join("m.safetensors");
         let bytes = std::fs::read(&p).unwrap();
