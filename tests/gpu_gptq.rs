@@ -264,6 +264,54 @@ fn bad_hessians_are_clear_errors_or_damped() {
 /// adapters where it is the default (lavapipe), and here with the same bound everywhere. 33 rows
 /// leave the per-row kernel's second workgroup one row; group 8 and 40 fit grids inside blocks,
 /// with and without the MSE search, static groups take their grids from g_idx.
+/// The column loops are built trusted (no runtime bounds checks) outside the test suite. Every
+/// index they form is in range by construction, so a build without checks must give exactly the
+/// checked build's integers and grids: on a shape whose padded width (n > cols) and a row count
+/// off the workgroup size put the guarded paths to work, with act-order and static groups (g_idx
+/// read at padded positions) and with groups fitted inside the block; and the trusted result is
+/// GPTQ's (the f64 reference).
+#[test]
+fn trusted_column_loops_give_the_checked_results() {
+    use wgpress::gpu::ContextOptions;
+    use wgpress::gpu::gptq::{ColumnLoop, Hooks, gptq_with, subgroup_loop};
+    let checked = ctx();
+    let trusted = GpuContext::new(&ContextOptions::default()).unwrap();
+    let (rows, cols) = (37, 216);
+    let (w, h) = layer(rows, cols, 300, 12);
+    for (group, stat, act, sym) in [
+        (Some(24), true, true, false),
+        (Some(8), false, true, true),
+        (None, false, false, false),
+    ] {
+        let mut o = GptqOptions::new(QuantSpec::new(3, group, sym).unwrap());
+        o.act_order = act;
+        o.static_groups = stat;
+        for k in ColumnLoop::ALL {
+            if k == ColumnLoop::Subgroup && !subgroup_loop(&checked) {
+                continue;
+            }
+            let hooks = Hooks {
+                column_loop: Some(k),
+                ..Default::default()
+            };
+            let run = |ctx: &GpuContext| {
+                let ht = GpuTensor::from_f32(ctx, cols, cols, &h).unwrap();
+                gptq_with(ctx, &w, rows, cols, &ht, &o, hooks).unwrap().0
+            };
+            let (a, b) = (run(&checked), run(&trusted));
+            let label = format!("{k:?}: group {group:?} static {stat} act {act} sym {sym}");
+            // An out-of-range read may give the same wrong value in both builds (lavapipe clamps
+            // like the checks do), so the trusted result is also held to the f64 reference.
+            let want = wgpress::reference::gptq::gptq(&w, rows, cols, &h, &o).unwrap();
+            assert_close_to_reference(&label, &b, &want, &w, &h, rows, cols);
+            assert_eq!(a.q.q, b.q.q, "{label}: integers");
+            assert_eq!(a.q.scales, b.q.scales, "{label}: scales");
+            assert_eq!(a.q.zeros, b.q.zeros, "{label}: zeros");
+            assert_eq!(a.q.g_idx, b.q.g_idx, "{label}: g_idx");
+        }
+    }
+}
+
 #[test]
 fn column_loops_agree() {
     use wgpress::gpu::gptq::{ColumnLoop, Hooks, gptq_with, subgroup_loop};
