@@ -3,8 +3,8 @@
 // The same interface as matmul.wgsl (same uniforms, chunk walk, NN/NT/TN layouts), so any shape,
 // layout and chunking runs here. The host prepends, for bindings MA and MB (f32, f16 or bf16
 // storage, declared as arrays of vectors; every tensor buffer is a multiple of 16 bytes):
-// ld_ma(i) (element i as f16), ld2_ma(i) (elements i, i + 1 for even i), ld4_ma(i) (elements
-// i..i + 4 for i a multiple of 4: one 8-byte load for f16 storage, declared as f16 vectors),
+// ld_ma(i) (element i as f16), ld2_ma(i) (elements i, i + 1 for even i), ld8_ma(i) (elements
+// i..i + 8 for i a multiple of 8 as a mat2x4<f16>: one 16-byte load for f16 storage),
 // the constants A_TRANS / B_TRANS, and the tile configuration (`gpu::matmul::CoopConfig`):
 //   SGM x SGN subgroups of 32 per workgroup, each a 64 x 64 block of C in 16 accumulators of
 //   16 x 16, so the workgroup tile is BM = 64 SGM by BN = 64 SGN; NBUF = 1 or 2 staging buffers;
@@ -53,11 +53,9 @@ const K8: u32 = BK / 8u;
 const K2: u32 = BK / 2u;
 const SWA: u32 = BM + 8u;
 const SWB: u32 = BN + 8u;
-// Eight-element pieces of a slice per thread, and the registers (pairs of vec4) that hold them.
+// Eight-element pieces of a slice per thread (each held in a mat2x4<f16>).
 const A_CH: u32 = BM * K8 / THREADS;
 const B_CH: u32 = BN * K8 / THREADS;
-const RA_LEN: u32 = 2u * A_CH;
-const RB_LEN: u32 = 2u * B_CH;
 // One buffer on an exact tiling: the next slice's loads are issued before the current slice's
 // multiplies and stored after them (measured on the H200: +8-14% over load-then-store; the
 // copy alone took 65% of a product's time when each load was waited for at its store).
@@ -83,7 +81,9 @@ fn get_b(k: u32, c: u32) -> f16 {
     return f16(0.0);
 }
 
-fn put8(s: u32, lo: vec4<f16>, hi: vec4<f16>, is_a: bool) {
+fn put8(s: u32, v: mat2x4<f16>, is_a: bool) {
+    let lo = v[0];
+    let hi = v[1];
     if (is_a) {
         SA[s] = lo.x; SA[s + 1u] = lo.y; SA[s + 2u] = lo.z; SA[s + 3u] = lo.w;
         SA[s + 4u] = hi.x; SA[s + 5u] = hi.y; SA[s + 6u] = hi.z; SA[s + 7u] = hi.w;
@@ -96,7 +96,7 @@ fn put8(s: u32, lo: vec4<f16>, hi: vec4<f16>, is_a: bool) {
 // Eight elements per load: a slice wholly inside A whose offset and leading dimension are
 // multiples of 8, in two steps: fetch_a loads this thread's pieces of the slice into registers
 // (A_CH pieces of eight), store_a writes them to a slice buffer. PREFETCH runs the steps apart.
-fn fetch_a(tid: u32, row0: u32, k0: u32, ra: ptr<function, array<vec4<f16>, RA_LEN>>) {
+fn fetch_a(tid: u32, row0: u32, k0: u32, ra: ptr<function, array<mat2x4<f16>, A_CH>>) {
     for (var j = 0u; j < A_CH; j++) {
         let q = j * THREADS + tid;
         var i8: u32;
@@ -105,12 +105,11 @@ fn fetch_a(tid: u32, row0: u32, k0: u32, ra: ptr<function, array<vec4<f16>, RA_L
         } else {
             i8 = p.a_off + (row0 + q / K8) * p.lda + k0 + (q % K8) * 8u;
         }
-        (*ra)[2u * j] = ld4_ma(i8);
-        (*ra)[2u * j + 1u] = ld4_ma(i8 + 4u);
+        (*ra)[j] = ld8_ma(i8);
     }
 }
 
-fn store_a(tid: u32, base: u32, ra: ptr<function, array<vec4<f16>, RA_LEN>>) {
+fn store_a(tid: u32, base: u32, ra: ptr<function, array<mat2x4<f16>, A_CH>>) {
     for (var j = 0u; j < A_CH; j++) {
         let q = j * THREADS + tid;
         var s: u32;
@@ -119,12 +118,12 @@ fn store_a(tid: u32, base: u32, ra: ptr<function, array<vec4<f16>, RA_LEN>>) {
         } else {
             s = base + (q / K8) * SK + (q % K8) * 8u;
         }
-        put8(s, (*ra)[2u * j], (*ra)[2u * j + 1u], true);
+        put8(s, (*ra)[j], true);
     }
 }
 
 fn stage8_a(tid: u32, row0: u32, k0: u32, base: u32) {
-    var ra: array<vec4<f16>, RA_LEN>;
+    var ra: array<mat2x4<f16>, A_CH>;
     fetch_a(tid, row0, k0, &ra);
     store_a(tid, base, &ra);
 }
@@ -176,7 +175,7 @@ fn stage_a(tid: u32, row0: u32, k0: u32, buf: u32) {
 }
 
 // The same for B's tile.
-fn fetch_b(tid: u32, col0: u32, k0: u32, rb: ptr<function, array<vec4<f16>, RB_LEN>>) {
+fn fetch_b(tid: u32, col0: u32, k0: u32, rb: ptr<function, array<mat2x4<f16>, B_CH>>) {
     for (var j = 0u; j < B_CH; j++) {
         let q = j * THREADS + tid;
         var i8: u32;
@@ -185,12 +184,11 @@ fn fetch_b(tid: u32, col0: u32, k0: u32, rb: ptr<function, array<vec4<f16>, RB_L
         } else {
             i8 = p.b_off + (k0 + q / (BN / 8u)) * p.ldb + col0 + (q % (BN / 8u)) * 8u;
         }
-        (*rb)[2u * j] = ld4_mb(i8);
-        (*rb)[2u * j + 1u] = ld4_mb(i8 + 4u);
+        (*rb)[j] = ld8_mb(i8);
     }
 }
 
-fn store_b(tid: u32, base: u32, rb: ptr<function, array<vec4<f16>, RB_LEN>>) {
+fn store_b(tid: u32, base: u32, rb: ptr<function, array<mat2x4<f16>, B_CH>>) {
     for (var j = 0u; j < B_CH; j++) {
         let q = j * THREADS + tid;
         var s: u32;
@@ -199,12 +197,12 @@ fn store_b(tid: u32, base: u32, rb: ptr<function, array<vec4<f16>, RB_LEN>>) {
         } else {
             s = base + (q / (BN / 8u)) * SWB + (q % (BN / 8u)) * 8u;
         }
-        put8(s, (*rb)[2u * j], (*rb)[2u * j + 1u], false);
+        put8(s, (*rb)[j], false);
     }
 }
 
 fn stage8_b(tid: u32, col0: u32, k0: u32, base: u32) {
-    var rb: array<vec4<f16>, RB_LEN>;
+    var rb: array<mat2x4<f16>, B_CH>;
     fetch_b(tid, col0, k0, &rb);
     store_b(tid, base, &rb);
 }
@@ -344,8 +342,8 @@ fn tile(tid: u32, row0: u32, col0: u32) {
         workgroupBarrier();
     }
     var buf = 0u;
-    var ra: array<vec4<f16>, RA_LEN>;
-    var rb: array<vec4<f16>, RB_LEN>;
+    var ra: array<mat2x4<f16>, A_CH>;
+    var rb: array<mat2x4<f16>, B_CH>;
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
         let more = k0 + BK < p.k;
         if (PREFETCH) {

@@ -151,10 +151,11 @@ pub fn tiled_source(a: GpuDtype, b: GpuDtype, layout: Layout) -> Result<String> 
     Ok(compose(prelude, layout, shaders::MATMUL))
 }
 
-/// The cooperative kernel's loaders of binding `name`, declared as an array of vectors (tensor
-/// buffers are whole multiples of 16 bytes): element i as f16, the pair at even i, and the four
-/// at i a multiple of 4 (one 8-byte load for f16 storage, which is declared as f16 vectors so no
-/// conversion runs; f32 and bf16 are converted).
+/// The cooperative kernel's loaders of binding `name`, declared as an array of 16-byte elements
+/// (tensor buffers are whole multiples of 16 bytes): element i as f16, the pair at even i, and the
+/// eight at i a multiple of 8 as a `mat2x4<f16>` (elements i..i + 4 in column 0). f16 storage is
+/// declared as `mat2x4<f16>` so that the eight-element copy is one 16-byte load with no
+/// conversion (as `vec4<f16>` it was two 8-byte loads); f32 and bf16 are converted.
 fn coop_loader(name: &str, binding: u32, dtype: GpuDtype) -> Result<String> {
     let f = name.to_lowercase();
     // bf16 is the top half of an f32; the host checked (or the caller vouched) that the values
@@ -162,20 +163,24 @@ fn coop_loader(name: &str, binding: u32, dtype: GpuDtype) -> Result<String> {
     let bf = |w: &str| {
         format!("vec2<f16>(f16(bitcast<f32>({w} << 16u)), f16(bitcast<f32>({w} & 0xffff0000u)))")
     };
-    let (ty, one, two, four) = match dtype {
+    let (ty, one, two, eight) = match dtype {
         GpuDtype::F32 => (
             "vec4<f32>",
             format!("return f16({name}[i >> 2u][i & 3u]);"),
             format!(
                 "let v = {name}[i >> 2u]; return vec2<f16>(select(v.xy, v.zw, (i & 2u) != 0u));"
             ),
-            format!("return vec4<f16>({name}[i >> 2u]);"),
+            format!(
+                "return mat2x4<f16>(vec4<f16>({name}[i >> 2u]), vec4<f16>({name}[(i >> 2u) + 1u]));"
+            ),
         ),
         GpuDtype::F16 => (
-            "vec4<f16>",
-            format!("return {name}[i >> 2u][i & 3u];"),
-            format!("let v = {name}[i >> 2u]; return select(v.xy, v.zw, (i & 2u) != 0u);"),
-            format!("return {name}[i >> 2u];"),
+            "mat2x4<f16>",
+            format!("return {name}[i >> 3u][(i >> 2u) & 1u][i & 3u];"),
+            format!(
+                "let v = {name}[i >> 3u][(i >> 2u) & 1u]; return select(v.xy, v.zw, (i & 2u) != 0u);"
+            ),
+            format!("return {name}[i >> 3u];"),
         ),
         GpuDtype::BF16 => (
             "vec4<u32>",
@@ -187,9 +192,11 @@ fn coop_loader(name: &str, binding: u32, dtype: GpuDtype) -> Result<String> {
                 bf("w")
             ),
             format!(
-                "let v = {name}[i >> 3u]; let w = select(v.xy, v.zw, (i & 4u) != 0u); return vec4<f16>({}, {});",
-                bf("w.x"),
-                bf("w.y")
+                "let v = {name}[i >> 3u]; return mat2x4<f16>(vec4<f16>({}, {}), vec4<f16>({}, {}));",
+                bf("v.x"),
+                bf("v.y"),
+                bf("v.z"),
+                bf("v.w")
             ),
         ),
         GpuDtype::U32 => {
@@ -197,7 +204,7 @@ fn coop_loader(name: &str, binding: u32, dtype: GpuDtype) -> Result<String> {
         }
     };
     Ok(format!(
-        "@group(0) @binding({binding}) var<storage, read> {name}: array<{ty}>;\nfn ld_{f}(i: u32) -> f16 {{ {one} }}\nfn ld2_{f}(i: u32) -> vec2<f16> {{ {two} }}\nfn ld4_{f}(i: u32) -> vec4<f16> {{ {four} }}\n"
+        "@group(0) @binding({binding}) var<storage, read> {name}: array<{ty}>;\nfn ld_{f}(i: u32) -> f16 {{ {one} }}\nfn ld2_{f}(i: u32) -> vec2<f16> {{ {two} }}\nfn ld8_{f}(i: u32) -> mat2x4<f16> {{ {eight} }}\n"
     ))
 }
 
