@@ -48,9 +48,8 @@ const BN: u32 = 64u * SGN;
 // banks: SK for a slice stored k-contiguous (BM or BN rows of BK), SWA / SWB for one stored
 // m/n-contiguous (BK rows of BM or BN).
 const SK: u32 = BK + 8u;
-// Eight-element and two-element pieces per k-contiguous row of a slice.
+// Eight-element pieces per k-contiguous row of a slice.
 const K8: u32 = BK / 8u;
-const K2: u32 = BK / 2u;
 const SWA: u32 = BM + 8u;
 const SWB: u32 = BN + 8u;
 // Eight-element pieces of a slice per thread (each held in a mat2x4<f16>).
@@ -61,8 +60,14 @@ const B_CH: u32 = BN * K8 / THREADS;
 // copy alone took 65% of a product's time when each load was waited for at its store).
 const PREFETCH: bool = EXACT && NBUF == 1u;
 
-var<workgroup> SA: array<f16, SA_LEN>;
-var<workgroup> SB: array<f16, SB_LEN>;
+// The staged slices are declared as f16 vectors so that each piece of the copy is two 8-byte
+// stores; the cooperative loads read them with offsets and strides counted in vectors of 4
+// halves (SPIR-V counts a cooperative load's stride in the pointee type). Every staged offset is
+// a multiple of 8 halves. Declared as scalar f16, the eight stores of a piece were not merged
+// by the driver: on the H200 this declaration took NT 8192³ from 188 to 212 TFLOP/s and TN
+// 11008²x8192 from 200 to 272 (BENCHMARKS.md, session 12).
+var<workgroup> SA: array<vec4<f16>, SA_LEN / 4u>;
+var<workgroup> SB: array<vec4<f16>, SB_LEN / 4u>;
 var<workgroup> SC: array<f32, SC_LEN>; // one 16 x 16 output scratch per subgroup
 
 fn get_a(r: u32, k: u32) -> f16 {
@@ -81,198 +86,154 @@ fn get_b(k: u32, c: u32) -> f16 {
     return f16(0.0);
 }
 
-fn put8(s: u32, v: mat2x4<f16>, is_a: bool) {
-    let lo = v[0];
-    let hi = v[1];
-    if (is_a) {
-        SA[s] = lo.x; SA[s + 1u] = lo.y; SA[s + 2u] = lo.z; SA[s + 3u] = lo.w;
-        SA[s + 4u] = hi.x; SA[s + 5u] = hi.y; SA[s + 6u] = hi.z; SA[s + 7u] = hi.w;
-    } else {
-        SB[s] = lo.x; SB[s + 1u] = lo.y; SB[s + 2u] = lo.z; SB[s + 3u] = lo.w;
-        SB[s + 4u] = hi.x; SB[s + 5u] = hi.y; SB[s + 6u] = hi.z; SB[s + 7u] = hi.w;
+// The copy moves pieces of eight elements that are consecutive in the slice's staged layout,
+// consecutive threads taking consecutive pieces (so a subgroup reads consecutive addresses).
+// Piece q of A's slice: its first element's tile row and slice column, and its staged offset
+// (halves) within the slice.
+fn piece_a(q: u32) -> vec3<u32> {
+    if (A_TRANS) {
+        let kk = q / (BM / 8u);
+        let r = (q % (BM / 8u)) * 8u;
+        return vec3<u32>(r, kk, kk * SWA + r);
     }
+    let r = q / K8;
+    let kk = (q % K8) * 8u;
+    return vec3<u32>(r, kk, r * SK + kk);
 }
 
-// Eight elements per load: a slice wholly inside A whose offset and leading dimension are
-// multiples of 8, in two steps: fetch_a loads this thread's pieces of the slice into registers
-// (A_CH pieces of eight), store_a writes them to a slice buffer. PREFETCH runs the steps apart.
-fn fetch_a(tid: u32, row0: u32, k0: u32, ra: ptr<function, array<mat2x4<f16>, A_CH>>) {
-    for (var j = 0u; j < A_CH; j++) {
-        let q = j * THREADS + tid;
-        var i8: u32;
+// Piece q of B's slice: slice row, tile column, staged offset.
+fn piece_b(q: u32) -> vec3<u32> {
+    if (B_TRANS) {
+        let c = q / K8;
+        let kk = (q % K8) * 8u;
+        return vec3<u32>(kk, c, c * SK + kk);
+    }
+    let kk = q / (BN / 8u);
+    let c = (q % (BN / 8u)) * 8u;
+    return vec3<u32>(kk, c, kk * SWB + c);
+}
+
+// How a slice is read: 2, eight elements per load (wholly inside the operand, offset and
+// leading dimension multiples of 8); 1, pairs (inside, even); 0, single elements with zeros
+// outside m, n, k.
+fn mode_of(inside: bool, align: u32) -> u32 {
+    if (EXACT) { return 2u; }
+    return select(0u, align, inside);
+}
+
+fn load_a(row0: u32, k0: u32, q: u32, mode: u32) -> mat2x4<f16> {
+    let pc = piece_a(q);
+    let r = row0 + pc.x;
+    let k = k0 + pc.y;
+    var i = p.a_off + r * p.lda + k;
+    if (A_TRANS) { i = p.a_off + k * p.lda + r; }
+    if (EXACT || mode == 2u) {
+        return ld8_ma(i);
+    }
+    if (mode == 1u) {
+        return mat2x4<f16>(vec4<f16>(ld2_ma(i), ld2_ma(i + 2u)), vec4<f16>(ld2_ma(i + 4u), ld2_ma(i + 6u)));
+    }
+    var w = mat2x4<f16>();
+    for (var j = 0u; j < 8u; j++) {
         if (A_TRANS) {
-            i8 = p.a_off + (k0 + q / (BM / 8u)) * p.lda + row0 + (q % (BM / 8u)) * 8u;
+            w[j / 4u][j % 4u] = get_a(r + j, k);
         } else {
-            i8 = p.a_off + (row0 + q / K8) * p.lda + k0 + (q % K8) * 8u;
+            w[j / 4u][j % 4u] = get_a(r, k + j);
         }
-        (*ra)[j] = ld8_ma(i8);
+    }
+    return w;
+}
+
+fn load_b(col0: u32, k0: u32, q: u32, mode: u32) -> mat2x4<f16> {
+    let pc = piece_b(q);
+    let k = k0 + pc.x;
+    let c = col0 + pc.y;
+    var i = p.b_off + k * p.ldb + c;
+    if (B_TRANS) { i = p.b_off + c * p.ldb + k; }
+    if (EXACT || mode == 2u) {
+        return ld8_mb(i);
+    }
+    if (mode == 1u) {
+        return mat2x4<f16>(vec4<f16>(ld2_mb(i), ld2_mb(i + 2u)), vec4<f16>(ld2_mb(i + 4u), ld2_mb(i + 6u)));
+    }
+    var w = mat2x4<f16>();
+    for (var j = 0u; j < 8u; j++) {
+        if (B_TRANS) {
+            w[j / 4u][j % 4u] = get_b(k + j, c);
+        } else {
+            w[j / 4u][j % 4u] = get_b(k, c + j);
+        }
+    }
+    return w;
+}
+
+// The copy of K slice [k0, k0 + BK) of this workgroup's A tile in two steps: fetch_a loads this
+// thread's A_CH pieces into registers, store_a writes them to the slice buffer at `base`
+// (halves). PREFETCH runs the steps apart.
+fn fetch_a(tid: u32, row0: u32, k0: u32, mode: u32, ra: ptr<function, array<mat2x4<f16>, A_CH>>) {
+    for (var j = 0u; j < A_CH; j++) {
+        (*ra)[j] = load_a(row0, k0, j * THREADS + tid, mode);
     }
 }
 
 fn store_a(tid: u32, base: u32, ra: ptr<function, array<mat2x4<f16>, A_CH>>) {
     for (var j = 0u; j < A_CH; j++) {
-        let q = j * THREADS + tid;
-        var s: u32;
-        if (A_TRANS) {
-            s = base + (q / (BM / 8u)) * SWA + (q % (BM / 8u)) * 8u;
-        } else {
-            s = base + (q / K8) * SK + (q % K8) * 8u;
-        }
-        put8(s, (*ra)[j], true);
+        let i = (base + piece_a(j * THREADS + tid).z) >> 2u;
+        SA[i] = (*ra)[j][0];
+        SA[i + 1u] = (*ra)[j][1];
     }
 }
 
-fn stage8_a(tid: u32, row0: u32, k0: u32, base: u32) {
-    var ra: array<mat2x4<f16>, A_CH>;
-    fetch_a(tid, row0, k0, &ra);
-    store_a(tid, base, &ra);
-}
-
-// Copies K slice [k0, k0 + BK) of this workgroup's A tile into slice buffer `buf`. Consecutive
-// threads take consecutive elements of the source, so a subgroup reads consecutive addresses.
 fn stage_a(tid: u32, row0: u32, k0: u32, buf: u32) {
-    let base = buf * SLICE_A;
-    if (EXACT) {
-        stage8_a(tid, row0, k0, base);
-        return;
-    }
-    let inside = k0 + BK <= p.k && row0 + BM <= p.m;
-    if (inside && p.a_align == 2u) {
-        stage8_a(tid, row0, k0, base);
-    } else if (inside && p.a_align == 1u) {
-        for (var j = 0u; j < BM * K2 / THREADS; j++) {
-            let q = j * THREADS + tid;
-            if (A_TRANS) {
-                let kk = q / (BM / 2u);
-                let r = (q % (BM / 2u)) * 2u;
-                let v = ld2_ma(p.a_off + (k0 + kk) * p.lda + row0 + r);
-                let s = base + kk * SWA + r;
-                SA[s] = v.x;
-                SA[s + 1u] = v.y;
-            } else {
-                let r = q / K2;
-                let kk = (q % K2) * 2u;
-                let v = ld2_ma(p.a_off + (row0 + r) * p.lda + k0 + kk);
-                let s = base + r * SK + kk;
-                SA[s] = v.x;
-                SA[s + 1u] = v.y;
-            }
-        }
-    } else {
-        for (var j = 0u; j < BM * BK / THREADS; j++) {
-            let e = j * THREADS + tid;
-            if (A_TRANS) {
-                let kk = e / BM;
-                let r = e % BM;
-                SA[base + kk * SWA + r] = get_a(row0 + r, k0 + kk);
-            } else {
-                let r = e / BK;
-                let kk = e % BK;
-                SA[base + r * SK + kk] = get_a(row0 + r, k0 + kk);
-            }
-        }
-    }
+    let mode = mode_of(k0 + BK <= p.k && row0 + BM <= p.m, p.a_align);
+    var ra: array<mat2x4<f16>, A_CH>;
+    fetch_a(tid, row0, k0, mode, &ra);
+    store_a(tid, buf * SLICE_A, &ra);
 }
 
-// The same for B's tile.
-fn fetch_b(tid: u32, col0: u32, k0: u32, rb: ptr<function, array<mat2x4<f16>, B_CH>>) {
+// The same for B's tile (columns col0..col0 + BN of op(B)).
+fn fetch_b(tid: u32, col0: u32, k0: u32, mode: u32, rb: ptr<function, array<mat2x4<f16>, B_CH>>) {
     for (var j = 0u; j < B_CH; j++) {
-        let q = j * THREADS + tid;
-        var i8: u32;
-        if (B_TRANS) {
-            i8 = p.b_off + (col0 + q / K8) * p.ldb + k0 + (q % K8) * 8u;
-        } else {
-            i8 = p.b_off + (k0 + q / (BN / 8u)) * p.ldb + col0 + (q % (BN / 8u)) * 8u;
-        }
-        (*rb)[j] = ld8_mb(i8);
+        (*rb)[j] = load_b(col0, k0, j * THREADS + tid, mode);
     }
 }
 
 fn store_b(tid: u32, base: u32, rb: ptr<function, array<mat2x4<f16>, B_CH>>) {
     for (var j = 0u; j < B_CH; j++) {
-        let q = j * THREADS + tid;
-        var s: u32;
-        if (B_TRANS) {
-            s = base + (q / K8) * SK + (q % K8) * 8u;
-        } else {
-            s = base + (q / (BN / 8u)) * SWB + (q % (BN / 8u)) * 8u;
-        }
-        put8(s, (*rb)[j], false);
+        let i = (base + piece_b(j * THREADS + tid).z) >> 2u;
+        SB[i] = (*rb)[j][0];
+        SB[i + 1u] = (*rb)[j][1];
     }
 }
 
-fn stage8_b(tid: u32, col0: u32, k0: u32, base: u32) {
-    var rb: array<mat2x4<f16>, B_CH>;
-    fetch_b(tid, col0, k0, &rb);
-    store_b(tid, base, &rb);
-}
-
-// The same for B's tile (columns col0..col0 + BN of op(B)).
 fn stage_b(tid: u32, col0: u32, k0: u32, buf: u32) {
-    let base = buf * SLICE_B;
-    if (EXACT) {
-        stage8_b(tid, col0, k0, base);
-        return;
-    }
-    let inside = k0 + BK <= p.k && col0 + BN <= p.n;
-    if (inside && p.b_align == 2u) {
-        stage8_b(tid, col0, k0, base);
-    } else if (inside && p.b_align == 1u) {
-        for (var j = 0u; j < BN * K2 / THREADS; j++) {
-            let q = j * THREADS + tid;
-            if (B_TRANS) {
-                let c = q / K2;
-                let kk = (q % K2) * 2u;
-                let v = ld2_mb(p.b_off + (col0 + c) * p.ldb + k0 + kk);
-                let s = base + c * SK + kk;
-                SB[s] = v.x;
-                SB[s + 1u] = v.y;
-            } else {
-                let kk = q / (BN / 2u);
-                let c = (q % (BN / 2u)) * 2u;
-                let v = ld2_mb(p.b_off + (k0 + kk) * p.ldb + col0 + c);
-                let s = base + kk * SWB + c;
-                SB[s] = v.x;
-                SB[s + 1u] = v.y;
-            }
-        }
-    } else {
-        for (var j = 0u; j < BN * BK / THREADS; j++) {
-            let e = j * THREADS + tid;
-            if (B_TRANS) {
-                let c = e / BK;
-                let kk = e % BK;
-                SB[base + c * SK + kk] = get_b(k0 + kk, col0 + c);
-            } else {
-                let kk = e / BN;
-                let c = e % BN;
-                SB[base + kk * SWB + c] = get_b(k0 + kk, col0 + c);
-            }
-        }
-    }
+    let mode = mode_of(k0 + BK <= p.k && col0 + BN <= p.n, p.b_align);
+    var rb: array<mat2x4<f16>, B_CH>;
+    fetch_b(tid, col0, k0, mode, &rb);
+    store_b(tid, buf * SLICE_B, &rb);
 }
 
 // The 16 x 16 block of op(A) at tile rows r (0..BM) and slice columns kk (0..BK).
 fn tile_a(buf: u32, r: u32, kk: u32) -> coop_mat16x16<f16, A> {
     if (A_TRANS) {
-        let i = buf * SLICE_A + kk * SWA + r;
-        let s = SWA;
+        let i = (buf * SLICE_A + kk * SWA + r) >> 2u;
+        let s = SWA / 4u;
         return coopLoad<coop_mat16x16<f16, A>>(&SA[i], s);
     }
-    let i = buf * SLICE_A + r * SK + kk;
-    let s = SK;
+    let i = (buf * SLICE_A + r * SK + kk) >> 2u;
+    let s = SK / 4u;
     return coopLoadT<coop_mat16x16<f16, A>>(&SA[i], s);
 }
 
 // The 16 x 16 block of op(B) at slice rows kk (0..BK) and tile columns c (0..BN).
 fn tile_b(buf: u32, kk: u32, c: u32) -> coop_mat16x16<f16, B> {
     if (B_TRANS) {
-        let i = buf * SLICE_B + c * SK + kk;
-        let s = SK;
+        let i = (buf * SLICE_B + c * SK + kk) >> 2u;
+        let s = SK / 4u;
         return coopLoad<coop_mat16x16<f16, B>>(&SB[i], s);
     }
-    let i = buf * SLICE_B + kk * SWB + c;
-    let s = SWB;
+    let i = (buf * SLICE_B + kk * SWB + c) >> 2u;
+    let s = SWB / 4u;
     return coopLoadT<coop_mat16x16<f16, B>>(&SB[i], s);
 }
 
@@ -348,8 +309,8 @@ fn tile(tid: u32, row0: u32, col0: u32) {
         let more = k0 + BK < p.k;
         if (PREFETCH) {
             if (more) {
-                fetch_a(tid, row0, k0 + BK, &ra);
-                fetch_b(tid, col0, k0 + BK, &rb);
+                fetch_a(tid, row0, k0 + BK, 2u, &ra);
+                fetch_b(tid, col0, k0 + BK, 2u, &rb);
             }
         } else if (NBUF == 1u) {
             stage_a(tid, row0, k0, 0u);
