@@ -53,22 +53,17 @@ const BR: u32 = 64u;
 const BC: u32 = 32u;
 const THREADS: u32 = 128u;
 
-var<workgroup> QS: array<f16, BR * SD>;
-var<workgroup> KS: array<f16, BC * SD>;
-var<workgroup> VS: array<f16, BC * SD>;
+// The staged tiles and probabilities are declared as f16 vectors, so each staged piece is one
+// 8-byte store (as scalar f16 the driver issued four 2-byte stores; the same change made the
+// tensor-core matmul 13-36% faster, BENCHMARKS.md session 12). Cooperative loads from them
+// count offsets and strides in vectors of 4 halves (SD4 = SD / 4).
+const SD4: u32 = SD / 4u;
+var<workgroup> QS: array<vec4<f16>, BR * SD4>;
+var<workgroup> KS: array<vec4<f16>, BC * SD4>;
+var<workgroup> VS: array<vec4<f16>, BC * SD4>;
 var<workgroup> SS: array<f32, 1024>; // per subgroup: 16 x 16 scores (or an output tile)
-var<workgroup> PS: array<f16, 1024>; // per subgroup: 16 x 16 probabilities
+var<workgroup> PS: array<vec4<f16>, 256>; // per subgroup: 16 x 16 probabilities
 var<workgroup> ML: array<f32, 256>;  // per row and half: running max, running sum
-
-fn put4(dst: u32, v: vec4<f16>, which: u32) {
-    if (which == 0u) {
-        QS[dst] = v.x; QS[dst + 1u] = v.y; QS[dst + 2u] = v.z; QS[dst + 3u] = v.w;
-    } else if (which == 1u) {
-        KS[dst] = v.x; KS[dst + 1u] = v.y; KS[dst + 2u] = v.z; KS[dst + 3u] = v.w;
-    } else {
-        VS[dst] = v.x; VS[dst + 1u] = v.y; VS[dst + 2u] = v.z; VS[dst + 3u] = v.w;
-    }
-}
 
 // Keys (and, with `values`, values) [j0, j0 + BC) of kv head `kh` of sequence `s`; zeros past
 // the sequence so masked products stay finite.
@@ -87,9 +82,9 @@ fn stage_kv(tid: u32, s: u32, kh: u32, j0: u32, values: bool) {
                 vv = cv[(ap.v_off + row * kw + kh * ap.d) / 4u + c];
             }
         }
-        put4(jj * SD + 4u * c, kv, 1u);
+        KS[jj * SD4 + c] = kv;
         if (values) {
-            put4(jj * SD + 4u * c, vv, 2u);
+            VS[jj * SD4 + c] = vv;
         }
     }
 }
@@ -98,12 +93,12 @@ fn stage_kv(tid: u32, s: u32, kh: u32, j0: u32, values: bool) {
 fn scores(sg: u32, kc: u32) -> coop_mat16x16<f32, C> {
     var acc = coop_mat16x16<f32, C>();
     for (var dc = 0u; dc < HEAD_D16; dc++) {
-        let qi = sg * 16u * SD + dc * 16u;
-        let qs = SD;
+        let qi = sg * 16u * SD4 + dc * 4u;
+        let qs = SD4;
         let a = coopLoadT<coop_mat16x16<f16, A>>(&QS[qi], qs);
-        // Column-major: element (d, key) is KS[ki + key * SD + d], i.e. kᵀ.
-        let ki = kc * SD + dc * 16u;
-        let ks = SD;
+        // Column-major: element (d, key) is half d of KS from vector ki + key * SD4, i.e. kᵀ.
+        let ki = kc * SD4 + dc * 4u;
+        let ks = SD4;
         let b = coopLoad<coop_mat16x16<f16, B>>(&KS[ki], ks);
         acc = coopMultiplyAdd(a, b, acc);
     }
@@ -112,8 +107,8 @@ fn scores(sg: u32, kc: u32) -> coop_mat16x16<f32, C> {
 
 // Values kc..kc + 16 (rows) by head dimensions 16 i.. (columns).
 fn vtile(kc: u32, i: u32) -> coop_mat16x16<f16, B> {
-    let vi = kc * SD + i * 16u;
-    let vs = SD;
+    let vi = kc * SD4 + i * 4u;
+    let vs = SD4;
     return coopLoadT<coop_mat16x16<f16, B>>(&VS[vi], vs);
 }
 
@@ -160,7 +155,7 @@ fn main(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: v
         if (t < ap.seq) {
             v = cq[(ap.q_off + (s * ap.seq + t) * qw + h * ap.d) / 4u + c];
         }
-        put4(i * SD + 4u * c, v, 0u);
+        QS[i * SD4 + c] = v;
     }
     // This lane's row of the subgroup's 16, and which 8 columns of each 16-key chunk it takes.
     let r = lane & 15u;
@@ -215,6 +210,7 @@ fn main(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: v
             let sc = scores(sg, kc);
             coopStoreT(sc, &SS[si], ss);
             workgroupBarrier();
+            var pr = mat2x4<f16>();
             for (var c = 0u; c < 8u; c++) {
                 let col = half * 8u + c;
                 let key = j0 + kc + col;
@@ -222,10 +218,16 @@ fn main(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: v
                 if (key <= tq && key < ap.seq) {
                     pv = exp(SS[si + r * 16u + col] * ap.scale - mr) * inv;
                 }
-                PS[si + r * 16u + col] = f16(pv);
+                pr[c / 4u][c % 4u] = f16(pv);
             }
+            // This lane's 8 probabilities of row r: vectors 2 half and 2 half + 1 of the row.
+            let pi = (si + r * 16u + half * 8u) / 4u;
+            PS[pi] = pr[0];
+            PS[pi + 1u] = pr[1];
             workgroupBarrier();
-            let pf = coopLoadT<coop_mat16x16<f16, A>>(&PS[si], ss);
+            let ps0 = si / 4u;
+            let ps = 4u;
+            let pf = coopLoadT<coop_mat16x16<f16, A>>(&PS[ps0], ps);
 //@ACC_MMA
         }
     }
