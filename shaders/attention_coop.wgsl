@@ -54,9 +54,9 @@ const BC: u32 = 32u;
 const THREADS: u32 = 128u;
 
 // The staged tiles and probabilities are declared as f16 vectors, so each staged piece is one
-// 8-byte store (as scalar f16 the driver issued four 2-byte stores; the same change made the
-// tensor-core matmul 13-36% faster, BENCHMARKS.md session 12). Cooperative loads from them
-// count offsets and strides in vectors of 4 halves (SD4 = SD / 4).
+// 8-byte store: the NVIDIA driver does not merge scalar f16 stores, and the same change made the
+// tensor-core matmul 13-36% faster (here: 6%, BENCHMARKS.md session 12). Cooperative loads from
+// them count offsets and strides in vectors of 4 halves (SD4 = SD / 4).
 const SD4: u32 = SD / 4u;
 var<workgroup> QS: array<vec4<f16>, BR * SD4>;
 var<workgroup> KS: array<vec4<f16>, BC * SD4>;
