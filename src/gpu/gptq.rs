@@ -648,8 +648,8 @@ fn apply_impl(
             "the subgroup column loop needs 32-wide subgroups, which this adapter lacks",
         ));
     }
-    // The column loops are built trusted (no runtime bounds checks; 26% faster `block_sg` on an
-    // H200, BENCHMARKS.md). Every index they form is in range by construction: rows and the
+    // The column loops are built trusted (no runtime bounds checks; about 10% less block-loop
+    // time on an H200, BENCHMARKS.md session 12). Every index they form is in range by construction: rows and the
     // block's columns are guarded (b0 + bw <= n, err_col + bw <= err_ld, both set here), g_idx
     // positions past `cols` are 0 (`gidx_pos`), and grids are only stored for positions below
     // `cols`. `trusted_column_loops_give_the_checked_results` compares both builds.
