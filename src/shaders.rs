@@ -13,6 +13,7 @@ pub const FORWARD: &str = include_str!("../shaders/forward.wgsl");
 pub const STATS: &str = include_str!("../shaders/stats.wgsl");
 pub const ELEMENTWISE: &str = include_str!("../shaders/elementwise.wgsl");
 pub const MIRROR: &str = include_str!("../shaders/mirror.wgsl");
+pub const TRANSPOSE: &str = include_str!("../shaders/transpose.wgsl");
 pub const GPTQ: &str = include_str!("../shaders/gptq.wgsl");
 pub const GPTQ_SG: &str = include_str!("../shaders/gptq_sg.wgsl");
 pub const LINALG: &str = include_str!("../shaders/linalg.wgsl");
@@ -36,6 +37,7 @@ pub fn all_modules() -> Vec<(String, String, bool)> {
     v.push(("linalg.wgsl".into(), LINALG.to_string(), false));
     v.push(("peaks.wgsl".into(), PEAKS.to_string(), false));
     v.push(("mirror.wgsl".into(), MIRROR.to_string(), false));
+    v.push(("transpose.wgsl".into(), TRANSPOSE.to_string(), false));
     v.extend(crate::gpu::gptq::all_sources());
     v.extend(crate::gpu::stats::all_sources());
     v

@@ -1,7 +1,7 @@
 mod common;
 use wgpress::gpu::matmul::{
     CoopConfig, Layout, MatmulPath, coop_available, matmul_into, matmul_into_coop,
-    matmul_lower_into,
+    matmul_lower_into, matmul_nt_via_tn, nt_as_tn_pays, transpose_f16_into,
 };
 use wgpress::gpu::{GpuContext, GpuDtype, GpuTensor};
 use wgpress::reference;
@@ -22,6 +22,8 @@ struct Case {
     /// Only C's lower triangle (`matmul_lower_into`, layout TN): elements above the diagonal are
     /// not compared.
     lower: bool,
+    /// Layout NT through `matmul_nt_via_tn` (transposed copies, then TN).
+    via_tn: bool,
 }
 
 fn case(m: usize, n: usize, k: usize, layout: Layout, da: GpuDtype, db: GpuDtype) -> Case {
@@ -36,6 +38,7 @@ fn case(m: usize, n: usize, k: usize, layout: Layout, da: GpuDtype, db: GpuDtype
         path: None,
         config: None,
         lower: false,
+        via_tn: false,
     }
 }
 
@@ -51,6 +54,7 @@ fn check(ctx: &GpuContext, seed: u64, c: Case) {
         path,
         config,
         lower,
+        via_tn,
     } = c;
     let mut rng = Rng::new(seed);
     let a = rng.normal_vec(m * k, 1.0);
@@ -58,13 +62,7 @@ fn check(ctx: &GpuContext, seed: u64, c: Case) {
     // Layout TN stores A as k x m; the reference always gets A as m x k.
     let (ga, a_seen) = if layout == Layout::TN {
         let (g, seen) = common::upload(ctx, k, m, &a, da);
-        let mut t = vec![0f32; m * k];
-        for r in 0..k {
-            for c in 0..m {
-                t[c * k + r] = seen[r * m + c];
-            }
-        }
-        (g, t)
+        (g, reference::matmul::transpose(&seen, k, m))
     } else {
         common::upload(ctx, m, k, &a, da)
     };
@@ -77,6 +75,7 @@ fn check(ctx: &GpuContext, seed: u64, c: Case) {
     }
     let took = match config {
         _ if lower => matmul_lower_into(ctx, &ga, &gb, &gc, accumulate, path).unwrap(),
+        _ if via_tn => matmul_nt_via_tn(ctx, &ga, &gb, &gc, accumulate, path).unwrap(),
         Some(cfg) => {
             matmul_into_coop(ctx, &ga, &gb, layout, &gc, accumulate, cfg).unwrap();
             MatmulPath::Coop
@@ -601,4 +600,83 @@ fn tn_layout_with_no_rows_zeroes_or_keeps_c() {
     c0.fill_u32(&ctx, common::POISON);
     matmul_into(&ctx, &a0, &b0, Layout::TN, &c0, false, None).unwrap();
     assert!(c0.to_f32(&ctx).unwrap().iter().all(|&v| v == 0.0));
+}
+
+#[test]
+fn nt_products_via_transposes_match_reference() {
+    let ctx = common::ctx();
+    let mut paths = vec![MatmulPath::Tiled];
+    if coop_available(&ctx) {
+        paths.push(MatmulPath::Coop);
+    }
+    // Multiples of 4 (the transpose's requirement) that are not multiples of the 64-wide
+    // transpose tile or of any matmul tile, so every edge path of both kernels runs.
+    let mut seed = 900;
+    for path in paths {
+        for &(m, n, k) in &[(36, 52, 100), (132, 68, 44), (8, 200, 260)] {
+            seed += 1;
+            check(
+                &ctx,
+                seed,
+                Case {
+                    accumulate: seed % 2 == 0,
+                    path: Some(path),
+                    via_tn: true,
+                    ..case(m, n, k, Layout::NT, GpuDtype::F16, GpuDtype::F16)
+                },
+            );
+        }
+    }
+    // A shape the transposes cannot take is a clear error, not a wrong product.
+    let mut rng = Rng::new(5);
+    let a = rng.normal_vec(6 * 10, 1.0);
+    let (ga, _) = common::upload(&ctx, 6, 10, &a, GpuDtype::F16);
+    let gc = GpuTensor::empty(&ctx, 6, 6, GpuDtype::F32).unwrap();
+    let e = matmul_nt_via_tn(&ctx, &ga, &ga, &gc, false, None).unwrap_err();
+    assert!(e.to_string().contains("multiples of 4"), "{e}");
+}
+
+#[test]
+fn transpose_moves_every_f16_element() {
+    let ctx = common::ctx();
+    // Edge tiles in both directions (neither side a multiple of 64), and a single tile.
+    for (seed, &(rows, cols)) in [(36, 204), (132, 68), (4, 8)].iter().enumerate() {
+        let mut rng = Rng::new(40 + seed as u64);
+        let v = rng.normal_vec(rows * cols, 3.0);
+        let (x, _) = common::upload(&ctx, rows, cols, &v, GpuDtype::F16);
+        let y = GpuTensor::empty(&ctx, cols, rows, GpuDtype::F16).unwrap();
+        y.fill_u32(&ctx, common::POISON);
+        transpose_f16_into(&ctx, &x, &y).unwrap();
+        let bits = |t: &GpuTensor| -> Vec<u16> {
+            let mut b = vec![0u8; t.rows * t.cols * 2];
+            t.read_into(&ctx, &mut b).unwrap();
+            b.chunks_exact(2)
+                .map(|p| u16::from_le_bytes([p[0], p[1]]))
+                .collect()
+        };
+        // A move, not arithmetic: every element bit for bit, the poison nowhere.
+        let want = reference::matmul::transpose(&bits(&x), rows, cols);
+        assert_eq!(bits(&y), want, "{rows}x{cols}");
+    }
+}
+
+#[test]
+fn only_large_f16_nt_products_are_run_as_tn() {
+    let ctx = common::ctx();
+    let t = |rows: usize, cols: usize, dtype: GpuDtype| {
+        GpuTensor::empty(&ctx, rows, cols, dtype).unwrap()
+    };
+    let f16 = GpuDtype::F16;
+    // C of 4096 x 4096: mn / (m + n) = 2048, the threshold.
+    assert!(nt_as_tn_pays(&t(4096, 64, f16), &t(4096, 64, f16)));
+    assert!(!nt_as_tn_pays(&t(2048, 64, f16), &t(4096, 64, f16)));
+    assert!(!nt_as_tn_pays(
+        &t(4096, 64, GpuDtype::F32),
+        &t(4096, 64, f16)
+    ));
+    // Shapes the default tiles do not cover exactly stay NT.
+    assert!(!nt_as_tn_pays(&t(4000, 64, f16), &t(4096, 64, f16)));
+    assert!(!nt_as_tn_pays(&t(4096, 64, f16), &t(4000, 64, f16)));
+    assert!(!nt_as_tn_pays(&t(4096, 48, f16), &t(4096, 48, f16)));
+    assert!(!nt_as_tn_pays(&t(4096, 64, f16), &t(4096, 32, f16)));
 }

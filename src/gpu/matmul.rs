@@ -525,6 +525,9 @@ fn matmul_impl(
     match (use_coop, cfg) {
         (false, _) => run_walk(ctx, a, b, op, c, &shape, None)?,
         (true, Some(cfg)) => run_walk(ctx, a, b, op, c, &shape, Some(cfg))?,
+        (true, None) if layout == Layout::NT && !lower && nt_as_tn_pays(a, b) => {
+            run_nt_as_tn(ctx, a, b, c, accumulate, None)?
+        }
         (true, None) => run_tuned(ctx, a, b, op, c, &shape)?,
     }
     Ok(if use_coop {
@@ -532,6 +535,164 @@ fn matmul_impl(
     } else {
         MatmulPath::Tiled
     })
+}
+
+/// Whether an A·Bᵀ product is run as Aᵀ-stored TN on transposed f16 copies ([`matmul_nt_via_tn`]):
+/// both operands f16 in one buffer each; m and n multiples of 128 and k of 32, so the default
+/// tiles cover the TN product exactly (the general TN kernel was slower than the general NT one:
+/// 4000³ took 3.76 ms this way against 2.04 ms as NT); and large enough that the transposes'
+/// memory traffic, 8(m + n)k bytes, costs less than the TN kernel saves. On the H200 TN runs
+/// about 25% faster than NT (8192³ with the transposes: 266 against 214 TFLOP/s; BENCHMARKS.md,
+/// session 13) and a transpose moves 2.3 TB/s, so the saving exceeds the traffic once
+/// mn / (m + n) passes about 1000; 2048 keeps a margin (a 4096 x 4096 C qualifies, a
+/// 2048-token batch against a 4096-wide layer does not).
+pub fn nt_as_tn_pays(a: &GpuTensor, b: &GpuTensor) -> bool {
+    let (m, n, k) = (a.rows, b.rows, a.cols);
+    let one_f16 = |t: &GpuTensor| t.dtype == GpuDtype::F16 && t.chunks.len() == 1;
+    one_f16(a)
+        && one_f16(b)
+        && k == b.cols
+        && m.is_multiple_of(128)
+        && n.is_multiple_of(128)
+        && k.is_multiple_of(32)
+        && m * n >= 2048 * (m + n)
+}
+
+/// C = [C +] A·Bᵀ (A m x k, B n x k, both f16 in one buffer each, rows and columns multiples of 4)
+/// computed as Aᵀ-stored TN: Aᵀ and Bᵀ are made by `shaders/transpose.wgsl` into temporary
+/// buffers (freed on return), then multiplied in layout TN, the tensor-core kernel's fastest
+/// orientation. The inputs are the same f16 values and the sums run over K in the same slices,
+/// so the result equals the NT product's to f32 rounding. `path` forces a kernel as in
+/// [`matmul_into`]; `None` takes the tuned cooperative kernel where available. `matmul_into`
+/// takes this route by itself for large f16 products ([`nt_as_tn_pays`]).
+pub fn matmul_nt_via_tn(
+    ctx: &GpuContext,
+    a: &GpuTensor,
+    b: &GpuTensor,
+    c: &GpuTensor,
+    accumulate: bool,
+    path: Option<MatmulPath>,
+) -> Result<MatmulPath> {
+    let (m, n, k) = dims(a, b, Layout::NT);
+    if b.cols != k || c.rows != m || c.cols != n || c.dtype != GpuDtype::F32 {
+        return Err(Error::Shape {
+            op: "matmul (NT as TN)".into(),
+            expected: format!("A {m}x{k} f16, B nx{k} f16, C {m}x{n} f32"),
+            got: format!(
+                "A {}, B {}, C {}",
+                a.shape_str(),
+                b.shape_str(),
+                c.shape_str()
+            ),
+        });
+    }
+    let use_coop = match path {
+        Some(MatmulPath::Tiled) => false,
+        Some(MatmulPath::Coop) => true,
+        None => coop_available(ctx),
+    };
+    if use_coop {
+        run_nt_as_tn(ctx, a, b, c, accumulate, None)?;
+        return Ok(MatmulPath::Coop);
+    }
+    run_nt_as_tn(ctx, a, b, c, accumulate, Some(MatmulPath::Tiled))?;
+    Ok(MatmulPath::Tiled)
+}
+
+/// The transposes and the TN product of [`matmul_nt_via_tn`] (shapes already checked); `tiled`
+/// forces the f32 tiled kernel (adapters without cooperative matrices, and tests there).
+fn run_nt_as_tn(
+    ctx: &GpuContext,
+    a: &GpuTensor,
+    b: &GpuTensor,
+    c: &GpuTensor,
+    accumulate: bool,
+    path: Option<MatmulPath>,
+) -> Result<()> {
+    let at = transpose_f16(ctx, a)?;
+    let bt = transpose_f16(ctx, b)?;
+    let lower = false;
+    match path {
+        Some(MatmulPath::Tiled) => {
+            matmul_impl(ctx, &at, &bt, Layout::TN, c, accumulate, path, None, lower)?;
+        }
+        _ => {
+            let (m, n, k) = dims(&at, &bt, Layout::TN);
+            let shape = format!("{m}x{n}x{k} (TN, A F16, B F16)");
+            let op = Op {
+                layout: Layout::TN,
+                accumulate,
+                lower,
+            };
+            run_tuned(ctx, &at, &bt, op, c, &shape)?;
+        }
+    }
+    Ok(())
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct TransposeParams {
+    rows: u32,
+    cols: u32,
+    pad: [u32; 2],
+}
+
+/// Xᵀ (cols x rows, f16, one buffer) of an f16 tensor `x` held in one buffer whose rows and
+/// columns are multiples of 4 (`shaders/transpose.wgsl`).
+pub fn transpose_f16(ctx: &GpuContext, x: &GpuTensor) -> Result<GpuTensor> {
+    let y = GpuTensor::empty(ctx, x.cols, x.rows, GpuDtype::F16)?;
+    transpose_f16_into(ctx, x, &y)?;
+    Ok(y)
+}
+
+/// [`transpose_f16`] into an existing cols x rows f16 tensor `y` (one buffer).
+pub fn transpose_f16_into(ctx: &GpuContext, x: &GpuTensor, y: &GpuTensor) -> Result<()> {
+    const KERNEL: &str = "transpose";
+    let shape = format!("{} -> {}", x.shape_str(), y.shape_str());
+    let one = |t: &GpuTensor| t.dtype == GpuDtype::F16 && t.chunks.len() == 1;
+    if !one(x)
+        || !one(y)
+        || !x.rows.is_multiple_of(4)
+        || !x.cols.is_multiple_of(4)
+        || (y.rows, y.cols) != (x.cols, x.rows)
+    {
+        return Err(Error::invalid(format!(
+            "transpose: expected f16 tensors in one buffer each, rows and columns multiples of 4, the output the input's shape swapped; got {shape} in {} and {} buffers",
+            x.chunks.len(),
+            y.chunks.len()
+        )));
+    }
+    let groups = (x.cols.div_ceil(64), x.rows.div_ceil(64));
+    let max = ctx.max_workgroups_per_dim() as usize;
+    if groups.0 > max || groups.1 > max {
+        return Err(Error::gpu(
+            KERNEL,
+            &shape,
+            "the dispatch grid limit is exceeded",
+        ));
+    }
+    let u = |v: usize| {
+        u32::try_from(v)
+            .map_err(|_| Error::gpu(KERNEL, &shape, format!("{v} does not fit in 32 bits")))
+    };
+    // Both tensors are one buffer of rows x cols halves, so every index below rows * cols fits
+    // (checked here); the kernel reads and writes only inside rows x cols.
+    u(x.rows * x.cols)?;
+    let params = TransposeParams {
+        rows: u(x.rows)?,
+        cols: u(x.cols)?,
+        pad: [0; 2],
+    };
+    let pipe = ctx.pipeline(KERNEL, shaders::TRANSPOSE, "main", true)?;
+    // Two bytes read and two written per element; no arithmetic.
+    ctx.add_work(&pipe, 0.0, 4.0 * (x.rows * x.cols) as f64);
+    let d = Dispatch {
+        buffers: vec![&x.chunks[0].buffer, &y.chunks[0].buffer],
+        uniform: Some(bytemuck::bytes_of(&params)),
+        groups: (groups.0 as u32, groups.1 as u32, 1),
+    };
+    ctx.run(KERNEL, &shape, &pipe, &[d])
 }
 
 /// C = [C +] A * op(B) on the cooperative kernel with tile configuration `cfg` (benchmarks and

@@ -23,3 +23,10 @@ pub fn abs_matmul(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, b_trans: b
     let bb: Vec<f32> = b.iter().map(|x| x.abs()).collect();
     matmul(&aa, &bb, m, n, k, b_trans)
 }
+
+/// Xᵀ (cols x rows) of a row-major rows x cols matrix.
+pub fn transpose<T: Copy>(x: &[T], rows: usize, cols: usize) -> Vec<T> {
+    (0..cols * rows)
+        .map(|i| x[(i % rows) * cols + i / rows])
+        .collect()
+}
