@@ -329,6 +329,42 @@ impl GpuContext {
         Ok(())
     }
 
+    /// The GPU time of the dispatches `f` records, from timestamp queries: each dispatch in its
+    /// own pass, so no submission, wait or host gap is counted. The tile tuner's trials use it:
+    /// timed on the wall clock between two waits, trials on the H200 read 4-5x a product's
+    /// steady time (8192³: 20 ms against 4.2) and noisily enough to cache tiles 4x slower than
+    /// the default (BENCHMARKS.md, session 13). Adapters without timestamp queries: the
+    /// wall-clock time from an idle GPU to the end of the work. Under `--profile` the
+    /// dispatches are counted in the profile as well.
+    pub(crate) fn gpu_seconds(
+        &self,
+        kernel: &str,
+        shape: &str,
+        f: impl FnOnce() -> Result<()>,
+    ) -> Result<f64> {
+        if !self.caps.timestamps {
+            self.sync(kernel, shape)?;
+            let t = std::time::Instant::now();
+            f()?;
+            self.sync(kernel, shape)?;
+            return Ok(t.elapsed().as_secs_f64());
+        }
+        let outer = self
+            .profile
+            .lock()
+            .map_err(poisoned)?
+            .replace(Profile::default());
+        let result = f();
+        let mut guard = self.profile.lock().map_err(poisoned)?;
+        let mine = std::mem::replace(&mut *guard, outer).unwrap_or_default();
+        if let Some(o) = guard.as_mut() {
+            o.merge(&mine);
+        }
+        drop(guard);
+        result?;
+        Ok(mine.total_seconds())
+    }
+
     /// Declares the work (FLOPs, bytes) of a dispatch of `pipeline` for the profile's rates; a
     /// no-op unless profiling is on. Wrappers call it for each dispatch they record.
     pub(crate) fn add_work(&self, pipeline: &wgpu::ComputePipeline, flops: f64, bytes: f64) {
@@ -773,6 +809,45 @@ mod tests {
             .unwrap_err();
         let msg = e.to_string();
         assert!(msg.contains("broken_kernel"), "{msg}");
+    }
+
+    #[test]
+    fn gpu_seconds_times_the_dispatches_and_keeps_an_outer_profile() {
+        let ctx = ctx();
+        let src = "@group(0) @binding(0) var<storage, read_write> o: array<u32>;\n@compute @workgroup_size(64) fn main(@builtin(global_invocation_id) g: vec3<u32>) { var x = g.x; for (var i = 0u; i < 2000u; i++) { x = x * 1664525u + 1013904223u; } o[g.x] = x; }";
+        let pipe = ctx.pipeline("spin", src, "main", false).unwrap();
+        let buf = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: 4 * 64 * 64,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        let run = || {
+            let d = Dispatch {
+                buffers: vec![&buf],
+                uniform: None,
+                groups: (64, 1, 1),
+            };
+            ctx.run("spin", "-", &pipe, &[d])
+        };
+        let secs = ctx.gpu_seconds("spin", "-", run).unwrap();
+        assert!(secs.is_finite() && secs > 0.0, "{secs}");
+        if !ctx.caps.timestamps {
+            return;
+        }
+        // Under --profile the timed dispatches still reach the user's profile, and the outer
+        // profile's own dispatches are kept.
+        ctx.start_profiling().unwrap();
+        run().unwrap();
+        let secs = ctx.gpu_seconds("spin", "-", run).unwrap();
+        let p = ctx.take_profile().unwrap().unwrap();
+        let f = p.families.values().find(|f| f.dispatches > 0).unwrap();
+        assert_eq!(f.dispatches, 2);
+        assert!(secs > 0.0 && secs < f.seconds, "{secs} of {}", f.seconds);
+        // An error inside is returned, and the outer profile is restored (here: none).
+        let e = ctx.gpu_seconds("spin", "-", || Err(Error::invalid("inner failure")));
+        assert!(e.unwrap_err().to_string().contains("inner failure"));
+        assert!(ctx.take_profile().unwrap().is_none());
     }
 
     #[test]

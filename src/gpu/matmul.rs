@@ -769,16 +769,13 @@ fn run_tuned(
     match pick {
         Pick::Use(cfg) => run_walk(ctx, a, b, op, c, shape, Some(cfg)),
         Pick::Trial(cfg) => {
-            // Compiled (both variants) and idle before the clock starts, so the time is this
-            // product's alone.
+            // Compiled (both variants) before the clock starts; timed on the GPU's own clock.
             for exact in [false, true] {
                 coop_pipeline(ctx, a.dtype, b.dtype, op.layout, cfg, exact)?;
             }
-            ctx.sync("matmul_coop", shape)?;
-            let t = std::time::Instant::now();
-            run_walk(ctx, a, b, op, c, shape, Some(cfg))?;
-            ctx.sync("matmul_coop", shape)?;
-            let secs = t.elapsed().as_secs_f64();
+            let secs = ctx.gpu_seconds("matmul_coop", shape, || {
+                run_walk(ctx, a, b, op, c, shape, Some(cfg))
+            })?;
             let mut t = ctx.tuner.lock().map_err(super::context::poisoned)?;
             if let Some(tuner) = t.as_mut() {
                 tuner.record(shape, cfg, secs);

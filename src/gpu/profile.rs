@@ -43,6 +43,17 @@ impl Profile {
         f.bytes += bytes;
     }
 
+    /// Adds `other`'s dispatches, times and work to this profile's families.
+    pub(crate) fn merge(&mut self, other: &Profile) {
+        for (name, f) in &other.families {
+            let e = self.families.entry(name.clone()).or_default();
+            e.dispatches += f.dispatches;
+            e.seconds += f.seconds;
+            e.flops += f.flops;
+            e.bytes += f.bytes;
+        }
+    }
+
     /// Total GPU time over all families.
     pub fn total_seconds(&self) -> f64 {
         self.families.values().map(|f| f.seconds).sum()

@@ -1,13 +1,13 @@
 //! Autotuning of the cooperative matmul's tile configuration, per adapter, driver and problem.
 //!
 //! The first [`ROUNDS`] x candidates cooperative products of one problem (layout, operand dtypes,
-//! m x n x k) each run one candidate configuration and are timed (the GPU is waited for before
-//! and after, so the time is that product's alone); the product is the real one, so tuning costs
-//! only those waits. The fastest candidate (by its best round) is then used for every later
-//! product of that problem, except that the default configuration is kept unless another beats
-//! it by [`MARGIN`]: a trial is one product timed between two waits for an idle GPU, and on the
-//! H200 such times of a 4 ms product reached 15 ms (clocks, sync latency), which once cached a
-//! configuration 3.4x slower than the default for every later run and written to `coop_tiles.json` in the cache directory
+//! m x n x k) each run one candidate configuration and are timed on the GPU's clock (timestamp
+//! queries around each dispatch, `GpuContext::gpu_seconds`; the product is the real one, so
+//! tuning costs only those waits). The fastest candidate (by its best round) is then used for
+//! every later product of that problem, except that the default configuration is kept unless
+//! another beats it by [`MARGIN`]. Trials used to be timed on the wall clock between two waits
+//! for an idle GPU: on the H200 those read 4-5x a product's steady time, and noisily enough to
+//! cache tiles 4x slower than the default (BENCHMARKS.md, session 13). Choices are written to `coop_tiles.json` in the cache directory
 //! (`gpu::peaks::cache_dir`), keyed by adapter, backend and driver, so the next run starts
 //! with it. All candidates give bit-identical results (`shaders/matmul_coop.wgsl`), so tuning
 //! never changes numbers.
@@ -26,7 +26,8 @@ pub const MAX_TRIALS: usize = ROUNDS * CoopConfig::CANDIDATES.len();
 const FILE: &str = "coop_tiles.json";
 /// Part of the adapter key: a kernel revision that changes which tiles win must not reuse the
 /// old choices.
-const VERSION: u32 = 2;
+/// 3: trials timed by timestamps (choices made from wall-clock trials are not reused).
+const VERSION: u32 = 3;
 /// How much faster (by its best round) a candidate must be than the default to replace it.
 pub const MARGIN: f64 = 0.10;
 
