@@ -465,18 +465,14 @@ pub fn matmul_lower_into(
     matmul_impl(ctx, a, b, Layout::TN, c, accumulate, path, None, true)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn matmul_impl(
-    ctx: &GpuContext,
+/// m, n and the shape's name (for errors and the tuner) of C = A * op(B) into `c`; an error
+/// naming all three tensors where their shapes do not fit together or C is not f32.
+fn checked_dims(
     a: &GpuTensor,
     b: &GpuTensor,
     layout: Layout,
     c: &GpuTensor,
-    accumulate: bool,
-    path: Option<MatmulPath>,
-    cfg: Option<CoopConfig>,
-    lower: bool,
-) -> Result<MatmulPath> {
+) -> Result<(usize, usize, String)> {
     let (m, n, k) = dims(a, b, layout);
     let shape = format!(
         "{}x{}x{} ({:?}, A {:?}, B {:?})",
@@ -498,25 +494,49 @@ fn matmul_impl(
             ),
         });
     }
+    Ok((m, n, shape))
+}
+
+/// Whether the cooperative kernel runs: as `path` forces (an error where the adapter lacks it),
+/// else `default`.
+fn coop_wanted(
+    ctx: &GpuContext,
+    path: Option<MatmulPath>,
+    default: bool,
+    shape: &str,
+) -> Result<bool> {
+    match path {
+        Some(MatmulPath::Coop) if !coop_available(ctx) => Err(Error::gpu(
+            "matmul_coop",
+            shape,
+            format!(
+                "adapter {} lacks 16x16x16 f16 -> f32 cooperative matrices with 32-wide subgroups",
+                ctx.adapter
+            ),
+        )),
+        Some(MatmulPath::Coop) => Ok(true),
+        Some(MatmulPath::Tiled) => Ok(false),
+        None => Ok(default),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_impl(
+    ctx: &GpuContext,
+    a: &GpuTensor,
+    b: &GpuTensor,
+    layout: Layout,
+    c: &GpuTensor,
+    accumulate: bool,
+    path: Option<MatmulPath>,
+    cfg: Option<CoopConfig>,
+    lower: bool,
+) -> Result<MatmulPath> {
+    let (m, n, shape) = checked_dims(a, b, layout, c)?;
     if m == 0 || n == 0 {
         return Ok(MatmulPath::Tiled);
     }
-    let coop = coop_eligible(ctx, a, b);
-    let use_coop = match path {
-        Some(MatmulPath::Coop) if !coop_available(ctx) => {
-            return Err(Error::gpu(
-                "matmul_coop",
-                &shape,
-                format!(
-                    "adapter {} lacks 16x16x16 f16 -> f32 cooperative matrices with 32-wide subgroups",
-                    ctx.adapter
-                ),
-            ));
-        }
-        Some(MatmulPath::Coop) => true,
-        Some(MatmulPath::Tiled) => false,
-        None => coop,
-    };
+    let use_coop = coop_wanted(ctx, path, coop_eligible(ctx, a, b), &shape)?;
     let op = Op {
         layout,
         accumulate,
@@ -526,7 +546,7 @@ fn matmul_impl(
         (false, _) => run_walk(ctx, a, b, op, c, &shape, None)?,
         (true, Some(cfg)) => run_walk(ctx, a, b, op, c, &shape, Some(cfg))?,
         (true, None) if layout == Layout::NT && !lower && nt_as_tn_pays(a, b) => {
-            run_nt_as_tn(ctx, a, b, c, accumulate, None)?
+            run_nt_as_tn(ctx, a, b, c, accumulate, true)?
         }
         (true, None) => run_tuned(ctx, a, b, op, c, &shape)?,
     }
@@ -573,61 +593,42 @@ pub fn matmul_nt_via_tn(
     accumulate: bool,
     path: Option<MatmulPath>,
 ) -> Result<MatmulPath> {
-    let (m, n, k) = dims(a, b, Layout::NT);
-    if b.cols != k || c.rows != m || c.cols != n || c.dtype != GpuDtype::F32 {
-        return Err(Error::Shape {
-            op: "matmul (NT as TN)".into(),
-            expected: format!("A {m}x{k} f16, B nx{k} f16, C {m}x{n} f32"),
-            got: format!(
-                "A {}, B {}, C {}",
-                a.shape_str(),
-                b.shape_str(),
-                c.shape_str()
-            ),
-        });
+    let (m, n, shape) = checked_dims(a, b, Layout::NT, c)?;
+    if m == 0 || n == 0 {
+        return Ok(MatmulPath::Tiled);
     }
-    let use_coop = match path {
-        Some(MatmulPath::Tiled) => false,
-        Some(MatmulPath::Coop) => true,
-        None => coop_available(ctx),
-    };
-    if use_coop {
-        run_nt_as_tn(ctx, a, b, c, accumulate, None)?;
-        return Ok(MatmulPath::Coop);
-    }
-    run_nt_as_tn(ctx, a, b, c, accumulate, Some(MatmulPath::Tiled))?;
-    Ok(MatmulPath::Tiled)
+    let coop = coop_wanted(ctx, path, coop_available(ctx), &shape)?;
+    run_nt_as_tn(ctx, a, b, c, accumulate, coop)?;
+    Ok(if coop {
+        MatmulPath::Coop
+    } else {
+        MatmulPath::Tiled
+    })
 }
 
-/// The transposes and the TN product of [`matmul_nt_via_tn`] (shapes already checked); `tiled`
-/// forces the f32 tiled kernel (adapters without cooperative matrices, and tests there).
+/// The transposes and the TN product of [`matmul_nt_via_tn`] (shapes already checked), on the
+/// tuned cooperative kernel (`coop`) or the f32 tiled one.
 fn run_nt_as_tn(
     ctx: &GpuContext,
     a: &GpuTensor,
     b: &GpuTensor,
     c: &GpuTensor,
     accumulate: bool,
-    path: Option<MatmulPath>,
+    coop: bool,
 ) -> Result<()> {
     let at = transpose_f16(ctx, a)?;
     let bt = transpose_f16(ctx, b)?;
-    let lower = false;
-    match path {
-        Some(MatmulPath::Tiled) => {
-            matmul_impl(ctx, &at, &bt, Layout::TN, c, accumulate, path, None, lower)?;
-        }
-        _ => {
-            let (m, n, k) = dims(&at, &bt, Layout::TN);
-            let shape = format!("{m}x{n}x{k} (TN, A F16, B F16)");
-            let op = Op {
-                layout: Layout::TN,
-                accumulate,
-                lower,
-            };
-            run_tuned(ctx, &at, &bt, op, c, &shape)?;
-        }
+    let (_, _, shape) = checked_dims(&at, &bt, Layout::TN, c)?;
+    let op = Op {
+        layout: Layout::TN,
+        accumulate,
+        lower: false,
+    };
+    if coop {
+        run_tuned(ctx, &at, &bt, op, c, &shape)
+    } else {
+        run_walk(ctx, &at, &bt, op, c, &shape, None)
     }
-    Ok(())
 }
 
 #[repr(C)]
