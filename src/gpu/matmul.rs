@@ -13,6 +13,10 @@
 //! Layout TN (A stored k x m, so both operands are chunked along K, as X in XᵀX is by tokens)
 //! walks the K ranges common to A's and B's chunks, accumulating pass by pass, and for each one
 //! every chunk of C (a row range of C = a column range of A).
+//!
+//! Large f16 products in layout NT (x·Wᵀ, both operands k-contiguous) run as two transposes
+//! (`shaders/transpose.wgsl`) and a TN product, the cooperative kernel's fastest orientation
+//! ([`nt_as_tn_pays`], [`matmul_nt_via_tn`]).
 
 use super::buffer::{GpuDtype, GpuTensor};
 use super::context::{Dispatch, GpuContext};
@@ -561,11 +565,12 @@ fn matmul_impl(
 /// both operands f16 in one buffer each; m and n multiples of 128 and k of 32, so the default
 /// tiles cover the TN product exactly (the general TN kernel was slower than the general NT one:
 /// 4000³ took 3.76 ms this way against 2.04 ms as NT); and large enough that the transposes'
-/// memory traffic, 8(m + n)k bytes, costs less than the TN kernel saves. On the H200 TN runs
-/// about 25% faster than NT (8192³ with the transposes: 266 against 214 TFLOP/s; BENCHMARKS.md,
-/// session 13) and a transpose moves 2.3 TB/s, so the saving exceeds the traffic once
-/// mn / (m + n) passes about 1000; 2048 keeps a margin (a 4096 x 4096 C qualifies, a
-/// 2048-token batch against a 4096-wide layer does not).
+/// memory traffic, 8(m + n)k bytes, costs less than the TN kernel saves. On the H200 the TN
+/// kernel runs 247 TFLOP/s at 4096³ against NT's 185, and 277 at 8192³ against 211, and a
+/// transpose moves 2.3 TB/s: the saving exceeds the traffic once mn / (m + n) passes about 1000
+/// at 4096³'s rates and about 1900 at 8192³'s. At 2048 the route was measured to win (4096³:
+/// 187 -> 207 TFLOP/s; 8192x4096x4096: 199 -> 228; BENCHMARKS.md, session 13). A 4096 x 4096 C
+/// qualifies, a 2048-token batch against a 4096-wide layer does not.
 pub fn nt_as_tn_pays(a: &GpuTensor, b: &GpuTensor) -> bool {
     let (m, n, k) = (a.rows, b.rows, a.cols);
     let one_f16 = |t: &GpuTensor| t.dtype == GpuDtype::F16 && t.chunks.len() == 1;
