@@ -74,7 +74,7 @@ fn check(ctx: &GpuContext, seed: u64, c: Case) {
         gc.fill_u32(ctx, common::POISON);
     }
     let took = match config {
-        _ if lower => matmul_lower_into(ctx, &ga, &gb, &gc, accumulate, path).unwrap(),
+        _ if lower => matmul_lower_into(ctx, &ga, &gb, &gc, accumulate, path, 0).unwrap(),
         _ if via_tn => matmul_nt_via_tn(ctx, &ga, &gb, &gc, accumulate, path).unwrap(),
         Some(cfg) => {
             matmul_into_coop(ctx, &ga, &gb, layout, &gc, accumulate, cfg).unwrap();
@@ -492,7 +492,7 @@ fn lower_triangle_tn_products_match_reference() {
     );
     let c = GpuTensor::empty(&big, 300, 300, GpuDtype::F32).unwrap();
     c.fill_u32(&big, common::POISON);
-    matmul_lower_into(&big, &a, &a, &c, false, None).unwrap();
+    matmul_lower_into(&big, &a, &a, &c, false, None, 0).unwrap();
     let got = c.to_f32(&big).unwrap();
     assert_eq!(got[299].to_bits(), common::POISON);
     assert!(got[299 * 300].is_finite());

@@ -74,6 +74,61 @@ fn hessian_matches_reference_over_uneven_token_chunks() {
     check_hessian(&ctx, 1, 1000, 200, 300, GpuDtype::F32);
     check_hessian(&ctx, 2, 37, 129, 10, GpuDtype::F32);
     check_hessian(&ctx, 3, 5, 3, 5, GpuDtype::F32);
+    // One add of 1300 tokens: summed in pieces of F32_PIECE_TOKENS (512, 512, 276).
+    check_hessian(&ctx, 10, 1300, 50, 1300, GpuDtype::F32);
+}
+
+/// What one long f32 sum loses: tokens that all lie near one vector v0 (spread 1% of |v0|) with
+/// every 512th token 30x larger, the shape of a deep block's inputs. The error of H measured
+/// only in the directions orthogonal to v0, relative to H there (the part GPTQ's compensation
+/// uses), for 4096 tokens in one add.
+fn hidden_direction_error(ctx: &GpuContext) -> f64 {
+    let (n, d) = (4096, 24);
+    let mut rng = Rng::new(77);
+    let v0: Vec<f32> = rng.normal_vec(d, 30.0);
+    let noise = rng.normal_vec(n * d, 0.3);
+    let mut x = vec![0f32; n * d];
+    for t in 0..n {
+        let big = if t % 512 == 0 { 30.0 } else { 1.0 };
+        for j in 0..d {
+            x[t * d + j] = big * (v0[j] + noise[t * d + j]);
+        }
+    }
+    let mut acc = HessianAccumulator::new(ctx, d).unwrap();
+    let (g, seen) = common::upload(ctx, n, d, &x, GpuDtype::F32);
+    acc.add(ctx, &g).unwrap();
+    let got = acc.finish(ctx).unwrap().to_f32(ctx).unwrap();
+    let want = reference::stats::hessian(&seen, n, d);
+    // P = I - v̂v̂ᵀ; compare P·(H - H64)·P with P·H64·P in the Frobenius norm.
+    let norm = v0.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+    let u: Vec<f64> = v0.iter().map(|&v| v as f64 / norm).collect();
+    let project = |m: &dyn Fn(usize, usize) -> f64| -> f64 {
+        let p = |i: usize, j: usize| (i == j) as u8 as f64 - u[i] * u[j];
+        let mut pm = vec![0f64; d * d];
+        for i in 0..d {
+            for j in 0..d {
+                pm[i * d + j] = (0..d).map(|k| p(i, k) * m(k, j)).sum();
+            }
+        }
+        let mut total = 0f64;
+        for i in 0..d {
+            for j in 0..d {
+                let v: f64 = (0..d).map(|k| pm[i * d + k] * p(k, j)).sum();
+                total += v * v;
+            }
+        }
+        total.sqrt()
+    };
+    let err = project(&|i, j| got[i * d + j] as f64 - want[i * d + j]);
+    err / project(&|i, j| want[i * d + j])
+}
+
+#[test]
+fn f32_hessian_keeps_the_directions_a_dominant_component_hides() {
+    let ctx = common::ctx();
+    let e = hidden_direction_error(&ctx);
+    eprintln!("relative error orthogonal to the dominant direction: {e:.3e}");
+    assert!(e < 1e-2, "{e:e}");
 }
 
 #[test]

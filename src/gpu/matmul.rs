@@ -450,14 +450,17 @@ pub fn matmul_into(
     accumulate: bool,
     path: Option<MatmulPath>,
 ) -> Result<MatmulPath> {
-    matmul_impl(ctx, a, b, layout, c, accumulate, path, None, false)
+    matmul_impl(ctx, a, b, layout, c, accumulate, path, None, None)
 }
 
 /// The lower triangle of C = [C +] Aᵀ·A-like products in layout TN (A stored k x m, B k x n,
 /// typically B = A, as in XᵀX): only tiles of C that reach its lower triangle (column <= row) are
 /// computed, so a symmetric product costs about half. Elements above the diagonal are left as
 /// they are in tiles wholly above it and hold their own products in tiles that straddle it; the
-/// caller mirrors the lower triangle (`gpu::stats` does). Returns the path taken.
+/// caller mirrors the lower triangle (`gpu::stats` does). `k_piece` bounds the K range one
+/// dispatch sums (0: no bound): each piece's sums are added into C in turn, so an element is a
+/// sum of at most `k_piece` products plus one addition per piece, not one long f32 sum.
+/// Returns the path taken.
 pub fn matmul_lower_into(
     ctx: &GpuContext,
     a: &GpuTensor,
@@ -465,8 +468,20 @@ pub fn matmul_lower_into(
     c: &GpuTensor,
     accumulate: bool,
     path: Option<MatmulPath>,
+    k_piece: usize,
 ) -> Result<MatmulPath> {
-    matmul_impl(ctx, a, b, Layout::TN, c, accumulate, path, None, true)
+    let piece = if k_piece == 0 { usize::MAX } else { k_piece };
+    matmul_impl(
+        ctx,
+        a,
+        b,
+        Layout::TN,
+        c,
+        accumulate,
+        path,
+        None,
+        Some(piece),
+    )
 }
 
 /// m, n and the shape's name (for errors and the tuner) of C = A * op(B) into `c`; an error
@@ -534,7 +549,7 @@ fn matmul_impl(
     accumulate: bool,
     path: Option<MatmulPath>,
     cfg: Option<CoopConfig>,
-    lower: bool,
+    lower: Option<usize>,
 ) -> Result<MatmulPath> {
     let (m, n, shape) = checked_dims(a, b, layout, c)?;
     if m == 0 || n == 0 {
@@ -544,12 +559,13 @@ fn matmul_impl(
     let op = Op {
         layout,
         accumulate,
-        lower,
+        lower: lower.is_some(),
+        k_piece: lower.unwrap_or(usize::MAX),
     };
     match (use_coop, cfg) {
         (false, _) => run_walk(ctx, a, b, op, c, &shape, None)?,
         (true, Some(cfg)) => run_walk(ctx, a, b, op, c, &shape, Some(cfg))?,
-        (true, None) if layout == Layout::NT && !lower && nt_as_tn_pays(a, b) => {
+        (true, None) if layout == Layout::NT && lower.is_none() && nt_as_tn_pays(a, b) => {
             run_nt_as_tn(ctx, a, b, c, accumulate, true)?
         }
         (true, None) => run_tuned(ctx, a, b, op, c, &shape)?,
@@ -628,6 +644,7 @@ fn run_nt_as_tn(
         layout: Layout::TN,
         accumulate,
         lower: false,
+        k_piece: usize::MAX,
     };
     if coop {
         run_tuned(ctx, &at, &bt, op, c, &shape)
@@ -723,19 +740,21 @@ pub fn matmul_into_coop(
         accumulate,
         Some(MatmulPath::Coop),
         Some(cfg),
-        false,
+        None,
     )?;
     Ok(())
 }
 
 /// What one product computes besides its operands: their layout, whether C accumulates, and
 /// whether only C's lower triangle is wanted (honoured by the TN walk; `matmul_lower_into` is
-/// the only way to ask for it).
+/// the only way to ask for it), with the longest K range one dispatch sums (`k_piece`; the TN
+/// walk adds the pieces into C one after another).
 #[derive(Clone, Copy)]
 struct Op {
     layout: Layout,
     accumulate: bool,
     lower: bool,
+    k_piece: usize,
 }
 
 /// Whether `cfg` fits this adapter's workgroup memory and invocation limits.
@@ -987,10 +1006,15 @@ fn run_walk_tn(
     let max_rows = max_wg * bm;
     let mut params = Vec::new();
     let mut binds = Vec::new();
-    for (pass, (k0, k1)) in GpuTensor::common_row_ranges(&[a, b])
+    let piece = op.k_piece.max(1);
+    let ranges = GpuTensor::common_row_ranges(&[a, b])
         .into_iter()
-        .enumerate()
-    {
+        .flat_map(|(k0, k1)| {
+            (k0..k1)
+                .step_by(piece)
+                .map(move |s| (s, s.saturating_add(piece).min(k1)))
+        });
+    for (pass, (k0, k1)) in ranges.enumerate() {
         let (ai, ar) = a.locate(k0);
         let (bi, br) = b.locate(k0);
         for (ci, cc) in c.chunks.iter().enumerate() {

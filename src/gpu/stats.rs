@@ -27,6 +27,17 @@ use super::reduce::{check_workgroup_size, plan, to_u32};
 use crate::error::{Error, Result};
 use crate::shaders;
 
+/// Tokens per f32 sum of XᵀX: each piece's products are summed in one f32 sum and the pieces are
+/// added into H one after another. When the tokens share one dominant component (the inputs of
+/// deep Llama blocks: attention outputs after a sink token, residual streams with massive
+/// activations), one long f32 sum keeps little of XᵀX outside that component, which is where
+/// GPTQ's error compensation works. tools/hessian_f32_sums.py: 6.3e-2 relative error there for
+/// one sum of 8192 tokens against 5.7e-3 for sums of 512 added. On SmolLM2 with 16 x 512
+/// calibration tokens on lavapipe (BENCHMARKS.md, session 13), summing 512 tokens at a time took
+/// the mean per-layer output error of blocks 24-29 from 4.0% above tools/gptq_torch.py's to 1.6%
+/// above. The cost is one read and write of H's lower triangle per piece.
+pub const F32_PIECE_TOKENS: usize = 512;
+
 /// Running H = Σ XᵀX over the token chunks added so far (f32, d x d, on the GPU) and their count.
 pub struct HessianAccumulator {
     h: GpuTensor,
@@ -77,8 +88,13 @@ impl HessianAccumulator {
         let bf16_coop = x.dtype == GpuDtype::BF16 && coop_available(ctx) && fits_f16(ctx, x)?;
         let path = bf16_coop.then_some(MatmulPath::Coop);
         // XᵀX is symmetric: only the tiles reaching the lower triangle are computed, and
-        // `finish` mirrors them.
-        matmul_lower_into(ctx, x, x, &self.h, true, path)?;
+        // `finish` mirrors them. f32 X is summed in pieces of F32_PIECE_TOKENS tokens.
+        let piece = if x.dtype == GpuDtype::F32 {
+            F32_PIECE_TOKENS
+        } else {
+            0
+        };
+        matmul_lower_into(ctx, x, x, &self.h, true, path, piece)?;
         self.n += x.rows as u64;
         Ok(())
     }
