@@ -539,6 +539,9 @@ fn coop_wanted(
     }
 }
 
+/// Every product's entry: shapes checked, the kernel chosen (`path`, `cfg`), then the walk.
+/// `lower`: `Some(k_piece)` computes only C's lower triangle (layout TN) with at most `k_piece`
+/// K rows summed per dispatch ([`matmul_lower_into`]).
 #[allow(clippy::too_many_arguments)]
 fn matmul_impl(
     ctx: &GpuContext,

@@ -4,7 +4,8 @@
 //! calls; the L2 norm is [`sqrt_in_place`] of the sum at the end).
 //!
 //! XᵀX of a chunk is one matmul call in layout TN (A = B = X, tokens x features, both chunked
-//! along the token axis, which is K), accumulated into H. Only the tiles reaching H's lower
+//! along the token axis, which is K), accumulated into H; f32 X is summed [`F32_PIECE_TOKENS`]
+//! tokens at a time. Only the tiles reaching H's lower
 //! triangle are computed (about n·d² flops instead of 2·n·d²) and `finish` mirrors the lower
 //! triangle onto the upper one ([`mirror_lower`], `shaders/mirror.wgsl`). Where the adapter has
 //! cooperative matrices, f16 X goes through the tensor-core kernel (exact inputs, f32
