@@ -330,12 +330,10 @@ impl GpuContext {
     }
 
     /// The GPU time of the dispatches `f` records, from timestamp queries: each dispatch in its
-    /// own pass, so no submission, wait or host gap is counted. The tile tuner's trials use it:
-    /// timed on the wall clock between two waits, trials on the H200 read 4-5x a product's
-    /// steady time (8192³: 20 ms against 4.2) and noisily enough to cache tiles 4x slower than
-    /// the default (BENCHMARKS.md, session 13). Adapters without timestamp queries: the
-    /// wall-clock time from an idle GPU to the end of the work. Under `--profile` the
-    /// dispatches are counted in the profile as well.
+    /// own pass, so no submission, wait or host gap is counted (the tile tuner's trials; it does
+    /// not make a GPU that has just idled run at full clock: BENCHMARKS.md, session 13).
+    /// Adapters without timestamp queries: the wall-clock time from an idle GPU to the end of
+    /// the work. Under `--profile` the dispatches are counted in the profile as well.
     pub(crate) fn gpu_seconds(
         &self,
         kernel: &str,

@@ -5,9 +5,11 @@
 //! queries around each dispatch, `GpuContext::gpu_seconds`; the product is the real one, so
 //! tuning costs only those waits). The fastest candidate (by its best round) is then used for
 //! every later product of that problem, except that the default configuration is kept unless
-//! another beats it by [`MARGIN`]. Trials used to be timed on the wall clock between two waits
-//! for an idle GPU: on the H200 those read 4-5x a product's steady time, and noisily enough to
-//! cache tiles 4x slower than the default (BENCHMARKS.md, session 13). Choices are written to `coop_tiles.json` in the cache directory
+//! another beats it by [`MARGIN`]. A trial can still be slow on the GPU itself: on the H200
+//! trials after an idle GPU ran 3-4x a product's steady time, wall clock and timestamps alike
+//! (BENCHMARKS.md, session 13), and such trials once cached tiles 4x slower than the default;
+//! the margin keeps the default where every candidate was inflated alike, not where only some
+//! were. Choices are written to `coop_tiles.json` in the cache directory
 //! (`gpu::peaks::cache_dir`), keyed by adapter, backend and driver, so the next run starts
 //! with it. All candidates give bit-identical results (`shaders/matmul_coop.wgsl`), so tuning
 //! never changes numbers.
