@@ -579,7 +579,9 @@ def cmd_model(a):
         errors = {}
         with torch.no_grad():
             for names in SEQUENTIAL_GROUPS:
-                Hs = {nm: torch.zeros(mods[nm].in_features, mods[nm].in_features, device=device)
+                hdtype = getattr(torch, a.hessian_dtype)
+                Hs = {nm: torch.zeros(mods[nm].in_features, mods[nm].in_features, device=device,
+                                      dtype=hdtype)
                       for nm in names}
                 counts = {nm: 0 for nm in names}
 
@@ -587,7 +589,7 @@ def cmd_model(a):
                     def f(module, args, out):
                         with hess("hessian"):
                             # H is f32 whatever the forward dtype.
-                            x = args[0].reshape(-1, args[0].shape[-1]).float()
+                            x = args[0].reshape(-1, args[0].shape[-1]).to(hdtype)
                             m = x.shape[0]
                             # Running H = 2/n X^T X over all tokens seen so far (as GPTQ's add_batch).
                             Hs[nm] *= counts[nm] / (counts[nm] + m)
@@ -606,6 +608,7 @@ def cmd_model(a):
                     W = lin.weight.data.float()  # GPTQ in f32 whatever the forward dtype
                     tq = time.perf_counter()
                     with timer("gptq"):
+                        Hs[nm] = Hs[nm].float()  # GPTQ and the error are f32 whatever H was summed in
                         r = gptq_layer(W, Hs[nm], **gptq_kw)
                     with timer("error"):
                         err = output_error(W, r["deq"], Hs[nm])
@@ -741,7 +744,9 @@ def main():
     m.add_argument("--out", help="save the fake-quantized model here (dense f32); default: not saved")
     m.add_argument("--max-blocks", type=int, help="quantize blocks 0..N-1 only, then stop")
     m.add_argument("--forward-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="dtype of the model and its decoder-layer forward (H and GPTQ stay f32)")
+                   help="dtype of the model and its decoder-layer forward (GPTQ stays f32)")
+    m.add_argument("--hessian-dtype", default="float32", choices=["float32", "float64"],
+                   help="dtype H is summed in (float64: how much f32 summation moves the result)")
     m.add_argument("--batch", type=int, default=1,
                    help="calibration sequences per decoder-layer call (memory for speed)")
     m.add_argument("--json", help="write block times, phase times and peak memory here")
