@@ -33,10 +33,11 @@ use crate::shaders;
 /// deep Llama blocks: attention outputs after a sink token, residual streams with massive
 /// activations), one long f32 sum keeps little of XᵀX outside that component, which is where
 /// GPTQ's error compensation works. tools/hessian_f32_sums.py: 6.3e-2 relative error there for
-/// one sum of 8192 tokens against 5.7e-3 for sums of 512 added. On SmolLM2 with 16 x 512
-/// calibration tokens on lavapipe (BENCHMARKS.md, session 13), summing 512 tokens at a time took
-/// the mean per-layer output error of blocks 24-29 from 4.0% above tools/gptq_torch.py's to 1.6%
-/// above. The cost is one read and write of H's lower triangle per piece.
+/// one sum of 8192 tokens against 5.7e-3 for sums of 512 added; PyTorch's GPTQ adds one
+/// 512-token sequence at a time too. On SmolLM2's last blocks the per-layer errors move by about
+/// 5% with H's own rounding (BENCHMARKS.md, session 13), so they cannot show which H quantizes
+/// better; perplexity on the device decides. The cost is one read and write of H's lower
+/// triangle per piece.
 pub const F32_PIECE_TOKENS: usize = 512;
 
 /// Running H = Σ XᵀX over the token chunks added so far (f32, d x d, on the GPU) and their count.
