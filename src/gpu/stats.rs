@@ -3,16 +3,16 @@
 //! per-input-channel sum of squares and max |x| over tokens ([`channel_stats`], accumulable across
 //! calls; the L2 norm is [`sqrt_in_place`] of the sum at the end).
 //!
-//! XᵀX of a chunk is one matmul call in layout TN (A = B = X, tokens x features, both chunked
-//! along the token axis, which is K), accumulated into H; f32 X is summed [`F32_PIECE_TOKENS`]
-//! tokens at a time. Only the tiles reaching H's lower triangle are computed (about n·d² flops
-//! instead of 2·n·d²) and `finish` mirrors the lower triangle onto the upper one
-//! ([`mirror_lower`], `shaders/mirror.wgsl`). Where the adapter has cooperative matrices, f16 X
-//! goes through the tensor-core kernel (exact inputs, f32 accumulation), and so does bf16 X once its max |x| is known to fit f16's range (values below
-//! f16's normal range, |x| < 6.1e-5, keep fewer bits, which moves H by less than 1e-8 per
-//! product); f32 X and any out-of-range bf16 chunk take the f32 tiled kernel. The column
-//! statistics use `shaders/stats.wgsl`, a one-pass column reduction (X is read once; a
-//! transposed view would cost a copy of X) whose cost, n·d loads, is negligible next to the
+//! XᵀX of a chunk is one matmul call in layout TN (A = B = X, tokens x features, both chunked along
+//! the token axis, which is K), accumulated into H; f32 X is summed [`F32_PIECE_TOKENS`] tokens at
+//! a time. Only the tiles reaching H's lower triangle are computed (about n·d² flops instead of
+//! 2·n·d²) and `finish` mirrors the lower triangle onto the upper one ([`mirror_lower`],
+//! `shaders/mirror.wgsl`). Where the adapter has cooperative matrices, f16 X goes through the
+//! tensor-core kernel (exact inputs, f32 accumulation), and so does bf16 X once its max |x| is
+//! known to fit f16's range (values below f16's normal range, |x| < 6.1e-5, keep fewer bits, which
+//! moves H by less than 1e-8 per product); f32 X and any out-of-range bf16 chunk take the f32 tiled
+//! kernel. The column statistics use `shaders/stats.wgsl`, a one-pass column reduction (X is read
+//! once; a transposed view would cost a copy of X) whose cost, n·d loads, is negligible next to the
 //! product. `shaders/elementwise.wgsl` applies the final 2/n and the square root in place.
 //!
 //! Every shape, offset and extent is validated on the host before a dispatch (this is what lets
