@@ -1,7 +1,7 @@
 mod common;
 use wgpress::gpu::matmul::{
-    CoopConfig, Layout, MatmulPath, coop_available, matmul_into, matmul_into_coop,
-    matmul_lower_into, matmul_nt_via_tn, nt_as_tn_pays, transpose_f16_into,
+    CoopConfig, Layout, MatmulPath, as_tn_pays, coop_available, matmul_into, matmul_into_coop,
+    matmul_lower_into, matmul_via_tn, transpose_f16_into,
 };
 use wgpress::gpu::{GpuContext, GpuDtype, GpuTensor};
 use wgpress::reference;
@@ -22,7 +22,7 @@ struct Case {
     /// Only C's lower triangle (`matmul_lower_into`, layout TN): elements above the diagonal are
     /// not compared.
     lower: bool,
-    /// Layout NT through `matmul_nt_via_tn` (transposed copies, then TN).
+    /// Through `matmul_via_tn` (transposed copies, then TN).
     via_tn: bool,
 }
 
@@ -75,7 +75,7 @@ fn check(ctx: &GpuContext, seed: u64, c: Case) {
     }
     let took = match config {
         _ if lower => matmul_lower_into(ctx, &ga, &gb, &gc, accumulate, path, 0).unwrap(),
-        _ if via_tn => matmul_nt_via_tn(ctx, &ga, &gb, &gc, accumulate, path).unwrap(),
+        _ if via_tn => matmul_via_tn(ctx, &ga, &gb, layout, &gc, accumulate, path).unwrap(),
         Some(cfg) => {
             matmul_into_coop(ctx, &ga, &gb, layout, &gc, accumulate, cfg).unwrap();
             MatmulPath::Coop
@@ -603,28 +603,31 @@ fn tn_layout_with_no_rows_zeroes_or_keeps_c() {
 }
 
 #[test]
-fn nt_products_via_transposes_match_reference() {
+fn products_via_transposes_match_reference() {
     let ctx = common::ctx();
     let mut paths = vec![MatmulPath::Tiled];
     if coop_available(&ctx) {
         paths.push(MatmulPath::Coop);
     }
     // Multiples of 4 (the transpose's requirement) that are not multiples of the 64-wide
-    // transpose tile or of any matmul tile, so every edge path of both kernels runs.
+    // transpose tile or of any matmul tile, so every edge path of both kernels runs. NN
+    // transposes A only, NT both, TN neither.
     let mut seed = 900;
     for path in paths {
-        for &(m, n, k) in &[(36, 52, 100), (132, 68, 44), (8, 200, 260)] {
-            seed += 1;
-            check(
-                &ctx,
-                seed,
-                Case {
-                    accumulate: seed % 2 == 0,
-                    path: Some(path),
-                    via_tn: true,
-                    ..case(m, n, k, Layout::NT, GpuDtype::F16, GpuDtype::F16)
-                },
-            );
+        for layout in [Layout::NT, Layout::NN, Layout::TN] {
+            for &(m, n, k) in &[(36, 52, 100), (132, 68, 44), (8, 200, 260)] {
+                seed += 1;
+                check(
+                    &ctx,
+                    seed,
+                    Case {
+                        accumulate: seed % 2 == 0,
+                        path: Some(path),
+                        via_tn: true,
+                        ..case(m, n, k, layout, GpuDtype::F16, GpuDtype::F16)
+                    },
+                );
+            }
         }
     }
     // A shape the transposes cannot take is a clear error, not a wrong product.
@@ -632,7 +635,7 @@ fn nt_products_via_transposes_match_reference() {
     let a = rng.normal_vec(6 * 10, 1.0);
     let (ga, _) = common::upload(&ctx, 6, 10, &a, GpuDtype::F16);
     let gc = GpuTensor::empty(&ctx, 6, 6, GpuDtype::F32).unwrap();
-    let e = matmul_nt_via_tn(&ctx, &ga, &ga, &gc, false, None).unwrap_err();
+    let e = matmul_via_tn(&ctx, &ga, &ga, Layout::NT, &gc, false, None).unwrap_err();
     assert!(e.to_string().contains("multiples of 4"), "{e}");
 }
 
@@ -661,22 +664,35 @@ fn transpose_moves_every_f16_element() {
 }
 
 #[test]
-fn only_large_f16_nt_products_are_run_as_tn() {
+fn only_large_f16_products_are_run_as_tn() {
     let ctx = common::ctx();
     let t = |rows: usize, cols: usize, dtype: GpuDtype| {
         GpuTensor::empty(&ctx, rows, cols, dtype).unwrap()
     };
     let f16 = GpuDtype::F16;
-    // C of 4096 x 4096: mn / (m + n) = 2048, the threshold.
-    assert!(nt_as_tn_pays(&t(4096, 64, f16), &t(4096, 64, f16)));
-    assert!(!nt_as_tn_pays(&t(2048, 64, f16), &t(4096, 64, f16)));
-    assert!(!nt_as_tn_pays(
-        &t(4096, 64, GpuDtype::F32),
-        &t(4096, 64, f16)
-    ));
+    let nt = |a: &GpuTensor, b: &GpuTensor| as_tn_pays(Layout::NT, a, b);
+    // NT, C of 4096 x 4096: mn / (m + n) = 2048, the threshold.
+    assert!(nt(&t(4096, 64, f16), &t(4096, 64, f16)));
+    assert!(!nt(&t(2048, 64, f16), &t(4096, 64, f16)));
+    assert!(!nt(&t(4096, 64, GpuDtype::F32), &t(4096, 64, f16)));
     // Shapes the default tiles do not cover exactly stay NT.
-    assert!(!nt_as_tn_pays(&t(4000, 64, f16), &t(4096, 64, f16)));
-    assert!(!nt_as_tn_pays(&t(4096, 64, f16), &t(4000, 64, f16)));
-    assert!(!nt_as_tn_pays(&t(4096, 48, f16), &t(4096, 48, f16)));
-    assert!(!nt_as_tn_pays(&t(4096, 64, f16), &t(4096, 32, f16)));
+    assert!(!nt(&t(4000, 64, f16), &t(4096, 64, f16)));
+    assert!(!nt(&t(4096, 64, f16), &t(4000, 64, f16)));
+    assert!(!nt(&t(4096, 48, f16), &t(4096, 48, f16)));
+    assert!(!nt(&t(4096, 64, f16), &t(4096, 32, f16)));
+    // NN transposes only A, so n alone sets the threshold (mn >= 2048 m).
+    let nn = |a: &GpuTensor, b: &GpuTensor| as_tn_pays(Layout::NN, a, b);
+    assert!(nn(&t(128, 64, f16), &t(64, 2048, f16)));
+    assert!(!nn(&t(4096, 64, f16), &t(64, 1920, f16)));
+    assert!(!nn(&t(4096, 64, f16), &t(64, 2048, GpuDtype::BF16)));
+    assert!(!nn(&t(4000, 64, f16), &t(64, 4096, f16)));
+    assert!(!nn(&t(4096, 48, f16), &t(48, 4096, f16)));
+    // A mismatched K is left for the product's own shape error.
+    assert!(!nn(&t(4096, 64, f16), &t(32, 4096, f16)));
+    // TN is the kernel's own orientation.
+    assert!(!as_tn_pays(
+        Layout::TN,
+        &t(64, 4096, f16),
+        &t(64, 4096, f16)
+    ));
 }

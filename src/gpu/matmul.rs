@@ -14,9 +14,9 @@
 //! walks the K ranges common to A's and B's chunks, accumulating pass by pass, and for each one
 //! every chunk of C (a row range of C = a column range of A).
 //!
-//! Large f16 products in layout NT (x·Wᵀ, both operands k-contiguous) run as two transposes
-//! (`shaders/transpose.wgsl`) and a TN product, the cooperative kernel's fastest orientation
-//! ([`nt_as_tn_pays`], [`matmul_nt_via_tn`]).
+//! Large f16 products in layouts NN and NT (A k-contiguous; B too in NT, as in x·Wᵀ) run as
+//! transposes (`shaders/transpose.wgsl`) and a TN product, the cooperative kernel's fastest
+//! orientation ([`as_tn_pays`], [`matmul_via_tn`]).
 
 use super::buffer::{GpuDtype, GpuTensor};
 use super::context::{Dispatch, GpuContext};
@@ -568,8 +568,8 @@ fn matmul_impl(
     match (use_coop, cfg) {
         (false, _) => run_walk(ctx, a, b, op, c, &shape, None)?,
         (true, Some(cfg)) => run_walk(ctx, a, b, op, c, &shape, Some(cfg))?,
-        (true, None) if layout == Layout::NT && lower.is_none() && nt_as_tn_pays(a, b) => {
-            run_nt_as_tn(ctx, a, b, c, accumulate, true)?
+        (true, None) if lower.is_none() && as_tn_pays(layout, a, b) => {
+            run_as_tn(ctx, a, b, layout, c, accumulate, true)?
         }
         (true, None) => run_tuned(ctx, a, b, op, c, &shape)?,
     }
@@ -580,49 +580,60 @@ fn matmul_impl(
     })
 }
 
-/// Whether an A·Bᵀ product is run as Aᵀ-stored TN on transposed f16 copies ([`matmul_nt_via_tn`]):
-/// both operands f16 in one buffer each; m and n multiples of 128 and k of 32, so the default
-/// tiles cover the TN product exactly (the general TN kernel was slower than the general NT one:
-/// 4000³ took 3.76 ms this way against 2.04 ms as NT); and large enough that the transposes'
-/// memory traffic, 8(m + n)k bytes, costs less than the TN kernel saves. On the H200 the TN
-/// kernel runs 247 TFLOP/s at 4096³ against NT's 185, and 277 at 8192³ against 211, and a
-/// transpose moves 2.3 TB/s: the saving exceeds the traffic once mn / (m + n) passes about 1000
-/// at 4096³'s rates and about 1900 at 8192³'s. At 2048 the route was measured to win (4096³:
-/// 187 -> 207 TFLOP/s; 8192x4096x4096: 199 -> 228; BENCHMARKS.md, session 13). A 4096 x 4096 C
-/// qualifies, a 2048-token batch against a 4096-wide layer does not.
-pub fn nt_as_tn_pays(a: &GpuTensor, b: &GpuTensor) -> bool {
-    let (m, n, k) = (a.rows, b.rows, a.cols);
+/// Whether a product in layout NN or NT is run as Aᵀ-stored TN on transposed f16 copies
+/// ([`matmul_via_tn`]): both operands f16 in one buffer each; m and n multiples of 128 and k of
+/// 32, so the default tiles cover the TN product exactly (the general TN kernel was slower than
+/// the general NT one: 4000³ took 3.76 ms this way against 2.04 ms as NT); and large enough that
+/// the transposes' memory traffic, 4k bytes per transposed row (A's m rows, and B's n for NT),
+/// costs less than the TN kernel saves. On the H200 the TN kernel runs 247 TFLOP/s at 4096³
+/// against NT's 185 and NN's 205, and 277 at 8192³ against 211 and 244, and a transpose moves
+/// 2.3 TB/s: for NT the saving exceeds the traffic once mn / (m + n) passes about 1000 at
+/// 4096³'s rates and about 1900 at 8192³'s, for NN once n passes about 1050 and 1800 (only A is
+/// transposed). The threshold is mn >= 2048 x (rows transposed), where the route was measured
+/// to win: NT 4096³ 187 -> 207 TFLOP/s, 8192x4096x4096 199 -> 228 (BENCHMARKS.md, session 13);
+/// NN 4096³ 204 -> 226-228, 8192³ 245 -> 266-274 (session 14). A 4096 x 4096 C qualifies for
+/// NT, a 2048-token batch against a 4096-wide layer does not. Layout TN is already the
+/// kernel's orientation: never.
+pub fn as_tn_pays(layout: Layout, a: &GpuTensor, b: &GpuTensor) -> bool {
+    let (m, n, k) = dims(a, b, layout);
+    let (kb, transposed) = match layout {
+        Layout::TN => return false,
+        Layout::NN => (b.rows, m),
+        Layout::NT => (b.cols, m + n),
+    };
     let one_f16 = |t: &GpuTensor| t.dtype == GpuDtype::F16 && t.chunks.len() == 1;
     one_f16(a)
         && one_f16(b)
-        && k == b.cols
+        && k == kb
         && m.is_multiple_of(128)
         && n.is_multiple_of(128)
         && k.is_multiple_of(32)
-        && m * n >= 2048 * (m + n)
+        && m * n >= 2048 * transposed
 }
 
-/// C = [C +] A·Bᵀ (A m x k, B n x k, both f16 in one buffer each, rows and columns multiples of 4)
-/// computed as Aᵀ-stored TN: Aᵀ and Bᵀ are made by `shaders/transpose.wgsl` into temporary
-/// buffers (freed on return), then multiplied in layout TN, the tensor-core kernel's fastest
-/// orientation. The inputs are the same f16 values and the sums run over K in the same slices,
-/// so the result equals the NT product's to f32 rounding. `path` forces a kernel as in
+/// C = [C +] A * op(B) for f16 operands in one buffer each (rows and columns of each transposed
+/// operand multiples of 4), computed as Aᵀ-stored TN: A (layouts NN and NT) and B (layout NT)
+/// are transposed by `shaders/transpose.wgsl` into temporary buffers (freed on return), then
+/// multiplied in layout TN, the tensor-core kernel's fastest orientation. The inputs are the
+/// same f16 values and the sums run over K in the same slices, so the result equals the direct
+/// product's to f32 rounding. Layout TN runs as it is. `path` forces a kernel as in
 /// [`matmul_into`]; `None` takes the tuned cooperative kernel where available. `matmul_into`
-/// takes this route by itself for large f16 products ([`nt_as_tn_pays`]).
-pub fn matmul_nt_via_tn(
+/// takes this route by itself for large f16 products ([`as_tn_pays`]).
+pub fn matmul_via_tn(
     ctx: &GpuContext,
     a: &GpuTensor,
     b: &GpuTensor,
+    layout: Layout,
     c: &GpuTensor,
     accumulate: bool,
     path: Option<MatmulPath>,
 ) -> Result<MatmulPath> {
-    let (m, n, shape) = checked_dims(a, b, Layout::NT, c)?;
+    let (m, n, shape) = checked_dims(a, b, layout, c)?;
     if m == 0 || n == 0 {
         return Ok(MatmulPath::Tiled);
     }
     let coop = coop_wanted(ctx, path, coop_available(ctx), &shape)?;
-    run_nt_as_tn(ctx, a, b, c, accumulate, coop)?;
+    run_as_tn(ctx, a, b, layout, c, accumulate, coop)?;
     Ok(if coop {
         MatmulPath::Coop
     } else {
@@ -630,19 +641,27 @@ pub fn matmul_nt_via_tn(
     })
 }
 
-/// The transposes and the TN product of [`matmul_nt_via_tn`] (shapes already checked), on the
+/// The transposes and the TN product of [`matmul_via_tn`] (shapes already checked), on the
 /// tuned cooperative kernel (`coop`) or the f32 tiled one.
-fn run_nt_as_tn(
+fn run_as_tn(
     ctx: &GpuContext,
     a: &GpuTensor,
     b: &GpuTensor,
+    layout: Layout,
     c: &GpuTensor,
     accumulate: bool,
     coop: bool,
 ) -> Result<()> {
-    let at = transpose_f16(ctx, a)?;
-    let bt = transpose_f16(ctx, b)?;
-    let (_, _, shape) = checked_dims(&at, &bt, Layout::TN, c)?;
+    let at = match layout {
+        Layout::TN => None,
+        Layout::NN | Layout::NT => Some(transpose_f16(ctx, a)?),
+    };
+    let bt = match layout {
+        Layout::NT => Some(transpose_f16(ctx, b)?),
+        Layout::NN | Layout::TN => None,
+    };
+    let (a, b) = (at.as_ref().unwrap_or(a), bt.as_ref().unwrap_or(b));
+    let (_, _, shape) = checked_dims(a, b, Layout::TN, c)?;
     let op = Op {
         layout: Layout::TN,
         accumulate,
@@ -650,9 +669,9 @@ fn run_nt_as_tn(
         k_piece: usize::MAX,
     };
     if coop {
-        run_tuned(ctx, &at, &bt, op, c, &shape)
+        run_tuned(ctx, a, b, op, c, &shape)
     } else {
-        run_walk(ctx, &at, &bt, op, c, &shape, None)
+        run_walk(ctx, a, b, op, c, &shape, None)
     }
 }
 

@@ -174,11 +174,13 @@ pub fn measure(ctx: &GpuContext) -> Result<Peaks> {
         let a = GpuTensor::empty(ctx, n, n, GpuDtype::F16)?;
         a.fill_u32(ctx, 0x3c00_3c00); // 1.0 in every f16 lane
         let c = GpuTensor::empty(ctx, n, n, GpuDtype::F32)?;
+        // Layout TN, the kernel's fastest orientation, run as it is (NN and NT would add
+        // transposes: `gpu::matmul::as_tn_pays`).
         // The first products of a new shape are the tile tuner's trials (each candidate compiled
         // and timed alone): timing them read 0.2 TFLOP/s on an H200 whose tuned kernel runs 130.
         Some(
             rate(2 + super::tune::MAX_TRIALS, || {
-                matmul_into(ctx, &a, &a, Layout::NN, &c, false, Some(MatmulPath::Coop))?;
+                matmul_into(ctx, &a, &a, Layout::TN, &c, false, Some(MatmulPath::Coop))?;
                 ctx.sync("coop_peak", SHAPE)?;
                 Ok(2.0 * (n * n * n) as f64)
             })? / 1e12,
