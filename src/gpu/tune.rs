@@ -7,9 +7,11 @@
 //! every later product of that problem, except that the default configuration is kept unless
 //! another beats it by [`MARGIN`]. A trial can still be slow on the GPU itself: on the H200
 //! trials after an idle GPU ran 3-4x a product's steady time, wall clock and timestamps alike
-//! (BENCHMARKS.md, session 13), and such trials once cached tiles 4x slower than the default;
-//! the margin keeps the default where every candidate was inflated alike, not where only some
-//! were. Choices are written to `coop_tiles.json` in the cache directory
+//! (BENCHMARKS.md, session 13), and such trials once cached tiles 4x slower than the default.
+//! The cause is the clock: an idle H200 runs at 345 MHz and rises to 1980 under load (session
+//! 14), so earlier candidates ran slower than later ones. So a problem's first trial asks for
+//! [`WARM_UP_S`] of untimed GPU work first (`Pick::Trial`'s `warm_up`), and the margin keeps
+//! the default where the trials were still inflated alike. Choices are written to `coop_tiles.json` in the cache directory
 //! (`gpu::peaks::cache_dir`), keyed by adapter, backend and driver, so the next run starts
 //! with it. All candidates give bit-identical results (`shaders/matmul_coop.wgsl`), so tuning
 //! never changes numbers.
@@ -29,7 +31,8 @@ const FILE: &str = "coop_tiles.json";
 /// Part of the adapter key: a kernel revision that changes which tiles win must not reuse the
 /// old choices.
 /// 3: trials timed by timestamps (choices made from wall-clock trials are not reused).
-const VERSION: u32 = 3;
+/// 4: trials after a warm-up (choices made on a GPU still at idle clocks are not reused).
+const VERSION: u32 = 4;
 /// How much faster (by its best round) a candidate must be than the default to replace it.
 pub const MARGIN: f64 = 0.10;
 
@@ -38,9 +41,16 @@ pub const MARGIN: f64 = 0.10;
 pub enum Pick {
     /// The chosen (tuned or cached) configuration.
     Use(CoopConfig),
-    /// A candidate still being timed: run it and report the time with [`Tuner::record`].
-    Trial(CoopConfig),
+    /// A candidate still being timed: run it and report the time with [`Tuner::record`]. `warm_up`
+    /// (the problem's first trial): keep the GPU busy for [`WARM_UP_S`] first, so the trials
+    /// run at working clocks (an idle H200 sits at 345 MHz against 1980 under load, and the
+    /// first trials of a problem then read several times slow: BENCHMARKS.md, sessions 13-14).
+    Trial { cfg: CoopConfig, warm_up: bool },
 }
+
+/// Seconds of untimed GPU work before a problem's first trial: an idle GPU needs about 0.1 s of
+/// work to raise its clocks.
+pub const WARM_UP_S: f64 = 0.2;
 
 /// The tuning books of one adapter.
 pub struct Tuner {
@@ -90,7 +100,10 @@ impl Tuner {
             1 => Pick::Use(self.candidates[0]),
             n => {
                 let done = self.trials.get(shape).map_or(0, Vec::len);
-                Pick::Trial(self.candidates[done % n])
+                Pick::Trial {
+                    cfg: self.candidates[done % n],
+                    warm_up: done == 0,
+                }
             }
         }
     }
@@ -186,26 +199,37 @@ mod tests {
         let times = [[3.0, 2.0, 4.0], [3.5, 1.0, 2.5]];
         for round in times {
             for (i, &s) in round.iter().enumerate() {
-                assert_eq!(t.pick(shape), Pick::Trial(cands()[i]));
+                let first = round == times[0] && i == 0;
+                assert_eq!(
+                    t.pick(shape),
+                    Pick::Trial {
+                        cfg: cands()[i],
+                        warm_up: first
+                    }
+                );
                 let won = t.record(shape, cands()[i], s);
                 assert_eq!(won.is_some(), round == times[1] && i == 2);
             }
         }
         assert_eq!(t.pick(shape), Pick::Use(cands()[1]));
         // Other problems are tuned separately.
-        assert_eq!(t.pick("NN F16xF16 1x2x3"), Pick::Trial(cands()[0]));
+        let first = Pick::Trial {
+            cfg: cands()[0],
+            warm_up: true,
+        };
+        assert_eq!(t.pick("NN F16xF16 1x2x3"), first);
         // A new run on the same adapter starts with the choice; another driver does not.
         let again = Tuner::new("gpu | vulkan | 1.0", cands(), Some(dir.clone()));
         assert_eq!(again.pick(shape), Pick::Use(cands()[1]));
         let other = Tuner::new("gpu | vulkan | 2.0", cands(), Some(dir.clone()));
-        assert_eq!(other.pick(shape), Pick::Trial(cands()[0]));
+        assert_eq!(other.pick(shape), first);
         // A cached choice this adapter cannot run is ignored.
         let fewer = Tuner::new("gpu | vulkan | 1.0", vec![cands()[0]], Some(dir.clone()));
         assert_eq!(fewer.pick(shape), Pick::Use(cands()[0]));
         // A corrupt file is ignored, and the next choice rewrites it.
         std::fs::write(dir.join(FILE), b"{ not json").unwrap();
         let mut fresh = Tuner::new("gpu | vulkan | 1.0", cands(), Some(dir.clone()));
-        assert_eq!(fresh.pick(shape), Pick::Trial(cands()[0]));
+        assert_eq!(fresh.pick(shape), first);
         for _ in 0..ROUNDS {
             for c in cands() {
                 fresh.record(shape, c, if c == cands()[2] { 0.5 } else { 1.0 });
