@@ -1,9 +1,5 @@
-//! Kernel benchmarks behind `wgpress bench`: fixed random inputs, warm-up, then the wall-clock
-//! time of back-to-back launches, each launch recorded and submitted as the engine does (so the
-//! launch gap is part of what users see). A wait follows at least `iters` launches and at least
-//! [`BATCH_S`] of queued work: each wait leaves the GPU idle while the host notices the end and
-//! submits again (about 0.3 ms on an H200), which at 20 launches of a 0.55 ms product cost 3%
-//! of the reading (BENCHMARKS.md, session 14); PyTorch's CUDA-event timings exclude it.
+//! Kernel benchmarks behind `wgpress bench`: fixed random inputs, warm-up, then wall-clock time of
+//! `iters` back-to-back launches ended by one wait (the launch gap is part of what users see).
 //! Speed is measured here and in the criterion benches, never asserted in tests.
 
 use crate::error::Result;
@@ -45,20 +41,8 @@ const WARM_S: f64 = 0.3;
 /// ... and the timed launches span at least this long.
 const TIMED_S: f64 = 0.2;
 
-/// Queued work between two waits of the timed launches (after the first wait, which measures a
-/// launch).
-const BATCH_S: f64 = 0.05;
-
-/// Launches per wait: at least `min` (and 1), and enough to queue [`BATCH_S`] of launches taking
-/// `per_launch` seconds each (at most 100 000).
-fn batch_size(min: usize, per_launch: f64) -> usize {
-    let want = (BATCH_S / per_launch.max(1e-9)).ceil().min(100_000.0) as usize;
-    min.max(1).max(want)
-}
-
-/// Runs `f` in batches ended by a wait for the GPU until it has run `min` times and `secs` have
-/// passed; the first batch is `min` launches, later ones [`batch_size`]. Returns the runs and
-/// the seconds.
+/// Runs `f` until it has run `min` times and `secs` have passed (waiting for the GPU at the end);
+/// returns the runs and the seconds.
 fn repeat(
     ctx: &GpuContext,
     shape: &str,
@@ -68,19 +52,16 @@ fn repeat(
 ) -> Result<(usize, f64)> {
     let t = Instant::now();
     let mut runs = 0;
-    let mut batch = min.max(1);
     loop {
-        let tb = Instant::now();
-        for _ in 0..batch {
+        for _ in 0..min.max(1) {
             f()?;
         }
-        runs += batch;
+        runs += min.max(1);
         ctx.sync("matmul", shape)?;
         let e = t.elapsed().as_secs_f64();
         if e >= secs {
             return Ok((runs, e));
         }
-        batch = batch_size(min, tb.elapsed().as_secs_f64() / batch as f64);
     }
 }
 
@@ -386,20 +367,4 @@ pub fn gptq(ctx: &GpuContext, rows: usize, cols: usize, o: &GptqBenchOptions) ->
         layer_f32_bytes: (rows * cols * 4) as u64,
         hessian_bytes: (cols * cols * 4) as u64,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn waits_follow_enough_queued_work() {
-        // A 0.55 ms product: 91 launches fill 50 ms, more than the 20 asked for.
-        assert_eq!(batch_size(20, 0.55e-3), 91);
-        // A slow launch: the asked-for count stands.
-        assert_eq!(batch_size(20, 0.01), 20);
-        assert_eq!(batch_size(0, 1.0), 1);
-        // Tiny or unmeasurable launches are capped.
-        assert_eq!(batch_size(1, 0.0), 100_000);
-    }
 }

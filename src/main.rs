@@ -188,7 +188,6 @@ enum BenchKernel {
         /// candidate); repeatable.
         #[arg(long = "coop-config")]
         coop_configs: Vec<String>,
-        /// Launches per wait for the GPU, at least (more where they take under 50 ms in all).
         #[arg(long, default_value_t = 10)]
         iters: usize,
         /// Also write the rows as JSON to this file.
