@@ -8,12 +8,13 @@
 //! another beats it by [`MARGIN`]. A trial can still be slow on the GPU itself: on the H200
 //! trials after an idle GPU ran 3-4x a product's steady time, wall clock and timestamps alike
 //! (BENCHMARKS.md, session 13), and such trials once cached tiles 4x slower than the default.
-//! The cause is the clock: an idle H200 runs at 345 MHz and rises to 1980 under load (session
-//! 14), so earlier candidates ran slower than later ones. So a problem's first trial asks for
-//! [`WARM_UP_S`] of untimed GPU work first (`Pick::Trial`'s `warm_up`), and the margin keeps
-//! the default where the trials were still inflated alike. Choices are written to `coop_tiles.json` in the cache directory
-//! (`gpu::peaks::cache_dir`), keyed by adapter, backend and driver, so the next run starts
-//! with it. All candidates give bit-identical results (`shaders/matmul_coop.wgsl`), so tuning
+//! One cause is the clock (an idle H200 runs at 345 MHz, 1980 under load), so a problem's first
+//! trial asks for [`WARM_UP_S`] of untimed GPU work first (`Pick::Trial`'s `warm_up`). In
+//! session 14 that cut the inflated trial sets from 4 of 12 to 1 of 12, but not to none: what
+//! else slows a fresh process's first products is not known. The margin keeps the default
+//! where the trials were inflated alike. Choices are written to `coop_tiles.json` in the cache
+//! directory (`gpu::peaks::cache_dir`), keyed by adapter, backend and driver, so the next run
+//! starts with it. All candidates give bit-identical results (`shaders/matmul_coop.wgsl`), so tuning
 //! never changes numbers.
 //!
 //! This module only keeps the books (which candidate to try next, which won, the file); the
@@ -43,8 +44,8 @@ pub enum Pick {
     Use(CoopConfig),
     /// A candidate still being timed: run it and report the time with [`Tuner::record`]. `warm_up`
     /// (the problem's first trial): keep the GPU busy for [`WARM_UP_S`] first, so the trials
-    /// run at working clocks (an idle H200 sits at 345 MHz against 1980 under load, and the
-    /// first trials of a problem then read several times slow: BENCHMARKS.md, sessions 13-14).
+    /// do not start at idle clocks (an idle H200 sits at 345 MHz against 1980 under load; see
+    /// the module doc for what that does and does not fix).
     Trial { cfg: CoopConfig, warm_up: bool },
 }
 
