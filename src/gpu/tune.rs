@@ -255,6 +255,24 @@ mod tests {
         Pick::Trial { cfg, warm_up }
     }
 
+    /// Records every round of `cands()`: `fast` at `fast_s`, the others at `other_s`; returns
+    /// what the last record returned.
+    fn rounds(
+        t: &mut Tuner,
+        shape: &str,
+        fast: CoopConfig,
+        fast_s: f64,
+        other_s: f64,
+    ) -> Option<CoopConfig> {
+        let mut last = None;
+        for _ in 0..ROUNDS {
+            for c in cands() {
+                last = t.record(shape, c, if c == fast { fast_s } else { other_s });
+            }
+        }
+        last
+    }
+
     /// Runs the check of `challenger` against the default (default first), with these times;
     /// returns the choice.
     fn check(t: &mut Tuner, shape: &str, challenger: CoopConfig, d: f64, x: f64) -> CoopConfig {
@@ -298,11 +316,7 @@ mod tests {
         std::fs::write(dir.join(FILE), b"{ not json").unwrap();
         let mut fresh = Tuner::new("gpu | vulkan | 1.0", cands(), Some(dir.clone()));
         assert_eq!(fresh.pick(shape), first);
-        for _ in 0..ROUNDS {
-            for c in cands() {
-                fresh.record(shape, c, if c == cands()[2] { 0.5 } else { 1.0 });
-            }
-        }
+        assert_eq!(rounds(&mut fresh, shape, cands()[2], 0.5, 1.0), None);
         assert_eq!(check(&mut fresh, shape, cands()[2], 1.0, 0.5), cands()[2]);
         let reread = Tuner::new("gpu | vulkan | 1.0", cands(), Some(dir.clone()));
         assert_eq!(reread.pick(shape), Pick::Use(cands()[2]));
@@ -315,21 +329,13 @@ mod tests {
         let shape = "NT F16xF16 8192x4096x11008";
         // Candidate 2 is 5% faster than the default: within the noise, the default stays,
         // with no check.
-        for _ in 0..ROUNDS {
-            for c in cands() {
-                let s = if c == cands()[2] { 0.95 } else { 1.0 };
-                t.record(shape, c, s);
-            }
-        }
+        let kept = rounds(&mut t, shape, cands()[2], 0.95, 1.0);
+        assert_eq!(kept, Some(CoopConfig::DEFAULT));
         assert_eq!(cands()[0], CoopConfig::DEFAULT);
         assert_eq!(t.pick(shape), Pick::Use(CoopConfig::DEFAULT));
         // 20% faster in the rounds and in the check replaces it.
         let shape = "NT F16xF16 4096x4096x4096";
-        for _ in 0..ROUNDS {
-            for c in cands() {
-                t.record(shape, c, if c == cands()[1] { 0.8 } else { 1.0 });
-            }
-        }
+        assert_eq!(rounds(&mut t, shape, cands()[1], 0.8, 1.0), None);
         assert_eq!(check(&mut t, shape, cands()[1], 1.0, 0.8), cands()[1]);
         assert_eq!(t.pick(shape), Pick::Use(cands()[1]));
     }
@@ -341,11 +347,7 @@ mod tests {
         // is faster.
         let mut t = Tuner::new("gpu", cands(), None);
         let shape = "TN F16xF16 8192x8192x8192";
-        for _ in 0..ROUNDS {
-            for c in cands() {
-                t.record(shape, c, if c == cands()[2] { 4.6 } else { 14.0 });
-            }
-        }
+        assert_eq!(rounds(&mut t, shape, cands()[2], 4.6, 14.0), None);
         assert_eq!(
             check(&mut t, shape, cands()[2], 3.8, 4.6),
             CoopConfig::DEFAULT
@@ -353,11 +355,7 @@ mod tests {
         assert_eq!(t.pick(shape), Pick::Use(CoopConfig::DEFAULT));
         // A check within the margin also keeps the default.
         let shape = "TN F16xF16 4096x4096x4096";
-        for _ in 0..ROUNDS {
-            for c in cands() {
-                t.record(shape, c, if c == cands()[1] { 0.5 } else { 1.0 });
-            }
-        }
+        assert_eq!(rounds(&mut t, shape, cands()[1], 0.5, 1.0), None);
         assert_eq!(
             check(&mut t, shape, cands()[1], 0.52, 0.5),
             CoopConfig::DEFAULT
