@@ -1,6 +1,7 @@
 // Y = Xᵀ for an f16 matrix X (rows x cols, row-major, one buffer) into Y (cols x rows, one buffer).
-// `gpu::matmul` runs large A·Bᵀ products (both operands k-contiguous) as Aᵀ-stored TN products
-// through this: the tensor-core kernel is fastest on that orientation (BENCHMARKS.md, session 13).
+// `gpu::matmul` runs large A·Bᵀ and A·B products (A k-contiguous, and B too in A·Bᵀ) as
+// Aᵀ-stored TN products through this: the tensor-core kernel is fastest on that orientation
+// (BENCHMARKS.md, sessions 13-14).
 // rows and cols are multiples of 4 (the host checks), so every global access is one 8-byte
 // vector of four halves. A workgroup moves a 64 x 64 tile through workgroup memory, so the reads
 // run along X's rows and the writes along Y's rows, both coalesced.

@@ -601,9 +601,8 @@ pub fn as_tn_pays(layout: Layout, a: &GpuTensor, b: &GpuTensor) -> bool {
         Layout::NN => (b.rows, m),
         Layout::NT => (b.cols, m + n),
     };
-    let one_f16 = |t: &GpuTensor| t.dtype == GpuDtype::F16 && t.chunks.len() == 1;
-    one_f16(a)
-        && one_f16(b)
+    one_f16_buffer(a)
+        && one_f16_buffer(b)
         && k == kb
         && m.is_multiple_of(128)
         && n.is_multiple_of(128)
@@ -662,17 +661,17 @@ fn run_as_tn(
     };
     let (a, b) = (at.as_ref().unwrap_or(a), bt.as_ref().unwrap_or(b));
     let (_, _, shape) = checked_dims(a, b, Layout::TN, c)?;
-    let op = Op {
-        layout: Layout::TN,
-        accumulate,
-        lower: false,
-        k_piece: usize::MAX,
-    };
+    let op = Op::whole(Layout::TN, accumulate);
     if coop {
         run_tuned(ctx, a, b, op, c, &shape)
     } else {
         run_walk(ctx, a, b, op, c, &shape, None)
     }
+}
+
+/// Whether `t` is f16 held in one buffer: what the transposes take, so what the TN route needs.
+fn one_f16_buffer(t: &GpuTensor) -> bool {
+    t.dtype == GpuDtype::F16 && t.chunks.len() == 1
 }
 
 #[repr(C)]
@@ -695,9 +694,8 @@ pub fn transpose_f16(ctx: &GpuContext, x: &GpuTensor) -> Result<GpuTensor> {
 pub fn transpose_f16_into(ctx: &GpuContext, x: &GpuTensor, y: &GpuTensor) -> Result<()> {
     const KERNEL: &str = "transpose";
     let shape = format!("{} -> {}", x.shape_str(), y.shape_str());
-    let one = |t: &GpuTensor| t.dtype == GpuDtype::F16 && t.chunks.len() == 1;
-    if !one(x)
-        || !one(y)
+    if !one_f16_buffer(x)
+        || !one_f16_buffer(y)
         || !x.rows.is_multiple_of(4)
         || !x.cols.is_multiple_of(4)
         || (y.rows, y.cols) != (x.cols, x.rows)
@@ -779,6 +777,18 @@ struct Op {
     k_piece: usize,
 }
 
+impl Op {
+    /// A whole product: every tile of C, K summed unsplit.
+    fn whole(layout: Layout, accumulate: bool) -> Op {
+        Op {
+            layout,
+            accumulate,
+            lower: false,
+            k_piece: usize::MAX,
+        }
+    }
+}
+
 /// Whether `cfg` fits this adapter's workgroup memory and invocation limits.
 pub fn coop_fits(ctx: &GpuContext, cfg: CoopConfig) -> bool {
     cfg.workgroup_bytes() <= ctx.limits.max_compute_workgroup_storage_size as u64
@@ -849,12 +859,7 @@ fn warm_gpu(ctx: &GpuContext) -> Result<()> {
     let a = GpuTensor::empty(ctx, n, n, GpuDtype::F16)?;
     a.fill_u32(ctx, 0x3c00_3c00); // 1.0 in every f16 lane
     let c = GpuTensor::empty(ctx, n, n, GpuDtype::F32)?;
-    let op = Op {
-        layout: Layout::TN,
-        accumulate: false,
-        lower: false,
-        k_piece: usize::MAX,
-    };
+    let op = Op::whole(Layout::TN, false);
     let t = std::time::Instant::now();
     while t.elapsed().as_secs_f64() < super::tune::WARM_UP_S {
         // About 0.1 ms each (2048³) on an H200 at working clocks; a wait every 16 bounds what is
