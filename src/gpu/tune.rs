@@ -168,7 +168,7 @@ impl Tuner {
                 best_of(&b.checks, CoopConfig::DEFAULT),
                 best_of(&b.checks, ch),
             ) {
-                (Some(d), Some(x)) if d >= x * (1.0 + MARGIN) => (ch, x),
+                (Some(d), Some(x)) if beats(x, d) => (ch, x),
                 (Some(d), _) => (CoopConfig::DEFAULT, d),
                 (None, x) => (ch, x.unwrap_or(seconds)),
             };
@@ -185,9 +185,7 @@ impl Tuner {
             .copied()
             .min_by(|x, y| x.1.total_cmp(&y.1))?;
         match best_of(&b.rounds, CoopConfig::DEFAULT) {
-            Some(d) if d < secs * (1.0 + MARGIN) => {
-                Some(self.choose(shape, CoopConfig::DEFAULT, d))
-            }
+            Some(d) if !beats(secs, d) => Some(self.choose(shape, CoopConfig::DEFAULT, d)),
             Some(_) => {
                 b.challenger = Some(win);
                 None
@@ -230,6 +228,12 @@ impl Tuner {
             log::warn!("could not cache the tile choice in {}: {e}", file.display());
         }
     }
+}
+
+/// Whether a candidate timed at `secs` beats the default timed at `default` by [`MARGIN`]: the
+/// one rule for the rounds and the check.
+fn beats(secs: f64, default: f64) -> bool {
+    default >= secs * (1.0 + MARGIN)
 }
 
 fn read(file: &std::path::Path) -> Option<CacheFile> {
