@@ -34,7 +34,15 @@ const WG: u32 = 256u;
 @group(0) @binding(2) var<uniform> r: Params;
 
 var<workgroup> blk: array<f32, 4160>; // NB x LD
-var<workgroup> xin: array<f32, 4160>; // NB x LD: inv(L) of the block
+// inv(L) of the block by 32 x 32 quadrants, each with row stride XL (33, for the same bank spread
+// as LD): X11 (lower triangle used), X22 (lower triangle used), X21 (full); its upper right
+// quadrant is zero and not stored. 29 KiB with `blk`, inside the 32 KiB that wgpu reports on
+// lavapipe and that Apple GPUs have.
+const XL: u32 = 33u;
+const X11: u32 = 0u;
+const X22: u32 = 1056u; // 32 * XL
+const X21: u32 = 2112u;
+var<workgroup> xin: array<f32, 3168>;
 
 @compute @workgroup_size(256)
 fn potrf_diag(@builtin(local_invocation_index) lid: u32) {
@@ -96,16 +104,15 @@ fn potrf_diag(@builtin(local_invocation_index) lid: u32) {
     if (lid < NB) {
         let c = lid;
         let h0 = select(0u, H, c >= H);
-        for (var i = 0u; i < c; i++) {
-            xin[i * LD + c] = 0.0;
-        }
-        xin[c * LD + c] = 1.0 / blk[c * LD + c];
+        let xb = select(X11, X22, c >= H);
+        let cl = c - h0;
+        xin[xb + cl * XL + cl] = 1.0 / blk[c * LD + c];
         for (var i = c + 1u; i < h0 + H; i++) {
             var s = 0.0;
             for (var k = c; k < i; k++) {
-                s = s + blk[i * LD + k] * xin[k * LD + c];
+                s = s + blk[i * LD + k] * xin[xb + (k - h0) * XL + cl];
             }
-            xin[i * LD + c] = -s / blk[i * LD + i];
+            xin[xb + (i - h0) * XL + cl] = -s / blk[i * LD + i];
         }
     }
     workgroupBarrier();
@@ -115,7 +122,7 @@ fn potrf_diag(@builtin(local_invocation_index) lid: u32) {
         let c = e % H;
         var s = 0.0;
         for (var k = c; k < H; k++) {
-            s = s + blk[(H + i) * LD + k] * xin[k * LD + c];
+            s = s + blk[(H + i) * LD + k] * xin[X11 + k * XL + c];
         }
         blk[i * LD + H + c] = s;
     }
@@ -126,14 +133,26 @@ fn potrf_diag(@builtin(local_invocation_index) lid: u32) {
         let c = e % H;
         var s = 0.0;
         for (var k = 0u; k <= i; k++) {
-            s = s + xin[(H + i) * LD + H + k] * blk[k * LD + H + c];
+            s = s + xin[X22 + i * XL + k] * blk[k * LD + H + c];
         }
-        xin[(H + i) * LD + c] = -s;
+        xin[X21 + i * XL + c] = -s;
     }
     workgroupBarrier();
     let dbase = (p.k0 / NB) * NB * NB;
     for (var e = lid; e < NB * NB; e += WG) {
-        dinv[dbase + e] = select(xin[(e / NB) * LD + e % NB], 0.0, e % NB > e / NB);
+        let i = e / NB;
+        let k = e % NB;
+        var x = 0.0;
+        if (k <= i) {
+            if (i < H) {
+                x = xin[X11 + i * XL + k];
+            } else if (k >= H) {
+                x = xin[X22 + (i - H) * XL + k - H];
+            } else {
+                x = xin[X21 + (i - H) * XL + k];
+            }
+        }
+        dinv[dbase + e] = x;
     }
 }
 

@@ -1,11 +1,14 @@
 //! GPU dense linear algebra (blocked Cholesky, triangular inverse, reversal) against the f64
 //! reference in `reference::linalg`, on fresh random SPD matrices of orders 64 (one block, no
 //! trailing update) and 192 (three blocks: panel, trailing update and an uneven merge tree).
+//! `potrf_diag` is built trusted (no runtime bounds checks) in production, so the factorization
+//! and the inverse are checked in both builds: an out-of-range access may read the same wrong
+//! value in both (lavapipe clamps as the checks do), hence the reference, not only agreement.
 
 mod common;
 use common::ctx;
 use wgpress::gpu::linalg::{cholesky, flip, invert_factor};
-use wgpress::gpu::{GpuDtype, GpuTensor};
+use wgpress::gpu::{ContextOptions, GpuContext, GpuDtype, GpuTensor};
 use wgpress::reference::linalg as reference;
 use wgpress::rng::Rng;
 
@@ -50,20 +53,29 @@ fn rel_to_max(gpu: &[f32], want: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// The test suite's checked-shader context and the production (trusted) one.
+fn both_builds() -> [(&'static str, GpuContext); 2] {
+    let trusted = GpuContext::new(&ContextOptions::default()).unwrap();
+    [("checked", ctx()), ("trusted", trusted)]
+}
+
 #[test]
 fn cholesky_matches_the_reference() {
-    let ctx = ctx();
-    for (n, seed) in [(64, 1), (192, 2)] {
+    let builds = both_builds();
+    for ((n, seed), (build, ctx)) in [(64, 1), (192, 2)]
+        .into_iter()
+        .flat_map(|c| builds.iter().map(move |b| (c, b)))
+    {
         let a = spd(n, seed);
-        let m = upload(&ctx, &a, n);
-        let c = cholesky(&ctx, &m).unwrap();
+        let m = upload(ctx, &a, n);
+        let c = cholesky(ctx, &m).unwrap();
         assert!(c.ok);
-        let got = m.to_f32(&ctx).unwrap();
+        let got = m.to_f32(ctx).unwrap();
         let want = reference::cholesky(&a, n).unwrap();
         // f32 Cholesky: backward error ~ n·eps·|A|, forward error in L bounded by that times the
         // condition number (~ 300 here): 192 · 6e-8 · 300 ≈ 3.5e-3 worst case; typical far less.
         let e = rel_to_max(&got, &want);
-        assert!(e < 1e-3, "n {n}: relative error {e}");
+        assert!(e < 1e-3, "{build}, n {n}: relative error {e}");
         for i in 0..n {
             for j in i + 1..n {
                 assert_eq!(got[i * n + j], 0.0, "upper ({i},{j}) not zeroed");
@@ -74,8 +86,11 @@ fn cholesky_matches_the_reference() {
 
 #[test]
 fn reversed_factor_inverse_is_the_upper_cholesky_of_the_inverse() {
-    let ctx = ctx();
-    for (n, seed) in [(64, 3), (192, 4), (320, 5)] {
+    let builds = both_builds();
+    for ((n, seed), (build, ctx)) in [(64, 3), (192, 4), (320, 5)]
+        .into_iter()
+        .flat_map(|c| builds.iter().map(move |b| (c, b)))
+    {
         let a = spd(n, seed);
         // J·A·J on the host; the GPU then forms U = J·inv(chol(J·A·J))·J.
         let mut ja = vec![0f64; n * n];
@@ -84,16 +99,16 @@ fn reversed_factor_inverse_is_the_upper_cholesky_of_the_inverse() {
                 ja[i * n + j] = a[(n - 1 - i) * n + (n - 1 - j)];
             }
         }
-        let m = upload(&ctx, &ja, n);
-        let c = cholesky(&ctx, &m).unwrap();
-        invert_factor(&ctx, &m, c).unwrap();
-        flip(&ctx, &m).unwrap();
-        let got = m.to_f32(&ctx).unwrap();
+        let m = upload(ctx, &ja, n);
+        let c = cholesky(ctx, &m).unwrap();
+        invert_factor(ctx, &m, c).unwrap();
+        flip(ctx, &m).unwrap();
+        let got = m.to_f32(ctx).unwrap();
         let want = reference::upper_cholesky_of_inverse(&a, n).unwrap();
         // Inverting squares the conditioning effect: cond ~ 300 and f32 give ~1e-3 relative to
         // the largest entry at worst.
         let e = rel_to_max(&got, &want);
-        assert!(e < 2e-3, "n {n}: relative error {e}");
+        assert!(e < 2e-3, "{build}, n {n}: relative error {e}");
         for i in 0..n {
             for j in 0..i {
                 assert_eq!(got[i * n + j], 0.0, "lower ({i},{j}) not zero");
