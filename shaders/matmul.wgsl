@@ -16,6 +16,10 @@ struct Params {
     // update or XᵀX). Row r of this dispatch is row row_base + r of the matrix whose triangle
     // counts (a row range of C walked in pieces).
     lower: u32, pad0: u32, pad1: u32, row_base: u32,
+    // Bit 0: op(A) is lower triangular (A[r][k] = 0 for k > r), so a tile's K walk ends after its
+    // last row; bit 1: op(B) is lower triangular (B[k][c] = 0 for k < c), so it starts at the
+    // tile's first column (a triangular inverse's products: about half the FLOPs).
+    tri: u32, pad2: u32, pad3: u32, pad4: u32,
 }
 
 @group(0) @binding(2) var<storage, read_write> C: array<f32>;
@@ -102,17 +106,21 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
     // memory, so global-memory latency overlaps the FMAs (explicit variables: no local arrays).
     var pa0: f32; var pa1: f32; var pa2: f32; var pa3: f32; var pa4: f32; var pa5: f32; var pa6: f32; var pa7: f32;
     var pb0: f32; var pb1: f32; var pb2: f32; var pb3: f32; var pb4: f32; var pb5: f32; var pb6: f32; var pb7: f32;
+    // The K range where op(A) and op(B) can both be nonzero (the whole of K unless `tri`); col0
+    // and row0 + BM are multiples of BK, so the slices stay aligned.
+    let kb = select(0u, col0, (p.tri & 2u) != 0u);
+    let ke = select(p.k, min(p.k, row0 + BM), (p.tri & 1u) != 0u);
     {
-        let gk = 0u + lk;
+        let gk = kb + lk;
         if (A_TRANS) {
-            pa0 = get_at(0u + nk + 0u, row0 + nn);
-            pa1 = get_at(0u + nk + 2u, row0 + nn);
-            pa2 = get_at(0u + nk + 4u, row0 + nn);
-            pa3 = get_at(0u + nk + 6u, row0 + nn);
-            pa4 = get_at(0u + nk + 8u, row0 + nn);
-            pa5 = get_at(0u + nk + 10u, row0 + nn);
-            pa6 = get_at(0u + nk + 12u, row0 + nn);
-            pa7 = get_at(0u + nk + 14u, row0 + nn);
+            pa0 = get_at(kb + nk + 0u, row0 + nn);
+            pa1 = get_at(kb + nk + 2u, row0 + nn);
+            pa2 = get_at(kb + nk + 4u, row0 + nn);
+            pa3 = get_at(kb + nk + 6u, row0 + nn);
+            pa4 = get_at(kb + nk + 8u, row0 + nn);
+            pa5 = get_at(kb + nk + 10u, row0 + nn);
+            pa6 = get_at(kb + nk + 12u, row0 + nn);
+            pa7 = get_at(kb + nk + 14u, row0 + nn);
         } else {
             pa0 = get_a(row0 + lr + 0u, gk);
             pa1 = get_a(row0 + lr + 16u, gk);
@@ -133,17 +141,17 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
             pb6 = get_bt(col0 + lr + 96u, gk);
             pb7 = get_bt(col0 + lr + 112u, gk);
         } else {
-            pb0 = get_b(0u + nk + 0u, col0 + nn);
-            pb1 = get_b(0u + nk + 2u, col0 + nn);
-            pb2 = get_b(0u + nk + 4u, col0 + nn);
-            pb3 = get_b(0u + nk + 6u, col0 + nn);
-            pb4 = get_b(0u + nk + 8u, col0 + nn);
-            pb5 = get_b(0u + nk + 10u, col0 + nn);
-            pb6 = get_b(0u + nk + 12u, col0 + nn);
-            pb7 = get_b(0u + nk + 14u, col0 + nn);
+            pb0 = get_b(kb + nk + 0u, col0 + nn);
+            pb1 = get_b(kb + nk + 2u, col0 + nn);
+            pb2 = get_b(kb + nk + 4u, col0 + nn);
+            pb3 = get_b(kb + nk + 6u, col0 + nn);
+            pb4 = get_b(kb + nk + 8u, col0 + nn);
+            pb5 = get_b(kb + nk + 10u, col0 + nn);
+            pb6 = get_b(kb + nk + 12u, col0 + nn);
+            pb7 = get_b(kb + nk + 14u, col0 + nn);
         }
     }
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+    for (var k0 = kb; k0 < ke; k0 += BK) {
         if (A_TRANS) {
             As[sat + 0u * AS][sn] = pa0;
             As[sat + 2u * AS][sn] = pa1;
@@ -184,7 +192,7 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
         }
         workgroupBarrier();
         let k1 = k0 + BK;
-        if (k1 < p.k) {
+        if (k1 < ke) {
             let gk = k1 + lk;
             if (A_TRANS) {
                 pa0 = get_at(k1 + nk + 0u, row0 + nn);

@@ -787,6 +787,8 @@ fn apply_impl(
                     alpha: -1.0,
                     accumulate: true,
                     lower: false,
+                    a_lower_tri: false,
+                    b_lower_tri: false,
                 }
                 .prepare(ctx, false)?;
                 lazy.push((uniforms.len() - 1, step));

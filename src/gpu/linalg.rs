@@ -7,9 +7,10 @@
 //! in workgroup memory and inverts it; the panel below becomes L21 = A21·inv(L11)ᵀ and the trailing
 //! matrix A22 -= L21·L21ᵀ (lower tiles only), both through the matmul kernel on regions of the same
 //! buffer. Inverse (in place, bottom-up over a balanced tree of block ranges): for [lo, mid, hi),
-//! X21 = -inv(C)·(B·inv(A)), where inv(A) and inv(C) were formed lower in the tree; each tree level
-//! is independent work recorded back to back. Every step of a call is recorded into one submission.
-//! The CPU reference is `reference::linalg`. This module must not read matrices back to the host
+//! X21 = -inv(C)·(B·inv(A)), where inv(A) and inv(C) were formed lower in the tree; both products
+//! skip the zero triangles of inv(A) and inv(C) (each tile sums only its nonzero K range); each
+//! tree level is independent work recorded back to back. Every step of a call is recorded into
+//! one submission. The CPU reference is `reference::linalg`. This module must not read matrices back to the host
 //! except the one-word failure flag.
 
 use super::buffer::{GpuDtype, GpuTensor};
@@ -168,6 +169,8 @@ pub fn cholesky(ctx: &GpuContext, m: &GpuTensor) -> Result<Cholesky> {
                     alpha: 1.0,
                     accumulate: false,
                     lower: false,
+                    a_lower_tri: false,
+                    b_lower_tri: false,
                 }
                 .prepare(ctx, true)?,
             );
@@ -183,6 +186,8 @@ pub fn cholesky(ctx: &GpuContext, m: &GpuTensor) -> Result<Cholesky> {
                     alpha: -1.0,
                     accumulate: true,
                     lower: true,
+                    a_lower_tri: false,
+                    b_lower_tri: false,
                 }
                 .prepare(ctx, true)?,
             );
@@ -307,6 +312,9 @@ pub fn invert_factor(ctx: &GpuContext, m: &GpuTensor, chol: Cholesky) -> Result<
                 alpha: 1.0,
                 accumulate: false,
                 lower: false,
+                // inv(A), formed lower in the tree, is lower triangular (and so is inv(C) below).
+                a_lower_tri: false,
+                b_lower_tri: true,
             }
             .prepare(ctx, false)?,
         );
@@ -322,6 +330,8 @@ pub fn invert_factor(ctx: &GpuContext, m: &GpuTensor, chol: Cholesky) -> Result<
                 alpha: -1.0,
                 accumulate: false,
                 lower: false,
+                a_lower_tri: true,
+                b_lower_tri: false,
             }
             .prepare(ctx, true)?,
         );

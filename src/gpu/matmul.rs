@@ -65,6 +65,11 @@ struct Params {
     b_align: u32,
     /// With `lower`: the row of the triangle's matrix that this dispatch's row 0 is.
     row_base: u32,
+    /// Tiled kernel only: bit 0, op(A) is lower triangular (zero above its diagonal), so each
+    /// tile's K walk stops after the tile's last row; bit 1, op(B) is lower triangular, so it
+    /// starts at the tile's first column. Skipped terms are products with exact zeros.
+    tri: u32,
+    pad: [u32; 3],
 }
 
 impl Params {
@@ -73,9 +78,14 @@ impl Params {
     fn work(&self, ea: u64, eb: u64) -> (f64, f64) {
         let (m, n, k) = (self.m as f64, self.n as f64, self.k as f64);
         let c = m * n * 4.0 * if self.accumulate != 0 { 2.0 } else { 1.0 };
-        // A lower-triangle product does about half of the rectangle's flops (the profile's
-        // rates are estimates there); its bytes are counted whole.
-        let part = if self.lower != 0 { 0.5 } else { 1.0 };
+        // A lower-triangle product does about half of the rectangle's flops, and so does one
+        // with a triangular operand (the profile's rates are estimates there); bytes are
+        // counted whole.
+        let part = if self.lower != 0 || self.tri != 0 {
+            0.5
+        } else {
+            1.0
+        };
         (
             part * 2.0 * m * n * k,
             m * k * ea as f64 + k * n * eb as f64 + c,
@@ -997,6 +1007,8 @@ fn run_walk(
                     a_align: 0,
                     b_align: 0,
                     row_base: 0,
+                    tri: 0,
+                    pad: [0; 3],
                 });
                 binds.push((ai, bi, ci, sub_n, e - s));
             }
@@ -1100,6 +1112,8 @@ fn run_walk_tn(
                     a_align: 0,
                     b_align: 0,
                     row_base: u(cc.row_start + s)?,
+                    tri: 0,
+                    pad: [0; 3],
                 });
                 binds.push((ai, bi, ci, e - s));
                 s = e;
@@ -1153,7 +1167,10 @@ pub(crate) struct Region<'a> {
 
 /// One C[m x n] = [C +] alpha * A[m x k] * op(B) on regions of single buffers, for algorithms that
 /// address blocks of larger matrices (blocked Cholesky, GPTQ's lazy updates). `b_trans`: B is
-/// stored n x k. `lower`: only tiles reaching C's lower triangle are computed.
+/// stored n x k. `lower`: only tiles reaching C's lower triangle are computed. `a_lower_tri` /
+/// `b_lower_tri`: A (m = k) / B (k = n, not transposed) is lower triangular, zero above its
+/// diagonal, so each tile sums only the K range where both are nonzero (about half the FLOPs of
+/// a triangular inverse's products).
 pub(crate) struct RegionGemm<'a> {
     pub a: Region<'a>,
     pub b: Region<'a>,
@@ -1165,6 +1182,8 @@ pub(crate) struct RegionGemm<'a> {
     pub alpha: f32,
     pub accumulate: bool,
     pub lower: bool,
+    pub a_lower_tri: bool,
+    pub b_lower_tri: bool,
 }
 
 /// A validated region product ready to record with [`GpuContext::run_steps`]: its pipeline,
@@ -1214,6 +1233,12 @@ impl<'a> RegionGemm<'a> {
         if self.m.div_ceil(TILE) > max || self.n.div_ceil(TILE) > max {
             return fail("region exceeds the dispatch grid limit");
         }
+        if self.a_lower_tri && self.m != self.k {
+            return fail("a lower-triangular A must be square");
+        }
+        if self.b_lower_tri && (self.k != self.n || self.b_trans) {
+            return fail("a lower-triangular B must be square and not transposed");
+        }
         let l = if self.b_trans { Layout::NT } else { Layout::NN };
         let pipeline = if aliased {
             ctx.pipeline_from(
@@ -1247,6 +1272,8 @@ impl<'a> RegionGemm<'a> {
             a_align: 0,
             b_align: 0,
             row_base: 0,
+            tri: self.a_lower_tri as u32 | (self.b_lower_tri as u32) << 1,
+            pad: [0; 3],
         };
         // Every prepared step is recorded by its caller, so its work is declared here.
         let (f, b) = p.work(4, 4);
