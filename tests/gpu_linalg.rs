@@ -7,7 +7,7 @@
 
 mod common;
 use common::ctx;
-use wgpress::gpu::linalg::{cholesky, flip, invert_factor};
+use wgpress::gpu::linalg::{CHOLESKY_SPAN, cholesky, cholesky_with_span, flip, invert_factor};
 use wgpress::gpu::{ContextOptions, GpuContext, GpuDtype, GpuTensor};
 use wgpress::reference::linalg as reference;
 use wgpress::rng::Rng;
@@ -62,20 +62,27 @@ fn both_builds() -> [(&'static str, GpuContext); 2] {
 #[test]
 fn cholesky_matches_the_reference() {
     let builds = both_builds();
-    for ((n, seed), (build, ctx)) in [(64, 1), (192, 2)]
-        .into_iter()
-        .flat_map(|c| builds.iter().map(move |b| (c, b)))
+    // Spans: the production one (a single span below 512), and 128 so that 192 and 320 have
+    // two and three spans, the last one short (near and far trailing updates).
+    for ((n, seed, span), (build, ctx)) in [
+        (64, 1, CHOLESKY_SPAN),
+        (192, 2, CHOLESKY_SPAN),
+        (192, 7, 128),
+        (320, 8, 128),
+    ]
+    .into_iter()
+    .flat_map(|c| builds.iter().map(move |b| (c, b)))
     {
         let a = spd(n, seed);
         let m = upload(ctx, &a, n);
-        let c = cholesky(ctx, &m).unwrap();
+        let c = cholesky_with_span(ctx, &m, span).unwrap();
         assert!(c.ok);
         let got = m.to_f32(ctx).unwrap();
         let want = reference::cholesky(&a, n).unwrap();
         // f32 Cholesky: backward error ~ n·eps·|A|, forward error in L bounded by that times the
         // condition number (~ 300 here): 192 · 6e-8 · 300 ≈ 3.5e-3 worst case; typical far less.
         let e = rel_to_max(&got, &want);
-        assert!(e < 1e-3, "{build}, n {n}: relative error {e}");
+        assert!(e < 1e-3, "{build}, n {n}, span {span}: relative error {e}");
         for i in 0..n {
             for j in i + 1..n {
                 assert_eq!(got[i * n + j], 0.0, "upper ({i},{j}) not zeroed");
@@ -88,7 +95,8 @@ fn cholesky_matches_the_reference() {
 fn reversed_factor_inverse_is_the_upper_cholesky_of_the_inverse() {
     let builds = both_builds();
     // 320 and 576 give merges whose triangular factors span two and three 128-wide tiles, so
-    // the products' K ranges are cut at a tile row (320) and start at a tile column (576).
+    // the products' K ranges are cut at a tile row (320) and start at a tile column (576); 576
+    // also factors in two Cholesky spans.
     for ((n, seed), (build, ctx)) in [(64, 3), (192, 4), (320, 5), (576, 6)]
         .into_iter()
         .flat_map(|c| builds.iter().map(move |b| (c, b)))

@@ -6,7 +6,8 @@
 //! Cholesky (right-looking, blocks of 64): per block column, `potrf_diag` factors the diagonal block
 //! in workgroup memory and inverts it; the panel below becomes L21 = A21·inv(L11)ᵀ and the trailing
 //! matrix A22 -= L21·L21ᵀ (lower tiles only), both through the matmul kernel on regions of the same
-//! buffer. Inverse (in place, bottom-up over a balanced tree of block ranges): for [lo, mid, hi),
+//! buffer; the trailing updates are gathered per [`CHOLESKY_SPAN`] columns (K = 64 inside a span,
+//! K = span at its end). Inverse (in place, bottom-up over a balanced tree of block ranges): for [lo, mid, hi),
 //! X21 = -inv(C)·(B·inv(A)), where inv(A) and inv(C) were formed lower in the tree; both products
 //! skip the zero triangles of inv(A) and inv(C) (each tile sums only its nonzero K range); each
 //! tree level is independent work recorded back to back. Every step of a call is recorded into
@@ -125,11 +126,25 @@ fn elementwise(
     )
 }
 
+/// Columns whose trailing updates are gathered: each 64-column block updates only the rest of its
+/// span (K = 64), and at a span's end one product with K = span updates the whole trailing
+/// matrix. The FLOPs are the same, but most of them run at K = 512, where the matmul kernel is
+/// compute bound instead of re-reading and re-writing the trailing matrix for every block.
+pub const CHOLESKY_SPAN: usize = 512;
+
 /// Replaces the SPD matrix `m` by its lower Cholesky factor L (m = L·Lᵀ), upper triangle zeroed.
 /// A failed factorization (a pivot that is not positive and finite) is reported in
 /// [`Cholesky::ok`], not as an error, so callers can retry with more damping.
 pub fn cholesky(ctx: &GpuContext, m: &GpuTensor) -> Result<Cholesky> {
+    cholesky_with_span(ctx, m, CHOLESKY_SPAN)
+}
+
+/// [`cholesky`] with another [`CHOLESKY_SPAN`] (rounded up to whole blocks); tests lower it to
+/// cover several spans on small matrices.
+#[doc(hidden)]
+pub fn cholesky_with_span(ctx: &GpuContext, m: &GpuTensor, span: usize) -> Result<Cholesky> {
     let n = check_square(ctx, m, "cholesky")?;
+    let span = span.max(1).div_ceil(NB) * NB;
     let shape = format!("{n}x{n}");
     let dinv = GpuTensor::empty(ctx, n, NB, GpuDtype::F32)?;
     let flag = GpuTensor::empty(ctx, 1, 1, GpuDtype::U32)?;
@@ -174,23 +189,30 @@ pub fn cholesky(ctx: &GpuContext, m: &GpuTensor) -> Result<Cholesky> {
                 }
                 .prepare(ctx, true)?,
             );
-            g.push(
-                RegionGemm {
-                    a: panel,
-                    b: panel,
-                    c: region(m, (k0 + NB) * (n + 1), n),
-                    m: rest,
-                    n: rest,
-                    k: NB,
-                    b_trans: true,
-                    alpha: -1.0,
-                    accumulate: true,
-                    lower: true,
-                    a_lower_tri: false,
-                    b_lower_tri: false,
-                }
-                .prepare(ctx, true)?,
-            );
+            // Near update: the rest of this span's columns, every row below (K = 64). Far
+            // update at the span's end: the whole trailing matrix from the span's columns.
+            let (s0, s1) = (k0 - k0 % span, (k0 - k0 % span + span).min(n));
+            let near = (k0 + NB < s1).then(|| (panel, NB, s1 - k0 - NB));
+            let far = (k0 + NB == s1).then(|| (region(m, s1 * n + s0, n), s1 - s0, rest));
+            for (a, k, cols) in near.into_iter().chain(far) {
+                g.push(
+                    RegionGemm {
+                        a,
+                        b: a,
+                        c: region(m, (k0 + NB) * (n + 1), n),
+                        m: rest,
+                        n: cols,
+                        k,
+                        b_trans: true,
+                        alpha: -1.0,
+                        accumulate: true,
+                        lower: true,
+                        a_lower_tri: false,
+                        b_lower_tri: false,
+                    }
+                    .prepare(ctx, true)?,
+                );
+            }
         }
         gemms.push(g);
     }
