@@ -19,11 +19,19 @@ struct Params {
     // Bit 0: op(A) is lower triangular (A[r][k] = 0 for k > r), so a tile's K walk ends after its
     // last row; bit 1: op(B) is lower triangular (B[k][c] = 0 for k < c), so it starts at the
     // tile's first column (a triangular inverse's products: about half the FLOPs).
-    tri: u32, pad2: u32, pad3: u32, pad4: u32,
+    tri: u32,
+    // Batched dispatches: workgroup z multiplies the problem at these element offsets past
+    // a_off, b_off and c_off (0 for a single problem).
+    a_zs: u32, b_zs: u32, c_zs: u32,
 }
 
 @group(0) @binding(2) var<storage, read_write> C: array<f32>;
 @group(0) @binding(3) var<uniform> p: Params;
+
+// This workgroup's problem's offsets (`main` sets them from its batch index).
+var<private> a_off: u32;
+var<private> b_off: u32;
+var<private> c_off: u32;
 
 const BM: u32 = 128u;
 const BN: u32 = 128u;
@@ -38,7 +46,7 @@ var<workgroup> Bs: array<vec4<f32>, 528>; // BK rows of BS vec4: Bs[kk][n]
 
 fn store4(r: u32, c: u32, v: vec4<f32>) {
     if (r >= p.m) { return; }
-    let base = p.c_off + r * p.ldc;
+    let base = c_off + r * p.ldc;
     for (var j = 0u; j < 4u; j++) {
         let cc = c + j;
         if (cc < p.n) {
@@ -54,19 +62,19 @@ fn store4(r: u32, c: u32, v: vec4<f32>) {
 
 // Bounds-checked element loads: out-of-range elements of edge tiles read as 0.
 fn get_a(r: u32, k: u32) -> f32 {
-    if (r < p.m && k < p.k) { return ld_a(p.a_off + r * p.lda + k); }
+    if (r < p.m && k < p.k) { return ld_a(a_off + r * p.lda + k); }
     return 0.0;
 }
 fn get_at(k: u32, r: u32) -> f32 {
-    if (r < p.m && k < p.k) { return ld_a(p.a_off + k * p.lda + r); }
+    if (r < p.m && k < p.k) { return ld_a(a_off + k * p.lda + r); }
     return 0.0;
 }
 fn get_bt(c: u32, k: u32) -> f32 {
-    if (c < p.n && k < p.k) { return ld_b(p.b_off + c * p.ldb + k); }
+    if (c < p.n && k < p.k) { return ld_b(b_off + c * p.ldb + k); }
     return 0.0;
 }
 fn get_b(k: u32, c: u32) -> f32 {
-    if (c < p.n && k < p.k) { return ld_b(p.b_off + k * p.ldb + c); }
+    if (c < p.n && k < p.k) { return ld_b(b_off + k * p.ldb + c); }
     return 0.0;
 }
 
@@ -77,6 +85,9 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
     let tid = ty * 16u + tx;
     let row0 = wid.y * BM;
     let col0 = wid.x * BN;
+    a_off = p.a_off + wid.z * p.a_zs;
+    b_off = p.b_off + wid.z * p.b_zs;
+    c_off = p.c_off + wid.z * p.c_zs;
     // Workgroup-uniform, so the barriers below stay in uniform control flow.
     if (p.lower != 0u && col0 >= p.row_base + row0 + BM) {
         return;

@@ -27,7 +27,7 @@
 use super::buffer::{GpuDtype, GpuTensor};
 use super::context::{Dispatch, GpuContext};
 use super::linalg::{self, NB};
-use super::matmul::{Region, RegionGemm};
+use super::matmul::{Batch, Region, RegionGemm};
 use super::quant::GpuGrid;
 use super::reduce::{ReduceOp, reduce_rows};
 use crate::error::{Error, Result};
@@ -789,6 +789,7 @@ fn apply_impl(
                     lower: false,
                     a_lower_tri: false,
                     b_lower_tri: false,
+                    batch: Batch::ONE,
                 }
                 .prepare(ctx, false)?;
                 lazy.push((uniforms.len() - 1, step));

@@ -3,20 +3,21 @@
 //! reversal J·M·J. Matrices are n x n f32 in one storage binding with n a multiple of [`NB`] (callers
 //! pad with identity rows, which leaves the factors of the original block unchanged).
 //!
-//! Cholesky (right-looking, blocks of 64): per block column, `potrf_diag` factors the diagonal block
-//! in workgroup memory and inverts it; the panel below becomes L21 = A21·inv(L11)ᵀ and the trailing
-//! matrix A22 -= L21·L21ᵀ (lower tiles only), both through the matmul kernel on regions of the same
-//! buffer; the trailing updates are gathered per [`CHOLESKY_SPAN`] columns (K = 64 inside a span,
-//! K = span at its end). Inverse (in place, bottom-up over a balanced tree of block ranges): for [lo, mid, hi),
-//! X21 = -inv(C)·(B·inv(A)), where inv(A) and inv(C) were formed lower in the tree; both products
-//! skip the zero triangles of inv(A) and inv(C) (each tile sums only its nonzero K range); each
-//! tree level is independent work recorded back to back. Every step of a call is recorded into
-//! one submission. The CPU reference is `reference::linalg`. This module must not read matrices back to the host
-//! except the one-word failure flag.
+//! Cholesky (right-looking, blocks of 64): per block column, `potrf_diag` factors the diagonal
+//! block in workgroup memory and inverts it; the panel below becomes L21 = A21·inv(L11)ᵀ and the
+//! trailing matrix A22 -= L21·L21ᵀ (lower tiles only), both through the matmul kernel on regions
+//! of the same buffer; the trailing updates are gathered per [`CHOLESKY_SPAN`] columns (K = 64
+//! inside a span, K = span at its end). Inverse (in place, bottom-up over a balanced tree of block
+//! ranges): for [lo, mid, hi), X21 = -inv(C)·(B·inv(A)), where inv(A) and inv(C) were formed
+//! lower in the tree; both products skip the zero triangles of inv(A) and inv(C) (each tile sums
+//! only its nonzero K range), and the equal merges of a tree level run as one batched product
+//! each. Every step of a call is recorded into one submission. The CPU reference is
+//! `reference::linalg`. This module must not read matrices back to the host except the one-word
+//! failure flag.
 
 use super::buffer::{GpuDtype, GpuTensor};
 use super::context::{Dispatch, GpuContext};
-use super::matmul::{GemmStep, Region, RegionGemm};
+use super::matmul::{Batch, GemmStep, Region, RegionGemm};
 use crate::error::{Error, Result};
 use crate::shaders;
 
@@ -186,6 +187,7 @@ pub fn cholesky_with_span(ctx: &GpuContext, m: &GpuTensor, span: usize) -> Resul
                     lower: false,
                     a_lower_tri: false,
                     b_lower_tri: false,
+                    batch: Batch::ONE,
                 }
                 .prepare(ctx, true)?,
             );
@@ -209,6 +211,7 @@ pub fn cholesky_with_span(ctx: &GpuContext, m: &GpuTensor, span: usize) -> Resul
                         lower: true,
                         a_lower_tri: false,
                         b_lower_tri: false,
+                        batch: Batch::ONE,
                     }
                     .prepare(ctx, true)?,
                 );
@@ -292,7 +295,7 @@ pub fn invert_factor(ctx: &GpuContext, m: &GpuTensor, chol: Cholesky) -> Result<
     if merges.is_empty() {
         return Ok(());
     }
-    merges.sort_by_key(|m| m.0);
+    merges.sort_by_key(|m| (m.0, m.1));
     // Scratch for the products B·inv(A): merges of one height get disjoint slices.
     let mut offsets = Vec::with_capacity(merges.len());
     let mut scratch_len = 0;
@@ -313,14 +316,42 @@ pub fn invert_factor(ctx: &GpuContext, m: &GpuTensor, chol: Cholesky) -> Result<
             "scratch space exceeds one storage binding",
         ));
     }
-    let mut steps = Vec::with_capacity(2 * merges.len());
-    for (&(_, lo, mid, hi), &off) in merges.iter().zip(&offsets) {
+    // Runs of merges of one height with equal halves at a constant step run as one batched
+    // product each (their ranges are disjoint, so they are independent): a balanced tree's level
+    // is then two dispatches, where a dispatch per merge left the lower levels' small products
+    // waiting on launch gaps. Run = (first merge, count, step in elements).
+    let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+    for (i, &(h, lo, mid, hi)) in merges.iter().enumerate() {
+        if let Some(r) = runs.last_mut() {
+            let (h0, lo0, mid0, hi0) = merges[r.0];
+            let (_, prev_lo, _, _) = merges[r.0 + r.1 - 1];
+            let same = h == h0 && mid - lo == mid0 - lo0 && hi - mid == hi0 - mid0;
+            if same && (r.1 == 1 || lo - prev_lo == r.2) {
+                r.2 = lo - prev_lo;
+                r.1 += 1;
+                continue;
+            }
+        }
+        runs.push((i, 1, 0));
+    }
+    let mut steps = Vec::with_capacity(2 * runs.len());
+    for &(i, count, step) in &runs {
+        let (_, lo, mid, hi) = merges[i];
         let (rows, cols) = (hi - mid, mid - lo);
         let t = Region {
             buf: &scratch.chunks[0].buffer,
             len: scratch_len,
-            off,
+            off: offsets[i],
             ld: cols,
+        };
+        // The next merge of the run sits `step` rows down and `step` columns right in M, and
+        // one slice further in the scratch.
+        let (in_m, in_t) = (step * (n + 1), rows * cols);
+        let batch = |a_stride, b_stride, c_stride| Batch {
+            count,
+            a_stride,
+            b_stride,
+            c_stride,
         };
         steps.push(
             RegionGemm {
@@ -337,6 +368,7 @@ pub fn invert_factor(ctx: &GpuContext, m: &GpuTensor, chol: Cholesky) -> Result<
                 // inv(A), formed lower in the tree, is lower triangular (and so is inv(C) below).
                 a_lower_tri: false,
                 b_lower_tri: true,
+                batch: batch(in_m, in_m, in_t),
             }
             .prepare(ctx, false)?,
         );
@@ -354,6 +386,7 @@ pub fn invert_factor(ctx: &GpuContext, m: &GpuTensor, chol: Cholesky) -> Result<
                 lower: false,
                 a_lower_tri: true,
                 b_lower_tri: false,
+                batch: batch(in_m, in_t, in_m),
             }
             .prepare(ctx, true)?,
         );

@@ -69,7 +69,10 @@ struct Params {
     /// tile's K walk stops after the tile's last row; bit 1, op(B) is lower triangular, so it
     /// starts at the tile's first column. Skipped terms are products with exact zeros.
     tri: u32,
-    pad: [u32; 3],
+    /// Tiled kernel only: batched dispatches' per-problem element strides (workgroup z).
+    a_zs: u32,
+    b_zs: u32,
+    c_zs: u32,
 }
 
 impl Params {
@@ -1008,7 +1011,9 @@ fn run_walk(
                     b_align: 0,
                     row_base: 0,
                     tri: 0,
-                    pad: [0; 3],
+                    a_zs: 0,
+                    b_zs: 0,
+                    c_zs: 0,
                 });
                 binds.push((ai, bi, ci, sub_n, e - s));
             }
@@ -1113,7 +1118,9 @@ fn run_walk_tn(
                     b_align: 0,
                     row_base: u(cc.row_start + s)?,
                     tri: 0,
-                    pad: [0; 3],
+                    a_zs: 0,
+                    b_zs: 0,
+                    c_zs: 0,
                 });
                 binds.push((ai, bi, ci, e - s));
                 s = e;
@@ -1184,6 +1191,29 @@ pub(crate) struct RegionGemm<'a> {
     pub lower: bool,
     pub a_lower_tri: bool,
     pub b_lower_tri: bool,
+    /// Several products of the same shape in one dispatch, each at these element strides past
+    /// the previous one's A, B and C offsets (independent products: C regions must not overlap
+    /// the other problems' operands).
+    pub batch: Batch,
+}
+
+/// See [`RegionGemm::batch`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Batch {
+    pub count: usize,
+    pub a_stride: usize,
+    pub b_stride: usize,
+    pub c_stride: usize,
+}
+
+impl Batch {
+    /// One product.
+    pub const ONE: Batch = Batch {
+        count: 1,
+        a_stride: 0,
+        b_stride: 0,
+        c_stride: 0,
+    };
 }
 
 /// A validated region product ready to record with [`GpuContext::run_steps`]: its pipeline,
@@ -1212,20 +1242,27 @@ impl<'a> RegionGemm<'a> {
         if self.m == 0 || self.n == 0 || self.k == 0 {
             return fail("empty region product");
         }
-        // Last element each operand touches must lie inside its buffer (this is what makes the
-        // unchecked pipeline safe), and every index must fit in u32.
-        let last = |r: &Region, rows: usize, cols: usize| r.off + (rows - 1) * r.ld + cols;
+        let bt = self.batch;
+        if bt.count == 0 || bt.count > ctx.max_workgroups_per_dim() as usize {
+            return fail("a batch of no products, or more than the dispatch grid allows");
+        }
+        // Last element each operand touches (in the batch's last product) must lie inside its
+        // buffer (this is what makes the unchecked pipeline safe), and every index must fit in
+        // u32.
+        let last_of = |r: &Region, stride: usize, rows: usize, cols: usize| {
+            r.off + (bt.count - 1) * stride + (rows - 1) * r.ld + cols
+        };
         let (bm, bn) = if self.b_trans {
             (self.n, self.k)
         } else {
             (self.k, self.n)
         };
-        for (r, rows, cols) in [
-            (&self.a, self.m, self.k),
-            (&self.b, bm, bn),
-            (&self.c, self.m, self.n),
+        for (r, stride, rows, cols) in [
+            (&self.a, bt.a_stride, self.m, self.k),
+            (&self.b, bt.b_stride, bm, bn),
+            (&self.c, bt.c_stride, self.m, self.n),
         ] {
-            if r.ld < cols || last(r, rows, cols) > r.len || r.len > u32::MAX as usize {
+            if r.ld < cols || last_of(r, stride, rows, cols) > r.len || r.len > u32::MAX as usize {
                 return fail("a region lies outside its buffer");
             }
         }
@@ -1273,11 +1310,14 @@ impl<'a> RegionGemm<'a> {
             b_align: 0,
             row_base: 0,
             tri: self.a_lower_tri as u32 | (self.b_lower_tri as u32) << 1,
-            pad: [0; 3],
+            a_zs: bt.a_stride as u32,
+            b_zs: bt.b_stride as u32,
+            c_zs: bt.c_stride as u32,
         };
         // Every prepared step is recorded by its caller, so its work is declared here.
         let (f, b) = p.work(4, 4);
-        ctx.add_work(&pipeline, f, b);
+        let count = bt.count as f64;
+        ctx.add_work(&pipeline, f * count, b * count);
         Ok(GemmStep {
             pipeline,
             buffers: [self.a.buf, self.b.buf, self.c.buf],
@@ -1285,7 +1325,7 @@ impl<'a> RegionGemm<'a> {
             groups: (
                 self.n.div_ceil(TILE) as u32,
                 self.m.div_ceil(TILE) as u32,
-                1,
+                bt.count as u32,
             ),
         })
     }
