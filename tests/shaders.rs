@@ -49,3 +49,48 @@ fn every_shader_validates() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Workgroup memory per entry point of every portable (non-cooperative) module stays within
+/// 32 KiB: what wgpu reports on lavapipe and what Apple GPUs have (`potrf_diag` once needed
+/// 33 280 bytes). The cooperative modules' tiles are checked against the adapter's limit on the
+/// host. Counted as naga lays the arrays out, from the globals each entry point uses.
+#[test]
+fn portable_kernels_fit_32_kib_of_workgroup_memory() {
+    const LIMIT: u32 = 32 * 1024;
+    let mut over = Vec::new();
+    let mut counted = 0;
+    for (name, src, coop) in wgpress::shaders::all_modules() {
+        if coop {
+            continue;
+        }
+        let module =
+            naga::front::wgsl::parse_str(&src).expect("validated by every_shader_validates");
+        let info = naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        )
+        .validate(&module)
+        .expect("validated by every_shader_validates");
+        let mut layouter = naga::proc::Layouter::default();
+        layouter.update(module.to_ctx()).unwrap();
+        for (i, ep) in module.entry_points.iter().enumerate() {
+            let uses = info.get_entry_point(i);
+            let bytes: u32 = module
+                .global_variables
+                .iter()
+                .filter(|(h, g)| g.space == naga::AddressSpace::WorkGroup && !uses[*h].is_empty())
+                .map(|(_, g)| layouter[g.ty].size)
+                .sum();
+            counted += 1;
+            if bytes > LIMIT {
+                over.push(format!("{name} {}: {bytes} bytes", ep.name));
+            }
+        }
+    }
+    assert!(counted >= 20, "only {counted} entry points counted");
+    assert!(
+        over.is_empty(),
+        "over {LIMIT} bytes of workgroup memory:\n{}",
+        over.join("\n")
+    );
+}
