@@ -155,8 +155,9 @@ pub fn cholesky_with_span(ctx: &GpuContext, m: &GpuTensor, span: usize) -> Resul
     // and these blocks are the serial part of every factorization. Every index is in range by
     // construction: `check_square` makes n a multiple of NB that fits one binding and 32-bit
     // indices, so block k0 (< n, a multiple of NB) lies inside M; `dinv` is n x NB, so block
-    // k0 / NB's NB² values lie inside it; `flag` has its one word; workgroup indices stay below
-    // NB·LD. tests/gpu_linalg.rs runs the checked and the trusted builds against the reference.
+    // k0 / NB's NB² values lie inside it; `flag` has its one word; the workgroup arrays are
+    // indexed by rows and columns below NB (`blk`) and below 32 within a quadrant (`xin`).
+    // tests/gpu_linalg.rs runs the checked and the trusted builds against the reference.
     let potrf = ctx.pipeline("linalg", shaders::LINALG, "potrf_diag", true)?;
     let mut params = Vec::new();
     let mut gemms: Vec<Vec<GemmStep>> = Vec::new();
