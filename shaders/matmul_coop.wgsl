@@ -36,6 +36,9 @@ struct Params {
     lower: u32,
     // 2: A's (B's) offset and leading dimension are multiples of 8; 1: even; 0: odd.
     a_align: u32, b_align: u32, row_base: u32,
+    // The host's uniform goes on with matmul.wgsl's `tri` and batch strides, which only region
+    // products (GPTQ, Cholesky, the triangular inverse) set, and those always run the tiled
+    // kernel; they are left undeclared here.
 }
 
 @group(0) @binding(2) var<storage, read_write> MC: array<f32>;
