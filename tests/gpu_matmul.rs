@@ -42,6 +42,19 @@ fn case(m: usize, n: usize, k: usize, layout: Layout, da: GpuDtype, db: GpuDtype
     }
 }
 
+/// The next case of a sweep: a fresh seed, and C accumulated into on every other one.
+fn check_next(ctx: &GpuContext, seed: &mut u64, c: Case) {
+    *seed += 1;
+    check(
+        ctx,
+        *seed,
+        Case {
+            accumulate: seed.is_multiple_of(2),
+            ..c
+        },
+    );
+}
+
 fn check(ctx: &GpuContext, seed: u64, c: Case) {
     let Case {
         m,
@@ -157,12 +170,10 @@ fn sixteen_bit_inputs_and_accumulation() {
         (GpuDtype::F16, GpuDtype::BF16),
     ] {
         for layout in [Layout::NN, Layout::NT] {
-            seed += 1;
-            check(
+            check_next(
                 &ctx,
-                seed,
+                &mut seed,
                 Case {
-                    accumulate: seed % 2 == 0,
                     path: None,
                     ..case(67, 45, 133, layout, da, db)
                 },
@@ -261,12 +272,10 @@ fn cooperative_path_matches_reference_where_offered() {
                 (GpuDtype::BF16, GpuDtype::F16),
                 (GpuDtype::F32, GpuDtype::F32),
             ] {
-                seed += 1;
-                check(
+                check_next(
                     &ctx,
-                    seed,
+                    &mut seed,
                     Case {
-                        accumulate: seed % 2 == 0,
                         path: Some(MatmulPath::Coop),
                         ..case(m, n, k, layout, da, db)
                     },
@@ -350,12 +359,10 @@ fn every_coop_tile_configuration_matches_reference_where_offered() {
                     (GpuDtype::F16, GpuDtype::F16),
                     (GpuDtype::BF16, GpuDtype::F32),
                 ] {
-                    seed += 1;
-                    check(
+                    check_next(
                         &ctx,
-                        seed,
+                        &mut seed,
                         Case {
-                            accumulate: seed % 2 == 0,
                             config: Some(cfg),
                             ..case(m, n, k, layout, da, db)
                         },
@@ -397,12 +404,10 @@ fn exact_tiling_variant_matches_reference_where_offered() {
     let deep = CoopConfig::parse("2x2x1k64").unwrap();
     for cfg in CoopConfig::CANDIDATES.into_iter().chain([deep]) {
         for layout in [Layout::NN, Layout::NT, Layout::TN] {
-            seed += 1;
-            check(
+            check_next(
                 &ctx,
-                seed,
+                &mut seed,
                 Case {
-                    accumulate: seed % 2 == 0,
                     config: Some(cfg),
                     ..case(768, 1280, 192, layout, GpuDtype::F16, GpuDtype::F16)
                 },
@@ -467,12 +472,10 @@ fn lower_triangle_tn_products_match_reference() {
                 if path == MatmulPath::Coop && !coop {
                     continue;
                 }
-                seed += 1;
-                check(
+                check_next(
                     ctx,
-                    seed,
+                    &mut seed,
                     Case {
-                        accumulate: seed % 2 == 0,
                         path: Some(path),
                         lower: true,
                         ..case(m, n, k, Layout::TN, da, da)
@@ -537,12 +540,10 @@ fn tn_layout_matches_reference_on_odd_shapes() {
         (3, 1, 1),
         (129, 129, 37),
     ] {
-        seed += 1;
-        check(
+        check_next(
             &ctx,
-            seed,
+            &mut seed,
             Case {
-                accumulate: seed % 2 == 0,
                 path: Some(MatmulPath::Tiled),
                 ..case(m, n, k, Layout::TN, GpuDtype::F32, GpuDtype::F32)
             },
@@ -616,12 +617,10 @@ fn products_via_transposes_match_reference() {
     for path in paths {
         for layout in [Layout::NT, Layout::NN, Layout::TN] {
             for &(m, n, k) in &[(36, 52, 100), (132, 68, 44), (8, 200, 260)] {
-                seed += 1;
-                check(
+                check_next(
                     &ctx,
-                    seed,
+                    &mut seed,
                     Case {
-                        accumulate: seed % 2 == 0,
                         path: Some(path),
                         via_tn: true,
                         ..case(m, n, k, layout, GpuDtype::F16, GpuDtype::F16)
