@@ -299,19 +299,41 @@ fn store_grid(r: u32, pi: u32, g: Grid) {
 // coalesced load (consecutive columns of one row) and the column loop (one column of consecutive
 // rows) are free of bank conflicts. Each invocation runs its row's sequential chain alone, so the
 // quantization of column i costs one instruction stream for 32 rows instead of one per row. U's
-// row i is staged in workgroup memory (read by all 32 invocations at the same address, a
-// broadcast) and row i + 1 is fetched into registers meanwhile: reading U from storage inside the
-// update loop put an L2 round trip on every step. One barrier per column (a single subgroup on
-// most GPUs). The error of column i replaces w_i in place and is written out, coalesced, after
-// the loop. 17 KiB of workgroup memory, like linalg's. On lavapipe this is 7x faster than the
-// barrier-per-column kernel (one invocation per row and column) it replaced; on an H200 the
-// subgroup variant is ~1.1-1.6x faster than this one.
+// rows are staged in workgroup memory URUN at a time (read by all 32 invocations at the same
+// address, a broadcast), in two buffers: the next URUN rows are fetched into registers when a run
+// starts and stored at its end, so one round trip to storage serves URUN columns. On an H200 this
+// took a 128-column block of 4096 rows from 211 to 183 µs (one row fetched a step ahead before);
+// at 28672 rows both read 1015-1100 µs (BENCHMARKS.md, session 16). Each invocation only touches
+// its own row of the block, so the loop needs a barrier only when a run's buffer turns over. The
+// error of column i replaces w_i in place and is written out, coalesced, after the loop. 24 KiB
+// of workgroup memory.
 const ROWS_WG: u32 = 32u;
-var<workgroup> wsw: array<f32, 4096>;   // BMAX columns x ROWS_WG rows
-var<workgroup> urow_s: array<f32, 256>; // U rows i and i + 1 of the block, by parity
+const URUN: u32 = 8u;
+var<workgroup> wsw: array<f32, 4096>;    // BMAX columns x ROWS_WG rows
+var<workgroup> urow_s: array<f32, 2048>; // two runs of URUN U rows of the block
 
 fn wsi(k: u32, t: u32) -> u32 {
     return k * ROWS_WG + (t ^ (k & 31u));
+}
+
+// Columns t, t + 32, t + 64, t + 96 of the block's U row `k` (zero past the block).
+fn u_row4(k: u32, t: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if (k < bp.bw) {
+        let b = (bp.b0 + k) * bp.n + bp.b0;
+        if (t < bp.bw) { v.x = bu[b + t]; }
+        if (t + 32u < bp.bw) { v.y = bu[b + t + 32u]; }
+        if (t + 64u < bp.bw) { v.z = bu[b + t + 64u]; }
+        if (t + 96u < bp.bw) { v.w = bu[b + t + 96u]; }
+    }
+    return v;
+}
+
+fn put_row4(at: u32, t: u32, v: vec4<f32>) {
+    urow_s[at + t] = v.x;
+    urow_s[at + t + 32u] = v.y;
+    urow_s[at + t + 64u] = v.z;
+    urow_s[at + t + 96u] = v.w;
 }
 
 @compute @workgroup_size(32)
@@ -324,7 +346,6 @@ fn block_rows(
     let n = bp.n;
     let bw = bp.bw;
     let rows_here = min(ROWS_WG, bp.rows - min(bp.rows, r0));
-    let ub = bp.b0 * n + bp.b0;
     // Coalesced load: consecutive invocations take consecutive columns of one row.
     for (var e = t; e < ROWS_WG * BMAX; e += ROWS_WG) {
         let rr = e / bw;
@@ -333,8 +354,8 @@ fn block_rows(
             wsw[wsi(k, rr)] = bw_w[(r0 + rr) * n + bp.b0 + k];
         }
     }
-    for (var k = t; k < bw; k += ROWS_WG) {
-        urow_s[k] = bu[ub + k];
+    for (var k = 0u; k < URUN; k++) {
+        put_row4(k * BMAX, t, u_row4(k, t));
     }
     workgroupBarrier();
     let r = r0 + t;
@@ -347,20 +368,31 @@ fn block_rows(
     }
     var word = 0u;
     var loss = 0.0;
+    var f0 = vec4<f32>(0.0);
+    var f1 = vec4<f32>(0.0);
+    var f2 = vec4<f32>(0.0);
+    var f3 = vec4<f32>(0.0);
+    var f4 = vec4<f32>(0.0);
+    var f5 = vec4<f32>(0.0);
+    var f6 = vec4<f32>(0.0);
+    var f7 = vec4<f32>(0.0);
     for (var i = 0u; i < bw; i++) {
         let pi = bp.b0 + i;
-        let cur = (i & 1u) * BMAX;
-        // U row i + 1, four columns per invocation, into registers while row i is applied.
-        let un = ub + (i + 1u) * n;
-        let more = i + 1u < bw;
-        var p0 = 0.0;
-        var p1 = 0.0;
-        var p2 = 0.0;
-        var p3 = 0.0;
-        if (more && t < bw) { p0 = bu[un + t]; }
-        if (more && t + 32u < bw) { p1 = bu[un + t + 32u]; }
-        if (more && t + 64u < bw) { p2 = bu[un + t + 64u]; }
-        if (more && t + 96u < bw) { p3 = bu[un + t + 96u]; }
+        let j = i % URUN;
+        let run = i / URUN;
+        let cur = (run & 1u) * (URUN * BMAX) + j * BMAX;
+        if (j == 0u) {
+            // The next run's rows, into registers while this run is applied.
+            let k = i + URUN;
+            f0 = u_row4(k, t);
+            f1 = u_row4(k + 1u, t);
+            f2 = u_row4(k + 2u, t);
+            f3 = u_row4(k + 3u, t);
+            f4 = u_row4(k + 4u, t);
+            f5 = u_row4(k + 5u, t);
+            f6 = u_row4(k + 6u, t);
+            f7 = u_row4(k + 7u, t);
+        }
         if (in_block_groups && i % bp.group == 0u && pi < bp.cols) {
             let e = min(i + bp.group, bw);
             var lo = 0.0;
@@ -423,13 +455,23 @@ fn block_rows(
             wsw[a2] = v2 - err * u2;
             wsw[a3] = v3 - err * u3;
         }
-        let nx = BMAX - cur;
-        urow_s[nx + t] = p0;
-        urow_s[nx + t + 32u] = p1;
-        urow_s[nx + t + 64u] = p2;
-        urow_s[nx + t + 96u] = p3;
-        workgroupBarrier();
+        if (j == URUN - 1u) {
+            // The other buffer was last read in the previous run, which every invocation has
+            // left (the barrier below ended it).
+            let nx = ((run + 1u) & 1u) * (URUN * BMAX);
+            put_row4(nx, t, f0);
+            put_row4(nx + BMAX, t, f1);
+            put_row4(nx + 2u * BMAX, t, f2);
+            put_row4(nx + 3u * BMAX, t, f3);
+            put_row4(nx + 4u * BMAX, t, f4);
+            put_row4(nx + 5u * BMAX, t, f5);
+            put_row4(nx + 6u * BMAX, t, f6);
+            put_row4(nx + 7u * BMAX, t, f7);
+            workgroupBarrier();
+        }
     }
+    // The coalesced store reads other invocations' rows.
+    workgroupBarrier();
     // Coalesced store of the errors (the lazy updates' left operand).
     for (var e = t; e < ROWS_WG * BMAX; e += ROWS_WG) {
         let rr = e / bw;
