@@ -331,6 +331,9 @@ fn column_loops_agree() {
         (Some(8), false, false, true, false),
         (Some(40), false, false, true, false),
         (Some(40), false, false, true, true),
+        // Blocks of 125 positions: widths and starts that are not multiples of 4 or 8.
+        (Some(25), false, false, false, true),
+        (Some(25), true, false, true, false),
     ] {
         let mut o = GptqOptions::new(QuantSpec::new(4, group, sym).unwrap());
         o.act_order = act;

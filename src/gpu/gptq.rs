@@ -1020,8 +1020,8 @@ fn source_sg() -> String {
 pub enum ColumnLoop {
     /// `block_rows`: one invocation per row, the block in workgroup memory; any adapter.
     Rows,
-    /// `block_sg`: one 32-wide subgroup per row, shuffles instead of barriers (1.1-1.6x faster
-    /// than `Rows` on an H200, BENCHMARKS.md).
+    /// `block_sg`: four rows per 32-wide subgroup, eight lanes per row, shuffles instead of
+    /// barriers (2-2.8x faster than `Rows` on an H200, BENCHMARKS.md session 16).
     Subgroup,
 }
 
@@ -1030,7 +1030,7 @@ impl ColumnLoop {
 
     fn rows_per_workgroup(self) -> usize {
         match self {
-            ColumnLoop::Subgroup => 1,
+            ColumnLoop::Subgroup => 4,
             ColumnLoop::Rows => 32,
         }
     }
