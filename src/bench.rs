@@ -238,7 +238,8 @@ pub struct GptqBench {
 }
 
 /// What `bench gptq` runs: the grid, act-order, the calibration rows behind the random Hessian,
-/// timed iterations, and optionally a forced column-loop kernel.
+/// timed iterations, optionally a forced column-loop kernel, and the seconds of GPU load before
+/// each timed run (`gpu::peaks::hold_clock`).
 #[derive(Clone, Copy, Debug)]
 pub struct GptqBenchOptions {
     pub spec: crate::quant::QuantSpec,
@@ -246,10 +247,12 @@ pub struct GptqBenchOptions {
     pub tokens: usize,
     pub iters: usize,
     pub column_loop: Option<crate::gpu::gptq::ColumnLoop>,
+    pub hold_clock: f64,
 }
 
 /// Times GPU GPTQ on a random layer (std 0.02 weights) whose H = (2/n)XᵀX comes from `tokens`
-/// Gaussian rows with eight heavy channels; best of `iters` after one warm-up.
+/// Gaussian rows with eight heavy channels; best of `iters` after one warm-up, each run after
+/// `hold_clock` seconds of GPU load.
 pub fn gptq(ctx: &GpuContext, rows: usize, cols: usize, o: &GptqBenchOptions) -> Result<GptqBench> {
     let GptqBenchOptions {
         spec,
@@ -257,6 +260,7 @@ pub fn gptq(ctx: &GpuContext, rows: usize, cols: usize, o: &GptqBenchOptions) ->
         tokens,
         iters,
         column_loop,
+        hold_clock,
     } = *o;
     use crate::gpu::gptq::{Hooks, gptq_with};
     let column_loop = column_loop.unwrap_or(crate::gpu::gptq::column_loop(ctx));
@@ -288,6 +292,7 @@ pub fn gptq(ctx: &GpuContext, rows: usize, cols: usize, o: &GptqBenchOptions) ->
     opts.act_order = act_order;
     let shape = format!("{rows}x{cols}");
     let run = |hooks: Hooks| -> Result<(f64, crate::gpu::gptq::GptqPhases)> {
+        crate::gpu::peaks::hold_clock(ctx, hold_clock)?;
         let t = Instant::now();
         let (_, ph) = gptq_with(ctx, &w, rows, cols, &h, &opts, hooks)?;
         ctx.sync("gptq", &shape)?;

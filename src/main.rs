@@ -238,6 +238,10 @@ enum BenchKernel {
         /// subgroups, else rows).
         #[arg(long)]
         column_loop: Option<String>,
+        /// Seconds of GPU load before each timed run, so it starts at the clock the adapter holds
+        /// under load (0: none; software adapters never hold).
+        #[arg(long, default_value_t = wgpress::gpu::peaks::HOLD_CLOCK_S)]
+        hold_clock: f64,
         /// Also write the rows as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -668,6 +672,7 @@ fn run(cli: Cli) -> Result<()> {
                 tokens,
                 iters,
                 column_loop,
+                hold_clock,
                 json,
                 gpu,
             } => {
@@ -691,12 +696,16 @@ fn run(cli: Cli) -> Result<()> {
                     tokens,
                     iters,
                     column_loop,
+                    hold_clock,
                 };
                 let engine = gpu.engine()?;
                 let Some(ctx) = engine.gpu() else {
                     bail!("`bench` measures GPU kernels and needs an adapter")
                 };
                 println!("adapter: {}", engine.describe());
+                if hold_clock > 0.0 && !ctx.software {
+                    println!("each timed run follows {hold_clock} s of GPU load (--hold-clock)");
+                }
                 println!(
                     "{:>12} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9}",
                     "shape",

@@ -107,3 +107,19 @@ fn floors_are_measured_once_cached_and_shown_as_shares() {
         "{t}"
     );
 }
+
+#[test]
+fn clock_hold_loads_a_hardware_gpu_for_its_time_and_skips_software() {
+    use wgpress::gpu::peaks::hold_clock;
+    let ctx = common::ctx();
+    let t = std::time::Instant::now();
+    hold_clock(&ctx, 0.05).unwrap();
+    let held = t.elapsed().as_secs_f64();
+    if ctx.software {
+        // No kernel runs: one pass of the FMA kernel alone takes about a second on lavapipe.
+        assert!(held < 0.05, "held {held} s on a software adapter");
+    } else {
+        assert!(held >= 0.05, "held {held} s of 0.05");
+    }
+    hold_clock(&ctx, 0.0).unwrap();
+}

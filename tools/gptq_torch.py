@@ -24,7 +24,8 @@ with torch.round (ties to even); deq = scale * (q - zero).
 Subcommands:
   bench  --shapes 4096x4096,11008x4096 --bits 4 --group 128 [--act-order] --device cuda --tokens 4096
          --json OUT: per rows x cols shape, random W (std 0.02) and H = 2/n X^T X of a random X with a
-         few heavy channels; one warm-up, then the whole per-layer GPTQ timed (synchronized) with its
+         few heavy channels; one warm-up, --hold-clock seconds of GPU load (default 0.5), then the
+         whole per-layer GPTQ timed (synchronized) with its
          phases (factor = dead/damp/order/cholesky/inverse/cholesky, columns = in-block column loop with
          group fits, lazy = lazy updates) timed by CUDA events; prints a table, writes JSON
          [{shape, seconds, phases, peak_mem_bytes}] (peak CUDA allocation of the timed run beyond
@@ -359,6 +360,21 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def hold_clock(device, secs):
+    """Keeps the GPU busy for `secs` (f32 matmuls), so the timed run that follows starts at the
+    clock the GPU holds under load: an idle H200 drops to 345 MHz within seconds (BENCHMARKS.md,
+    session 16). The same hold as `wgpress bench gptq --hold-clock`."""
+    if device.type != "cuda" or secs <= 0:
+        return
+    a = torch.randn(2048, 2048, device=device)
+    t = time.perf_counter()
+    while time.perf_counter() - t < secs:
+        for _ in range(8):
+            a = a @ a
+            a = a / a.abs().max()
+        torch.cuda.synchronize()
+
+
 def cmd_bench(a):
     device = torch.device(a.device)
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes.split(",") if s]
@@ -375,6 +391,7 @@ def cmd_bench(a):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
+        hold_clock(device, a.hold_clock)
         phases = Phases(device)
         t = time.perf_counter()
         gptq_layer(W, H, phases=phases, **kw)
@@ -735,6 +752,8 @@ def main():
     quant_args(b)
     b.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008")
     b.add_argument("--tokens", type=int, default=4096)
+    b.add_argument("--hold-clock", type=float, default=0.5,
+                   help="seconds of GPU load before the timed run (0: none)")
     b.add_argument("--json")
     m = sub.add_parser("model", help="GPTQ a Llama checkpoint block by block (timed), optionally "
                        "save it fake-quantized as dense f32")

@@ -35,7 +35,7 @@ pub struct Peaks {
 
 /// Version of the measurement method, part of the cache key: changing how the floors are measured
 /// must not reuse numbers measured the old way.
-const METHOD: u32 = 3;
+const METHOD: u32 = 4;
 
 /// The cache key: method, adapter, backend and driver, so a driver update measures again.
 pub fn adapter_key(ctx: &GpuContext) -> String {
@@ -112,39 +112,84 @@ fn rate(warm: usize, mut work: impl FnMut() -> Result<f64>) -> Result<f64> {
     Ok(units / t.elapsed().as_secs_f64())
 }
 
-/// Measures the floors now (tens of milliseconds on a GPU, a few seconds on a software adapter).
-pub fn measure(ctx: &GpuContext) -> Result<Peaks> {
-    const SHAPE: &str = "adapter floors";
-    // FMA: enough invocations to fill any GPU several times, rounds scaled until one dispatch
-    // takes ~2 ms.
-    let groups = 4096usize;
-    let out = GpuTensor::empty(ctx, 1, groups * 256, GpuDtype::F32)?;
-    let pipe = ctx.pipeline("peaks", crate::shaders::PEAKS, "fma_peak", false)?;
-    let mut iters = 16u32;
-    let fma_pass = |iters: u32| -> Result<f64> {
-        let params = [iters, 0, 0, 0];
+/// The FMA kernel of `shaders/peaks.wgsl` over enough invocations to fill any GPU several times,
+/// with its rounds scaled until one dispatch takes ~2 ms.
+struct Fma {
+    out: GpuTensor,
+    pipe: std::sync::Arc<wgpu::ComputePipeline>,
+    groups: usize,
+    iters: u32,
+}
+
+impl Fma {
+    const SHAPE: &'static str = "adapter floors";
+
+    fn new(ctx: &GpuContext) -> Result<Self> {
+        let groups = 4096usize;
+        let mut f = Fma {
+            out: GpuTensor::empty(ctx, 1, groups * 256, GpuDtype::F32)?,
+            pipe: ctx.pipeline("peaks", crate::shaders::PEAKS, "fma_peak", false)?,
+            groups,
+            iters: 16,
+        };
+        loop {
+            let t = Instant::now();
+            f.pass(ctx)?;
+            if t.elapsed().as_secs_f64() > 2e-3 || f.iters >= 1 << 20 {
+                return Ok(f);
+            }
+            f.iters *= 4;
+        }
+    }
+
+    /// One dispatch, waited for; its FLOPs.
+    fn pass(&self, ctx: &GpuContext) -> Result<f64> {
+        let params = [self.iters, 0, 0, 0];
         ctx.run(
             "fma_peak",
-            SHAPE,
-            &pipe,
+            Self::SHAPE,
+            &self.pipe,
             &[Dispatch {
-                buffers: vec![&out.chunks[0].buffer],
+                buffers: vec![&self.out.chunks[0].buffer],
                 uniform: Some(bytemuck::cast_slice(&params)),
-                groups: (groups as u32, 1, 1),
+                groups: (self.groups as u32, 1, 1),
             }],
         )?;
-        ctx.sync("fma_peak", SHAPE)?;
-        Ok((groups * 256) as f64 * iters as f64 * 64.0)
-    };
-    loop {
-        let t = Instant::now();
-        fma_pass(iters)?;
-        if t.elapsed().as_secs_f64() > 2e-3 || iters >= 1 << 20 {
-            break;
-        }
-        iters *= 4;
+        ctx.sync("fma_peak", Self::SHAPE)?;
+        Ok((self.groups * 256) as f64 * self.iters as f64 * 64.0)
     }
-    let f32_tflops = rate(1, || fma_pass(iters))? / 1e12;
+}
+
+/// Seconds of load that [`hold_clock`] gives before a measurement by default.
+pub const HOLD_CLOCK_S: f64 = 0.5;
+
+/// Keeps the GPU busy with the FMA kernel for `secs` of wall time, so that a measurement started
+/// right after runs at the clock the adapter holds under load. An H200 idles down from 1980 to
+/// 345 MHz within a few seconds of a host-side pause and ran kernels at 345-780 MHz for up to a
+/// second after work resumed (`nvidia-smi`, BENCHMARKS.md session 16): timings taken after a pause
+/// (a layer generated on the host, a shape's setup) read up to 3x slow. Nothing to hold on a
+/// software adapter.
+pub fn hold_clock(ctx: &GpuContext, secs: f64) -> Result<()> {
+    if ctx.software || secs <= 0.0 {
+        return Ok(());
+    }
+    let t = Instant::now();
+    let fma = Fma::new(ctx)?;
+    while t.elapsed().as_secs_f64() < secs {
+        fma.pass(ctx)?;
+    }
+    Ok(())
+}
+
+/// Measures the floors now (tens of milliseconds on a GPU after [`HOLD_CLOCK_S`] of load, a few
+/// seconds on a software adapter).
+pub fn measure(ctx: &GpuContext) -> Result<Peaks> {
+    const SHAPE: &str = Fma::SHAPE;
+    // Floors measured at an idle clock were cached at 40% of the real ones once (BENCHMARKS.md,
+    // sessions 15 and 16).
+    hold_clock(ctx, HOLD_CLOCK_S)?;
+    let fma = Fma::new(ctx)?;
+    let f32_tflops = rate(1, || fma.pass(ctx))? / 1e12;
 
     // Bandwidth: 256 MiB (or a quarter of the binding limit) each way, 16 bytes per access.
     let bytes = (256u64 << 20).min(ctx.binding_limit() / 4) / 16 * 16;
