@@ -6,7 +6,7 @@
 // scalar work on one value per row. With one row per subgroup all 32 lanes ran it for the same
 // value; with four rows the same instruction stream quantizes four rows at once, and each lane
 // applies 16 columns instead of 4. On an H200 a 128-column block of 28672 rows took 380 µs
-// instead of 830-1020 (BENCHMARKS.md, session 16).
+// instead of 780-1020 (BENCHMARKS.md, session 16).
 //
 // Lane l of a row holds the 16 columns l + 8k of the block (k = 0..15) in a ring of four vec4s
 // (k = 4m + c: vec4 m, component c). The columns are consumed in phases of eight: in phase s
@@ -159,13 +159,17 @@ fn block_sg(
             let vd = select(z4, w.d, md);
             let lo4 = min(min(va, vb), min(vc, vd));
             let hi4 = max(max(va, vb), max(vc, vd));
-            let mm = row_minmax(min(min(lo4.x, lo4.y), min(lo4.z, lo4.w)), max(max(hi4.x, hi4.y), max(hi4.z, hi4.w)));
+            let mm = row_minmax(
+                min(min(lo4.x, lo4.y), min(lo4.z, lo4.w)),
+                max(max(hi4.x, hi4.y), max(hi4.z, hi4.w)),
+            );
             var best = fit_minmax(mm.x, mm.y, bp.maxq, bp.sym != 0u, 0);
             var best_err = 3.4e38;
             for (var c = 0u; c < bp.mse; c++) {
                 let f = bshrink[c];
                 let cand = fit_minmax(f * mm.x, f * mm.y, bp.maxq, bp.sym != 0u, 0);
-                let part = mse4(w.a, ma, cand) + mse4(w.b, mb, cand) + mse4(w.c, mc, cand) + mse4(w.d, md, cand);
+                let part = mse4(w.a, ma, cand) + mse4(w.b, mb, cand) + mse4(w.c, mc, cand)
+                    + mse4(w.d, md, cand);
                 let total = row_sum(part);
                 if (total < best_err) {
                     best_err = total;

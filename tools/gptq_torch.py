@@ -388,10 +388,10 @@ def cmd_bench(a):
                   static_groups=a.static_groups, mse=a.mse, damp=a.damp, block=a.block)
         gptq_layer(W, H, **kw)  # warm-up
         sync(device)
+        hold_clock(device, a.hold_clock)  # before the peak is reset: its operands are not GPTQ's
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-        hold_clock(device, a.hold_clock)
         phases = Phases(device)
         t = time.perf_counter()
         gptq_layer(W, H, phases=phases, **kw)
