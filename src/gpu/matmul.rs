@@ -843,8 +843,9 @@ fn run_tuned(
             for exact in [false, true] {
                 coop_pipeline(ctx, a.dtype, b.dtype, op.layout, cfg, exact)?;
             }
-            // Best effort: a warm-up that fails costs only the trials' accuracy.
-            if warm_up && let Err(e) = warm_gpu(ctx) {
+            // The trials run at the clocks the products will run at. Best effort: a warm-up
+            // that fails costs only the trials' accuracy.
+            if warm_up && let Err(e) = super::peaks::hold_clock(ctx, super::tune::WARM_UP_S) {
                 log::warn!("tile trial warm-up failed: {e}");
             }
             let secs = ctx.gpu_seconds("matmul_coop", shape, || {
@@ -857,32 +858,6 @@ fn run_tuned(
             Ok(())
         }
     }
-}
-
-/// Keeps the GPU busy for `tune::WARM_UP_S` (untimed f16 products of up to 2048³ on scratch
-/// tensors, so no caller's buffer is touched) before a problem's first tile trial, so the
-/// trials run at the clocks the products will run at. The scratch is one binding each; where
-/// the binding limit is too low even for 256 x 256 (lowered limits in tests), nothing runs.
-fn warm_gpu(ctx: &GpuContext) -> Result<()> {
-    const SHAPE: &str = "tile trial warm-up";
-    let fits = |n: usize| (n * n * 4) as u64 <= ctx.binding_limit();
-    let Some(n) = [2048, 1024, 512, 256].into_iter().find(|&n| fits(n)) else {
-        return Ok(());
-    };
-    let a = GpuTensor::empty(ctx, n, n, GpuDtype::F16)?;
-    a.fill_u32(ctx, 0x3c00_3c00); // 1.0 in every f16 lane
-    let c = GpuTensor::empty(ctx, n, n, GpuDtype::F32)?;
-    let op = Op::whole(Layout::TN, false);
-    let t = std::time::Instant::now();
-    while t.elapsed().as_secs_f64() < super::tune::WARM_UP_S {
-        // About 0.1 ms each (2048³) on an H200 at working clocks; a wait every 16 bounds what is
-        // queued.
-        for _ in 0..16 {
-            run_walk(ctx, &a, &a, op, &c, SHAPE, Some(CoopConfig::DEFAULT))?;
-        }
-        ctx.sync("matmul_coop", SHAPE)?;
-    }
-    Ok(())
 }
 
 /// The cooperative kernel's cached pipeline and source key for one variant.

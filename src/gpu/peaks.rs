@@ -112,8 +112,9 @@ fn rate(warm: usize, mut work: impl FnMut() -> Result<f64>) -> Result<f64> {
     Ok(units / t.elapsed().as_secs_f64())
 }
 
-/// The FMA kernel of `shaders/peaks.wgsl` over enough invocations to fill any GPU several times,
-/// with its rounds scaled until one dispatch takes ~2 ms.
+/// The FMA kernel of `shaders/peaks.wgsl` over enough invocations to fill any GPU several times
+/// (fewer where a lowered binding limit cannot hold their outputs), with its rounds scaled until
+/// one dispatch takes ~2 ms.
 struct Fma {
     out: GpuTensor,
     pipe: std::sync::Arc<wgpu::ComputePipeline>,
@@ -125,7 +126,7 @@ impl Fma {
     const SHAPE: &'static str = "adapter floors";
 
     fn new(ctx: &GpuContext) -> Result<Self> {
-        let groups = 4096usize;
+        let groups = 4096usize.min((ctx.binding_limit() / 1024) as usize).max(1);
         let mut f = Fma {
             out: GpuTensor::empty(ctx, 1, groups * 256, GpuDtype::F32)?,
             pipe: ctx.pipeline("peaks", crate::shaders::PEAKS, "fma_peak", false)?,
@@ -167,8 +168,9 @@ pub const HOLD_CLOCK_S: f64 = 0.5;
 /// right after runs at the clock the adapter holds under load. An H200 idles down from 1980 to
 /// 345 MHz within a few seconds of a host-side pause and ran kernels at 345-780 MHz for up to a
 /// second after work resumed (`nvidia-smi`, BENCHMARKS.md session 16): timings taken after a pause
-/// (a layer generated on the host, a shape's setup) read up to 3x slow. Nothing to hold on a
-/// software adapter.
+/// (a layer generated on the host, a shape's setup) read up to 3x slow. Used before `bench
+/// gptq`'s timed runs, the floors, and a problem's first tile trial (`gpu::tune`). Nothing to
+/// hold on a software adapter.
 pub fn hold_clock(ctx: &GpuContext, secs: f64) -> Result<()> {
     if ctx.software || secs <= 0.0 {
         return Ok(());
