@@ -226,6 +226,8 @@ pub struct GptqBench {
     pub lazy_only_s: f64,
     /// The column-loop kernel that ran (`gpu::gptq::ColumnLoop::name`).
     pub column_loop: &'static str,
+    /// The lazy-update kernel that ran (`gpu::gptq::LazyPath::name`).
+    pub lazy_path: &'static str,
     /// Floating-point operations per phase (multiply-add = 2) as executed.
     pub flops_cholesky: f64,
     pub flops_inverse: f64,
@@ -238,7 +240,7 @@ pub struct GptqBench {
 }
 
 /// What `bench gptq` runs: the grid, act-order, the calibration rows behind the random Hessian,
-/// timed iterations, optionally a forced column-loop kernel, and the seconds of GPU load before
+/// timed iterations, optionally forced column-loop and lazy-update kernels, and the seconds of GPU load before
 /// each timed run (`gpu::peaks::hold_clock`).
 #[derive(Clone, Copy, Debug)]
 pub struct GptqBenchOptions {
@@ -247,6 +249,7 @@ pub struct GptqBenchOptions {
     pub tokens: usize,
     pub iters: usize,
     pub column_loop: Option<crate::gpu::gptq::ColumnLoop>,
+    pub lazy_path: Option<crate::gpu::gptq::LazyPath>,
     pub hold_clock: f64,
 }
 
@@ -260,12 +263,15 @@ pub fn gptq(ctx: &GpuContext, rows: usize, cols: usize, o: &GptqBenchOptions) ->
         tokens,
         iters,
         column_loop,
+        lazy_path,
         hold_clock,
     } = *o;
     use crate::gpu::gptq::{Hooks, gptq_with};
     let column_loop = column_loop.unwrap_or(crate::gpu::gptq::column_loop(ctx));
+    let lazy_path = lazy_path.unwrap_or(crate::gpu::gptq::LazyPath::Tiled);
     let prod = Hooks {
         column_loop: Some(column_loop),
+        lazy_path: Some(lazy_path),
         ..Default::default()
     };
     use crate::quant::gptq::block_size;
@@ -364,6 +370,7 @@ pub fn gptq(ctx: &GpuContext, rows: usize, cols: usize, o: &GptqBenchOptions) ->
         block_only_s,
         lazy_only_s,
         column_loop: column_loop.name(),
+        lazy_path: lazy_path.name(),
         flops_cholesky: chol,
         flops_inverse: inv,
         flops_block: blk,

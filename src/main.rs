@@ -238,6 +238,10 @@ enum BenchKernel {
         /// subgroups, else rows).
         #[arg(long)]
         column_loop: Option<String>,
+        /// Lazy-update kernel: tiled (f32, the default) or split (tensor cores, f32-accurate,
+        /// where the adapter has cooperative matrices; slower on the H200 as it stands).
+        #[arg(long)]
+        lazy: Option<String>,
         /// Seconds of GPU load before each timed run, so it starts at the clock the adapter holds
         /// under load (0: none; software adapters never hold).
         #[arg(long, default_value_t = wgpress::gpu::peaks::HOLD_CLOCK_S)]
@@ -672,6 +676,7 @@ fn run(cli: Cli) -> Result<()> {
                 tokens,
                 iters,
                 column_loop,
+                lazy,
                 hold_clock,
                 json,
                 gpu,
@@ -679,6 +684,10 @@ fn run(cli: Cli) -> Result<()> {
                 let column_loop = column_loop
                     .as_deref()
                     .map(wgpress::gpu::gptq::ColumnLoop::parse)
+                    .transpose()?;
+                let lazy_path = lazy
+                    .as_deref()
+                    .map(wgpress::gpu::gptq::LazyPath::parse)
                     .transpose()?;
                 match (rows, cols) {
                     (Some(r), Some(c)) => shapes.push(format!("{r}x{c}")),
@@ -696,6 +705,7 @@ fn run(cli: Cli) -> Result<()> {
                     tokens,
                     iters,
                     column_loop,
+                    lazy_path,
                     hold_clock,
                 };
                 let engine = gpu.engine()?;
@@ -742,12 +752,13 @@ fn run(cli: Cli) -> Result<()> {
                         b.peak_extra_bytes as f64 / 1048576.0
                     );
                     println!(
-                        "{:>12} GFLOP/s: cholesky {:.0}, inverse {:.0}, block loop ({}) {:.0}, lazy updates {:.0}; download {:.2} ms; layer f32 {:.1} MiB + H {:.1} MiB",
+                        "{:>12} GFLOP/s: cholesky {:.0}, inverse {:.0}, block loop ({}) {:.0}, lazy updates ({}) {:.0}; download {:.2} ms; layer f32 {:.1} MiB + H {:.1} MiB",
                         "",
                         b.flops_cholesky / p.cholesky_s / 1e9,
                         b.flops_inverse / p.inverse_s / 1e9,
                         b.column_loop,
                         b.flops_block / b.block_only_s / 1e9,
+                        b.lazy_path,
                         b.flops_lazy / b.lazy_only_s / 1e9,
                         p.download_s * 1e3,
                         b.layer_f32_bytes as f64 / 1048576.0,

@@ -695,3 +695,143 @@ fn only_large_f16_products_are_run_as_tn() {
         &t(64, 4096, f16)
     ));
 }
+
+/// The split cooperative product (GPTQ's lazy updates on the tensor cores) must be as accurate
+/// as f32, not as f16: regions inside larger buffers, rows of A and columns of B whose
+/// magnitudes span 1e-4..1e4 (each is scaled by its own power of two) with an outlier per row,
+/// an all-zero row, both B layouts, the general and the exact (whole tiles, 8-aligned) variant,
+/// alpha = -1 with accumulation, and a poisoned C where it is overwritten. Where cooperative
+/// matrices are missing (lavapipe) asking for it must fail with a clear error.
+#[test]
+fn split_region_products_are_f32_accurate_where_offered() {
+    use wgpress::gpu::matmul::{RegionProduct, region_product};
+    let ctx = common::ctx();
+    // (m, n, k, b_trans, pad, accumulate): pad != 0 puts every region at an odd offset with
+    // odd leading dimensions (single-element staging); pad = 0 with multiples of the tile is the
+    // exact variant (GPTQ's far updates have K = 1024).
+    let cases = [
+        (200, 150, 77, false, 3, false),
+        (130, 70, 45, true, 5, true),
+        (256, 128, 128, false, 0, true),
+        (128, 256, 1024, false, 0, true),
+        (128, 128, 96, true, 0, false),
+    ];
+    for (seed, &(m, n, k, bt, pad, acc)) in cases.iter().enumerate() {
+        let mut rng = Rng::new(900 + seed as u64);
+        let (lda, ldb_cols, ldc) = (k + pad, if bt { k } else { n } + pad, n + pad);
+        let b_rows = if bt { n } else { k };
+        let mut a = rng.normal_vec((m + 1) * lda, 1.0);
+        for r in 0..m {
+            let s = 10f32.powi((r % 9) as i32 - 4) * if r == 7 { 0.0 } else { 1.0 };
+            let row = &mut a[pad + r * lda..pad + r * lda + k];
+            row.iter_mut().for_each(|v| *v *= s);
+            row[r % k] *= 300.0;
+        }
+        let mut b = rng.normal_vec((b_rows + 1) * ldb_cols, 1.0);
+        for i in 0..b_rows * ldb_cols {
+            let col = if bt { i / ldb_cols } else { i % ldb_cols };
+            b[pad + i] *= 10f32.powi((col % 7) as i32 - 3);
+        }
+        let c0 = rng.normal_vec((m + 1) * ldc, 1.0);
+        let ga = GpuTensor::from_f32(&ctx, m + 1, lda, &a).unwrap();
+        let gb = GpuTensor::from_f32(&ctx, b_rows + 1, ldb_cols, &b).unwrap();
+        let gc = GpuTensor::from_f32(&ctx, m + 1, ldc, &c0).unwrap();
+        if !acc {
+            gc.fill_u32(&ctx, common::POISON);
+        }
+        let r = RegionProduct {
+            m,
+            n,
+            k,
+            a_off: pad,
+            lda,
+            b_off: pad,
+            ldb: ldb_cols,
+            c_off: pad,
+            ldc,
+            b_trans: bt,
+            alpha: -1.0,
+            accumulate: acc,
+            split: true,
+        };
+        if !coop_available(&ctx) {
+            let e = region_product(&ctx, &ga, &gb, &gc, r)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("split cooperative product"), "{e}");
+            return;
+        }
+        region_product(&ctx, &ga, &gb, &gc, r).unwrap();
+        let got = gc.to_f32(&ctx).unwrap();
+        let ad: Vec<f32> = (0..m * k).map(|i| a[pad + (i / k) * lda + i % k]).collect();
+        let (br, bc) = if bt { (n, k) } else { (k, n) };
+        let bd: Vec<f32> = (0..br * bc)
+            .map(|i| b[pad + (i / bc) * ldb_cols + i % bc])
+            .collect();
+        let want = reference::matmul::matmul(&ad, &bd, m, n, k, bt);
+        let scale = reference::matmul::abs_matmul(&ad, &bd, m, n, k, bt);
+        let row_max: Vec<f64> = (0..m)
+            .map(|r| {
+                ad[r * k..(r + 1) * k]
+                    .iter()
+                    .fold(0f64, |x, &v| x.max(v.abs() as f64))
+            })
+            .collect();
+        let col_max: Vec<f64> = (0..n)
+            .map(|c| {
+                (0..k).fold(0f64, |x, t| {
+                    x.max(bd[if bt { c * k + t } else { t * n + c }].abs() as f64)
+                })
+            })
+            .collect();
+        // The largest magnitude of the product's running sum over K (at 16-deep steps).
+        let partial = |i: usize, j: usize| {
+            let (mut s, mut top) = (0f64, 0f64);
+            for t in 0..k {
+                s += ad[i * k + t] as f64 * bd[if bt { j * k + t } else { t * n + j }] as f64;
+                if t % 16 == 15 || t + 1 == k {
+                    top = top.max(s.abs());
+                }
+            }
+            top
+        };
+        for i in 0..m {
+            for j in 0..n {
+                let e = pad + i * ldc + j;
+                let base = if acc { c0[e] as f64 } else { 0.0 };
+                let w = base - want[i * n + j];
+                // Tolerance: each term is carried as hi·hi + hi·lo + lo·hi of scaled halves, off
+                // by at most about 2^-20 of |a||b| (lo·lo dropped, lo rounded to 11 bits): 2^-18
+                // of Σ|a||b| with room. The tensor cores add each 16-deep product into the f32
+                // accumulator with up to 2^-23 of error, truncating (so the errors need not
+                // cancel): 3·ceil(k/16) additions, each within 2^-23 of the largest partial sum
+                // (`partial`, f64), plus 2^-23 of Σ|a||b| per product for the alignment inside
+                // one. Elements more than 2^17 below their row's (column's) largest are carried
+                // within 2^-38 of it, k times; C's own rounding is 2^-24 of |C|. f16 inputs alone
+                // err by about 2^-11 of the largest term, far above this for small k (the
+                // first case's outliers; measured 1e-8 against a tolerance of 7e-10 when the low
+                // halves were lost).
+                let steps = 3.0 * k.div_ceil(16) as f64 + 2.0;
+                let tol = 2f64.powi(-18) * scale[i * n + j]
+                    + 3.0 * 2f64.powi(-23) * scale[i * n + j]
+                    + steps * 2f64.powi(-23) * partial(i, j)
+                    + k as f64 * 2f64.powi(-36) * row_max[i] * col_max[j]
+                    + 2f64.powi(-23) * w.abs()
+                    + 1e-30;
+                let g = got[e] as f64;
+                assert!(
+                    got[e].is_finite() && (g - w).abs() <= tol,
+                    "{m}x{n}x{k} bt={bt} pad={pad} acc={acc}: C[{i}, {j}] = {g} want {w} (tol {tol:e})"
+                );
+            }
+        }
+        // Outside the region C is untouched.
+        for e in (0..pad).chain((pad + (m - 1) * ldc + n)..(m + 1) * ldc) {
+            assert_eq!(
+                got[e].to_bits(),
+                if acc { c0[e].to_bits() } else { common::POISON },
+                "C[{e}] outside the region"
+            );
+        }
+    }
+}

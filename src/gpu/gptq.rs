@@ -107,6 +107,38 @@ pub struct Hooks {
     /// Span of the far lazy updates in positions (rounded to whole blocks and groups);
     /// `None` picks [`LAZY_SPAN`]. Tests lower it to cover the two-level path on small layers.
     pub lazy_span: Option<usize>,
+    /// The lazy-update kernel; `None` is [`LazyPath::Tiled`].
+    pub lazy_path: Option<LazyPath>,
+}
+
+/// The kernel of the lazy updates W[:, rest] -= Err·U[block, rest].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LazyPath {
+    /// The f32 register-tiled kernel; any adapter. Production: on the H200 it took 82 ms of
+    /// 28672 x 8192's lazy updates against 163 ms for `Split` (BENCHMARKS.md, session 17).
+    Tiled,
+    /// The cooperative kernel's split mode: the tensor cores, f32-accurate (three f16 products
+    /// per term on scaled hi/lo halves, `matmul_coop.wgsl`). Opt-in (`bench gptq --lazy split`)
+    /// where cooperative matrices run; slower than `Tiled` as it stands.
+    Split,
+}
+
+impl LazyPath {
+    pub const ALL: [LazyPath; 2] = [LazyPath::Tiled, LazyPath::Split];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LazyPath::Tiled => "tiled",
+            LazyPath::Split => "split",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| Error::invalid(format!("unknown lazy path `{s}` (known: tiled, split)")))
+    }
 }
 
 /// Positions whose errors are gathered before they update the columns beyond them. Each block
@@ -658,6 +690,7 @@ fn apply_impl(
         ColumnLoop::Rows => ctx.pipeline(KERNEL, &src, "block_rows", true)?,
     };
     let block_rows = kind.rows_per_workgroup();
+    let split = hooks.lazy_path == Some(LazyPath::Split);
     let mut outputs = Vec::with_capacity(wp.chunks.len());
     for chunk in &wp.chunks {
         let rc = chunk.rows;
@@ -790,6 +823,7 @@ fn apply_impl(
                     a_lower_tri: false,
                     b_lower_tri: false,
                     batch: Batch::ONE,
+                    split,
                 }
                 .prepare(ctx, false)?;
                 lazy.push((uniforms.len() - 1, step));

@@ -189,6 +189,7 @@ pub fn cholesky_with_span(ctx: &GpuContext, m: &GpuTensor, span: usize) -> Resul
                     a_lower_tri: false,
                     b_lower_tri: false,
                     batch: Batch::ONE,
+                    split: false,
                 }
                 .prepare(ctx, true)?,
             );
@@ -213,6 +214,7 @@ pub fn cholesky_with_span(ctx: &GpuContext, m: &GpuTensor, span: usize) -> Resul
                         a_lower_tri: false,
                         b_lower_tri: false,
                         batch: Batch::ONE,
+                        split: false,
                     }
                     .prepare(ctx, true)?,
                 );
@@ -370,6 +372,7 @@ pub fn invert_factor(ctx: &GpuContext, m: &GpuTensor, chol: Cholesky) -> Result<
                 a_lower_tri: false,
                 b_lower_tri: true,
                 batch: batch(in_m, in_m, in_t),
+                split: false,
             }
             .prepare(ctx, false)?,
         );
@@ -388,6 +391,7 @@ pub fn invert_factor(ctx: &GpuContext, m: &GpuTensor, chol: Cholesky) -> Result<
                 a_lower_tri: true,
                 b_lower_tri: false,
                 batch: batch(in_m, in_t, in_m),
+                split: false,
             }
             .prepare(ctx, true)?,
         );

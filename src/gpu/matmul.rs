@@ -220,8 +220,19 @@ fn coop_loader(name: &str, binding: u32, dtype: GpuDtype) -> Result<String> {
             return Err(Error::invalid("matmul inputs must be f32, f16 or bf16"));
         }
     };
+    // The split mode's f32 loads (`matmul_coop.wgsl`, SPLIT): exact for f32 storage; the other
+    // dtypes never run split (the host refuses them) and only need the functions to exist.
+    let split = if dtype == GpuDtype::F32 {
+        format!(
+            "fn ldf_{f}(i: u32) -> f32 {{ return {name}[i >> 2u][i & 3u]; }}\nfn ld4f_{f}(i: u32) -> vec4<f32> {{ return {name}[i >> 2u]; }}\nfn ld8f_{f}(i: u32) -> mat2x4<f32> {{ return mat2x4<f32>({name}[i >> 2u], {name}[(i >> 2u) + 1u]); }}\n"
+        )
+    } else {
+        format!(
+            "fn ldf_{f}(i: u32) -> f32 {{ return f32(ld_{f}(i)); }}\nfn ld4f_{f}(i: u32) -> vec4<f32> {{ return vec4<f32>(ldf_{f}(i), ldf_{f}(i + 1u), ldf_{f}(i + 2u), ldf_{f}(i + 3u)); }}\nfn ld8f_{f}(i: u32) -> mat2x4<f32> {{ let v = ld8_{f}(i); return mat2x4<f32>(vec4<f32>(v[0]), vec4<f32>(v[1])); }}\n"
+        )
+    };
     Ok(format!(
-        "@group(0) @binding({binding}) var<storage, read> {name}: array<{ty}>;\nfn ld_{f}(i: u32) -> f16 {{ {one} }}\nfn ld2_{f}(i: u32) -> vec2<f16> {{ {two} }}\nfn ld8_{f}(i: u32) -> mat2x4<f16> {{ {eight} }}\n"
+        "@group(0) @binding({binding}) var<storage, read> {name}: array<{ty}>;\nfn ld_{f}(i: u32) -> f16 {{ {one} }}\nfn ld2_{f}(i: u32) -> vec2<f16> {{ {two} }}\nfn ld8_{f}(i: u32) -> mat2x4<f16> {{ {eight} }}\n{split}"
     ))
 }
 
@@ -297,10 +308,27 @@ impl CoopConfig {
 
     /// Bytes of workgroup memory: the staged slices (f16) and the f32 output scratch.
     pub fn workgroup_bytes(self) -> u64 {
+        self.workgroup_bytes_for(false)
+    }
+
+    /// The same for the split mode (`split`: low halves of the slices and the scale exponents
+    /// too) or the plain one.
+    pub fn workgroup_bytes_for(self, split: bool) -> u64 {
         let (bm, bn) = (64 * self.sgm, 64 * self.sgn);
         let halves = self.nbuf * (self.slice(bm) + self.slice(bn));
-        2 * halves as u64 + 4 * 256 * (self.sgm * self.sgn) as u64
+        // Scales: an i32 exponent and an f32 multiplier per row and per column (one of each as
+        // placeholders in the plain kernel, as are eight low halves).
+        let (lo, exps) = if split {
+            (halves, 2 * (bm + bn))
+        } else {
+            (8, 4)
+        };
+        2 * (halves + lo) as u64 + 4 * exps as u64 + 4 * 256 * (self.sgm * self.sgn) as u64
     }
+
+    /// The configuration of split products (`matmul_coop.wgsl`, SPLIT): the default tiles with
+    /// one staging buffer (SPLIT runs no other).
+    pub const SPLIT: CoopConfig = CoopConfig::DEFAULT;
 
     pub fn threads(self) -> u32 {
         32 * self.sgm * self.sgn
@@ -346,10 +374,16 @@ impl CoopConfig {
         }
     }
 
-    fn constants(self) -> String {
+    fn constants(self, split: bool) -> String {
         let (bm, bn) = (64 * self.sgm, 64 * self.sgn);
+        let (sa, sb) = (self.nbuf * self.slice(bm), self.nbuf * self.slice(bn));
+        let (sal, sbl, ea, eb) = if split {
+            (sa, sb, bm, bn)
+        } else {
+            (4, 4, 1, 1)
+        };
         format!(
-            "const SGM: u32 = {}u;\nconst SGN: u32 = {}u;\nconst NBUF: u32 = {}u;\nconst BK: u32 = {}u;\nconst THREADS: u32 = {}u;\nconst SLICE_A: u32 = {}u;\nconst SLICE_B: u32 = {}u;\nconst SA_LEN: u32 = {}u;\nconst SB_LEN: u32 = {}u;\nconst SC_LEN: u32 = {}u;\n",
+            "const SGM: u32 = {}u;\nconst SGN: u32 = {}u;\nconst NBUF: u32 = {}u;\nconst BK: u32 = {}u;\nconst THREADS: u32 = {}u;\nconst SLICE_A: u32 = {}u;\nconst SLICE_B: u32 = {}u;\nconst SA_LEN: u32 = {sa}u;\nconst SB_LEN: u32 = {sb}u;\nconst SC_LEN: u32 = {}u;\nconst SPLIT: bool = {split};\nconst SAL_LEN: u32 = {sal}u;\nconst SBL_LEN: u32 = {sbl}u;\nconst EA_LEN: u32 = {ea}u;\nconst EB_LEN: u32 = {eb}u;\n",
             self.sgm,
             self.sgn,
             self.nbuf,
@@ -357,8 +391,6 @@ impl CoopConfig {
             self.threads(),
             self.slice(bm),
             self.slice(bn),
-            self.nbuf * self.slice(bm),
-            self.nbuf * self.slice(bn),
             256 * self.sgm * self.sgn,
         )
     }
@@ -366,20 +398,66 @@ impl CoopConfig {
 
 /// The cooperative-matrix kernel's source for one (A dtype, B dtype, layout, tiles) variant.
 /// `exact`: the variant for products whose every dispatch tiles exactly with 8-aligned operands
-/// ([`Params::exact`]), which compiles only the eight-element copy.
+/// ([`Params::exact`]), which compiles only the eight-element copy. `split`: the f32-accurate
+/// mode (three f16 products per term on scaled hi/lo halves; f32 operands and one staging buffer
+/// only).
 pub fn coop_source(
     a: GpuDtype,
     b: GpuDtype,
     layout: Layout,
     cfg: CoopConfig,
     exact: bool,
+    split: bool,
 ) -> Result<String> {
+    if split && (a != GpuDtype::F32 || b != GpuDtype::F32 || cfg.nbuf != 1) {
+        return Err(Error::invalid(
+            "the split cooperative product takes f32 operands and one staging buffer",
+        ));
+    }
     let prelude = "enable f16;\nenable wgpu_cooperative_matrix;\n".to_string()
         + &coop_loader("MA", 0, a)?
         + &coop_loader("MB", 1, b)?
-        + &cfg.constants()
+        + &cfg.constants(split)
         + &format!("const EXACT: bool = {exact};\n");
-    Ok(compose(prelude, layout, shaders::MATMUL_COOP))
+    const MARK: &str = "// @SPLIT_PRODUCTS";
+    if !shaders::MATMUL_COOP.contains(MARK) {
+        return Err(Error::invalid(
+            "matmul_coop.wgsl lacks its split-products mark",
+        ));
+    }
+    let body = if split {
+        shaders::MATMUL_COOP.replace(MARK, &split_products())
+    } else {
+        shaders::MATMUL_COOP.to_string()
+    };
+    Ok(compose(prelude, layout, &body))
+}
+
+/// The split variant's extra products in the K-slice loop of `matmul_coop.wgsl`: hi·lo with A's
+/// high halves (a0..a3) still loaded, then lo·hi with B's (b0..b3). Composed into the source
+/// rather than put behind `if (SPLIT)`: with them in that branch, the H200's driver (580.159.04)
+/// gave wrong products for every variant, the plain ones included (C all zeros where the
+/// branch was not taken; BENCHMARKS.md, session 17).
+fn split_products() -> String {
+    let mut s = String::new();
+    for (lo, tiles, args) in [
+        ("l", "tile_b_lo(kk, sc + {o}u)", "a{i}, l{j}"),
+        ("h", "tile_a_lo(sr + {o}u, kk)", "h{i}, b{j}"),
+    ] {
+        for t in 0..4 {
+            let load = tiles.replace("{o}", &(16 * t).to_string());
+            s += &format!("let {lo}{t} = {load};\n            ");
+        }
+        for i in 0..4 {
+            for j in 0..4 {
+                let a = args
+                    .replace("{i}", &i.to_string())
+                    .replace("{j}", &j.to_string());
+                s += &format!("c{i}{j} = coopMultiplyAdd({a}, c{i}{j});\n            ");
+            }
+        }
+    }
+    s
 }
 
 /// The f32 tiled kernel with A and B declared read_write, so one buffer may be bound as A, B and C
@@ -403,7 +481,7 @@ pub fn all_sources() -> Vec<(String, String, bool)> {
     for cfg in CoopConfig::CANDIDATES {
         for l in [Layout::NN, Layout::NT, Layout::TN] {
             for exact in [false, true] {
-                if let Ok(s) = coop_source(GpuDtype::F16, GpuDtype::F16, l, cfg, exact) {
+                if let Ok(s) = coop_source(GpuDtype::F16, GpuDtype::F16, l, cfg, exact, false) {
                     let name = format!("matmul_coop.wgsl {} {l:?} exact={exact}", cfg.name());
                     v.push((name, s, true));
                 }
@@ -416,9 +494,28 @@ pub fn all_sources() -> Vec<(String, String, bool)> {
                 if let Ok(s) = tiled_source(a, b, l) {
                     v.push((format!("matmul.wgsl {a:?}x{b:?} {l:?}"), s, false));
                 }
-                if let Ok(s) = coop_source(a, b, l, CoopConfig::DEFAULT, false) {
+                if let Ok(s) = coop_source(a, b, l, CoopConfig::DEFAULT, false, false) {
                     v.push((format!("matmul_coop.wgsl {a:?}x{b:?} {l:?}"), s, true));
                 }
+            }
+        }
+    }
+    for l in [Layout::NN, Layout::NT, Layout::TN] {
+        for exact in [false, true] {
+            let s = coop_source(
+                GpuDtype::F32,
+                GpuDtype::F32,
+                l,
+                CoopConfig::SPLIT,
+                exact,
+                true,
+            );
+            if let Ok(s) = s {
+                v.push((
+                    format!("matmul_coop.wgsl split {l:?} exact={exact}"),
+                    s,
+                    true,
+                ));
             }
         }
     }
@@ -874,7 +971,9 @@ fn coop_pipeline(
     // Trusted: every offset and extent the walk passes is derived from the chunk table, so each
     // index the kernel forms (guarded by m, n, k) stays inside its binding; the exact variant
     // is only chosen where every dispatch tiles exactly.
-    let pipe = ctx.pipeline_from(&key, "main", true, || coop_source(a, b, layout, cfg, exact))?;
+    let pipe = ctx.pipeline_from(&key, "main", true, || {
+        coop_source(a, b, layout, cfg, exact, false)
+    })?;
     Ok((pipe, key))
 }
 
@@ -1170,6 +1269,11 @@ pub(crate) struct RegionGemm<'a> {
     /// the previous one's A, B and C offsets (independent products: C regions must not overlap
     /// the other problems' operands).
     pub batch: Batch,
+    /// Run on the tensor cores in the cooperative kernel's split mode (f32-accurate: three f16
+    /// products per term on per-row and per-column scaled hi/lo halves, `matmul_coop.wgsl`)
+    /// instead of the f32 tiled kernel. Needs [`coop_available`]; not with `aliased`, `lower`,
+    /// triangular operands or a batch.
+    pub split: bool,
 }
 
 /// See [`RegionGemm::batch`].
@@ -1252,6 +1356,9 @@ impl<'a> RegionGemm<'a> {
             return fail("a lower-triangular B must be square and not transposed");
         }
         let l = if self.b_trans { Layout::NT } else { Layout::NN };
+        if self.split {
+            return self.prepare_split(ctx, aliased, l, &shape);
+        }
         let pipeline = if aliased {
             ctx.pipeline_from(
                 &format!("matmul aliased {}", self.b_trans),
@@ -1267,7 +1374,26 @@ impl<'a> RegionGemm<'a> {
                 || tiled_source(GpuDtype::F32, GpuDtype::F32, l),
             )?
         };
-        let p = Params {
+        let p = self.params();
+        // Every prepared step is recorded by its caller, so its work is declared here.
+        let (f, b) = p.work(4, 4);
+        let count = bt.count as f64;
+        ctx.add_work(&pipeline, f * count, b * count);
+        Ok(GemmStep {
+            pipeline,
+            buffers: [self.a.buf, self.b.buf, self.c.buf],
+            uniform: bytemuck::bytes_of(&p).to_vec(),
+            groups: (
+                self.n.div_ceil(TILE) as u32,
+                self.m.div_ceil(TILE) as u32,
+                bt.count as u32,
+            ),
+        })
+    }
+
+    fn params(&self) -> Params {
+        let bt = self.batch;
+        Params {
             m: self.m as u32,
             n: self.n as u32,
             k: self.k as u32,
@@ -1288,20 +1414,123 @@ impl<'a> RegionGemm<'a> {
             a_zs: bt.a_stride as u32,
             b_zs: bt.b_stride as u32,
             c_zs: bt.c_stride as u32,
-        };
-        // Every prepared step is recorded by its caller, so its work is declared here.
+        }
+    }
+
+    /// [`RegionGemm::prepare`] for a split product (regions already checked).
+    fn prepare_split(
+        &self,
+        ctx: &GpuContext,
+        aliased: bool,
+        layout: Layout,
+        shape: &str,
+    ) -> Result<GemmStep<'a>> {
+        let fail = |what: &str| Err(Error::gpu("matmul_coop", shape, what.to_string()));
+        if aliased || self.lower || self.a_lower_tri || self.b_lower_tri || self.batch != Batch::ONE
+        {
+            return fail(
+                "a split product takes no aliased operands, lower triangle, triangular operand or batch",
+            );
+        }
+        let cfg = CoopConfig::SPLIT;
+        if !coop_available(ctx)
+            || cfg.workgroup_bytes_for(true) > ctx.limits.max_compute_workgroup_storage_size as u64
+        {
+            return fail(&format!(
+                "adapter {} cannot run the split cooperative product (16x16x16 f16 cooperative matrices, 32-wide subgroups and {} bytes of workgroup memory)",
+                ctx.adapter,
+                cfg.workgroup_bytes_for(true)
+            ));
+        }
+        let mut p = self.params();
+        p.set_align();
+        let exact = p.exact(cfg.tile(), cfg.bk);
+        let x = if exact { " exact" } else { "" };
+        let key = format!("matmul_coop split {layout:?}{x}");
+        // Trusted: the regions were checked to lie inside their buffers (prepare), and every
+        // index the kernel forms is guarded by m, n and k.
+        let pipeline = ctx.pipeline_from(&key, "main", true, || {
+            coop_source(GpuDtype::F32, GpuDtype::F32, layout, cfg, exact, true)
+        })?;
         let (f, b) = p.work(4, 4);
-        let count = bt.count as f64;
-        ctx.add_work(&pipeline, f * count, b * count);
+        ctx.add_work(&pipeline, f, b);
+        let (bm, bn) = cfg.tile();
         Ok(GemmStep {
             pipeline,
             buffers: [self.a.buf, self.b.buf, self.c.buf],
             uniform: bytemuck::bytes_of(&p).to_vec(),
-            groups: (
-                self.n.div_ceil(TILE) as u32,
-                self.m.div_ceil(TILE) as u32,
-                bt.count as u32,
-            ),
+            groups: (self.n.div_ceil(bn) as u32, self.m.div_ceil(bm) as u32, 1),
         })
     }
+}
+
+/// One region product of [`RegionGemm`] on single-chunk f32 tensors, for the tests and
+/// benchmarks of the kernels behind GPTQ's lazy updates and the dense linear algebra: C region
+/// (m x n at `c_off`, leading dimension `ldc`) = [C +] alpha · A region · op(B region).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug)]
+pub struct RegionProduct {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a_off: usize,
+    pub lda: usize,
+    pub b_off: usize,
+    pub ldb: usize,
+    pub c_off: usize,
+    pub ldc: usize,
+    pub b_trans: bool,
+    pub alpha: f32,
+    pub accumulate: bool,
+    /// The cooperative kernel's split mode instead of the f32 tiled kernel.
+    pub split: bool,
+}
+
+/// Runs `r` on `a`, `b` and `c` (each f32 in one chunk; the regions are checked to fit).
+#[doc(hidden)]
+pub fn region_product(
+    ctx: &GpuContext,
+    a: &GpuTensor,
+    b: &GpuTensor,
+    c: &GpuTensor,
+    r: RegionProduct,
+) -> Result<()> {
+    fn region(t: &GpuTensor, off: usize, ld: usize) -> Result<Region<'_>> {
+        if t.dtype != GpuDtype::F32 || t.chunks.len() != 1 {
+            return Err(Error::Shape {
+                op: "region product".into(),
+                expected: "an f32 tensor in one chunk".into(),
+                got: t.shape_str(),
+            });
+        }
+        Ok(Region {
+            buf: &t.chunks[0].buffer,
+            len: t.rows * t.cols,
+            off,
+            ld,
+        })
+    }
+    let step = RegionGemm {
+        a: region(a, r.a_off, r.lda)?,
+        b: region(b, r.b_off, r.ldb)?,
+        c: region(c, r.c_off, r.ldc)?,
+        m: r.m,
+        n: r.n,
+        k: r.k,
+        b_trans: r.b_trans,
+        alpha: r.alpha,
+        accumulate: r.accumulate,
+        lower: false,
+        a_lower_tri: false,
+        b_lower_tri: false,
+        batch: Batch::ONE,
+        split: r.split,
+    }
+    .prepare(ctx, false)?;
+    let d = step.dispatch();
+    ctx.run_steps(
+        "region product",
+        &format!("{}x{}x{}", r.m, r.n, r.k),
+        &[(&*step.pipeline, &d)],
+    )
 }
