@@ -13,7 +13,8 @@
 //                 in one chunk of W (from its element `w_off`) and one chunk of Wp (written from
 //                 its element `gk`): W stays on the GPU, chunked as its own binding limit says
 //   fit_groups    grid of one (row, group) per workgroup: positions [start, start + group), or with
-//                 `gather` the original columns [k·group, (k+1)·group) of static groups
+//                 `gather` the original columns [k·group, (k+1)·group) of static groups; groups
+//                 no wider than the block are fitted inside the block kernels instead
 //   block_rows    the fused in-block column loop, one invocation per row (gptq_sg.wgsl has the
 //                 subgroup variant): quantize position i, err = (w - deq) / U_ii, later positions
 //                 of the block w_j -= err·U_ij, err kept for the lazy update; no host round trip.
@@ -361,7 +362,7 @@ fn block_rows(
     let r = r0 + t;
     let row_ok = t < rows_here;
     var g = Grid(1.0, 0u);
-    let in_block_groups = bp.stat == 0u && bp.group < bw;
+    let in_block_groups = bp.stat == 0u && bp.group <= bw;
     if (row_ok && bp.stat == 0u && !in_block_groups) {
         let k = min(bp.b0 / bp.group, bp.ng - 1u);
         g = Grid(bscales[r * bp.ng + k], bzeros[r * bp.ng + k]);

@@ -131,7 +131,7 @@ fn block_sg(
     );
     var q = vec4<u32>(0u);
     var g = Grid(1.0, 0u);
-    let in_block_groups = bp.stat == 0u && bp.group < bw;
+    let in_block_groups = bp.stat == 0u && bp.group <= bw;
     if (row_ok && bp.stat == 0u && !in_block_groups) {
         let k = min(bp.b0 / bp.group, bp.ng - 1u);
         g = Grid(bscales[r * bp.ng + k], bzeros[r * bp.ng + k]);

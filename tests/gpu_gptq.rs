@@ -334,6 +334,9 @@ fn column_loops_agree() {
         // Blocks of 125 positions: widths and starts that are not multiples of 4 or 8.
         (Some(25), false, false, false, true),
         (Some(25), true, false, true, false),
+        // Groups exactly one block wide (100): fitted inside the block kernels, as g128 is.
+        (Some(100), false, false, false, true),
+        (Some(100), true, false, true, false),
     ] {
         let mut o = GptqOptions::new(QuantSpec::new(4, group, sym).unwrap());
         o.act_order = act;

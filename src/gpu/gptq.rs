@@ -763,7 +763,10 @@ fn apply_impl(
         let mut lazy = Vec::new();
         for b0 in (0..n).step_by(bsz) {
             let bw = bsz.min(n - b0);
-            if !opts.static_groups && g >= bw && b0.is_multiple_of(g) && b0 < cols {
+            // Groups wider than the block are fitted here, when their first block is reached;
+            // groups that fit the block (g128 with 128-wide blocks, the common case) are fitted
+            // by the block kernel itself as it reaches them (one dispatch fewer per block).
+            if !opts.static_groups && g > bw && b0.is_multiple_of(g) && b0 < cols {
                 uniforms.push((
                     1,
                     Params {
