@@ -159,6 +159,36 @@ fn row_chunks_give_identical_results() {
     assert_eq!(whole.q, chunked.q);
 }
 
+/// Host weights are uploaded a piece at a time as they are gathered (so the layer is never on the
+/// GPU twice): pieces of 7 rows, which cut the padded copy's row chunks anywhere, and pieces of
+/// 257 rows that the binding limit splits again, must give exactly the result of the same layer
+/// gathered from a GPU tensor.
+#[test]
+fn host_weights_in_pieces_give_the_gpu_tensors_result() {
+    use wgpress::gpu::gptq::{Hooks, gptq_gpu, gptq_with};
+    let (rows, cols) = (300, 72);
+    let (w, h) = layer(rows, cols, 200, 4);
+    let mut o = GptqOptions::new(QuantSpec::new(4, Some(24), false).unwrap());
+    o.act_order = true;
+    // 72 KiB: the padded copy in chunks of 144 rows (as above), a 257-row piece (72.3 KiB) in
+    // chunks of 256 and 1 rows.
+    for (limit, piece) in [(None, 7), (Some(72 * 1024), 7), (Some(72 * 1024), 257)] {
+        let ctx = ctx_with(limit);
+        let ht = GpuTensor::from_f32(&ctx, cols, cols, &h).unwrap();
+        let hooks = Hooks {
+            host_piece_rows: Some(piece),
+            ..Default::default()
+        };
+        let pieces = gptq_with(&ctx, &w, rows, cols, &ht, &o, hooks).unwrap().0;
+        let wt = GpuTensor::from_f32(&ctx, rows, cols, &w).unwrap();
+        let on_gpu = gptq_gpu(&ctx, &wt, &ht, &o).unwrap().result;
+        let label = format!("limit {limit:?}, pieces of {piece} rows");
+        assert_eq!(pieces.q.q, on_gpu.q.q, "{label}: integers");
+        assert_eq!(pieces.q.scales, on_gpu.q.scales, "{label}: scales");
+        assert_eq!(pieces.q.zeros, on_gpu.q.zeros, "{label}: zeros");
+    }
+}
+
 #[test]
 fn a_factor_over_the_binding_limit_is_a_clear_error() {
     let (rows, cols) = (4, 72);

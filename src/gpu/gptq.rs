@@ -17,8 +17,8 @@
 //! Σ err², summed by the column-loop kernels: [`GpuGptq::loss`]).
 //!
 //! W comes in as a [`GpuTensor`] ([`gptq_gpu`]: the pipeline uploads each layer once and keeps
-//! it for the layer's errors) or as a host slice ([`gptq`], [`gptq_with`]: uploaded once, then
-//! the same path). Steps (1) and (2) depend on H alone: [`gptq_factor`] makes them once for
+//! it for the layer's errors) or as a host slice ([`gptq`], [`gptq_with`]: uploaded 8 MiB at a
+//! time straight into the padded working copy, so the layer is never on the GPU twice). Steps (1) and (2) depend on H alone: [`gptq_factor`] makes them once for
 //! every layer reading the same input (q/k/v, gate/up) and [`gptq_gpu_factored`] runs steps (3)
 //! and (4) of each layer from that [`GptqFactor`], with the same result bit for bit.
 //!
@@ -109,6 +109,9 @@ pub struct Hooks {
     pub lazy_span: Option<usize>,
     /// The lazy-update kernel; `None` is [`LazyPath::Tiled`].
     pub lazy_path: Option<LazyPath>,
+    /// Rows per uploaded piece of host weights (the host-slice entries); `None`:
+    /// [`HOST_PIECE_BYTES`]' worth. Tests lower it to cover several pieces on small layers.
+    pub host_piece_rows: Option<usize>,
 }
 
 /// The kernel of the lazy updates W[:, rest] -= Err·U[block, rest].
@@ -179,8 +182,8 @@ fn u32_buf(ctx: &GpuContext, v: &[u32]) -> Result<GpuTensor> {
 }
 
 /// Quantizes the `rows x cols` weights `w` (row-major, host) with GPTQ given the Hessian `h`
-/// (`cols x cols` f32 on the GPU, e.g. from `HessianAccumulator::finish`). W is uploaded once,
-/// then as [`gptq_gpu`] (without keeping Ŵ on the GPU).
+/// (`cols x cols` f32 on the GPU, e.g. from `HessianAccumulator::finish`). W is uploaded a
+/// piece at a time as it is gathered, then as [`gptq_gpu`] (without keeping Ŵ on the GPU).
 pub fn gptq(
     ctx: &GpuContext,
     w: &[f32],
@@ -215,15 +218,49 @@ pub fn gptq_with(
     if let Some(i) = w.iter().position(|v| !v.is_finite()) {
         return Err(non_finite_weight(i, cols, w[i]));
     }
-    let t = Instant::now();
-    let wt = GpuTensor::from_f32(ctx, rows, cols, w)?;
-    // Queued writes go out with the next submission: flush them so the copy is timed here.
-    ctx.queue.submit([]);
-    ctx.sync(KERNEL, &format!("{rows}x{cols}"))?;
-    let upload_s = t.elapsed().as_secs_f64();
-    let mut a = gptq_impl(ctx, &wt, h, opts, hooks, false, true, true)?;
-    a.phases.upload_s += upload_s;
+    let a = gptq_impl(
+        ctx,
+        Weights::Host { w, rows, cols },
+        h,
+        opts,
+        hooks,
+        false,
+        true,
+        true,
+    )?;
     Ok((a.result, a.phases))
+}
+
+/// Where a layer's weights come from: a tensor on the GPU, or host rows that are uploaded a
+/// piece of at most [`HOST_PIECE_BYTES`] at a time as they are gathered into the padded working
+/// copy, so the layer is never on the GPU twice (W and its padded copy).
+#[derive(Clone, Copy)]
+enum Weights<'a> {
+    Gpu(&'a GpuTensor),
+    Host {
+        w: &'a [f32],
+        rows: usize,
+        cols: usize,
+    },
+}
+
+/// Largest piece of host weights on the GPU at once ([`Weights::Host`]).
+const HOST_PIECE_BYTES: usize = 8 << 20;
+
+impl Weights<'_> {
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            Weights::Gpu(t) => (t.rows, t.cols),
+            Weights::Host { rows, cols, .. } => (*rows, *cols),
+        }
+    }
+
+    fn shape_str(&self) -> String {
+        match self {
+            Weights::Gpu(t) => t.shape_str(),
+            Weights::Host { rows, cols, .. } => format!("{rows}x{cols} f32 (host)"),
+        }
+    }
 }
 
 /// What [`gptq_gpu`] produced: the host result and Ŵ still on the GPU.
@@ -262,7 +299,7 @@ pub fn gptq_gpu_with(
     opts: &GptqOptions,
     hooks: Hooks,
 ) -> Result<GpuGptq> {
-    gptq_impl(ctx, w, h, opts, hooks, true, false, false)?.on_gpu(w)
+    gptq_impl(ctx, Weights::Gpu(w), h, opts, hooks, true, false, false)?.on_gpu(w)
 }
 
 fn check_hessian(h: &GpuTensor, cols: usize) -> Result<()> {
@@ -357,7 +394,7 @@ pub fn gptq_gpu_factored(
 ) -> Result<GpuGptq> {
     apply_impl(
         ctx,
-        w,
+        Weights::Gpu(w),
         factor,
         opts,
         Hooks::default(),
@@ -404,7 +441,7 @@ impl Applied {
 #[allow(clippy::too_many_arguments)]
 fn gptq_impl(
     ctx: &GpuContext,
-    w: &GpuTensor,
+    w: Weights<'_>,
     h: &GpuTensor,
     opts: &GptqOptions,
     hooks: Hooks,
@@ -412,12 +449,12 @@ fn gptq_impl(
     finite_checked: bool,
     timed: bool,
 ) -> Result<Applied> {
-    let cols = w.cols;
+    let cols = w.dims().1;
     opts.validate(cols)?;
     check_weights(w)?;
     check_hessian(h, cols)?;
-    if !finite_checked {
-        check_finite(ctx, w)?;
+    if let (false, Weights::Gpu(t)) = (finite_checked, w) {
+        check_finite(ctx, t)?;
     }
     let factor = factor_impl(ctx, h, opts, timed)?;
     let fp = factor.phases;
@@ -437,8 +474,13 @@ fn gptq_impl(
     Ok(a)
 }
 
-fn check_weights(w: &GpuTensor) -> Result<()> {
-    if w.dtype != GpuDtype::F32 || w.rows == 0 || w.cols == 0 {
+fn check_weights(w: Weights<'_>) -> Result<()> {
+    let f32_on_gpu = match w {
+        Weights::Gpu(t) => t.dtype == GpuDtype::F32,
+        Weights::Host { w, rows, cols } => w.len() == rows * cols,
+    };
+    let (rows, cols) = w.dims();
+    if !f32_on_gpu || rows == 0 || cols == 0 {
         return Err(Error::Shape {
             op: "gptq".into(),
             expected: "f32 weights with at least one row and one column".into(),
@@ -581,7 +623,7 @@ fn factor_impl(
 #[allow(clippy::too_many_arguments)]
 fn apply_impl(
     ctx: &GpuContext,
-    w: &GpuTensor,
+    w: Weights<'_>,
     factor: FactorUse<'_>,
     opts: &GptqOptions,
     hooks: Hooks,
@@ -589,7 +631,7 @@ fn apply_impl(
     finite_checked: bool,
     timed: bool,
 ) -> Result<Applied> {
-    let (rows, cols) = (w.rows, w.cols);
+    let (rows, cols) = w.dims();
     opts.validate(cols)?;
     check_weights(w)?;
     // The last user owns U and frees it after the column loop.
@@ -609,8 +651,8 @@ fn apply_impl(
             got: w.shape_str(),
         });
     }
-    if !finite_checked {
-        check_finite(ctx, w)?;
+    if let (false, Weights::Gpu(t)) = (finite_checked, w) {
+        check_finite(ctx, t)?;
     }
     let spec = opts.spec;
     let shape = format!("{rows}x{cols}");
@@ -698,42 +740,36 @@ fn apply_impl(
             continue;
         }
         let r0 = chunk.row_start;
-        // The chunk's rows of W are gathered into processing order straight from W's own
-        // chunks, which may cut the chunk's rows anywhere (W's rows are shorter than the padded
-        // copy's, so its chunks hold more of them): one dispatch per piece that lies in one
-        // chunk of W.
+        // The chunk's rows of W are gathered into processing order: from W's own chunks on the
+        // GPU, or from host rows uploaded a piece at a time.
         let tu = Instant::now();
-        let mut gathers = Vec::new();
-        let mut a = r0;
-        while a < r0 + rc {
-            let (wi, wr) = w.locate(a);
-            let wc = &w.chunks[wi];
-            let b = (wc.row_start + wc.rows).min(r0 + rc);
-            if b <= a {
-                return Err(Error::gpu(
-                    KERNEL,
-                    &shape,
-                    "W's chunks do not cover its rows",
-                ));
+        let gather = |src: &GpuTensor, first: usize| {
+            gather_rows(
+                ctx,
+                &p_gather,
+                &chunk.buffer,
+                (r0, rc),
+                src,
+                first,
+                &perm_t,
+                base,
+                &shape,
+            )
+        };
+        match w {
+            Weights::Gpu(t) => gather(t, 0)?,
+            Weights::Host { w, cols, .. } => {
+                let piece = hooks
+                    .host_piece_rows
+                    .unwrap_or(HOST_PIECE_BYTES / (4 * cols))
+                    .max(1);
+                for a in (r0..r0 + rc).step_by(piece) {
+                    let b = (a + piece).min(r0 + rc);
+                    let t = GpuTensor::from_f32(ctx, b - a, cols, &w[a * cols..b * cols])?;
+                    gather(&t, a)?;
+                }
             }
-            let p = Params {
-                rows: (b - a) as u32,
-                gk: ((a - r0) * n) as u32,
-                w_off: (wr * cols) as u32,
-                ..base
-            };
-            gathers.push((wi, p, b - a));
-            a = b;
         }
-        let ds: Vec<Dispatch> = gathers
-            .iter()
-            .map(|(wi, p, pr)| Dispatch {
-                buffers: vec![&chunk.buffer, &w.chunks[*wi].buffer, one(&perm_t)],
-                uniform: Some(bytemuck::bytes_of(p)),
-                groups: grid(ctx, (pr * n).div_ceil(256)),
-            })
-            .collect();
-        ctx.run("gptq w_gather", &shape, &p_gather, &ds)?;
         if timed {
             ctx.sync(KERNEL, &shape)?;
         }
@@ -980,6 +1016,60 @@ fn apply_impl(
         loss,
         damp_add: f.damp_add,
     })
+}
+
+/// Gathers W's rows that `src` holds (its row 0 is W's row `first`; chunked in any way) and that
+/// belong to the padded copy's chunk `dst` (rows `r0..r0 + rc`) into processing order: one
+/// dispatch per run of rows that lies in one chunk of `src` (W's rows are shorter than the padded
+/// copy's, so its chunks may cut the padded chunk's rows anywhere).
+#[allow(clippy::too_many_arguments)]
+fn gather_rows(
+    ctx: &GpuContext,
+    pipe: &wgpu::ComputePipeline,
+    dst: &wgpu::Buffer,
+    (r0, rc): (usize, usize),
+    src: &GpuTensor,
+    first: usize,
+    perm: &GpuTensor,
+    base: Params,
+    shape: &str,
+) -> Result<()> {
+    let (n, cols) = (base.n as usize, base.cols as usize);
+    let mut gathers = Vec::new();
+    for c in &src.chunks {
+        let start = first + c.row_start;
+        let (a, b) = (start.max(r0), (start + c.rows).min(r0 + rc));
+        if a >= b {
+            continue;
+        }
+        let p = Params {
+            rows: (b - a) as u32,
+            gk: ((a - r0) * n) as u32,
+            w_off: ((a - start) * cols) as u32,
+            ..base
+        };
+        gathers.push((&c.buffer, p, b - a));
+    }
+    let covered: usize = gathers.iter().map(|g| g.2).sum();
+    let want = (first + src.rows)
+        .min(r0 + rc)
+        .saturating_sub(first.max(r0));
+    if covered != want {
+        return Err(Error::gpu(
+            KERNEL,
+            shape,
+            "W's chunks do not cover its rows",
+        ));
+    }
+    let ds: Vec<Dispatch> = gathers
+        .iter()
+        .map(|(buf, p, pr)| Dispatch {
+            buffers: vec![dst, buf, one(perm)],
+            uniform: Some(bytemuck::bytes_of(p)),
+            groups: grid(ctx, (pr * n).div_ceil(256)),
+        })
+        .collect();
+    ctx.run("gptq w_gather", shape, pipe, &ds)
 }
 
 /// work = J·(P·H·Pᵀ + damping, dead columns fixed, padded with identity)·J.
