@@ -240,8 +240,8 @@ pub struct GptqBench {
 }
 
 /// What `bench gptq` runs: the grid, act-order, the calibration rows behind the random Hessian,
-/// timed iterations, optionally forced column-loop and lazy-update kernels, and the seconds of GPU load before
-/// each timed run (`gpu::peaks::hold_clock`).
+/// timed iterations, optionally forced column-loop and lazy-update kernels, and the seconds of
+/// GPU load before each timed run (`gpu::peaks::hold_clock`).
 #[derive(Clone, Copy, Debug)]
 pub struct GptqBenchOptions {
     pub spec: crate::quant::QuantSpec,

@@ -680,6 +680,43 @@ fn bench_matmul_small() {
     assert!(ms.is_finite() && ms >= 0.0 && tflops.is_finite(), "{row:?}");
 }
 
+/// `bench gptq` on a small layer prints its row and names the kernels that ran (the lazy updates
+/// on the f32 tiled kernel unless `--lazy split` asks for the tensor cores); an unknown kernel
+/// name is a clear error, and so is `--lazy split` where cooperative matrices are missing.
+#[test]
+fn bench_gptq_small_names_its_kernels() {
+    let base = [
+        "bench",
+        "gptq",
+        "--shape",
+        "40x64",
+        "--group",
+        "32",
+        "--tokens",
+        "64",
+        "--iters",
+        "1",
+        "--hold-clock",
+        "0",
+    ];
+    let (out, _) = ok(&run(&base));
+    assert!(
+        out.lines().any(|l| l.trim_start().starts_with("40x64")),
+        "{out}"
+    );
+    assert!(out.contains("lazy updates (tiled)"), "{out}");
+    let e = fails(&run(&[&base[..], &["--lazy", "nope"]].concat()));
+    assert!(e.contains("unknown lazy path `nope`"), "{e}");
+    let split = run(&[&base[..], &["--lazy", "split"]].concat());
+    if split.status.success() {
+        let out = text(&split.stdout);
+        assert!(out.contains("lazy updates (split)"), "{out}");
+    } else {
+        let e = text(&split.stderr);
+        assert!(e.contains("split cooperative product"), "{e}");
+    }
+}
+
 /// `--profile` prints the kernel-family table after the command's own output; with `--cpu` it is
 /// a clear error.
 #[test]

@@ -18,9 +18,10 @@
 //!
 //! W comes in as a [`GpuTensor`] ([`gptq_gpu`]: the pipeline uploads each layer once and keeps
 //! it for the layer's errors) or as a host slice ([`gptq`], [`gptq_with`]: uploaded 8 MiB at a
-//! time straight into the padded working copy, so the layer is never on the GPU twice). Steps (1) and (2) depend on H alone: [`gptq_factor`] makes them once for
-//! every layer reading the same input (q/k/v, gate/up) and [`gptq_gpu_factored`] runs steps (3)
-//! and (4) of each layer from that [`GptqFactor`], with the same result bit for bit.
+//! time straight into the padded working copy, so the layer is never on the GPU twice). Steps
+//! (1) and (2) depend on H alone: [`gptq_factor`] makes them once for every layer reading the
+//! same input (q/k/v, gate/up) and [`gptq_gpu_factored`] runs steps (3) and (4) of each layer
+//! from that [`GptqFactor`], with the same result bit for bit.
 //!
 //! This module must not quantize on the host or loop over columns on the host.
 
@@ -475,12 +476,12 @@ fn gptq_impl(
 }
 
 fn check_weights(w: Weights<'_>) -> Result<()> {
-    let f32_on_gpu = match w {
+    let whole_f32 = match w {
         Weights::Gpu(t) => t.dtype == GpuDtype::F32,
         Weights::Host { w, rows, cols } => w.len() == rows * cols,
     };
     let (rows, cols) = w.dims();
-    if !f32_on_gpu || rows == 0 || cols == 0 {
+    if !whole_f32 || rows == 0 || cols == 0 {
         return Err(Error::Shape {
             op: "gptq".into(),
             expected: "f32 weights with at least one row and one column".into(),
@@ -763,6 +764,8 @@ fn apply_impl(
                     .host_piece_rows
                     .unwrap_or(HOST_PIECE_BYTES / (4 * cols))
                     .max(1);
+                // Each gather is submitted before the next piece is written (`run` submits), so
+                // a pooled buffer handed to the next piece is not overwritten under it.
                 for a in (r0..r0 + rc).step_by(piece) {
                     let b = (a + piece).min(r0 + rc);
                     let t = GpuTensor::from_f32(ctx, b - a, cols, &w[a * cols..b * cols])?;
