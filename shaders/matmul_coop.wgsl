@@ -39,7 +39,7 @@
 // magnitude is outside 2^-46..2^74 keeps that much less of its precision. SPLIT runs one staging
 // buffer without the register prefetch (the f32 pieces would not fit beside the accumulators)
 // and always stores through the scratch. The extra products are composed into the source by the
-// host at the `@SPLIT_PRODUCTS` line (no cooperative operation may sit in a branch: see
+// host at the `@SPLIT_PRODUCTS` line (no multiply-add of the K loop may sit behind a branch: see
 // `gpu::matmul::split_products`). On the H200 it ran GPTQ's lazy updates at half the f32 tiled
 // kernel's speed (194 registers; BENCHMARKS.md, session 17), so it is opt-in.
 // naga: every index and stride of a coop load/store is bound to a `let` first (inline
@@ -589,7 +589,7 @@ fn tile(tid: u32, row0: u32, col0: u32) {
             c32 = coopMultiplyAdd(a3, b2, c32);
             c33 = coopMultiplyAdd(a3, b3, c33);
             // The split variant's hi·lo and lo·hi products go in at the next line (composed by
-            // the host, so that no cooperative operation sits in a branch).
+            // the host, so that no multiply-add of this loop sits behind a branch).
             // @SPLIT_PRODUCTS
         }
         workgroupBarrier();
