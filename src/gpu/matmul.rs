@@ -901,7 +901,12 @@ impl Op {
 
 /// Whether `cfg` fits this adapter's workgroup memory and invocation limits.
 pub fn coop_fits(ctx: &GpuContext, cfg: CoopConfig) -> bool {
-    cfg.workgroup_bytes() <= ctx.limits.max_compute_workgroup_storage_size as u64
+    fits(ctx, cfg, false)
+}
+
+/// [`coop_fits`] for the plain or the split variant (`split` needs more workgroup memory).
+fn fits(ctx: &GpuContext, cfg: CoopConfig, split: bool) -> bool {
+    cfg.workgroup_bytes_for(split) <= ctx.limits.max_compute_workgroup_storage_size as u64
         && cfg.threads() <= ctx.limits.max_compute_invocations_per_workgroup
 }
 
@@ -938,7 +943,7 @@ fn run_tuned(
         Pick::Trial { cfg, warm_up } => {
             // Compiled (both variants) before the clock starts; timed on the GPU's own clock.
             for exact in [false, true] {
-                coop_pipeline(ctx, a.dtype, b.dtype, op.layout, cfg, exact)?;
+                coop_pipeline(ctx, a.dtype, b.dtype, op.layout, cfg, exact, false)?;
             }
             // The trials run at the clocks the products will run at. Best effort: a warm-up
             // that fails costs only the trials' accuracy.
@@ -957,7 +962,7 @@ fn run_tuned(
     }
 }
 
-/// The cooperative kernel's cached pipeline and source key for one variant.
+/// The cooperative kernel's cached pipeline and source key for one variant ([`coop_source`]).
 fn coop_pipeline(
     ctx: &GpuContext,
     a: GpuDtype,
@@ -965,14 +970,17 @@ fn coop_pipeline(
     layout: Layout,
     cfg: CoopConfig,
     exact: bool,
+    split: bool,
 ) -> Result<(std::sync::Arc<wgpu::ComputePipeline>, String)> {
     let x = if exact { " exact" } else { "" };
-    let key = format!("matmul_coop {a:?}x{b:?} {layout:?} {}{x}", cfg.name());
-    // Trusted: every offset and extent the walk passes is derived from the chunk table, so each
-    // index the kernel forms (guarded by m, n, k) stays inside its binding; the exact variant
-    // is only chosen where every dispatch tiles exactly.
+    let s = if split { " split" } else { "" };
+    let key = format!("matmul_coop{s} {a:?}x{b:?} {layout:?} {}{x}", cfg.name());
+    // Trusted: every offset and extent a walk passes is derived from the chunk table, and a
+    // region product's regions are checked to lie inside their buffers (`RegionGemm::prepare`),
+    // so each index the kernel forms (guarded by m, n, k) stays inside its binding; the exact
+    // variant is only chosen where every dispatch tiles exactly.
     let pipe = ctx.pipeline_from(&key, "main", true, || {
-        coop_source(a, b, layout, cfg, exact, false)
+        coop_source(a, b, layout, cfg, exact, split)
     })?;
     Ok((pipe, key))
 }
@@ -990,7 +998,7 @@ fn walk_pipeline(
     match coop {
         Some(cfg) => {
             let exact = params.iter().all(|p| p.exact(cfg.tile(), cfg.bk));
-            coop_pipeline(ctx, a, b, layout, cfg, exact)
+            coop_pipeline(ctx, a, b, layout, cfg, exact, false)
         }
         None => {
             let key = format!("matmul {a:?}x{b:?} {layout:?}");
@@ -1433,9 +1441,7 @@ impl<'a> RegionGemm<'a> {
             );
         }
         let cfg = CoopConfig::SPLIT;
-        if !coop_available(ctx)
-            || cfg.workgroup_bytes_for(true) > ctx.limits.max_compute_workgroup_storage_size as u64
-        {
+        if !coop_available(ctx) || !fits(ctx, cfg, true) {
             return fail(&format!(
                 "adapter {} cannot run the split cooperative product (16x16x16 f16 cooperative matrices, 32-wide subgroups and {} bytes of workgroup memory)",
                 ctx.adapter,
@@ -1445,13 +1451,8 @@ impl<'a> RegionGemm<'a> {
         let mut p = self.params();
         p.set_align();
         let exact = p.exact(cfg.tile(), cfg.bk);
-        let x = if exact { " exact" } else { "" };
-        let key = format!("matmul_coop split {layout:?}{x}");
-        // Trusted: the regions were checked to lie inside their buffers (prepare), and every
-        // index the kernel forms is guarded by m, n and k.
-        let pipeline = ctx.pipeline_from(&key, "main", true, || {
-            coop_source(GpuDtype::F32, GpuDtype::F32, layout, cfg, exact, true)
-        })?;
+        let (pipeline, _) =
+            coop_pipeline(ctx, GpuDtype::F32, GpuDtype::F32, layout, cfg, exact, true)?;
         let (f, b) = p.work(4, 4);
         ctx.add_work(&pipeline, f, b);
         let (bm, bn) = cfg.tile();
