@@ -14,11 +14,12 @@
 //! One cause is the clock (an idle H200 runs at 345 MHz, 1980 under load), so a problem's first
 //! trial asks for [`WARM_UP_S`] of untimed GPU work first (`Pick::Trial`'s `warm_up`, run by
 //! `gpu::peaks::hold_clock`). In session 14 that cut the inflated trial sets from 4 of 12 to 1
-//! of 12, but not to none: what else slows a fresh process's first products is not known. The margin keeps the default where
-//! all rounds were inflated alike. The check is for the rest: in both bad picks of session 14
-//! the default's best round read far above its steady time (14.7+ against 3.8 ms, 2.96+ against
-//! 2.52) while the winner's was nearer its own, so timing the two again back to back should
-//! keep the default (expected from those numbers; not yet measured on the device).
+//! of 12, but not to none: what else slows a fresh process's first products is not known. The
+//! margin keeps the default where all rounds were inflated alike. The check is for the rest: in
+//! both bad picks of session 14 the default's best round read far above its steady time (14.7+
+//! against 3.8 ms, 2.96+ against 2.52) while the winner's was nearer its own, so timing the two
+//! again back to back should keep the default (expected from those numbers; not yet measured on
+//! the device).
 //!
 //! Choices are written to `coop_tiles.json` in the cache directory (`gpu::peaks::cache_dir`),
 //! keyed by adapter, backend and driver, so the next run starts with it. All candidates give
