@@ -4,9 +4,8 @@
 // layout and chunking runs here. The host prepends, for bindings MA and MB (f32, f16 or bf16
 // storage, declared as arrays of vectors; every tensor buffer is a multiple of 16 bytes):
 // ld_ma(i) (element i as f16), ld2_ma(i) (elements i, i + 1 for even i), ld8_ma(i) (elements
-// i..i + 8 for i a multiple of 8 as a mat2x4<f16>: one 16-byte load for f16 storage), and for
-// SPLIT the same as f32: ldf_ma(i), ld4f_ma(i) (i a multiple of 4), ld8f_ma(i),
-// the constants A_TRANS / B_TRANS, and the tile configuration (`gpu::matmul::CoopConfig`):
+// i..i + 8 for i a multiple of 8 as a mat2x4<f16>: one 16-byte load for f16 storage), the
+// constants A_TRANS / B_TRANS, and the tile configuration (`gpu::matmul::CoopConfig`):
 //   SGM x SGN subgroups of 32 per workgroup, each a 64 x 64 block of C in 16 accumulators of
 //   16 x 16, so the workgroup tile is BM = 64 SGM by BN = 64 SGN; NBUF = 1 or 2 staging buffers;
 //   SLICE_A / SLICE_B halves per staged slice, THREADS = 32 SGM SGN and BK, the slice depth.
@@ -25,23 +24,18 @@
 // C; other tiles go through a per-subgroup 16 x 16 scratch, element by element under bounds
 // checks, applying alpha and accumulation (C + product, in that order for every configuration,
 // so all tile configurations give bit-identical results).
-// SPLIT (host constant, f32 operands only): an f32-accurate product on the same tensor cores.
-// Before its K walk the workgroup finds, for each of its rows of op(A) and columns of op(B), the
-// largest magnitude over the whole K range, and a power-of-two exponent (EA, EB; as multipliers
-// FA, FB) that brings it into [2^13, 2^14). Each staged element x (scaled by its line's power of
-// two, which is exact) is kept as hi (its top 11 bits) and lo = f16(x - hi), and every
-// 16 x 16 x 16 step runs three products, hi·hi + hi·lo + lo·hi, into the f32 accumulators; the
-// epilogue undoes the scales (exact) and applies alpha and accumulation. Per term the
-// representation error is at most about 2^-20 relative (lo·lo is dropped, lo is rounded to 11
-// bits), and an element more than 2^17 below its line's largest is carried with an absolute
-// error of at most 2^-38 of that largest (tests/gpu_matmul.rs bounds the whole product).
-// Exponents are clamped to +-60 so every scale stays in f32's range: a line whose largest
-// magnitude is outside 2^-46..2^74 keeps that much less of its precision. SPLIT runs one staging
-// buffer without the register prefetch (the f32 pieces would not fit beside the accumulators)
-// and always stores through the scratch. The extra products are composed into the source by the
-// host at the `@SPLIT_PRODUCTS` line (no multiply-add of the K loop may sit behind a branch: see
-// `gpu::matmul::split_products`). On the H200 it ran GPTQ's lazy updates at half the f32 tiled
-// kernel's speed (194 registers; BENCHMARKS.md, session 17), so it is opt-in.
+// SPLIT (host constant): an f32-accurate product of f32 operands on the same tensor cores. The
+// host first splits each operand (`shaders/split.wgsl`) into per-line power-of-two scaled f16
+// halves, three segments deep (hi, hi, lo for op(A) stored k x m; hi, lo, hi for op(B) stored
+// k x n; lines and K zero-padded to whole tiles and slices), so this kernel runs its plain f16
+// product over 3k and the sum is hi·hi + hi·lo + lo·hi. Only the epilogue differs: it divides by
+// each row's and column's power of two (exponents stored as f16 after the segments, at
+// p.ea_off in MA and p.eb_off in MB; exact) and stores only inside p.sm x p.sn, C's real extent.
+// Per term the representation error is at most about 2^-20 relative, and an element more than
+// 2^17 below its line's largest is carried with an absolute error of at most 2^-38 of that
+// largest (tests/gpu_matmul.rs bounds the whole product). An earlier variant split inside the
+// K loop with three products per step: 194 registers, half the f32 tiled kernel's speed on the
+// H200 (BENCHMARKS.md, session 17).
 // naga: every index and stride of a coop load/store is bound to a `let` first (inline
 // expressions made naga's SPIR-V writer panic); coopLoadT/coopStoreT address row-major memory.
 
@@ -54,9 +48,12 @@ struct Params {
     lower: u32,
     // 2: A's (B's) offset and leading dimension are multiples of 8; 1: even; 0: odd.
     a_align: u32, b_align: u32, row_base: u32,
-    // The host's uniform goes on with matmul.wgsl's `tri` and batch strides, which only region
-    // products (GPTQ, Cholesky, the triangular inverse) set, and those always run the tiled
-    // kernel; they are left undeclared here.
+    // matmul.wgsl's `tri` and batch strides (unused here: region products run this kernel only
+    // split, never triangular or batched).
+    tri: u32, a_zs: u32, b_zs: u32, c_zs: u32,
+    // SPLIT only: C's real extent (m and n are the padded operands') and where the exponents
+    // of op(A)'s rows (in MA) and op(B)'s columns (in MB) start.
+    sm: u32, sn: u32, ea_off: u32, eb_off: u32,
 }
 
 @group(0) @binding(2) var<storage, read_write> MC: array<f32>;
@@ -79,7 +76,7 @@ const B_CH: u32 = BN * K8 / THREADS;
 // One buffer on an exact tiling: the next slice's loads are issued before the current slice's
 // multiplies and stored after them (measured on the H200: +8-14% over load-then-store; the
 // copy alone took 65% of a product's time when each load was waited for at its store).
-const PREFETCH: bool = EXACT && NBUF == 1u && !SPLIT;
+const PREFETCH: bool = EXACT && NBUF == 1u;
 
 // The staged slices are declared as f16 vectors so that each piece of the copy is two 8-byte
 // stores; the cooperative loads read them with offsets and strides counted in vectors of 4
@@ -90,16 +87,6 @@ const PREFETCH: bool = EXACT && NBUF == 1u && !SPLIT;
 var<workgroup> SA: array<vec4<f16>, SA_LEN / 4u>;
 var<workgroup> SB: array<vec4<f16>, SB_LEN / 4u>;
 var<workgroup> SC: array<f32, SC_LEN>; // one 16 x 16 output scratch per subgroup
-// SPLIT only (the host sizes them to a minimum otherwise): the low halves of the staged slices
-// and the per-row / per-column scale exponents.
-var<workgroup> SAL: array<vec4<f16>, SAL_LEN / 4u>;
-var<workgroup> SBL: array<vec4<f16>, SBL_LEN / 4u>;
-var<workgroup> EA: array<i32, EA_LEN>;
-var<workgroup> EB: array<i32, EB_LEN>;
-// The same scales as f32 multipliers 2^EA, 2^EB: one multiplication per staged element.
-var<workgroup> FA: array<f32, EA_LEN>;
-var<workgroup> FB: array<f32, EB_LEN>;
-
 fn get_a(r: u32, k: u32) -> f16 {
     if (r < p.m && k < p.k) {
         if (A_TRANS) { return ld_ma(p.a_off + k * p.lda + r); }
@@ -243,207 +230,6 @@ fn stage_b(tid: u32, col0: u32, k0: u32, buf: u32) {
     store_b(tid, buf * SLICE_B, &rb);
 }
 
-// ---- SPLIT: scales, f32 staging as hi/lo halves ----
-
-// Element (r, k) of op(A) / (k, c) of op(B) as f32, zero outside m, n, k.
-fn getf_a(r: u32, k: u32) -> f32 {
-    if (r < p.m && k < p.k) {
-        if (A_TRANS) { return ldf_ma(p.a_off + k * p.lda + r); }
-        return ldf_ma(p.a_off + r * p.lda + k);
-    }
-    return 0.0;
-}
-
-fn getf_b(k: u32, c: u32) -> f32 {
-    if (c < p.n && k < p.k) {
-        if (B_TRANS) { return ldf_mb(p.b_off + c * p.ldb + k); }
-        return ldf_mb(p.b_off + k * p.ldb + c);
-    }
-    return 0.0;
-}
-
-// The exponent that brings largest magnitude `m` into [2^13, 2^14), clamped to +-60; 0 for a
-// zero or non-finite `m` (nothing to scale, or nothing that scaling could save).
-fn scale_exp(m: f32) -> i32 {
-    if (!(m > 0.0) || m > 3.0e38) {
-        return 0;
-    }
-    return clamp(14 - frexp(m).exp, -60, 60);
-}
-
-// The largest magnitude over K of each of the tile's rows of op(A) and columns of op(B), as
-// exponents in EA and EB. A thread walks one row (column) along K; where the operand stores
-// that line contiguously and 8-aligned, four elements per load.
-fn find_scales(tid: u32, row0: u32, col0: u32) {
-    for (var r = tid; r < BM; r += THREADS) {
-        var m = 0.0;
-        let gr = row0 + r;
-        if (gr < p.m) {
-            var k = 0u;
-            if (!A_TRANS && p.a_align == 2u) {
-                let base = p.a_off + gr * p.lda;
-                for (; k + 4u <= p.k; k += 4u) {
-                    let v = abs(ld4f_ma(base + k));
-                    m = max(m, max(max(v.x, v.y), max(v.z, v.w)));
-                }
-            }
-            for (; k < p.k; k++) {
-                m = max(m, abs(getf_a(gr, k)));
-            }
-        }
-        EA[r] = scale_exp(m);
-        FA[r] = ldexp(1.0, EA[r]);
-    }
-    for (var c = tid; c < BN; c += THREADS) {
-        var m = 0.0;
-        let gc = col0 + c;
-        if (gc < p.n) {
-            var k = 0u;
-            if (B_TRANS && p.b_align == 2u) {
-                let base = p.b_off + gc * p.ldb;
-                for (; k + 4u <= p.k; k += 4u) {
-                    let v = abs(ld4f_mb(base + k));
-                    m = max(m, max(max(v.x, v.y), max(v.z, v.w)));
-                }
-            }
-            for (; k < p.k; k++) {
-                m = max(m, abs(getf_b(k, gc)));
-            }
-        }
-        EB[c] = scale_exp(m);
-        FB[c] = ldexp(1.0, EB[c]);
-    }
-    workgroupBarrier();
-}
-
-// Piece q of a slice as f32 (eight elements, or single ones with zeros outside m, n, k).
-fn fetchf_a(row0: u32, k0: u32, q: u32, mode: u32) -> mat2x4<f32> {
-    let pc = piece_a(q);
-    let r = row0 + pc.x;
-    let k = k0 + pc.y;
-    if (EXACT || mode == 2u) {
-        var i = p.a_off + r * p.lda + k;
-        if (A_TRANS) { i = p.a_off + k * p.lda + r; }
-        return ld8f_ma(i);
-    }
-    var w = mat2x4<f32>();
-    for (var j = 0u; j < 8u; j++) {
-        if (A_TRANS) {
-            w[j / 4u][j % 4u] = getf_a(r + j, k);
-        } else {
-            w[j / 4u][j % 4u] = getf_a(r, k + j);
-        }
-    }
-    return w;
-}
-
-fn fetchf_b(col0: u32, k0: u32, q: u32, mode: u32) -> mat2x4<f32> {
-    let pc = piece_b(q);
-    let k = k0 + pc.x;
-    let c = col0 + pc.y;
-    if (EXACT || mode == 2u) {
-        var i = p.b_off + k * p.ldb + c;
-        if (B_TRANS) { i = p.b_off + c * p.ldb + k; }
-        return ld8f_mb(i);
-    }
-    var w = mat2x4<f32>();
-    for (var j = 0u; j < 8u; j++) {
-        if (B_TRANS) {
-            w[j / 4u][j % 4u] = getf_b(k + j, c);
-        } else {
-            w[j / 4u][j % 4u] = getf_b(k, c + j);
-        }
-    }
-    return w;
-}
-
-// The scale multipliers of half h (elements 4h..4h + 3) of a piece: one line's when the piece
-// runs along K, four lines' when it runs across them.
-fn mul_a(pc: vec3<u32>, h: u32) -> vec4<f32> {
-    if (A_TRANS) {
-        let r = pc.x + 4u * h;
-        return vec4<f32>(FA[r], FA[r + 1u], FA[r + 2u], FA[r + 3u]);
-    }
-    return vec4<f32>(FA[pc.x]);
-}
-
-fn mul_b(pc: vec3<u32>, h: u32) -> vec4<f32> {
-    if (B_TRANS) {
-        return vec4<f32>(FB[pc.y]);
-    }
-    let c = pc.y + 4u * h;
-    return vec4<f32>(FB[c], FB[c + 1u], FB[c + 2u], FB[c + 3u]);
-}
-
-// The high half of scaled elements: the top 11 significant bits, cut with a mask (exact in f16
-// for every scaled element at or above 2^-14), so x - hi is exact in f32 and the low half is
-// its f16 rounding. Measured on the H200: hi = f16(x), lo = f16(x - f32(hi)) left lo zero (the
-// round trip through f16 was folded away), so the product had f16's precision.
-fn hi_part(x: vec4<f32>) -> vec4<f32> {
-    return bitcast<vec4<f32>>(bitcast<vec4<u32>>(x) & vec4<u32>(0xffffe000u));
-}
-
-// Stages K slice [k0, k0 + BK) of A's tile as scaled hi and lo halves: all of this thread's
-// pieces are loaded first, so their loads are in flight together.
-fn stage_split_a(tid: u32, row0: u32, k0: u32) {
-    let mode = mode_of(k0 + BK <= p.k && row0 + BM <= p.m, p.a_align);
-    var ra: array<mat2x4<f32>, A_CH>;
-    for (var j = 0u; j < A_CH; j++) {
-        ra[j] = fetchf_a(row0, k0, j * THREADS + tid, mode);
-    }
-    for (var j = 0u; j < A_CH; j++) {
-        let pc = piece_a(j * THREADS + tid);
-        let i = pc.z >> 2u;
-        for (var h = 0u; h < 2u; h++) {
-            let x = ra[j][h] * mul_a(pc, h);
-            let hi = hi_part(x);
-            SA[i + h] = vec4<f16>(hi);
-            SAL[i + h] = vec4<f16>(x - hi);
-        }
-    }
-}
-
-fn stage_split_b(tid: u32, col0: u32, k0: u32) {
-    let mode = mode_of(k0 + BK <= p.k && col0 + BN <= p.n, p.b_align);
-    var rb: array<mat2x4<f32>, B_CH>;
-    for (var j = 0u; j < B_CH; j++) {
-        rb[j] = fetchf_b(col0, k0, j * THREADS + tid, mode);
-    }
-    for (var j = 0u; j < B_CH; j++) {
-        let pc = piece_b(j * THREADS + tid);
-        let i = pc.z >> 2u;
-        for (var h = 0u; h < 2u; h++) {
-            let x = rb[j][h] * mul_b(pc, h);
-            let hi = hi_part(x);
-            SB[i + h] = vec4<f16>(hi);
-            SBL[i + h] = vec4<f16>(x - hi);
-        }
-    }
-}
-
-// The low halves' 16 x 16 blocks (SPLIT; one staging buffer).
-fn tile_a_lo(r: u32, kk: u32) -> coop_mat16x16<f16, A> {
-    if (A_TRANS) {
-        let i = (kk * SWA + r) >> 2u;
-        let s = SWA / 4u;
-        return coopLoad<coop_mat16x16<f16, A>>(&SAL[i], s);
-    }
-    let i = (r * SK + kk) >> 2u;
-    let s = SK / 4u;
-    return coopLoadT<coop_mat16x16<f16, A>>(&SAL[i], s);
-}
-
-fn tile_b_lo(kk: u32, c: u32) -> coop_mat16x16<f16, B> {
-    if (B_TRANS) {
-        let i = (c * SK + kk) >> 2u;
-        let s = SK / 4u;
-        return coopLoad<coop_mat16x16<f16, B>>(&SBL[i], s);
-    }
-    let i = (kk * SWB + c) >> 2u;
-    let s = SWB / 4u;
-    return coopLoadT<coop_mat16x16<f16, B>>(&SBL[i], s);
-}
-
 // The 16 x 16 block of op(A) at tile rows r (0..BM) and slice columns kk (0..BK).
 fn tile_a(buf: u32, r: u32, kk: u32) -> coop_mat16x16<f16, A> {
     if (A_TRANS) {
@@ -472,8 +258,8 @@ fn tile_b(buf: u32, kk: u32, c: u32) -> coop_mat16x16<f16, B> {
 // through the subgroup's scratch. Every subgroup calls this the same number of times with the
 // same `direct`, so the barriers stay in uniform control flow.
 // SPLIT: the scratch holds the product scaled by its row's and column's powers of two, undone
-// here before alpha (tile origin row0, col0).
-fn put(m: coop_mat16x16<f32, C>, sg: u32, lane: u32, r0: u32, c0: u32, direct: bool, row0: u32, col0: u32) {
+// here before alpha (exact), and only C's real extent (sm x sn) is stored.
+fn put(m: coop_mat16x16<f32, C>, sg: u32, lane: u32, r0: u32, c0: u32, direct: bool) {
     if (direct) {
         let i = p.c_off + r0 * p.ldc + c0;
         let s = p.ldc;
@@ -484,15 +270,18 @@ fn put(m: coop_mat16x16<f32, C>, sg: u32, lane: u32, r0: u32, c0: u32, direct: b
     let ss = 16u;
     coopStoreT(m, &SC[si], ss);
     workgroupBarrier();
+    let lim_m = select(p.m, p.sm, SPLIT);
+    let lim_n = select(p.n, p.sn, SPLIT);
     for (var q = 0u; q < 8u; q++) {
         let e = q * 32u + lane;
         let r = r0 + (e >> 4u);
         let c = c0 + (e & 15u);
-        if (r < p.m && c < p.n) {
+        if (r < lim_m && c < lim_n) {
             let i = p.c_off + r * p.ldc + c;
             var v = p.alpha * SC[si + e];
             if (SPLIT) {
-                v = p.alpha * ldexp(SC[si + e], -(EA[r - row0] + EB[c - col0]));
+                let ex = i32(ld_ma(p.ea_off + r)) + i32(ld_mb(p.eb_off + c));
+                v = p.alpha * ldexp(SC[si + e], -ex);
             }
             if (p.accumulate != 0u) {
                 MC[i] = MC[i] + v;
@@ -533,10 +322,7 @@ fn tile(tid: u32, row0: u32, col0: u32) {
     var c30 = coop_mat16x16<f32, C>(); var c31 = coop_mat16x16<f32, C>();
     var c32 = coop_mat16x16<f32, C>(); var c33 = coop_mat16x16<f32, C>();
 
-    if (SPLIT) {
-        find_scales(tid, row0, col0);
-    }
-    if (!SPLIT && (NBUF == 2u || PREFETCH)) {
+    if (NBUF == 2u || PREFETCH) {
         stage_a(tid, row0, 0u, 0u);
         stage_b(tid, col0, 0u, 0u);
         workgroupBarrier();
@@ -546,11 +332,7 @@ fn tile(tid: u32, row0: u32, col0: u32) {
     var rb: array<mat2x4<f16>, B_CH>;
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
         let more = k0 + BK < p.k;
-        if (SPLIT) {
-            stage_split_a(tid, row0, k0);
-            stage_split_b(tid, col0, k0);
-            workgroupBarrier();
-        } else if (PREFETCH) {
+        if (PREFETCH) {
             if (more) {
                 fetch_a(tid, row0, k0 + BK, 2u, &ra);
                 fetch_b(tid, col0, k0 + BK, 2u, &rb);
@@ -588,9 +370,6 @@ fn tile(tid: u32, row0: u32, col0: u32) {
             c31 = coopMultiplyAdd(a3, b1, c31);
             c32 = coopMultiplyAdd(a3, b2, c32);
             c33 = coopMultiplyAdd(a3, b3, c33);
-            // The split variant's hi·lo and lo·hi products go in at the next line (composed by
-            // the host, so that no multiply-add of this loop sits behind a branch).
-            // @SPLIT_PRODUCTS
         }
         workgroupBarrier();
         if (PREFETCH && more) {
@@ -598,25 +377,25 @@ fn tile(tid: u32, row0: u32, col0: u32) {
             store_b(tid, 0u, &rb);
             workgroupBarrier();
         }
-        if (NBUF == 2u && !SPLIT) {
+        if (NBUF == 2u) {
             buf ^= 1u;
         }
     }
 
-    put(c00, sg, lane, r + 0u, c + 0u, direct, row0, col0);
-    put(c01, sg, lane, r + 0u, c + 16u, direct, row0, col0);
-    put(c02, sg, lane, r + 0u, c + 32u, direct, row0, col0);
-    put(c03, sg, lane, r + 0u, c + 48u, direct, row0, col0);
-    put(c10, sg, lane, r + 16u, c + 0u, direct, row0, col0);
-    put(c11, sg, lane, r + 16u, c + 16u, direct, row0, col0);
-    put(c12, sg, lane, r + 16u, c + 32u, direct, row0, col0);
-    put(c13, sg, lane, r + 16u, c + 48u, direct, row0, col0);
-    put(c20, sg, lane, r + 32u, c + 0u, direct, row0, col0);
-    put(c21, sg, lane, r + 32u, c + 16u, direct, row0, col0);
-    put(c22, sg, lane, r + 32u, c + 32u, direct, row0, col0);
-    put(c23, sg, lane, r + 32u, c + 48u, direct, row0, col0);
-    put(c30, sg, lane, r + 48u, c + 0u, direct, row0, col0);
-    put(c31, sg, lane, r + 48u, c + 16u, direct, row0, col0);
-    put(c32, sg, lane, r + 48u, c + 32u, direct, row0, col0);
-    put(c33, sg, lane, r + 48u, c + 48u, direct, row0, col0);
+    put(c00, sg, lane, r + 0u, c + 0u, direct);
+    put(c01, sg, lane, r + 0u, c + 16u, direct);
+    put(c02, sg, lane, r + 0u, c + 32u, direct);
+    put(c03, sg, lane, r + 0u, c + 48u, direct);
+    put(c10, sg, lane, r + 16u, c + 0u, direct);
+    put(c11, sg, lane, r + 16u, c + 16u, direct);
+    put(c12, sg, lane, r + 16u, c + 32u, direct);
+    put(c13, sg, lane, r + 16u, c + 48u, direct);
+    put(c20, sg, lane, r + 32u, c + 0u, direct);
+    put(c21, sg, lane, r + 32u, c + 16u, direct);
+    put(c22, sg, lane, r + 32u, c + 32u, direct);
+    put(c23, sg, lane, r + 32u, c + 48u, direct);
+    put(c30, sg, lane, r + 48u, c + 0u, direct);
+    put(c31, sg, lane, r + 48u, c + 16u, direct);
+    put(c32, sg, lane, r + 48u, c + 32u, direct);
+    put(c33, sg, lane, r + 48u, c + 48u, direct);
 }

@@ -250,6 +250,8 @@ pub struct GptqBenchOptions {
     pub iters: usize,
     pub column_loop: Option<crate::gpu::gptq::ColumnLoop>,
     pub lazy_path: Option<crate::gpu::gptq::LazyPath>,
+    /// Lazy-update span (`gpu::gptq::Hooks::lazy_span`); `None` is the production one.
+    pub lazy_span: Option<usize>,
     pub hold_clock: f64,
 }
 
@@ -264,6 +266,7 @@ pub fn gptq(ctx: &GpuContext, rows: usize, cols: usize, o: &GptqBenchOptions) ->
         iters,
         column_loop,
         lazy_path,
+        lazy_span,
         hold_clock,
     } = *o;
     use crate::gpu::gptq::{Hooks, gptq_with};
@@ -272,6 +275,7 @@ pub fn gptq(ctx: &GpuContext, rows: usize, cols: usize, o: &GptqBenchOptions) ->
     let prod = Hooks {
         column_loop: Some(column_loop),
         lazy_path: Some(lazy_path),
+        lazy_span,
         ..Default::default()
     };
     use crate::quant::gptq::block_size;

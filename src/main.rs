@@ -239,9 +239,13 @@ enum BenchKernel {
         #[arg(long)]
         column_loop: Option<String>,
         /// Lazy-update kernel: tiled (f32, the default) or split (tensor cores, f32-accurate,
-        /// where the adapter has cooperative matrices; slower on the H200 as it stands).
+        /// where the adapter has cooperative matrices).
         #[arg(long)]
         lazy: Option<String>,
+        /// Positions per lazy-update span (rounded up to whole blocks): each block updates the
+        /// rest of its span, each span's end every later column (default 1024).
+        #[arg(long)]
+        lazy_span: Option<usize>,
         /// Seconds of GPU load before each timed run, so it starts at the clock the adapter holds
         /// under load (0: none; software adapters never hold).
         #[arg(long, default_value_t = wgpress::gpu::peaks::HOLD_CLOCK_S)]
@@ -677,6 +681,7 @@ fn run(cli: Cli) -> Result<()> {
                 iters,
                 column_loop,
                 lazy,
+                lazy_span,
                 hold_clock,
                 json,
                 gpu,
@@ -706,6 +711,7 @@ fn run(cli: Cli) -> Result<()> {
                     iters,
                     column_loop,
                     lazy_path,
+                    lazy_span,
                     hold_clock,
                 };
                 let engine = gpu.engine()?;
@@ -715,6 +721,9 @@ fn run(cli: Cli) -> Result<()> {
                 println!("adapter: {}", engine.describe());
                 if hold_clock > 0.0 && !ctx.software {
                     println!("each timed run follows {hold_clock} s of GPU load (--hold-clock)");
+                }
+                if let Some(span) = lazy_span {
+                    println!("lazy-update span: {span} positions (rounded up to whole blocks)");
                 }
                 println!(
                     "{:>12} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9}",

@@ -3,6 +3,7 @@
 
 pub const MATMUL: &str = include_str!("../shaders/matmul.wgsl");
 pub const MATMUL_COOP: &str = include_str!("../shaders/matmul_coop.wgsl");
+pub const SPLIT: &str = include_str!("../shaders/split.wgsl");
 pub const REDUCE: &str = include_str!("../shaders/reduce.wgsl");
 pub const QUANT_GRID: &str = include_str!("../shaders/quant_grid.wgsl");
 pub const QUANT_RTN: &str = concat!(

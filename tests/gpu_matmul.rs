@@ -835,3 +835,71 @@ fn split_region_products_are_f32_accurate_where_offered() {
         }
     }
 }
+
+/// The operand split of split products (`shaders/split.wgsl`) against its CPU reference: rows
+/// read along K (op(A)) and columns read across rows (op(B)), odd offsets and extents (padded
+/// lines and positions must come out zero over a poisoned buffer), lines scaled 1e-5..1e5, a
+/// zero line, and both segment orders.
+#[test]
+fn split_operands_match_the_reference() {
+    use half::f16;
+    use wgpress::gpu::matmul::split_operand;
+    let ctx = common::ctx();
+    // (lines, k, lines stored contiguously, lo segment)
+    for (seed, &(lines, k, line_contig, lo_seg)) in [
+        (70usize, 45usize, false, 2u32),
+        (131, 33, true, 1),
+        (5, 96, false, 1),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut rng = Rng::new(40 + seed as u64);
+        let off = 3;
+        let (ls, ks) = if line_contig {
+            (1, lines + 2)
+        } else {
+            (k + 5, 1)
+        };
+        let len = off + (lines - 1) * ls + (k - 1) * ks + 7;
+        let mut x = rng.normal_vec(len, 1.0);
+        for l in 0..lines {
+            let s = 10f32.powi((l % 11) as i32 - 5) * if l == 4 { 0.0 } else { 1.0 };
+            for t in 0..k {
+                x[off + l * ls + t * ks] *= s;
+            }
+        }
+        let src = GpuTensor::from_f32(&ctx, 1, len, &x).unwrap();
+        let got = split_operand(&ctx, &src, lines, k, off, ls, ks, lo_seg);
+        if !ctx.caps.shader_f16 {
+            assert!(got.unwrap_err().to_string().contains("f16"));
+            return;
+        }
+        let (got, lp, kp) = got.unwrap();
+        assert!(lp >= lines && kp >= k && lp % 64 == 0);
+        let want =
+            reference::matmul::split_operand(&x[off..], lines, k, ls, ks, lp, kp, lo_seg as usize);
+        assert_eq!(got.len(), want.len());
+        let lo_rows = (lo_seg as usize * kp)..((lo_seg as usize + 1) * kp);
+        for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            let (row, l) = (i / lp, i % lp);
+            let what = format!("{lines}x{k} line {l} row {row}: got {g:#06x} want {w:#06x}");
+            if lo_rows.contains(&row) {
+                // Low halves: WGSL leaves the rounding direction of an f32 -> f16 conversion to
+                // the implementation (the nearest value above or below), so one unit in the last
+                // place either way; a driver that flushes f16 subnormals may give zero for one.
+                let (gf, wf) = (f16::from_bits(g).to_f64(), f16::from_bits(w).to_f64());
+                let ulp = if w & 0x7c00 == 0 {
+                    2f64.powi(-24)
+                } else {
+                    2f64.powi(((w >> 10) & 0x1f) as i32 - 25)
+                };
+                let flushed = w & 0x7c00 == 0 && gf == 0.0;
+                assert!((gf - wf).abs() <= ulp || flushed, "{what}");
+            } else {
+                // High halves, exponents and padding are exact.
+                assert_eq!(g, w, "{what}");
+            }
+        }
+    }
+}

@@ -28,7 +28,7 @@
 use super::buffer::{GpuDtype, GpuTensor};
 use super::context::{Dispatch, GpuContext};
 use super::linalg::{self, NB};
-use super::matmul::{Batch, Region, RegionGemm};
+use super::matmul::{Batch, Region, RegionGemm, SplitScratch};
 use super::quant::GpuGrid;
 use super::reduce::{ReduceOp, reduce_rows};
 use crate::error::{Error, Result};
@@ -118,12 +118,14 @@ pub struct Hooks {
 /// The kernel of the lazy updates W[:, rest] -= Err·U[block, rest].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LazyPath {
-    /// The f32 register-tiled kernel; any adapter. Production: on the H200 it took 82 ms of
-    /// 28672 x 8192's lazy updates against 163 ms for `Split` (BENCHMARKS.md, session 17).
+    /// The f32 register-tiled kernel; any adapter. The default.
     Tiled,
-    /// The cooperative kernel's split mode: the tensor cores, f32-accurate (three f16 products
-    /// per term on scaled hi/lo halves, `matmul_coop.wgsl`). Opt-in (`bench gptq --lazy split`)
-    /// where cooperative matrices run; slower than `Tiled` as it stands.
+    /// Split products on the tensor cores, f32-accurate: Err and U split into per-row and
+    /// per-column scaled f16 halves (`shaders/split.wgsl`, into a per-chunk
+    /// [`SplitScratch`]), then one f16 product over three times the depth
+    /// (hi·hi + hi·lo + lo·hi, `matmul_coop.wgsl` SPLIT). Opt-in (`bench gptq --lazy split`)
+    /// where cooperative matrices run. On the H200: 63 ms of 28672 x 8192's lazy updates
+    /// against 84 for `Tiled`, 19.2 against 18.5 ms for 4096 x 11008 (BENCHMARKS.md, session 18).
     Split,
 }
 
@@ -734,6 +736,12 @@ fn apply_impl(
     };
     let block_rows = kind.rows_per_workgroup();
     let split = hooks.lazy_path == Some(LazyPath::Split);
+    // The widest lazy update: a far one (every column after the first span) or a near one (the
+    // rest of a span after its first block).
+    let split_n = n
+        .saturating_sub(span)
+        .max(span.min(n).saturating_sub(bsz))
+        .max(1);
     let mut outputs = Vec::with_capacity(wp.chunks.len());
     for chunk in &wp.chunks {
         let rc = chunk.rows;
@@ -785,6 +793,11 @@ fn apply_impl(
         // Each row's running Σ err² (GPTQ's loss), added to by every block kernel.
         let loss = GpuTensor::empty(ctx, 1, rc, GpuDtype::F32)?;
         loss.fill_u32(ctx, 0);
+        let scratch = if split {
+            Some(SplitScratch::new(ctx, rc, split_n, err_w)?)
+        } else {
+            None
+        };
         for t in [&q, &scales, &zeros, &err, &loss] {
             if t.chunks.len() != 1 {
                 return Err(Error::gpu(KERNEL, &shape, "a per-chunk buffer split"));
@@ -865,10 +878,10 @@ fn apply_impl(
                     a_lower_tri: false,
                     b_lower_tri: false,
                     batch: Batch::ONE,
-                    split,
+                    split: scratch.as_ref(),
                 }
-                .prepare(ctx, false)?;
-                lazy.push((uniforms.len() - 1, step));
+                .prepare_steps(ctx, false)?;
+                lazy.extend(step.into_iter().map(|s| (uniforms.len() - 1, s)));
             }
         }
         let mut dispatches: Vec<(&wgpu::ComputePipeline, Dispatch)> = Vec::new();

@@ -189,7 +189,7 @@ pub fn cholesky_with_span(ctx: &GpuContext, m: &GpuTensor, span: usize) -> Resul
                     a_lower_tri: false,
                     b_lower_tri: false,
                     batch: Batch::ONE,
-                    split: false,
+                    split: None,
                 }
                 .prepare(ctx, true)?,
             );
@@ -214,7 +214,7 @@ pub fn cholesky_with_span(ctx: &GpuContext, m: &GpuTensor, span: usize) -> Resul
                         a_lower_tri: false,
                         b_lower_tri: false,
                         batch: Batch::ONE,
-                        split: false,
+                        split: None,
                     }
                     .prepare(ctx, true)?,
                 );
@@ -372,7 +372,7 @@ pub fn invert_factor(ctx: &GpuContext, m: &GpuTensor, chol: Cholesky) -> Result<
                 a_lower_tri: false,
                 b_lower_tri: true,
                 batch: batch(in_m, in_m, in_t),
-                split: false,
+                split: None,
             }
             .prepare(ctx, false)?,
         );
@@ -391,7 +391,7 @@ pub fn invert_factor(ctx: &GpuContext, m: &GpuTensor, chol: Cholesky) -> Result<
                 a_lower_tri: true,
                 b_lower_tri: false,
                 batch: batch(in_m, in_t, in_m),
-                split: false,
+                split: None,
             }
             .prepare(ctx, true)?,
         );

@@ -73,6 +73,12 @@ struct Params {
     a_zs: u32,
     b_zs: u32,
     c_zs: u32,
+    /// Split cooperative products only: C's real extent (m and n are the padded split operands')
+    /// and where the operands' line exponents start in A's and B's buffers.
+    sm: u32,
+    sn: u32,
+    ea_off: u32,
+    eb_off: u32,
 }
 
 impl Params {
@@ -220,19 +226,8 @@ fn coop_loader(name: &str, binding: u32, dtype: GpuDtype) -> Result<String> {
             return Err(Error::invalid("matmul inputs must be f32, f16 or bf16"));
         }
     };
-    // The split mode's f32 loads (`matmul_coop.wgsl`, SPLIT): exact for f32 storage; the other
-    // dtypes never run split (the host refuses them) and only need the functions to exist.
-    let split = if dtype == GpuDtype::F32 {
-        format!(
-            "fn ldf_{f}(i: u32) -> f32 {{ return {name}[i >> 2u][i & 3u]; }}\nfn ld4f_{f}(i: u32) -> vec4<f32> {{ return {name}[i >> 2u]; }}\nfn ld8f_{f}(i: u32) -> mat2x4<f32> {{ return mat2x4<f32>({name}[i >> 2u], {name}[(i >> 2u) + 1u]); }}\n"
-        )
-    } else {
-        format!(
-            "fn ldf_{f}(i: u32) -> f32 {{ return f32(ld_{f}(i)); }}\nfn ld4f_{f}(i: u32) -> vec4<f32> {{ return vec4<f32>(ldf_{f}(i), ldf_{f}(i + 1u), ldf_{f}(i + 2u), ldf_{f}(i + 3u)); }}\nfn ld8f_{f}(i: u32) -> mat2x4<f32> {{ let v = ld8_{f}(i); return mat2x4<f32>(vec4<f32>(v[0]), vec4<f32>(v[1])); }}\n"
-        )
-    };
     Ok(format!(
-        "@group(0) @binding({binding}) var<storage, read> {name}: array<{ty}>;\nfn ld_{f}(i: u32) -> f16 {{ {one} }}\nfn ld2_{f}(i: u32) -> vec2<f16> {{ {two} }}\nfn ld8_{f}(i: u32) -> mat2x4<f16> {{ {eight} }}\n{split}"
+        "@group(0) @binding({binding}) var<storage, read> {name}: array<{ty}>;\nfn ld_{f}(i: u32) -> f16 {{ {one} }}\nfn ld2_{f}(i: u32) -> vec2<f16> {{ {two} }}\nfn ld8_{f}(i: u32) -> mat2x4<f16> {{ {eight} }}\n"
     ))
 }
 
@@ -308,26 +303,12 @@ impl CoopConfig {
 
     /// Bytes of workgroup memory: the staged slices (f16) and the f32 output scratch.
     pub fn workgroup_bytes(self) -> u64 {
-        self.workgroup_bytes_for(false)
-    }
-
-    /// The same for the split mode (`split`: low halves of the slices and the scale exponents
-    /// too) or the plain one.
-    pub fn workgroup_bytes_for(self, split: bool) -> u64 {
         let (bm, bn) = (64 * self.sgm, 64 * self.sgn);
         let halves = self.nbuf * (self.slice(bm) + self.slice(bn));
-        // Scales: an i32 exponent and an f32 multiplier per row and per column (one of each as
-        // placeholders in the plain kernel, as are eight low halves).
-        let (lo, exps) = if split {
-            (halves, 2 * (bm + bn))
-        } else {
-            (8, 4)
-        };
-        2 * (halves + lo) as u64 + 4 * exps as u64 + 4 * 256 * (self.sgm * self.sgn) as u64
+        2 * halves as u64 + 4 * 256 * (self.sgm * self.sgn) as u64
     }
 
-    /// The configuration of split products (`matmul_coop.wgsl`, SPLIT): the default tiles with
-    /// one staging buffer (SPLIT runs no other).
+    /// The configuration of split products (`matmul_coop.wgsl`, SPLIT): the default tiles.
     pub const SPLIT: CoopConfig = CoopConfig::DEFAULT;
 
     pub fn threads(self) -> u32 {
@@ -377,13 +358,8 @@ impl CoopConfig {
     fn constants(self, split: bool) -> String {
         let (bm, bn) = (64 * self.sgm, 64 * self.sgn);
         let (sa, sb) = (self.nbuf * self.slice(bm), self.nbuf * self.slice(bn));
-        let (sal, sbl, ea, eb) = if split {
-            (sa, sb, bm, bn)
-        } else {
-            (4, 4, 1, 1)
-        };
         format!(
-            "const SGM: u32 = {}u;\nconst SGN: u32 = {}u;\nconst NBUF: u32 = {}u;\nconst BK: u32 = {}u;\nconst THREADS: u32 = {}u;\nconst SLICE_A: u32 = {}u;\nconst SLICE_B: u32 = {}u;\nconst SA_LEN: u32 = {sa}u;\nconst SB_LEN: u32 = {sb}u;\nconst SC_LEN: u32 = {}u;\nconst SPLIT: bool = {split};\nconst SAL_LEN: u32 = {sal}u;\nconst SBL_LEN: u32 = {sbl}u;\nconst EA_LEN: u32 = {ea}u;\nconst EB_LEN: u32 = {eb}u;\n",
+            "const SGM: u32 = {}u;\nconst SGN: u32 = {}u;\nconst NBUF: u32 = {}u;\nconst BK: u32 = {}u;\nconst THREADS: u32 = {}u;\nconst SLICE_A: u32 = {}u;\nconst SLICE_B: u32 = {}u;\nconst SA_LEN: u32 = {sa}u;\nconst SB_LEN: u32 = {sb}u;\nconst SC_LEN: u32 = {}u;\nconst SPLIT: bool = {split};\n",
             self.sgm,
             self.sgn,
             self.nbuf,
@@ -398,9 +374,9 @@ impl CoopConfig {
 
 /// The cooperative-matrix kernel's source for one (A dtype, B dtype, layout, tiles) variant.
 /// `exact`: the variant for products whose every dispatch tiles exactly with 8-aligned operands
-/// ([`Params::exact`]), which compiles only the eight-element copy. `split`: the f32-accurate
-/// mode (three f16 products per term on scaled hi/lo halves; f32 operands and one staging buffer
-/// only).
+/// ([`Params::exact`]), which compiles only the eight-element copy. `split`: the epilogue of an
+/// f32-accurate product on operands split into scaled f16 halves by `shaders/split.wgsl`
+/// (f16 operands, layout TN; see [`SplitScratch`]).
 pub fn coop_source(
     a: GpuDtype,
     b: GpuDtype,
@@ -409,9 +385,9 @@ pub fn coop_source(
     exact: bool,
     split: bool,
 ) -> Result<String> {
-    if split && (a != GpuDtype::F32 || b != GpuDtype::F32 || cfg.nbuf != 1) {
+    if split && (a != GpuDtype::F16 || b != GpuDtype::F16 || layout != Layout::TN) {
         return Err(Error::invalid(
-            "the split cooperative product takes f32 operands and one staging buffer",
+            "the split cooperative product multiplies split f16 operands in layout TN",
         ));
     }
     let prelude = "enable f16;\nenable wgpu_cooperative_matrix;\n".to_string()
@@ -419,45 +395,7 @@ pub fn coop_source(
         + &coop_loader("MB", 1, b)?
         + &cfg.constants(split)
         + &format!("const EXACT: bool = {exact};\n");
-    const MARK: &str = "// @SPLIT_PRODUCTS";
-    if !shaders::MATMUL_COOP.contains(MARK) {
-        return Err(Error::invalid(
-            "matmul_coop.wgsl lacks its split-products mark",
-        ));
-    }
-    let body = if split {
-        shaders::MATMUL_COOP.replace(MARK, &split_products())
-    } else {
-        shaders::MATMUL_COOP.to_string()
-    };
-    Ok(compose(prelude, layout, &body))
-}
-
-/// The split variant's extra products in the K-slice loop of `matmul_coop.wgsl`: hi·lo with A's
-/// high halves (a0..a3) still loaded, then lo·hi with B's (b0..b3). Composed into the source
-/// rather than put behind `if (SPLIT)`: with them in that branch, the H200's driver (580.159.04)
-/// gave wrong products for every variant, the plain ones included (C all zeros where the
-/// branch was not taken; BENCHMARKS.md, session 17).
-fn split_products() -> String {
-    let mut s = String::new();
-    for (lo, tiles, args) in [
-        ("l", "tile_b_lo(kk, sc + {o}u)", "a{i}, l{j}"),
-        ("h", "tile_a_lo(sr + {o}u, kk)", "h{i}, b{j}"),
-    ] {
-        for t in 0..4 {
-            let load = tiles.replace("{o}", &(16 * t).to_string());
-            s += &format!("let {lo}{t} = {load};\n            ");
-        }
-        for i in 0..4 {
-            for j in 0..4 {
-                let a = args
-                    .replace("{i}", &i.to_string())
-                    .replace("{j}", &j.to_string());
-                s += &format!("c{i}{j} = coopMultiplyAdd({a}, c{i}{j});\n            ");
-            }
-        }
-    }
-    s
+    Ok(compose(prelude, layout, shaders::MATMUL_COOP))
 }
 
 /// The f32 tiled kernel with A and B declared read_write, so one buffer may be bound as A, B and C
@@ -500,25 +438,20 @@ pub fn all_sources() -> Vec<(String, String, bool)> {
             }
         }
     }
-    for l in [Layout::NN, Layout::NT, Layout::TN] {
-        for exact in [false, true] {
-            let s = coop_source(
-                GpuDtype::F32,
-                GpuDtype::F32,
-                l,
-                CoopConfig::SPLIT,
-                exact,
-                true,
-            );
-            if let Ok(s) = s {
-                v.push((
-                    format!("matmul_coop.wgsl split {l:?} exact={exact}"),
-                    s,
-                    true,
-                ));
-            }
+    for exact in [false, true] {
+        let s = coop_source(
+            GpuDtype::F16,
+            GpuDtype::F16,
+            Layout::TN,
+            CoopConfig::SPLIT,
+            exact,
+            true,
+        );
+        if let Ok(s) = s {
+            v.push((format!("matmul_coop.wgsl split exact={exact}"), s, true));
         }
     }
+    v.push(("split.wgsl".into(), shaders::SPLIT.to_string(), false));
     v
 }
 
@@ -901,12 +834,7 @@ impl Op {
 
 /// Whether `cfg` fits this adapter's workgroup memory and invocation limits.
 pub fn coop_fits(ctx: &GpuContext, cfg: CoopConfig) -> bool {
-    fits(ctx, cfg, false)
-}
-
-/// [`coop_fits`] for the plain or the split variant (`split` needs more workgroup memory).
-fn fits(ctx: &GpuContext, cfg: CoopConfig, split: bool) -> bool {
-    cfg.workgroup_bytes_for(split) <= ctx.limits.max_compute_workgroup_storage_size as u64
+    cfg.workgroup_bytes() <= ctx.limits.max_compute_workgroup_storage_size as u64
         && cfg.threads() <= ctx.limits.max_compute_invocations_per_workgroup
 }
 
@@ -1096,6 +1024,10 @@ fn run_walk(
                     a_zs: 0,
                     b_zs: 0,
                     c_zs: 0,
+                    sm: 0,
+                    sn: 0,
+                    ea_off: 0,
+                    eb_off: 0,
                 });
                 binds.push((ai, bi, ci, sub_n, e - s));
             }
@@ -1203,6 +1135,10 @@ fn run_walk_tn(
                     a_zs: 0,
                     b_zs: 0,
                     c_zs: 0,
+                    sm: 0,
+                    sn: 0,
+                    ea_off: 0,
+                    eb_off: 0,
                 });
                 binds.push((ai, bi, ci, e - s));
                 s = e;
@@ -1277,11 +1213,74 @@ pub(crate) struct RegionGemm<'a> {
     /// the previous one's A, B and C offsets (independent products: C regions must not overlap
     /// the other problems' operands).
     pub batch: Batch,
-    /// Run on the tensor cores in the cooperative kernel's split mode (f32-accurate: three f16
-    /// products per term on per-row and per-column scaled hi/lo halves, `matmul_coop.wgsl`)
-    /// instead of the f32 tiled kernel. Needs [`coop_available`]; not with `aliased`, `lower`,
-    /// triangular operands or a batch.
-    pub split: bool,
+    /// Run on the tensor cores as a split product (f32-accurate: the operands split into
+    /// per-row and per-column scaled f16 halves in this scratch by `shaders/split.wgsl`, then
+    /// one f16 product over three times the depth, `matmul_coop.wgsl` SPLIT) instead of the f32
+    /// tiled kernel. Three dispatches ([`RegionGemm::prepare_steps`]). Needs [`coop_available`];
+    /// not with `aliased`, `lower`, triangular operands or a batch.
+    pub split: Option<&'a SplitScratch>,
+}
+
+/// The scratch of split products ([`RegionGemm::split`]): each operand as three segments of
+/// scaled f16 halves plus one exponent per line (`shaders/split.wgsl`), sized for the largest
+/// product that uses it. Products that share a scratch must run in order (each one's splits
+/// are recorded right before it, as every step of one submission is).
+pub(crate) struct SplitScratch {
+    a: GpuTensor,
+    b: GpuTensor,
+}
+
+/// Lines padded to whole tiles and K to whole slices, as a split operand stores them.
+fn split_dims(lines: usize, tile: usize, k: usize) -> (usize, usize) {
+    let bk = CoopConfig::SPLIT.bk as usize;
+    (lines.div_ceil(tile) * tile, k.div_ceil(bk) * bk)
+}
+
+impl SplitScratch {
+    /// Room for products of up to `m` rows, `n` columns and depth `k`, each operand in one
+    /// binding.
+    pub fn new(ctx: &GpuContext, m: usize, n: usize, k: usize) -> Result<SplitScratch> {
+        let (bm, bn) = CoopConfig::SPLIT.tile();
+        let alloc = |lines: usize, tile: usize| -> Result<GpuTensor> {
+            let (lp, kp) = split_dims(lines.max(1), tile, k.max(1));
+            let t = GpuTensor::empty(ctx, 3 * kp + 1, lp, GpuDtype::F16)?;
+            if t.chunks.len() != 1 || (3 * kp + 1) * lp > u32::MAX as usize {
+                return Err(Error::gpu(
+                    "matmul_coop",
+                    format!("split {m}x{n}x{k}"),
+                    format!(
+                        "a split operand of {} MiB does not fit one storage binding of this adapter",
+                        ((3 * kp + 1) * lp * 2) >> 20
+                    ),
+                ));
+            }
+            Ok(t)
+        };
+        Ok(SplitScratch {
+            a: alloc(m, bm)?,
+            b: alloc(n, bn)?,
+        })
+    }
+
+    fn holds(t: &GpuTensor, lp: usize, kp: usize) -> bool {
+        (3 * kp + 1) * lp <= t.rows * t.cols
+    }
+}
+
+/// The uniforms of `shaders/split.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct SplitParams {
+    lines: u32,
+    k: u32,
+    kp: u32,
+    lp: u32,
+    off: u32,
+    ls: u32,
+    ks: u32,
+    lo_seg: u32,
+    e_off: u32,
+    pad: [u32; 3],
 }
 
 /// See [`RegionGemm::batch`].
@@ -1307,7 +1306,7 @@ impl Batch {
 /// uniform bytes and grid. `aliased` picks the kernel whose operands may share C's buffer.
 pub(crate) struct GemmStep<'a> {
     pub pipeline: std::sync::Arc<wgpu::ComputePipeline>,
-    pub buffers: [&'a wgpu::Buffer; 3],
+    pub buffers: Vec<&'a wgpu::Buffer>,
     pub uniform: Vec<u8>,
     pub groups: (u32, u32, u32),
 }
@@ -1315,7 +1314,7 @@ pub(crate) struct GemmStep<'a> {
 impl GemmStep<'_> {
     pub fn dispatch(&self) -> Dispatch<'_> {
         Dispatch {
-            buffers: self.buffers.to_vec(),
+            buffers: self.buffers.clone(),
             uniform: Some(&self.uniform),
             groups: self.groups,
         }
@@ -1323,7 +1322,31 @@ impl GemmStep<'_> {
 }
 
 impl<'a> RegionGemm<'a> {
+    /// The product's one dispatch (not for split products: see [`RegionGemm::prepare_steps`]).
     pub fn prepare(&self, ctx: &GpuContext, aliased: bool) -> Result<GemmStep<'a>> {
+        let shape = self.check(ctx)?;
+        if self.split.is_some() {
+            return Err(Error::gpu(
+                "matmul",
+                &shape,
+                "a split product takes three dispatches (prepare_steps)",
+            ));
+        }
+        self.prepare_tiled(ctx, aliased)
+    }
+
+    /// The product's dispatches, in order: one, or for a split product the splits of A and B
+    /// and the cooperative product.
+    pub fn prepare_steps(&self, ctx: &GpuContext, aliased: bool) -> Result<Vec<GemmStep<'a>>> {
+        let shape = self.check(ctx)?;
+        match self.split {
+            Some(scratch) => self.prepare_split(ctx, aliased, scratch, &shape),
+            None => Ok(vec![self.prepare_tiled(ctx, aliased)?]),
+        }
+    }
+
+    /// Checks the regions and options; returns the shape for messages.
+    fn check(&self, ctx: &GpuContext) -> Result<String> {
         let shape = format!("region {}x{}x{}", self.m, self.n, self.k);
         let fail = |what: &str| Err(Error::gpu("matmul", &shape, what.to_string()));
         if self.m == 0 || self.n == 0 || self.k == 0 {
@@ -1363,10 +1386,13 @@ impl<'a> RegionGemm<'a> {
         if self.b_lower_tri && (self.k != self.n || self.b_trans) {
             return fail("a lower-triangular B must be square and not transposed");
         }
+        Ok(shape)
+    }
+
+    /// The f32 tiled kernel's dispatch (regions checked).
+    fn prepare_tiled(&self, ctx: &GpuContext, aliased: bool) -> Result<GemmStep<'a>> {
+        let bt = self.batch;
         let l = if self.b_trans { Layout::NT } else { Layout::NN };
-        if self.split {
-            return self.prepare_split(ctx, aliased, l, &shape);
-        }
         let pipeline = if aliased {
             ctx.pipeline_from(
                 &format!("matmul aliased {}", self.b_trans),
@@ -1389,7 +1415,7 @@ impl<'a> RegionGemm<'a> {
         ctx.add_work(&pipeline, f * count, b * count);
         Ok(GemmStep {
             pipeline,
-            buffers: [self.a.buf, self.b.buf, self.c.buf],
+            buffers: vec![self.a.buf, self.b.buf, self.c.buf],
             uniform: bytemuck::bytes_of(&p).to_vec(),
             groups: (
                 self.n.div_ceil(TILE) as u32,
@@ -1422,17 +1448,21 @@ impl<'a> RegionGemm<'a> {
             a_zs: bt.a_stride as u32,
             b_zs: bt.b_stride as u32,
             c_zs: bt.c_stride as u32,
+            sm: 0,
+            sn: 0,
+            ea_off: 0,
+            eb_off: 0,
         }
     }
 
-    /// [`RegionGemm::prepare`] for a split product (regions already checked).
+    /// [`RegionGemm::prepare_steps`] for a split product (regions already checked).
     fn prepare_split(
         &self,
         ctx: &GpuContext,
         aliased: bool,
-        layout: Layout,
+        scratch: &'a SplitScratch,
         shape: &str,
-    ) -> Result<GemmStep<'a>> {
+    ) -> Result<Vec<GemmStep<'a>>> {
         let fail = |what: &str| Err(Error::gpu("matmul_coop", shape, what.to_string()));
         if aliased || self.lower || self.a_lower_tri || self.b_lower_tri || self.batch != Batch::ONE
         {
@@ -1441,27 +1471,92 @@ impl<'a> RegionGemm<'a> {
             );
         }
         let cfg = CoopConfig::SPLIT;
-        if !coop_available(ctx) || !fits(ctx, cfg, true) {
+        if !coop_available(ctx) || !coop_fits(ctx, cfg) {
             return fail(&format!(
                 "adapter {} cannot run the split cooperative product (16x16x16 f16 cooperative matrices, 32-wide subgroups and {} bytes of workgroup memory)",
                 ctx.adapter,
-                cfg.workgroup_bytes_for(true)
+                cfg.workgroup_bytes()
             ));
         }
+        let (bm, bn) = cfg.tile();
+        let (lpa, kp) = split_dims(self.m, bm, self.k);
+        let (lpb, _) = split_dims(self.n, bn, self.k);
+        if !SplitScratch::holds(&scratch.a, lpa, kp) || !SplitScratch::holds(&scratch.b, lpb, kp) {
+            return fail("the split scratch is smaller than this product");
+        }
+        let max = ctx.max_workgroups_per_dim() as usize;
+        if lpa / 32 > max || lpb / 32 > max {
+            return fail("region exceeds the dispatch grid limit");
+        }
+        // Trusted: each split writes inside (3 kp + 1) lp halves of its scratch (checked above)
+        // and reads only elements of its region (checked by `check`).
+        let p_split = ctx.pipeline("split", shaders::SPLIT, "split", true)?;
+        // Line l, position t of op(A) is A[l][t]; of op(B), B[t][l] (or B[l][t] transposed).
+        let (b_ls, b_ks) = if self.b_trans {
+            (self.b.ld, 1)
+        } else {
+            (1, self.b.ld)
+        };
+        let mut steps = Vec::with_capacity(3);
+        for (src, out, lines, lp, ls, ks, lo_seg) in [
+            (&self.a, &scratch.a, self.m, lpa, self.a.ld, 1, 2),
+            (&self.b, &scratch.b, self.n, lpb, b_ls, b_ks, 1),
+        ] {
+            let sp = SplitParams {
+                lines: lines as u32,
+                k: self.k as u32,
+                kp: kp as u32,
+                lp: lp as u32,
+                off: src.off as u32,
+                ls: ls as u32,
+                ks: ks as u32,
+                lo_seg,
+                e_off: (3 * kp * lp) as u32,
+                pad: [0; 3],
+            };
+            ctx.add_work(
+                &p_split,
+                0.0,
+                (8 * lines * self.k + 2 * (3 * kp + 1) * lp) as f64,
+            );
+            steps.push(GemmStep {
+                pipeline: p_split.clone(),
+                buffers: vec![src.buf, &out.chunks[0].buffer],
+                uniform: bytemuck::bytes_of(&sp).to_vec(),
+                groups: ((lp / 32) as u32, 1, 1),
+            });
+        }
         let mut p = self.params();
+        p.m = lpa as u32;
+        p.n = lpb as u32;
+        p.k = (3 * kp) as u32;
+        (p.a_off, p.lda, p.b_off, p.ldb) = (0, lpa as u32, 0, lpb as u32);
+        (p.sm, p.sn) = (self.m as u32, self.n as u32);
+        (p.ea_off, p.eb_off) = ((3 * kp * lpa) as u32, (3 * kp * lpb) as u32);
         p.set_align();
         let exact = p.exact(cfg.tile(), cfg.bk);
-        let (pipeline, _) =
-            coop_pipeline(ctx, GpuDtype::F32, GpuDtype::F32, layout, cfg, exact, true)?;
-        let (f, b) = p.work(4, 4);
+        let (pipeline, _) = coop_pipeline(
+            ctx,
+            GpuDtype::F16,
+            GpuDtype::F16,
+            Layout::TN,
+            cfg,
+            exact,
+            true,
+        )?;
+        let (f, b) = p.work(2, 2);
         ctx.add_work(&pipeline, f, b);
-        let (bm, bn) = cfg.tile();
-        Ok(GemmStep {
+        steps.push(GemmStep {
             pipeline,
-            buffers: [self.a.buf, self.b.buf, self.c.buf],
+            buffers: vec![
+                &scratch.a.chunks[0].buffer,
+                &scratch.b.chunks[0].buffer,
+                self.c.buf,
+            ],
             uniform: bytemuck::bytes_of(&p).to_vec(),
-            groups: (self.n.div_ceil(bn) as u32, self.m.div_ceil(bm) as u32, 1),
-        })
+            groups: ((lpb / bn) as u32, (lpa / bm) as u32, 1),
+        });
+        Ok(steps)
     }
 }
 
@@ -1511,7 +1606,12 @@ pub fn region_product(
             ld,
         })
     }
-    let step = RegionGemm {
+    let scratch = if r.split {
+        Some(SplitScratch::new(ctx, r.m, r.n, r.k)?)
+    } else {
+        None
+    };
+    let steps = RegionGemm {
         a: region(a, r.a_off, r.lda)?,
         b: region(b, r.b_off, r.ldb)?,
         c: region(c, r.c_off, r.ldc)?,
@@ -1525,13 +1625,78 @@ pub fn region_product(
         a_lower_tri: false,
         b_lower_tri: false,
         batch: Batch::ONE,
-        split: r.split,
+        split: scratch.as_ref(),
     }
-    .prepare(ctx, false)?;
-    let d = step.dispatch();
-    ctx.run_steps(
-        "region product",
-        &format!("{}x{}x{}", r.m, r.n, r.k),
-        &[(&*step.pipeline, &d)],
-    )
+    .prepare_steps(ctx, false)?;
+    let ds: Vec<Dispatch> = steps.iter().map(|s| s.dispatch()).collect();
+    let list: Vec<(&wgpu::ComputePipeline, &Dispatch)> = steps
+        .iter()
+        .zip(&ds)
+        .map(|(s, d)| (&*s.pipeline, d))
+        .collect();
+    ctx.run_steps("region product", &format!("{}x{}x{}", r.m, r.n, r.k), &list)
+}
+
+/// One run of `shaders/split.wgsl` alone, for its test against `reference::matmul::split_operand`:
+/// line `l`, position `t` of `src` (f32, one chunk) is element `off + l * ls + t * ks`; the
+/// output's halves as f16 bits (three segments of kp x lp, then lp exponents; lp and kp as a
+/// split product pads them: `lines` to the split tile's rows, `k` to its slice depth).
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn split_operand(
+    ctx: &GpuContext,
+    src: &GpuTensor,
+    lines: usize,
+    k: usize,
+    off: usize,
+    ls: usize,
+    ks: usize,
+    lo_seg: u32,
+) -> Result<(Vec<u16>, usize, usize)> {
+    let shape = format!("split {lines}x{k}");
+    if !ctx.caps.shader_f16 {
+        return Err(Error::gpu(
+            "split",
+            &shape,
+            format!("adapter {} lacks f16 shaders", ctx.adapter),
+        ));
+    }
+    if src.dtype != GpuDtype::F32 || src.chunks.len() != 1 || lines == 0 || k == 0 {
+        return Err(Error::Shape {
+            op: "split".into(),
+            expected: "an f32 tensor in one chunk and a non-empty operand".into(),
+            got: src.shape_str(),
+        });
+    }
+    if off + (lines - 1) * ls + (k - 1) * ks >= src.rows * src.cols {
+        return Err(Error::gpu(
+            "split",
+            &shape,
+            "the operand lies outside its buffer",
+        ));
+    }
+    let (lp, kp) = split_dims(lines, CoopConfig::SPLIT.tile().0, k);
+    let out = GpuTensor::empty(ctx, 3 * kp + 1, lp, GpuDtype::F16)?;
+    out.fill_u32(ctx, 0x7e00_7e00);
+    let sp = SplitParams {
+        lines: lines as u32,
+        k: k as u32,
+        kp: kp as u32,
+        lp: lp as u32,
+        off: off as u32,
+        ls: ls as u32,
+        ks: ks as u32,
+        lo_seg,
+        e_off: (3 * kp * lp) as u32,
+        pad: [0; 3],
+    };
+    let pipe = ctx.pipeline("split", shaders::SPLIT, "split", false)?;
+    let d = Dispatch {
+        buffers: vec![&src.chunks[0].buffer, &out.chunks[0].buffer],
+        uniform: Some(bytemuck::bytes_of(&sp)),
+        groups: ((lp / 32) as u32, 1, 1),
+    };
+    ctx.run_steps("split", &shape, &[(&*pipe, &d)])?;
+    let bytes = out.to_bytes(ctx)?;
+    Ok((bytemuck::pod_collect_to_vec(&bytes), lp, kp))
 }
