@@ -271,7 +271,9 @@ pub fn gptq(ctx: &GpuContext, rows: usize, cols: usize, o: &GptqBenchOptions) ->
     } = *o;
     use crate::gpu::gptq::{Hooks, gptq_with};
     let column_loop = column_loop.unwrap_or(crate::gpu::gptq::column_loop(ctx));
-    let lazy_path = lazy_path.unwrap_or(crate::gpu::gptq::LazyPath::Tiled);
+    // The production choice unless forced (named by the layer's rows; on an adapter whose
+    // binding limit splits the layer, each row chunk chooses for itself).
+    let lazy_path = lazy_path.unwrap_or(crate::gpu::gptq::lazy_path(ctx, rows));
     let prod = Hooks {
         column_loop: Some(column_loop),
         lazy_path: Some(lazy_path),

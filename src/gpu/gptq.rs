@@ -108,7 +108,7 @@ pub struct Hooks {
     /// Span of the far lazy updates in positions (rounded to whole blocks and groups);
     /// `None` picks [`LAZY_SPAN`]. Tests lower it to cover the two-level path on small layers.
     pub lazy_span: Option<usize>,
-    /// The lazy-update kernel; `None` is [`LazyPath::Tiled`].
+    /// The lazy-update kernel; `None` is [`lazy_path`]'s choice for each row chunk.
     pub lazy_path: Option<LazyPath>,
     /// Rows per uploaded piece of host weights (the host-slice entries); `None`:
     /// [`HOST_PIECE_BYTES`]' worth. Tests lower it to cover several pieces on small layers.
@@ -118,14 +118,14 @@ pub struct Hooks {
 /// The kernel of the lazy updates W[:, rest] -= Err·U[block, rest].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LazyPath {
-    /// The f32 register-tiled kernel; any adapter. The default.
+    /// The f32 register-tiled kernel; any adapter. The default below [`SPLIT_MIN_ROWS`] rows.
     Tiled,
     /// Split products on the tensor cores, f32-accurate: Err and U split into per-row and
     /// per-column scaled f16 halves (`shaders/split.wgsl`, into a per-chunk
     /// [`SplitScratch`]), then one f16 product over three times the depth
     /// (hi·hi + hi·lo + lo·hi, `matmul_coop.wgsl` SPLIT). Opt-in (`bench gptq --lazy split`)
-    /// where cooperative matrices run. On the H200: 63 ms of 28672 x 8192's lazy updates
-    /// against 84 for `Tiled`, 19.2 against 18.5 ms for 4096 x 11008 (BENCHMARKS.md, session 18).
+    /// where cooperative matrices run. The default from [`SPLIT_MIN_ROWS`] rows where
+    /// cooperative matrices run (see there).
     Split,
 }
 
@@ -735,7 +735,6 @@ fn apply_impl(
         ColumnLoop::Rows => ctx.pipeline(KERNEL, &src, "block_rows", true)?,
     };
     let block_rows = kind.rows_per_workgroup();
-    let split = hooks.lazy_path == Some(LazyPath::Split);
     // The widest lazy update: a far one (every column after the first span) or a near one (the
     // rest of a span after its first block).
     let split_n = n
@@ -793,6 +792,7 @@ fn apply_impl(
         // Each row's running Σ err² (GPTQ's loss), added to by every block kernel.
         let loss = GpuTensor::empty(ctx, 1, rc, GpuDtype::F32)?;
         loss.fill_u32(ctx, 0);
+        let split = hooks.lazy_path.unwrap_or(lazy_path(ctx, rc)) == LazyPath::Split;
         let scratch = if split {
             Some(SplitScratch::new(ctx, rc, split_n, err_w)?)
         } else {
@@ -1205,6 +1205,26 @@ pub fn column_loop(ctx: &GpuContext) -> ColumnLoop {
     }
 }
 
+/// Row chunks of at least this many rows run their lazy updates as split products where
+/// cooperative matrices run. Measured on the H200 (BENCHMARKS.md, session 18, call E), lazy
+/// updates alone, split against tiled: 28672 x 8192 56 against 81 ms; 8192² 18.7-19.3 against
+/// 19.0; 11008 x 4096 8.6 against 7.0; 4096 x 11008 17.7-17.9 against 18.0; 4096² 4.2-4.4
+/// against 3.2. The split products pay off only where many rows share each split of U.
+pub const SPLIT_MIN_ROWS: usize = 16384;
+
+/// The lazy-update kernel for a row chunk of `rows` rows on this adapter.
+pub fn lazy_path(ctx: &GpuContext, rows: usize) -> LazyPath {
+    choose_lazy_path(crate::gpu::matmul::coop_available(ctx), rows)
+}
+
+fn choose_lazy_path(coop: bool, rows: usize) -> LazyPath {
+    if coop && rows >= SPLIT_MIN_ROWS {
+        LazyPath::Split
+    } else {
+        LazyPath::Tiled
+    }
+}
+
 /// Whether the subgroup column loop can run here: 32-wide subgroups, exactly.
 pub fn subgroup_loop(ctx: &GpuContext) -> bool {
     ctx.caps.subgroups && ctx.caps.subgroup_size == (32, 32)
@@ -1216,4 +1236,18 @@ pub fn all_sources() -> Vec<(String, String, bool)> {
         ("gptq.wgsl".into(), source(), false),
         ("gptq.wgsl + gptq_sg.wgsl".into(), source_sg(), true),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_lazy_updates_only_for_tall_chunks_with_cooperative_matrices() {
+        assert_eq!(choose_lazy_path(true, SPLIT_MIN_ROWS), LazyPath::Split);
+        assert_eq!(choose_lazy_path(true, 28672), LazyPath::Split);
+        assert_eq!(choose_lazy_path(true, SPLIT_MIN_ROWS - 1), LazyPath::Tiled);
+        assert_eq!(choose_lazy_path(true, 4096), LazyPath::Tiled);
+        assert_eq!(choose_lazy_path(false, 28672), LazyPath::Tiled);
+    }
 }
