@@ -17,7 +17,7 @@
 
 use super::buffer::{GpuDtype, GpuTensor};
 use super::context::{Dispatch, GpuContext};
-use super::matmul::{Batch, GemmStep, Region, RegionGemm};
+use super::matmul::{Batch, GemmStep, Region, RegionGemm, run_gemm_steps};
 use crate::error::{Error, Result};
 use crate::shaders;
 
@@ -396,13 +396,7 @@ pub fn invert_factor(ctx: &GpuContext, m: &GpuTensor, chol: Cholesky) -> Result<
             .prepare(ctx, true)?,
         );
     }
-    let dispatches: Vec<Dispatch> = steps.iter().map(|s| s.dispatch()).collect();
-    let recorded: Vec<(&wgpu::ComputePipeline, &Dispatch)> = steps
-        .iter()
-        .zip(&dispatches)
-        .map(|(s, d)| (&*s.pipeline, d))
-        .collect();
-    ctx.run_steps("invert_factor", &format!("{n}x{n}"), &recorded)
+    run_gemm_steps(ctx, "invert_factor", &format!("{n}x{n}"), &steps)
 }
 
 /// M <- J·M·J (both index orders reversed). With M = inv(L) for L the lower Cholesky factor of

@@ -1628,13 +1628,28 @@ pub fn region_product(
         split: scratch.as_ref(),
     }
     .prepare_steps(ctx, false)?;
+    run_gemm_steps(
+        ctx,
+        "region product",
+        &format!("{}x{}x{}", r.m, r.n, r.k),
+        &steps,
+    )
+}
+
+/// Records `steps` in order as one submission ([`GpuContext::run_steps`]).
+pub(crate) fn run_gemm_steps(
+    ctx: &GpuContext,
+    kernel: &str,
+    shape: &str,
+    steps: &[GemmStep],
+) -> Result<()> {
     let ds: Vec<Dispatch> = steps.iter().map(|s| s.dispatch()).collect();
     let list: Vec<(&wgpu::ComputePipeline, &Dispatch)> = steps
         .iter()
         .zip(&ds)
         .map(|(s, d)| (&*s.pipeline, d))
         .collect();
-    ctx.run_steps("region product", &format!("{}x{}x{}", r.m, r.n, r.k), &list)
+    ctx.run_steps(kernel, shape, &list)
 }
 
 /// One run of `shaders/split.wgsl` alone, for its test against `reference::matmul::split_operand`:
