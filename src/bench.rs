@@ -273,7 +273,15 @@ pub fn gptq(ctx: &GpuContext, rows: usize, cols: usize, o: &GptqBenchOptions) ->
     let column_loop = column_loop.unwrap_or(crate::gpu::gptq::column_loop(ctx));
     // The production choice unless forced (named by the layer's rows; on an adapter whose
     // binding limit splits the layer, each row chunk chooses for itself).
-    let lazy_path = lazy_path.unwrap_or(crate::gpu::gptq::lazy_path(ctx, rows));
+    let lazy_path = lazy_path.unwrap_or({
+        let n = cols.div_ceil(crate::gpu::linalg::NB) * crate::gpu::linalg::NB;
+        let g = spec.group.map(|_| spec.group_size(cols));
+        let bsz =
+            crate::quant::gptq::block_size(g, crate::quant::gptq::GptqOptions::new(spec).block);
+        let span =
+            crate::gpu::gptq::lazy_span(lazy_span.unwrap_or(crate::gpu::gptq::LAZY_SPAN), bsz, g);
+        crate::gpu::gptq::lazy_path(ctx, rows, n, span)
+    });
     let prod = Hooks {
         column_loop: Some(column_loop),
         lazy_path: Some(lazy_path),

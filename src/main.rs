@@ -238,9 +238,9 @@ enum BenchKernel {
         /// subgroups, else rows).
         #[arg(long)]
         column_loop: Option<String>,
-        /// Lazy-update kernel: tiled (f32) or split (tensor cores, f32-accurate, where the
-        /// adapter has cooperative matrices). Default: split for layers of at least 16384 rows
-        /// where cooperative matrices run, else tiled.
+        /// Lazy-update kernel: tiled (f32) or split (far updates on the tensor cores,
+        /// f32-accurate, where the adapter has cooperative matrices). Default: split where
+        /// cooperative matrices run and its scratch fits within half the layer, else tiled.
         #[arg(long)]
         lazy: Option<String>,
         /// Positions per lazy-update span (rounded up to whole blocks): each block updates the

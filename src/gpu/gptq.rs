@@ -118,14 +118,14 @@ pub struct Hooks {
 /// The kernel of the lazy updates W[:, rest] -= Err·U[block, rest].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LazyPath {
-    /// The f32 register-tiled kernel; any adapter. The default below [`SPLIT_MIN_ROWS`] rows.
+    /// The f32 register-tiled kernel for every lazy update; any adapter.
     Tiled,
-    /// Split products on the tensor cores, f32-accurate: Err and U split into per-row and
-    /// per-column scaled f16 halves (`shaders/split.wgsl`, into a per-chunk
-    /// [`SplitScratch`]), then one f16 product over three times the depth
-    /// (hi·hi + hi·lo + lo·hi, `matmul_coop.wgsl` SPLIT). Opt-in (`bench gptq --lazy split`)
-    /// where cooperative matrices run. The default from [`SPLIT_MIN_ROWS`] rows where
-    /// cooperative matrices run (see there).
+    /// The far updates (K = one span) as split products on the tensor cores, f32-accurate: Err
+    /// and U split into per-row and per-column scaled f16 halves (`shaders/split.wgsl`, into a
+    /// per-chunk [`SplitScratch`]), then one f16 product over three times the depth
+    /// (hi·hi + hi·lo + lo·hi, `matmul_coop.wgsl` SPLIT); the near updates (K = one block) on
+    /// the tiled kernel. Needs cooperative matrices; [`lazy_path`] picks it where the scratch
+    /// fits the memory target.
     Split,
 }
 
@@ -735,12 +735,6 @@ fn apply_impl(
         ColumnLoop::Rows => ctx.pipeline(KERNEL, &src, "block_rows", true)?,
     };
     let block_rows = kind.rows_per_workgroup();
-    // The widest lazy update: a far one (every column after the first span) or a near one (the
-    // rest of a span after its first block).
-    let split_n = n
-        .saturating_sub(span)
-        .max(span.min(n).saturating_sub(bsz))
-        .max(1);
     let mut outputs = Vec::with_capacity(wp.chunks.len());
     for chunk in &wp.chunks {
         let rc = chunk.rows;
@@ -792,9 +786,11 @@ fn apply_impl(
         // Each row's running Σ err² (GPTQ's loss), added to by every block kernel.
         let loss = GpuTensor::empty(ctx, 1, rc, GpuDtype::F32)?;
         loss.fill_u32(ctx, 0);
-        let split = hooks.lazy_path.unwrap_or(lazy_path(ctx, rc)) == LazyPath::Split;
-        let scratch = if split {
-            Some(SplitScratch::new(ctx, rc, split_n, err_w)?)
+        // Split products serve the far updates only; the widest is every column after the
+        // first span (none when the layer is one span).
+        let path = hooks.lazy_path.unwrap_or(lazy_path(ctx, rc, n, span));
+        let scratch = if path == LazyPath::Split && n > span {
+            Some(SplitScratch::new(ctx, rc, n - span, span)?)
         } else {
             None
         };
@@ -846,9 +842,12 @@ fn apply_impl(
             }
             // Near update: the rest of this span, from this block's errors (K = bw).
             // Far update at the span's end: every later column, from the whole span (K = s1 - s0).
-            let near = (b0 + bw < s1).then_some((b0 - s0, b0, bw, b0 + bw, s1));
-            let far = (b0 + bw == s1 && s1 < n).then_some((0, s0, s1 - s0, s1, n));
-            for (e0, u_row, k, c0, c1) in near.into_iter().chain(far) {
+            // Near updates always run on the tiled kernel: as split products (K = one block)
+            // they were slower (BENCHMARKS.md, session 18).
+            let near = (b0 + bw < s1).then_some((b0 - s0, b0, bw, b0 + bw, s1, None));
+            let far =
+                (b0 + bw == s1 && s1 < n).then_some((0, s0, s1 - s0, s1, n, scratch.as_ref()));
+            for (e0, u_row, k, c0, c1, split) in near.into_iter().chain(far) {
                 let step = RegionGemm {
                     a: Region {
                         buf: one(&err),
@@ -878,7 +877,7 @@ fn apply_impl(
                     a_lower_tri: false,
                     b_lower_tri: false,
                     batch: Batch::ONE,
-                    split: scratch.as_ref(),
+                    split,
                 }
                 .prepare_steps(ctx, false)?;
                 lazy.extend(step.into_iter().map(|s| (uniforms.len() - 1, s)));
@@ -1205,20 +1204,22 @@ pub fn column_loop(ctx: &GpuContext) -> ColumnLoop {
     }
 }
 
-/// Row chunks of at least this many rows run their lazy updates as split products where
-/// cooperative matrices run. Measured on the H200 (BENCHMARKS.md, session 18, call E), lazy
-/// updates alone, split against tiled: 28672 x 8192 56 against 81 ms; 8192² 18.7-19.3 against
-/// 19.0; 11008 x 4096 8.6 against 7.0; 4096 x 11008 17.7-17.9 against 18.0; 4096² 4.2-4.4
-/// against 3.2. The split products pay off only where many rows share each split of U.
-pub const SPLIT_MIN_ROWS: usize = 16384;
-
-/// The lazy-update kernel for a row chunk of `rows` rows on this adapter.
-pub fn lazy_path(ctx: &GpuContext, rows: usize) -> LazyPath {
-    choose_lazy_path(crate::gpu::matmul::coop_available(ctx), rows)
+/// The lazy-update kernel for a row chunk of `rows` rows of a layer of `n` (padded) columns
+/// with lazy spans of `span` positions: [`LazyPath::Split`] where cooperative matrices run and
+/// its scratch (the split far-update operands) takes at most half the chunk's f32 size, else
+/// [`LazyPath::Tiled`]. The f32 path's peak is about the layer, H and the span's errors, so the
+/// half keeps GPTQ within twice the layer plus H. Measured on the H200 (BENCHMARKS.md, session
+/// 18, calls G-H), lazy updates alone, split far updates against tiled: 28672 x 8192 49 against
+/// 83 ms, 8192² 14.7-14.8 against 19-24, 4096 x 11008 14.2-14.5 against 18.3, 11008 x 4096
+/// 6.1-6.2 against 7.4, 4096² 3.0-3.1 against 3.4 (its scratch would break the memory target,
+/// so it stays tiled).
+pub fn lazy_path(ctx: &GpuContext, rows: usize, n: usize, span: usize) -> LazyPath {
+    choose_lazy_path(crate::gpu::matmul::coop_available(ctx), rows, n, span)
 }
 
-fn choose_lazy_path(coop: bool, rows: usize) -> LazyPath {
-    if coop && rows >= SPLIT_MIN_ROWS {
+fn choose_lazy_path(coop: bool, rows: usize, n: usize, span: usize) -> LazyPath {
+    let scratch = SplitScratch::bytes(rows, n.saturating_sub(span), span);
+    if coop && n > span && scratch <= (rows * n * 4) as u64 / 2 {
         LazyPath::Split
     } else {
         LazyPath::Tiled
@@ -1243,11 +1244,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn split_lazy_updates_only_for_tall_chunks_with_cooperative_matrices() {
-        assert_eq!(choose_lazy_path(true, SPLIT_MIN_ROWS), LazyPath::Split);
-        assert_eq!(choose_lazy_path(true, 28672), LazyPath::Split);
-        assert_eq!(choose_lazy_path(true, SPLIT_MIN_ROWS - 1), LazyPath::Tiled);
-        assert_eq!(choose_lazy_path(true, 4096), LazyPath::Tiled);
-        assert_eq!(choose_lazy_path(false, 28672), LazyPath::Tiled);
+    fn split_far_updates_where_the_scratch_fits_half_the_layer() {
+        // The benchmark shapes (n padded to 64, span 1024).
+        assert_eq!(choose_lazy_path(true, 28672, 8192, 1024), LazyPath::Split);
+        assert_eq!(choose_lazy_path(true, 8192, 8192, 1024), LazyPath::Split);
+        assert_eq!(choose_lazy_path(true, 4096, 11008, 1024), LazyPath::Split);
+        assert_eq!(choose_lazy_path(true, 11008, 4096, 1024), LazyPath::Split);
+        assert_eq!(choose_lazy_path(true, 4096, 4096, 1024), LazyPath::Tiled);
+        // One span: no far update to split.
+        assert_eq!(choose_lazy_path(true, 28672, 1024, 1024), LazyPath::Tiled);
+        assert_eq!(choose_lazy_path(false, 28672, 8192, 1024), LazyPath::Tiled);
     }
 }

@@ -1262,6 +1262,16 @@ impl SplitScratch {
         })
     }
 
+    /// Bytes of a scratch for products of up to `m` x `n` x `k` ([`SplitScratch::new`]).
+    pub fn bytes(m: usize, n: usize, k: usize) -> u64 {
+        let (bm, bn) = CoopConfig::SPLIT.tile();
+        let part = |lines: usize, tile: usize| {
+            let (lp, kp) = split_dims(lines.max(1), tile, k.max(1));
+            2 * ((3 * kp + 1) * lp) as u64
+        };
+        part(m, bm) + part(n, bn)
+    }
+
     fn holds(t: &GpuTensor, lp: usize, kp: usize) -> bool {
         (3 * kp + 1) * lp <= t.rows * t.cols
     }
