@@ -419,18 +419,26 @@ fn lazy_paths_agree_with_the_reference() {
     let (rows, cols) = (70, 300);
     let (w, h) = layer(rows, cols, 400, 21);
     let ht = GpuTensor::from_f32(&ctx, cols, cols, &h).unwrap();
-    let run = |p: LazyPath, o: &GptqOptions| {
+    // Spans of 256 positions: the far updates (every column after a span) are the split ones.
+    let run_span = |p: LazyPath, o: &GptqOptions, span: Option<usize>| {
         let hooks = Hooks {
             lazy_path: Some(p),
-            lazy_span: Some(256),
+            lazy_span: span,
             ..Default::default()
         };
         gptq_with(&ctx, &w, rows, cols, &ht, o, hooks)
     };
+    let run = |p: LazyPath, o: &GptqOptions| run_span(p, o, Some(256));
     if !coop_available(&ctx) {
         let o = GptqOptions::new(QuantSpec::new(4, None, false).unwrap());
-        let e = run(LazyPath::Split, &o).err().unwrap().to_string();
-        assert!(e.contains("split cooperative product"), "{e}");
+        // Refused, with or without a far update to split (the default span holds the layer).
+        for span in [Some(256), None] {
+            let e = run_span(LazyPath::Split, &o, span)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains("split cooperative product"), "{e}");
+        }
         return;
     }
     for (bits, group, act) in [(4, None, true), (3, Some(100), true), (4, Some(20), false)] {

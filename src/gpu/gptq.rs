@@ -735,6 +735,17 @@ fn apply_impl(
         ColumnLoop::Rows => ctx.pipeline(KERNEL, &src, "block_rows", true)?,
     };
     let block_rows = kind.rows_per_workgroup();
+    if hooks.lazy_path == Some(LazyPath::Split) && !crate::gpu::matmul::coop_available(ctx) {
+        // Refused up front, also for layers of one span (which would have no split product).
+        return Err(Error::gpu(
+            KERNEL,
+            &shape,
+            format!(
+                "the split cooperative product needs 16x16x16 f16 cooperative matrices and 32-wide subgroups, which adapter {} lacks",
+                ctx.adapter
+            ),
+        ));
+    }
     let mut outputs = Vec::with_capacity(wp.chunks.len());
     for chunk in &wp.chunks {
         let rc = chunk.rows;
