@@ -1224,13 +1224,16 @@ pub fn column_loop(ctx: &GpuContext) -> ColumnLoop {
 /// 83 ms, 8192² 14.7-14.8 against 19-24, 4096 x 11008 14.2-14.5 against 18.3, 11008 x 4096
 /// 6.1-6.2 against 7.4, 4096² 3.0-3.1 against 3.4 (its scratch would break the memory target,
 /// so it stays tiled).
+/// Each part of the scratch must also fit one storage binding.
 pub fn lazy_path(ctx: &GpuContext, rows: usize, n: usize, span: usize) -> LazyPath {
-    choose_lazy_path(crate::gpu::matmul::coop_available(ctx), rows, n, span)
+    let coop = crate::gpu::matmul::coop_available(ctx);
+    choose_lazy_path(coop, ctx.binding_limit(), rows, n, span)
 }
 
-fn choose_lazy_path(coop: bool, rows: usize, n: usize, span: usize) -> LazyPath {
-    let scratch = SplitScratch::bytes(rows, n.saturating_sub(span), span);
-    if coop && n > span && scratch <= (rows * n * 4) as u64 / 2 {
+fn choose_lazy_path(coop: bool, binding: u64, rows: usize, n: usize, span: usize) -> LazyPath {
+    let (a, b) = SplitScratch::bytes(rows, n.saturating_sub(span), span);
+    let fits = a.max(b) <= binding && a + b <= (rows * n * 4) as u64 / 2;
+    if coop && n > span && fits {
         LazyPath::Split
     } else {
         LazyPath::Tiled
@@ -1256,14 +1259,28 @@ mod tests {
 
     #[test]
     fn split_far_updates_where_the_scratch_fits_half_the_layer() {
-        // The benchmark shapes (n padded to 64, span 1024).
-        assert_eq!(choose_lazy_path(true, 28672, 8192, 1024), LazyPath::Split);
-        assert_eq!(choose_lazy_path(true, 8192, 8192, 1024), LazyPath::Split);
-        assert_eq!(choose_lazy_path(true, 4096, 11008, 1024), LazyPath::Split);
-        assert_eq!(choose_lazy_path(true, 11008, 4096, 1024), LazyPath::Split);
-        assert_eq!(choose_lazy_path(true, 4096, 4096, 1024), LazyPath::Tiled);
+        // The benchmark shapes (n padded to 64, span 1024), 4 GiB bindings.
+        let big = 4 << 30;
+        let pick = |rows, n| choose_lazy_path(true, big, rows, n, 1024);
+        assert_eq!(pick(28672, 8192), LazyPath::Split);
+        assert_eq!(pick(8192, 8192), LazyPath::Split);
+        assert_eq!(pick(4096, 11008), LazyPath::Split);
+        assert_eq!(pick(11008, 4096), LazyPath::Split);
+        assert_eq!(pick(4096, 4096), LazyPath::Tiled);
         // One span: no far update to split.
-        assert_eq!(choose_lazy_path(true, 28672, 1024, 1024), LazyPath::Tiled);
-        assert_eq!(choose_lazy_path(false, 28672, 8192, 1024), LazyPath::Tiled);
+        assert_eq!(pick(28672, 1024), LazyPath::Tiled);
+        assert_eq!(
+            choose_lazy_path(false, big, 28672, 8192, 1024),
+            LazyPath::Tiled
+        );
+        // 28672 rows' split errors (176 MB) do not fit a 128 MiB binding.
+        assert_eq!(
+            choose_lazy_path(true, 128 << 20, 28672, 8192, 1024),
+            LazyPath::Tiled
+        );
+        assert_eq!(
+            choose_lazy_path(true, 128 << 20, 8192, 8192, 1024),
+            LazyPath::Split
+        );
     }
 }

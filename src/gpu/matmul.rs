@@ -1262,14 +1262,15 @@ impl SplitScratch {
         })
     }
 
-    /// Bytes of a scratch for products of up to `m` x `n` x `k` ([`SplitScratch::new`]).
-    pub fn bytes(m: usize, n: usize, k: usize) -> u64 {
+    /// Bytes of a scratch for products of up to `m` x `n` x `k` ([`SplitScratch::new`]): A's
+    /// part and B's.
+    pub fn bytes(m: usize, n: usize, k: usize) -> (u64, u64) {
         let (bm, bn) = CoopConfig::SPLIT.tile();
         let part = |lines: usize, tile: usize| {
             let (lp, kp) = split_dims(lines.max(1), tile, k.max(1));
             2 * ((3 * kp + 1) * lp) as u64
         };
-        part(m, bm) + part(n, bn)
+        (part(m, bm), part(n, bn))
     }
 
     fn holds(t: &GpuTensor, lp: usize, kp: usize) -> bool {
@@ -1291,6 +1292,35 @@ struct SplitParams {
     lo_seg: u32,
     e_off: u32,
     pad: [u32; 3],
+}
+
+impl SplitParams {
+    /// Line l, position t of the source at `off + l * ls + t * ks` (`lines` x `k`), written as
+    /// `lp` lines of three `kp`-deep segments (lo in segment `lo_seg`), exponents after them.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        lines: usize,
+        k: usize,
+        kp: usize,
+        lp: usize,
+        off: usize,
+        ls: usize,
+        ks: usize,
+        lo_seg: u32,
+    ) -> SplitParams {
+        SplitParams {
+            lines: lines as u32,
+            k: k as u32,
+            kp: kp as u32,
+            lp: lp as u32,
+            off: off as u32,
+            ls: ls as u32,
+            ks: ks as u32,
+            lo_seg,
+            e_off: (3 * kp * lp) as u32,
+            pad: [0; 3],
+        }
+    }
 }
 
 /// See [`RegionGemm::batch`].
@@ -1512,18 +1542,7 @@ impl<'a> RegionGemm<'a> {
             (&self.a, &scratch.a, self.m, lpa, self.a.ld, 1, 2),
             (&self.b, &scratch.b, self.n, lpb, b_ls, b_ks, 1),
         ] {
-            let sp = SplitParams {
-                lines: lines as u32,
-                k: self.k as u32,
-                kp: kp as u32,
-                lp: lp as u32,
-                off: src.off as u32,
-                ls: ls as u32,
-                ks: ks as u32,
-                lo_seg,
-                e_off: (3 * kp * lp) as u32,
-                pad: [0; 3],
-            };
+            let sp = SplitParams::new(lines, self.k, kp, lp, src.off, ls, ks, lo_seg);
             ctx.add_work(
                 &p_split,
                 0.0,
@@ -1703,18 +1722,7 @@ pub fn split_operand(
     let (lp, kp) = split_dims(lines, CoopConfig::SPLIT.tile().0, k);
     let out = GpuTensor::empty(ctx, 3 * kp + 1, lp, GpuDtype::F16)?;
     out.fill_u32(ctx, 0x7e00_7e00);
-    let sp = SplitParams {
-        lines: lines as u32,
-        k: k as u32,
-        kp: kp as u32,
-        lp: lp as u32,
-        off: off as u32,
-        ls: ls as u32,
-        ks: ks as u32,
-        lo_seg,
-        e_off: (3 * kp * lp) as u32,
-        pad: [0; 3],
-    };
+    let sp = SplitParams::new(lines, k, kp, lp, off, ls, ks, lo_seg);
     let pipe = ctx.pipeline("split", shaders::SPLIT, "split", false)?;
     let d = Dispatch {
         buffers: vec![&src.chunks[0].buffer, &out.chunks[0].buffer],
