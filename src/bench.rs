@@ -271,23 +271,6 @@ pub fn gptq(ctx: &GpuContext, rows: usize, cols: usize, o: &GptqBenchOptions) ->
     } = *o;
     use crate::gpu::gptq::{Hooks, gptq_with};
     let column_loop = column_loop.unwrap_or(crate::gpu::gptq::column_loop(ctx));
-    // The production choice unless forced (named by the layer's rows; on an adapter whose
-    // binding limit splits the layer, each row chunk chooses for itself).
-    let lazy_path = lazy_path.unwrap_or({
-        let n = cols.div_ceil(crate::gpu::linalg::NB) * crate::gpu::linalg::NB;
-        let g = spec.group.map(|_| spec.group_size(cols));
-        let bsz =
-            crate::quant::gptq::block_size(g, crate::quant::gptq::GptqOptions::new(spec).block);
-        let span =
-            crate::gpu::gptq::lazy_span(lazy_span.unwrap_or(crate::gpu::gptq::LAZY_SPAN), bsz, g);
-        crate::gpu::gptq::lazy_path(ctx, rows, n, span)
-    });
-    let prod = Hooks {
-        column_loop: Some(column_loop),
-        lazy_path: Some(lazy_path),
-        lazy_span,
-        ..Default::default()
-    };
     use crate::quant::gptq::block_size;
     let mut rng = Rng::new(7);
     let w = rng.normal_vec(rows * cols, 0.02);
@@ -310,6 +293,17 @@ pub fn gptq(ctx: &GpuContext, rows: usize, cols: usize, o: &GptqBenchOptions) ->
     };
     let mut opts = crate::quant::gptq::GptqOptions::new(spec);
     opts.act_order = act_order;
+    // The production choice unless forced (named by the layer; on an adapter whose binding
+    // limit splits the layer into row chunks, each chunk chooses for itself).
+    let lazy_path = lazy_path.unwrap_or(crate::gpu::gptq::layer_lazy_path(
+        ctx, rows, cols, &opts, lazy_span,
+    ));
+    let prod = Hooks {
+        column_loop: Some(column_loop),
+        lazy_path: Some(lazy_path),
+        lazy_span,
+        ..Default::default()
+    };
     let shape = format!("{rows}x{cols}");
     let run = |hooks: Hooks| -> Result<(f64, crate::gpu::gptq::GptqPhases)> {
         crate::gpu::peaks::hold_clock(ctx, hold_clock)?;

@@ -676,11 +676,7 @@ fn apply_impl(
     let g = spec.group_size(cols);
     let ng = spec.n_groups(cols);
     let bsz = block_size(spec.group.map(|_| g), opts.block);
-    let span = lazy_span(
-        hooks.lazy_span.unwrap_or(LAZY_SPAN),
-        bsz,
-        spec.group.map(|_| g),
-    );
+    let span = layer_span(cols, opts, hooks.lazy_span);
     // Err holds the errors of one span (never wider than the layer).
     let err_w = span.min(n);
     let perm_flags: Vec<u32> = perm
@@ -1228,6 +1224,29 @@ pub fn column_loop(ctx: &GpuContext) -> ColumnLoop {
 pub fn lazy_path(ctx: &GpuContext, rows: usize, n: usize, span: usize) -> LazyPath {
     let coop = crate::gpu::matmul::coop_available(ctx);
     choose_lazy_path(coop, ctx.binding_limit(), rows, n, span)
+}
+
+/// The lazy-update span of a layer of `cols` columns under `opts` (`want` positions, rounded to
+/// whole blocks and groups; [`LAZY_SPAN`] when `None`).
+pub fn layer_span(cols: usize, opts: &GptqOptions, want: Option<usize>) -> usize {
+    let g = opts.spec.group.map(|_| opts.spec.group_size(cols));
+    lazy_span(want.unwrap_or(LAZY_SPAN), block_size(g, opts.block), g)
+}
+
+/// [`lazy_path`] for a whole layer of `rows` x `cols` (columns padded as GPTQ pads them).
+pub fn layer_lazy_path(
+    ctx: &GpuContext,
+    rows: usize,
+    cols: usize,
+    opts: &GptqOptions,
+    want_span: Option<usize>,
+) -> LazyPath {
+    lazy_path(
+        ctx,
+        rows,
+        cols.div_ceil(NB) * NB,
+        layer_span(cols, opts, want_span),
+    )
 }
 
 fn choose_lazy_path(coop: bool, binding: u64, rows: usize, n: usize, span: usize) -> LazyPath {
