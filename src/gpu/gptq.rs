@@ -731,16 +731,9 @@ fn apply_impl(
         ColumnLoop::Rows => ctx.pipeline(KERNEL, &src, "block_rows", true)?,
     };
     let block_rows = kind.rows_per_workgroup();
-    if hooks.lazy_path == Some(LazyPath::Split) && !crate::gpu::matmul::coop_available(ctx) {
+    if hooks.lazy_path == Some(LazyPath::Split) {
         // Refused up front, also for layers of one span (which would have no split product).
-        return Err(Error::gpu(
-            KERNEL,
-            &shape,
-            format!(
-                "the split cooperative product needs 16x16x16 f16 cooperative matrices and 32-wide subgroups, which adapter {} lacks",
-                ctx.adapter
-            ),
-        ));
+        crate::gpu::matmul::check_split(ctx, &shape)?;
     }
     let mut outputs = Vec::with_capacity(wp.chunks.len());
     for chunk in &wp.chunks {
@@ -795,7 +788,9 @@ fn apply_impl(
         loss.fill_u32(ctx, 0);
         // Split products serve the far updates only; the widest is every column after the
         // first span (none when the layer is one span).
-        let path = hooks.lazy_path.unwrap_or(lazy_path(ctx, rc, n, span));
+        let path = hooks
+            .lazy_path
+            .unwrap_or_else(|| lazy_path(ctx, rc, n, span));
         let scratch = if path == LazyPath::Split && n > span {
             Some(SplitScratch::new(ctx, rc, n - span, span)?)
         } else {
@@ -1212,18 +1207,17 @@ pub fn column_loop(ctx: &GpuContext) -> ColumnLoop {
 }
 
 /// The lazy-update kernel for a row chunk of `rows` rows of a layer of `n` (padded) columns
-/// with lazy spans of `span` positions: [`LazyPath::Split`] where cooperative matrices run and
+/// with lazy spans of `span` positions: [`LazyPath::Split`] where split products run and
 /// its scratch (the split far-update operands) takes at most half the chunk's f32 size, else
 /// [`LazyPath::Tiled`]. The f32 path's peak is about the layer, H and the span's errors, so the
 /// half keeps GPTQ within twice the layer plus H. Measured on the H200 (BENCHMARKS.md, session
 /// 18, calls G-H), lazy updates alone, split far updates against tiled: 28672 x 8192 49 against
 /// 83 ms, 8192² 14.7-14.8 against 19-24, 4096 x 11008 14.2-14.5 against 18.3, 11008 x 4096
 /// 6.1-6.2 against 7.4, 4096² 3.0-3.1 against 3.4 (its scratch would break the memory target,
-/// so it stays tiled).
-/// Each part of the scratch must also fit one storage binding.
+/// so it stays tiled). Each part of the scratch must also fit one storage binding.
 pub fn lazy_path(ctx: &GpuContext, rows: usize, n: usize, span: usize) -> LazyPath {
-    let coop = crate::gpu::matmul::coop_available(ctx);
-    choose_lazy_path(coop, ctx.binding_limit(), rows, n, span)
+    let split = crate::gpu::matmul::split_available(ctx);
+    choose_lazy_path(split, ctx.binding_limit(), rows, n, span)
 }
 
 /// The lazy-update span of a layer of `cols` columns under `opts` (`want` positions, rounded to
@@ -1249,10 +1243,10 @@ pub fn layer_lazy_path(
     )
 }
 
-fn choose_lazy_path(coop: bool, binding: u64, rows: usize, n: usize, span: usize) -> LazyPath {
+fn choose_lazy_path(split: bool, binding: u64, rows: usize, n: usize, span: usize) -> LazyPath {
     let (a, b) = SplitScratch::bytes(rows, n.saturating_sub(span), span);
     let fits = a.max(b) <= binding && a + b <= (rows * n * 4) as u64 / 2;
-    if coop && n > span && fits {
+    if split && n > span && fits {
         LazyPath::Split
     } else {
         LazyPath::Tiled

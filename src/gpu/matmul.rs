@@ -1236,6 +1236,11 @@ fn split_dims(lines: usize, tile: usize, k: usize) -> (usize, usize) {
     (lines.div_ceil(tile) * tile, k.div_ceil(bk) * bk)
 }
 
+/// Halves of a split operand of `lp` lines and depth `kp`: three segments, then the exponents.
+fn split_halves(lp: usize, kp: usize) -> usize {
+    (3 * kp + 1) * lp
+}
+
 impl SplitScratch {
     /// Room for products of up to `m` rows, `n` columns and depth `k`, each operand in one
     /// binding.
@@ -1244,13 +1249,13 @@ impl SplitScratch {
         let alloc = |lines: usize, tile: usize| -> Result<GpuTensor> {
             let (lp, kp) = split_dims(lines.max(1), tile, k.max(1));
             let t = GpuTensor::empty(ctx, 3 * kp + 1, lp, GpuDtype::F16)?;
-            if t.chunks.len() != 1 || (3 * kp + 1) * lp > u32::MAX as usize {
+            if t.chunks.len() != 1 || split_halves(lp, kp) > u32::MAX as usize {
                 return Err(Error::gpu(
                     "matmul_coop",
                     format!("split {m}x{n}x{k}"),
                     format!(
                         "a split operand of {} MiB does not fit one storage binding of this adapter",
-                        ((3 * kp + 1) * lp * 2) >> 20
+                        (split_halves(lp, kp) * 2) >> 20
                     ),
                 ));
             }
@@ -1268,14 +1273,36 @@ impl SplitScratch {
         let (bm, bn) = CoopConfig::SPLIT.tile();
         let part = |lines: usize, tile: usize| {
             let (lp, kp) = split_dims(lines.max(1), tile, k.max(1));
-            2 * ((3 * kp + 1) * lp) as u64
+            2 * split_halves(lp, kp) as u64
         };
         (part(m, bm), part(n, bn))
     }
 
     fn holds(t: &GpuTensor, lp: usize, kp: usize) -> bool {
-        (3 * kp + 1) * lp <= t.rows * t.cols
+        split_halves(lp, kp) <= t.rows * t.cols
     }
+}
+
+/// Whether split products run on this adapter: cooperative matrices, and room for their tiles.
+pub(crate) fn split_available(ctx: &GpuContext) -> bool {
+    coop_available(ctx) && coop_fits(ctx, CoopConfig::SPLIT)
+}
+
+/// [`split_available`] as an error naming the adapter's missing piece (`shape`: the product).
+pub(crate) fn check_split(ctx: &GpuContext, shape: &str) -> Result<()> {
+    if split_available(ctx) {
+        return Ok(());
+    }
+    let cfg = CoopConfig::SPLIT;
+    Err(Error::gpu(
+        "matmul_coop",
+        shape,
+        format!(
+            "adapter {} cannot run the split cooperative product (16x16x16 f16 cooperative matrices, 32-wide subgroups and {} bytes of workgroup memory)",
+            ctx.adapter,
+            cfg.workgroup_bytes()
+        ),
+    ))
 }
 
 /// The uniforms of `shaders/split.wgsl`.
@@ -1319,6 +1346,21 @@ impl SplitParams {
             lo_seg,
             e_off: (3 * kp * lp) as u32,
             pad: [0; 3],
+        }
+    }
+
+    /// The split's dispatch, `src` into `out` (one workgroup per 32 lines).
+    fn step<'b>(
+        self,
+        pipeline: std::sync::Arc<wgpu::ComputePipeline>,
+        src: &'b wgpu::Buffer,
+        out: &'b wgpu::Buffer,
+    ) -> GemmStep<'b> {
+        GemmStep {
+            pipeline,
+            buffers: vec![src, out],
+            uniform: bytemuck::bytes_of(&self).to_vec(),
+            groups: (self.lp / 32, 1, 1),
         }
     }
 }
@@ -1510,14 +1552,8 @@ impl<'a> RegionGemm<'a> {
                 "a split product takes no aliased operands, lower triangle, triangular operand or batch",
             );
         }
+        check_split(ctx, shape)?;
         let cfg = CoopConfig::SPLIT;
-        if !coop_available(ctx) || !coop_fits(ctx, cfg) {
-            return fail(&format!(
-                "adapter {} cannot run the split cooperative product (16x16x16 f16 cooperative matrices, 32-wide subgroups and {} bytes of workgroup memory)",
-                ctx.adapter,
-                cfg.workgroup_bytes()
-            ));
-        }
         let (bm, bn) = cfg.tile();
         let (lpa, kp) = split_dims(self.m, bm, self.k);
         let (lpb, _) = split_dims(self.n, bn, self.k);
@@ -1537,23 +1573,14 @@ impl<'a> RegionGemm<'a> {
         } else {
             (1, self.b.ld)
         };
+        let sa = SplitParams::new(self.m, self.k, kp, lpa, self.a.off, self.a.ld, 1, 2);
+        let sb = SplitParams::new(self.n, self.k, kp, lpb, self.b.off, b_ls, b_ks, 1);
         let mut steps = Vec::with_capacity(3);
-        for (src, out, lines, lp, ls, ks, lo_seg) in [
-            (&self.a, &scratch.a, self.m, lpa, self.a.ld, 1, 2),
-            (&self.b, &scratch.b, self.n, lpb, b_ls, b_ks, 1),
-        ] {
-            let sp = SplitParams::new(lines, self.k, kp, lp, src.off, ls, ks, lo_seg);
-            ctx.add_work(
-                &p_split,
-                0.0,
-                (8 * lines * self.k + 2 * (3 * kp + 1) * lp) as f64,
-            );
-            steps.push(GemmStep {
-                pipeline: p_split.clone(),
-                buffers: vec![src.buf, &out.chunks[0].buffer],
-                uniform: bytemuck::bytes_of(&sp).to_vec(),
-                groups: ((lp / 32) as u32, 1, 1),
-            });
+        for (sp, src, out) in [(sa, &self.a, &scratch.a), (sb, &self.b, &scratch.b)] {
+            let (lines, lp) = (sp.lines as usize, sp.lp as usize);
+            let bytes = 8 * lines * self.k + 2 * split_halves(lp, kp);
+            ctx.add_work(&p_split, 0.0, bytes as f64);
+            steps.push(sp.step(p_split.clone(), src.buf, &out.chunks[0].buffer));
         }
         let mut p = self.params();
         p.m = lpa as u32;
@@ -1561,7 +1588,7 @@ impl<'a> RegionGemm<'a> {
         p.k = (3 * kp) as u32;
         (p.a_off, p.lda, p.b_off, p.ldb) = (0, lpa as u32, 0, lpb as u32);
         (p.sm, p.sn) = (self.m as u32, self.n as u32);
-        (p.ea_off, p.eb_off) = ((3 * kp * lpa) as u32, (3 * kp * lpb) as u32);
+        (p.ea_off, p.eb_off) = (sa.e_off, sb.e_off);
         p.set_align();
         let exact = p.exact(cfg.tile(), cfg.bk);
         let (pipeline, _) = coop_pipeline(
@@ -1724,12 +1751,8 @@ pub fn split_operand(
     out.fill_u32(ctx, 0x7e00_7e00);
     let sp = SplitParams::new(lines, k, kp, lp, off, ls, ks, lo_seg);
     let pipe = ctx.pipeline("split", shaders::SPLIT, "split", false)?;
-    let d = Dispatch {
-        buffers: vec![&src.chunks[0].buffer, &out.chunks[0].buffer],
-        uniform: Some(bytemuck::bytes_of(&sp)),
-        groups: ((lp / 32) as u32, 1, 1),
-    };
-    ctx.run_steps("split", &shape, &[(&*pipe, &d)])?;
+    let step = sp.step(pipe, &src.chunks[0].buffer, &out.chunks[0].buffer);
+    run_gemm_steps(ctx, "split", &shape, &[step])?;
     let bytes = out.to_bytes(ctx)?;
     Ok((bytemuck::pod_collect_to_vec(&bytes), lp, kp))
 }
