@@ -295,9 +295,8 @@ pub fn gptq(ctx: &GpuContext, rows: usize, cols: usize, o: &GptqBenchOptions) ->
     opts.act_order = act_order;
     // The production choice unless forced (named by the layer; on an adapter whose binding
     // limit splits the layer into row chunks, each chunk chooses for itself).
-    let lazy_path = lazy_path.unwrap_or(crate::gpu::gptq::layer_lazy_path(
-        ctx, rows, cols, &opts, lazy_span,
-    ));
+    let lazy_path = lazy_path
+        .unwrap_or_else(|| crate::gpu::gptq::layer_lazy_path(ctx, rows, cols, &opts, lazy_span));
     let prod = Hooks {
         column_loop: Some(column_loop),
         lazy_path: Some(lazy_path),
