@@ -86,7 +86,7 @@ const PREFETCH: bool = EXACT && NBUF == 1u;
 // 11008²x8192 from 200 to 272 (BENCHMARKS.md, session 12).
 var<workgroup> SA: array<vec4<f16>, SA_LEN / 4u>;
 var<workgroup> SB: array<vec4<f16>, SB_LEN / 4u>;
-var<workgroup> SC: array<f32, SC_LEN>; // one 16 x 16 output scratch per subgroup
+var<workgroup> SC: array<f32, SC_LEN>; // per subgroup a 16 x 16 output scratch (SPLIT: 16 x 64)
 fn get_a(r: u32, k: u32) -> f16 {
     if (r < p.m && k < p.k) {
         if (A_TRANS) { return ld_ma(p.a_off + k * p.lda + r); }
@@ -256,9 +256,8 @@ fn tile_b(buf: u32, kk: u32, c: u32) -> coop_mat16x16<f16, B> {
 
 // Writes accumulator `m` (rows r0.., cols c0.. of C): straight to C when `direct`, otherwise
 // through the subgroup's scratch. Every subgroup calls this the same number of times with the
-// same `direct`, so the barriers stay in uniform control flow.
-// SPLIT: the scratch holds the product scaled by its row's and column's powers of two, undone
-// here before alpha (exact), and only C's real extent (sm x sn) is stored.
+// same `direct`, so the barriers stay in uniform control flow. (Split products store through
+// `put_row` instead.)
 fn put(m: coop_mat16x16<f32, C>, sg: u32, lane: u32, r0: u32, c0: u32, direct: bool) {
     if (direct) {
         let i = p.c_off + r0 * p.ldc + c0;
@@ -270,25 +269,82 @@ fn put(m: coop_mat16x16<f32, C>, sg: u32, lane: u32, r0: u32, c0: u32, direct: b
     let ss = 16u;
     coopStoreT(m, &SC[si], ss);
     workgroupBarrier();
-    let lim_m = select(p.m, p.sm, SPLIT);
-    let lim_n = select(p.n, p.sn, SPLIT);
     for (var q = 0u; q < 8u; q++) {
         let e = q * 32u + lane;
         let r = r0 + (e >> 4u);
         let c = c0 + (e & 15u);
-        if (r < lim_m && c < lim_n) {
+        if (r < p.m && c < p.n) {
             let i = p.c_off + r * p.ldc + c;
-            var v = p.alpha * SC[si + e];
-            if (SPLIT) {
-                let ex = i32(ld_ma(p.ea_off + r)) + i32(ld_mb(p.eb_off + c));
-                v = p.alpha * ldexp(SC[si + e], -ex);
-            }
+            let v = p.alpha * SC[si + e];
             if (p.accumulate != 0u) {
                 MC[i] = MC[i] + v;
             } else {
                 MC[i] = v;
             }
         }
+    }
+    workgroupBarrier();
+}
+
+// The SPLIT epilogue: one row of this subgroup's accumulators (16 x 64 of C) at a time through
+// the subgroup's 16 x 64 scratch. It divides by 2^(e_row + e_col) (exact), applies alpha and
+// accumulation, and stores only inside C's real extent sm x sn. Each lane owns columns
+// c0 + lane and c0 + 32 + lane (their exponents loaded once) and moves four rows per step with
+// its eight loads of C issued before any of its stores, so a step waits for memory once.
+// Element by element through a 16 x 16 scratch (as `put`), with a load and a store per element
+// in turn, the far updates of GPTQ's 28672 x 8192 layer took 73 ms instead of 53 (H200,
+// BENCHMARKS.md session 19): C is read and written while the short K loop (3 x 1024) has
+// little work to cover it.
+fn ld_c(r: u32, c: u32, ok: bool) -> f32 {
+    if (ok && r < p.sm && p.accumulate != 0u) {
+        return MC[p.c_off + r * p.ldc + c];
+    }
+    return 0.0;
+}
+
+fn st_c(r: u32, c: u32, ok: bool, v: f32) {
+    if (ok && r < p.sm) {
+        MC[p.c_off + r * p.ldc + c] = v;
+    }
+}
+
+fn put_row(m0: coop_mat16x16<f32, C>, m1: coop_mat16x16<f32, C>, m2: coop_mat16x16<f32, C>,
+           m3: coop_mat16x16<f32, C>, sg: u32, lane: u32, r0: u32, c0: u32) {
+    let si = sg * 1024u;
+    let ss = 64u;
+    let i1 = si + 16u;
+    let i2 = si + 32u;
+    let i3 = si + 48u;
+    coopStoreT(m0, &SC[si], ss);
+    coopStoreT(m1, &SC[i1], ss);
+    coopStoreT(m2, &SC[i2], ss);
+    coopStoreT(m3, &SC[i3], ss);
+    workgroupBarrier();
+    let ca = c0 + lane;
+    let cb = ca + 32u;
+    let oka = ca < p.sn;
+    let okb = cb < p.sn;
+    let eca = vec4<i32>(i32(ld_mb(p.eb_off + ca)));
+    let ecb = vec4<i32>(i32(ld_mb(p.eb_off + cb)));
+    for (var t = 0u; t < 16u; t += 4u) {
+        let r = r0 + t;
+        let va = vec4<f32>(ld_c(r, ca, oka), ld_c(r + 1u, ca, oka), ld_c(r + 2u, ca, oka), ld_c(r + 3u, ca, oka));
+        let vb = vec4<f32>(ld_c(r, cb, okb), ld_c(r + 1u, cb, okb), ld_c(r + 2u, cb, okb), ld_c(r + 3u, cb, okb));
+        let er = vec4<i32>(i32(ld_ma(p.ea_off + r)), i32(ld_ma(p.ea_off + r + 1u)),
+                           i32(ld_ma(p.ea_off + r + 2u)), i32(ld_ma(p.ea_off + r + 3u)));
+        let s = si + t * 64u + lane;
+        let sa = vec4<f32>(SC[s], SC[s + 64u], SC[s + 128u], SC[s + 192u]);
+        let sb = vec4<f32>(SC[s + 32u], SC[s + 96u], SC[s + 160u], SC[s + 224u]);
+        let na = va + p.alpha * ldexp(sa, -(er + eca));
+        let nb = vb + p.alpha * ldexp(sb, -(er + ecb));
+        st_c(r, ca, oka, na.x);
+        st_c(r + 1u, ca, oka, na.y);
+        st_c(r + 2u, ca, oka, na.z);
+        st_c(r + 3u, ca, oka, na.w);
+        st_c(r, cb, okb, nb.x);
+        st_c(r + 1u, cb, okb, nb.y);
+        st_c(r + 2u, cb, okb, nb.z);
+        st_c(r + 3u, cb, okb, nb.w);
     }
     workgroupBarrier();
 }
@@ -382,20 +438,27 @@ fn tile(tid: u32, row0: u32, col0: u32) {
         }
     }
 
-    put(c00, sg, lane, r + 0u, c + 0u, direct);
-    put(c01, sg, lane, r + 0u, c + 16u, direct);
-    put(c02, sg, lane, r + 0u, c + 32u, direct);
-    put(c03, sg, lane, r + 0u, c + 48u, direct);
-    put(c10, sg, lane, r + 16u, c + 0u, direct);
-    put(c11, sg, lane, r + 16u, c + 16u, direct);
-    put(c12, sg, lane, r + 16u, c + 32u, direct);
-    put(c13, sg, lane, r + 16u, c + 48u, direct);
-    put(c20, sg, lane, r + 32u, c + 0u, direct);
-    put(c21, sg, lane, r + 32u, c + 16u, direct);
-    put(c22, sg, lane, r + 32u, c + 32u, direct);
-    put(c23, sg, lane, r + 32u, c + 48u, direct);
-    put(c30, sg, lane, r + 48u, c + 0u, direct);
-    put(c31, sg, lane, r + 48u, c + 16u, direct);
-    put(c32, sg, lane, r + 48u, c + 32u, direct);
-    put(c33, sg, lane, r + 48u, c + 48u, direct);
+    if (SPLIT) {
+        put_row(c00, c01, c02, c03, sg, lane, r + 0u, c);
+        put_row(c10, c11, c12, c13, sg, lane, r + 16u, c);
+        put_row(c20, c21, c22, c23, sg, lane, r + 32u, c);
+        put_row(c30, c31, c32, c33, sg, lane, r + 48u, c);
+    } else {
+        put(c00, sg, lane, r + 0u, c + 0u, direct);
+        put(c01, sg, lane, r + 0u, c + 16u, direct);
+        put(c02, sg, lane, r + 0u, c + 32u, direct);
+        put(c03, sg, lane, r + 0u, c + 48u, direct);
+        put(c10, sg, lane, r + 16u, c + 0u, direct);
+        put(c11, sg, lane, r + 16u, c + 16u, direct);
+        put(c12, sg, lane, r + 16u, c + 32u, direct);
+        put(c13, sg, lane, r + 16u, c + 48u, direct);
+        put(c20, sg, lane, r + 32u, c + 0u, direct);
+        put(c21, sg, lane, r + 32u, c + 16u, direct);
+        put(c22, sg, lane, r + 32u, c + 32u, direct);
+        put(c23, sg, lane, r + 32u, c + 48u, direct);
+        put(c30, sg, lane, r + 48u, c + 0u, direct);
+        put(c31, sg, lane, r + 48u, c + 16u, direct);
+        put(c32, sg, lane, r + 48u, c + 32u, direct);
+        put(c33, sg, lane, r + 48u, c + 48u, direct);
+    }
 }
