@@ -86,7 +86,7 @@ const PREFETCH: bool = EXACT && NBUF == 1u;
 // 11008²x8192 from 200 to 272 (BENCHMARKS.md, session 12).
 var<workgroup> SA: array<vec4<f16>, SA_LEN / 4u>;
 var<workgroup> SB: array<vec4<f16>, SB_LEN / 4u>;
-var<workgroup> SC: array<f32, SC_LEN>; // per subgroup a 16 x 16 output scratch (SPLIT: 16 x 64)
+var<workgroup> SC: array<f32, SC_LEN>; // one 16 x 16 output scratch per subgroup
 fn get_a(r: u32, k: u32) -> f16 {
     if (r < p.m && k < p.k) {
         if (A_TRANS) { return ld_ma(p.a_off + k * p.lda + r); }
@@ -257,7 +257,7 @@ fn tile_b(buf: u32, kk: u32, c: u32) -> coop_mat16x16<f16, B> {
 // Writes accumulator `m` (rows r0.., cols c0.. of C): straight to C when `direct`, otherwise
 // through the subgroup's scratch. Every subgroup calls this the same number of times with the
 // same `direct`, so the barriers stay in uniform control flow. (Split products store through
-// `put_row` instead.)
+// `put_split` instead.)
 fn put(m: coop_mat16x16<f32, C>, sg: u32, lane: u32, r0: u32, c0: u32, direct: bool) {
     if (direct) {
         let i = p.c_off + r0 * p.ldc + c0;
@@ -286,15 +286,16 @@ fn put(m: coop_mat16x16<f32, C>, sg: u32, lane: u32, r0: u32, c0: u32, direct: b
     workgroupBarrier();
 }
 
-// The SPLIT epilogue: one row of this subgroup's accumulators (16 x 64 of C) at a time through
-// the subgroup's 16 x 64 scratch. It divides by 2^(e_row + e_col) (exact), applies alpha and
-// accumulation, and stores only inside C's real extent sm x sn. Each lane owns columns
-// c0 + lane and c0 + 32 + lane (their exponents loaded once) and moves four rows per step with
-// its eight loads of C issued before any of its stores, so a step waits for memory once.
-// Element by element through a 16 x 16 scratch (as `put`), with a load and a store per element
-// in turn, the far updates of GPTQ's 28672 x 8192 layer took 73 ms instead of 53 (H200,
-// BENCHMARKS.md session 19): C is read and written while the short K loop (3 x 1024) has
-// little work to cover it.
+// The SPLIT epilogue for one accumulator (16 x 16 of C at r0, c0) through the subgroup's
+// scratch: it divides by 2^(e_row + e_col) (exact), applies alpha and accumulation, and stores
+// only inside C's real extent sm x sn. Lane l owns column c0 + l % 16 and rows r0 + l / 16 + 2q
+// (q = 0..7): its eight loads of C are all issued before any of its stores, so the accumulator
+// waits for memory once. Two earlier forms, measured on GPTQ's 28672 x 8192 far updates (H200,
+// BENCHMARKS.md session 19): a load, then a store, element after element (the loads cannot pass
+// the stores to the same buffer), 73 ms of lazy updates; a row of four accumulators through a
+// 16 x 64 scratch, 53 ms, because the larger scratch (36 instead of 24 KiB of workgroup memory
+// per workgroup) costs the K loop a third of its speed: the plain f16 product of the same
+// shape ran 4.75 ms with 24 KiB and 7.38 ms with 28 KiB.
 fn ld_c(r: u32, c: u32, ok: bool) -> f32 {
     if (ok && r < p.sm && p.accumulate != 0u) {
         return MC[p.c_off + r * p.ldc + c];
@@ -308,44 +309,35 @@ fn st_c(r: u32, c: u32, ok: bool, v: f32) {
     }
 }
 
-fn put_row(m0: coop_mat16x16<f32, C>, m1: coop_mat16x16<f32, C>, m2: coop_mat16x16<f32, C>,
-           m3: coop_mat16x16<f32, C>, sg: u32, lane: u32, r0: u32, c0: u32) {
-    let si = sg * 1024u;
-    let ss = 64u;
-    let i1 = si + 16u;
-    let i2 = si + 32u;
-    let i3 = si + 48u;
-    coopStoreT(m0, &SC[si], ss);
-    coopStoreT(m1, &SC[i1], ss);
-    coopStoreT(m2, &SC[i2], ss);
-    coopStoreT(m3, &SC[i3], ss);
+fn put_split(m: coop_mat16x16<f32, C>, sg: u32, lane: u32, r0: u32, c0: u32) {
+    let si = sg * 256u;
+    let ss = 16u;
+    coopStoreT(m, &SC[si], ss);
     workgroupBarrier();
-    let ca = c0 + lane;
-    let cb = ca + 32u;
-    let oka = ca < p.sn;
-    let okb = cb < p.sn;
-    let eca = vec4<i32>(i32(ld_mb(p.eb_off + ca)));
-    let ecb = vec4<i32>(i32(ld_mb(p.eb_off + cb)));
-    for (var t = 0u; t < 16u; t += 4u) {
-        let r = r0 + t;
-        let va = vec4<f32>(ld_c(r, ca, oka), ld_c(r + 1u, ca, oka), ld_c(r + 2u, ca, oka), ld_c(r + 3u, ca, oka));
-        let vb = vec4<f32>(ld_c(r, cb, okb), ld_c(r + 1u, cb, okb), ld_c(r + 2u, cb, okb), ld_c(r + 3u, cb, okb));
-        let er = vec4<i32>(i32(ld_ma(p.ea_off + r)), i32(ld_ma(p.ea_off + r + 1u)),
-                           i32(ld_ma(p.ea_off + r + 2u)), i32(ld_ma(p.ea_off + r + 3u)));
-        let s = si + t * 64u + lane;
-        let sa = vec4<f32>(SC[s], SC[s + 64u], SC[s + 128u], SC[s + 192u]);
-        let sb = vec4<f32>(SC[s + 32u], SC[s + 96u], SC[s + 160u], SC[s + 224u]);
-        let na = va + p.alpha * ldexp(sa, -(er + eca));
-        let nb = vb + p.alpha * ldexp(sb, -(er + ecb));
-        st_c(r, ca, oka, na.x);
-        st_c(r + 1u, ca, oka, na.y);
-        st_c(r + 2u, ca, oka, na.z);
-        st_c(r + 3u, ca, oka, na.w);
-        st_c(r, cb, okb, nb.x);
-        st_c(r + 1u, cb, okb, nb.y);
-        st_c(r + 2u, cb, okb, nb.z);
-        st_c(r + 3u, cb, okb, nb.w);
-    }
+    let c = c0 + (lane & 15u);
+    let ok = c < p.sn;
+    let ec = vec4<i32>(i32(ld_mb(p.eb_off + c)));
+    let r = r0 + (lane >> 4u);
+    let va = vec4<f32>(ld_c(r, c, ok), ld_c(r + 2u, c, ok), ld_c(r + 4u, c, ok), ld_c(r + 6u, c, ok));
+    let vb = vec4<f32>(ld_c(r + 8u, c, ok), ld_c(r + 10u, c, ok), ld_c(r + 12u, c, ok), ld_c(r + 14u, c, ok));
+    let era = vec4<i32>(i32(ld_ma(p.ea_off + r)), i32(ld_ma(p.ea_off + r + 2u)),
+                        i32(ld_ma(p.ea_off + r + 4u)), i32(ld_ma(p.ea_off + r + 6u)));
+    let erb = vec4<i32>(i32(ld_ma(p.ea_off + r + 8u)), i32(ld_ma(p.ea_off + r + 10u)),
+                        i32(ld_ma(p.ea_off + r + 12u)), i32(ld_ma(p.ea_off + r + 14u)));
+    // Element q * 32 + lane of the scratch is row 2q + lane / 16, column lane % 16.
+    let s = si + lane;
+    let sa = vec4<f32>(SC[s], SC[s + 32u], SC[s + 64u], SC[s + 96u]);
+    let sb = vec4<f32>(SC[s + 128u], SC[s + 160u], SC[s + 192u], SC[s + 224u]);
+    let na = va + p.alpha * ldexp(sa, -(era + ec));
+    let nb = vb + p.alpha * ldexp(sb, -(erb + ec));
+    st_c(r, c, ok, na.x);
+    st_c(r + 2u, c, ok, na.y);
+    st_c(r + 4u, c, ok, na.z);
+    st_c(r + 6u, c, ok, na.w);
+    st_c(r + 8u, c, ok, nb.x);
+    st_c(r + 10u, c, ok, nb.y);
+    st_c(r + 12u, c, ok, nb.z);
+    st_c(r + 14u, c, ok, nb.w);
     workgroupBarrier();
 }
 
@@ -439,10 +431,22 @@ fn tile(tid: u32, row0: u32, col0: u32) {
     }
 
     if (SPLIT) {
-        put_row(c00, c01, c02, c03, sg, lane, r + 0u, c);
-        put_row(c10, c11, c12, c13, sg, lane, r + 16u, c);
-        put_row(c20, c21, c22, c23, sg, lane, r + 32u, c);
-        put_row(c30, c31, c32, c33, sg, lane, r + 48u, c);
+        put_split(c00, sg, lane, r + 0u, c + 0u);
+        put_split(c01, sg, lane, r + 0u, c + 16u);
+        put_split(c02, sg, lane, r + 0u, c + 32u);
+        put_split(c03, sg, lane, r + 0u, c + 48u);
+        put_split(c10, sg, lane, r + 16u, c + 0u);
+        put_split(c11, sg, lane, r + 16u, c + 16u);
+        put_split(c12, sg, lane, r + 16u, c + 32u);
+        put_split(c13, sg, lane, r + 16u, c + 48u);
+        put_split(c20, sg, lane, r + 32u, c + 0u);
+        put_split(c21, sg, lane, r + 32u, c + 16u);
+        put_split(c22, sg, lane, r + 32u, c + 32u);
+        put_split(c23, sg, lane, r + 32u, c + 48u);
+        put_split(c30, sg, lane, r + 48u, c + 0u);
+        put_split(c31, sg, lane, r + 48u, c + 16u);
+        put_split(c32, sg, lane, r + 48u, c + 32u);
+        put_split(c33, sg, lane, r + 48u, c + 48u);
     } else {
         put(c00, sg, lane, r + 0u, c + 0u, direct);
         put(c01, sg, lane, r + 0u, c + 16u, direct);

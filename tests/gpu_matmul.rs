@@ -506,9 +506,8 @@ fn coop_configurations_parse_and_fit_the_workgroup_limit() {
     for cfg in CoopConfig::CANDIDATES {
         assert_eq!(CoopConfig::parse(&cfg.name()).unwrap(), cfg);
         // 48 KiB: the smallest workgroup memory limit seen on the adapters we target.
-        assert!(cfg.workgroup_bytes(false) <= 48 * 1024, "{cfg:?}");
+        assert!(cfg.workgroup_bytes() <= 48 * 1024, "{cfg:?}");
     }
-    assert!(CoopConfig::SPLIT.workgroup_bytes(true) <= 48 * 1024);
     assert_eq!(CoopConfig::parse("2x2x1k64").unwrap().bk, 64);
     assert_eq!(CoopConfig::parse("2x2x1").unwrap().bk, 32);
     for bad in [

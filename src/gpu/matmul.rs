@@ -301,18 +301,14 @@ impl CoopConfig {
         (rows * (self.bk + 8)).max(self.bk * (rows + 8))
     }
 
-    /// f32 output scratch per subgroup: one 16 x 16 accumulator, or for split products a row of
-    /// four (16 x 64), which their epilogue moves at once.
-    fn scratch_floats(split: bool) -> u32 {
-        if split { 1024 } else { 256 }
-    }
-
-    /// Bytes of workgroup memory: the staged slices (f16) and the f32 output scratch, for the
-    /// plain or the `split` kernel.
-    pub fn workgroup_bytes(self, split: bool) -> u64 {
+    /// Bytes of workgroup memory: the staged slices (f16) and the f32 output scratch (one
+    /// 16 x 16 accumulator per subgroup). It decides the speed: on the H200 the default tiles'
+    /// f16 product ran 266 TFLOP/s with these 24 KiB and 171 with 4 KiB more of scratch
+    /// (BENCHMARKS.md, session 19).
+    pub fn workgroup_bytes(self) -> u64 {
         let (bm, bn) = (64 * self.sgm, 64 * self.sgn);
         let halves = self.nbuf * (self.slice(bm) + self.slice(bn));
-        2 * halves as u64 + 4 * (Self::scratch_floats(split) * self.sgm * self.sgn) as u64
+        2 * halves as u64 + 4 * 256 * (self.sgm * self.sgn) as u64
     }
 
     /// The configuration of split products (`matmul_coop.wgsl`, SPLIT): the default tiles.
@@ -375,7 +371,7 @@ impl CoopConfig {
             self.threads(),
             self.slice(bm),
             self.slice(bn),
-            Self::scratch_floats(split) * self.sgm * self.sgn,
+            256 * self.sgm * self.sgn,
         )
     }
 }
@@ -841,8 +837,8 @@ impl Op {
 }
 
 /// Whether `cfg` fits this adapter's workgroup memory and invocation limits.
-pub fn coop_fits(ctx: &GpuContext, cfg: CoopConfig, split: bool) -> bool {
-    cfg.workgroup_bytes(split) <= ctx.limits.max_compute_workgroup_storage_size as u64
+pub fn coop_fits(ctx: &GpuContext, cfg: CoopConfig) -> bool {
+    cfg.workgroup_bytes() <= ctx.limits.max_compute_workgroup_storage_size as u64
         && cfg.threads() <= ctx.limits.max_compute_invocations_per_workgroup
 }
 
@@ -864,7 +860,7 @@ fn run_tuned(
             let a = &ctx.adapter;
             let cands = CoopConfig::CANDIDATES
                 .into_iter()
-                .filter(|&c| coop_fits(ctx, c, false))
+                .filter(|&c| coop_fits(ctx, c))
                 .collect();
             Tuner::new(
                 &format!("{} | {} | {}", a.name, a.backend, a.driver),
@@ -963,14 +959,14 @@ fn run_walk(
     } = op;
     let (_, n, k) = dims(a, b, layout);
     let (bm, bn) = if let Some(cfg) = coop {
-        if !coop_fits(ctx, cfg, false) {
+        if !coop_fits(ctx, cfg) {
             return Err(Error::gpu(
                 "matmul_coop",
                 shape,
                 format!(
                     "tile configuration {} needs {} bytes of workgroup memory and {} invocations; this adapter allows {} and {}",
                     cfg.name(),
-                    cfg.workgroup_bytes(false),
+                    cfg.workgroup_bytes(),
                     cfg.threads(),
                     ctx.limits.max_compute_workgroup_storage_size,
                     ctx.limits.max_compute_invocations_per_workgroup
@@ -1293,7 +1289,7 @@ impl SplitScratch {
 
 /// Whether split products run on this adapter: cooperative matrices, and room for their tiles.
 pub(crate) fn split_available(ctx: &GpuContext) -> bool {
-    coop_available(ctx) && coop_fits(ctx, CoopConfig::SPLIT, true)
+    coop_available(ctx) && coop_fits(ctx, CoopConfig::SPLIT)
 }
 
 /// [`split_available`] as an error naming the adapter's missing piece (`shape`: the product).
@@ -1308,7 +1304,7 @@ pub(crate) fn check_split(ctx: &GpuContext, shape: &str) -> Result<()> {
         format!(
             "adapter {} cannot run the split cooperative product (16x16x16 f16 cooperative matrices, 32-wide subgroups and {} bytes of workgroup memory)",
             ctx.adapter,
-            cfg.workgroup_bytes(true)
+            cfg.workgroup_bytes()
         ),
     ))
 }
