@@ -3,7 +3,10 @@
 //! Speed is measured here and in the criterion benches, never asserted in tests.
 
 use crate::error::Result;
-use crate::gpu::matmul::{CoopConfig, Layout, MatmulPath, matmul_into, matmul_into_coop};
+use crate::gpu::matmul::{
+    Batch, CoopConfig, Layout, MatmulPath, Region, RegionGemm, SplitScratch, matmul_into,
+    matmul_into_coop, run_gemm_steps,
+};
 use crate::gpu::stats::HessianAccumulator;
 use crate::gpu::{GpuContext, GpuDtype, GpuTensor};
 use crate::rng::Rng;
@@ -123,6 +126,69 @@ pub fn matmul(
         });
     }
     Ok(rows)
+}
+
+/// Times GPTQ's far lazy update as a split product (f32-accurate, on the tensor cores): C -= A·B
+/// for f32 A (m x k), B (k x n) and C (m x n), through the same three dispatches (splits of A
+/// and B, the cooperative product over 3k with the split epilogue) and one scratch allocated
+/// once. TFLOP/s counts the f32 product (2mnk); the tensor cores execute three times as much.
+pub fn split_matmul(
+    ctx: &GpuContext,
+    (m, n, k): (usize, usize, usize),
+    iters: usize,
+) -> Result<MatmulBench> {
+    let a = random_tensor(ctx, m, k, GpuDtype::F32, 1)?;
+    let b = random_tensor(ctx, k, n, GpuDtype::F32, 2)?;
+    let c = random_tensor(ctx, m, n, GpuDtype::F32, 3)?;
+    let scratch = SplitScratch::new(ctx, m, n, k)?;
+    fn region(t: &GpuTensor, ld: usize) -> Result<Region<'_>> {
+        if t.chunks.len() != 1 {
+            return Err(crate::error::Error::gpu(
+                "split product",
+                t.shape_str(),
+                "an operand larger than one storage binding",
+            ));
+        }
+        Ok(Region {
+            buf: &t.chunks[0].buffer,
+            len: t.rows * t.cols,
+            off: 0,
+            ld,
+        })
+    }
+    let steps = RegionGemm {
+        a: region(&a, k)?,
+        b: region(&b, n)?,
+        c: region(&c, n)?,
+        m,
+        n,
+        k,
+        b_trans: false,
+        alpha: -1.0,
+        accumulate: true,
+        lower: false,
+        a_lower_tri: false,
+        b_lower_tri: false,
+        batch: Batch::ONE,
+        split: Some(&scratch),
+    }
+    .prepare_steps(ctx, false)?;
+    let shape = format!("{m}x{n}x{k}");
+    let mut run = || run_gemm_steps(ctx, "split product", &shape, &steps);
+    warm_up(ctx, &shape, &mut run)?;
+    let (runs, secs) = repeat(ctx, &shape, iters, TIMED_S, &mut run)?;
+    let s = secs / runs as f64;
+    Ok(MatmulBench {
+        m,
+        n,
+        k,
+        dtype: "f32".into(),
+        layout: "NN".into(),
+        path: "split".into(),
+        config: Some(CoopConfig::SPLIT.name()),
+        ms: s * 1e3,
+        tflops: 2.0 * m as f64 * n as f64 * k as f64 / s / 1e12,
+    })
 }
 
 /// One Hessian benchmark row.

@@ -314,6 +314,9 @@ enum BenchLayout {
 enum BenchPath {
     Tiled,
     Coop,
+    /// GPTQ's far lazy update as a split product (C -= A·B, f32 operands, NN; f32-accurate on
+    /// the tensor cores): needs --dtype f32 --layout nn.
+    Split,
 }
 
 mod wgpress_cli {
@@ -599,9 +602,18 @@ fn run(cli: Cli) -> Result<()> {
                     BenchLayout::Nt => Layout::NT,
                     BenchLayout::Tn => Layout::TN,
                 };
-                let path = path.map(|p| match p {
-                    BenchPath::Tiled => MatmulPath::Tiled,
-                    BenchPath::Coop => MatmulPath::Coop,
+                let split = matches!(path, Some(BenchPath::Split));
+                if split
+                    && (dtype != GpuDtype::F32 || layout != Layout::NN || !coop_configs.is_empty())
+                {
+                    bail!(
+                        "--path split times C -= A·B on f32 operands: give --dtype f32 --layout nn and no --coop-config"
+                    );
+                }
+                let path = path.and_then(|p| match p {
+                    BenchPath::Tiled => Some(MatmulPath::Tiled),
+                    BenchPath::Coop => Some(MatmulPath::Coop),
+                    BenchPath::Split => None,
                 });
                 let mut rows = Vec::new();
                 println!(
@@ -610,15 +622,11 @@ fn run(cli: Cli) -> Result<()> {
                 );
                 for s in &sizes {
                     let (m, n, k) = parse_size(s)?;
-                    let bench = wgpress::bench::matmul(
-                        ctx,
-                        (m, n, k),
-                        dtype,
-                        layout,
-                        path,
-                        &configs,
-                        iters,
-                    )
+                    let bench = if split {
+                        wgpress::bench::split_matmul(ctx, (m, n, k), iters).map(|r| vec![r])
+                    } else {
+                        wgpress::bench::matmul(ctx, (m, n, k), dtype, layout, path, &configs, iters)
+                    }
                     .with_context(|| format!("matmul {s}"))?;
                     for r in bench {
                         println!(

@@ -680,6 +680,31 @@ fn bench_matmul_small() {
     assert!(ms.is_finite() && ms >= 0.0 && tflops.is_finite(), "{row:?}");
 }
 
+/// `bench matmul --path split` times GPTQ's far update as a split product where cooperative
+/// matrices run (a row labelled `split`), is a clear error where they do not, and refuses
+/// operands other than f32 NN.
+#[test]
+fn bench_matmul_split_path() {
+    let base = ["bench", "matmul", "--size", "256x128x96", "--iters", "1"];
+    let o = run(&[&base[..], &["--path", "split"]].concat());
+    if o.status.success() {
+        let out = text(&o.stdout);
+        let row = out
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|t| t.len() >= 9 && t[..3] == ["256", "128", "96"])
+            .unwrap_or_else(|| panic!("no 256x128x96 row:\n{out}"));
+        assert_eq!(row[5], "split", "{row:?}");
+    } else {
+        let e = text(&o.stderr);
+        assert!(e.contains("split cooperative product"), "{e}");
+    }
+    let e = fails(&run(
+        &[&base[..], &["--path", "split", "--dtype", "f16"]].concat()
+    ));
+    assert!(e.contains("--dtype f32 --layout nn"), "{e}");
+}
+
 /// `bench gptq` on a small layer prints its row and names the kernels that ran (the lazy updates
 /// on the f32 tiled kernel unless `--lazy split` asks for the tensor cores); an unknown kernel
 /// name is a clear error, and so is `--lazy split` where cooperative matrices are missing.
