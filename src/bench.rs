@@ -4,8 +4,8 @@
 
 use crate::error::Result;
 use crate::gpu::matmul::{
-    Batch, CoopConfig, Layout, MatmulPath, Region, RegionGemm, SplitScratch, matmul_into,
-    matmul_into_coop, run_gemm_steps,
+    CoopConfig, Layout, MatmulPath, RegionProduct, SplitScratch, matmul_into, matmul_into_coop,
+    run_gemm_steps,
 };
 use crate::gpu::stats::HessianAccumulator;
 use crate::gpu::{GpuContext, GpuDtype, GpuTensor};
@@ -141,38 +141,22 @@ pub fn split_matmul(
     let b = random_tensor(ctx, k, n, GpuDtype::F32, 2)?;
     let c = random_tensor(ctx, m, n, GpuDtype::F32, 3)?;
     let scratch = SplitScratch::new(ctx, m, n, k)?;
-    fn region(t: &GpuTensor, ld: usize) -> Result<Region<'_>> {
-        if t.chunks.len() != 1 {
-            return Err(crate::error::Error::gpu(
-                "split product",
-                t.shape_str(),
-                "an operand larger than one storage binding",
-            ));
-        }
-        Ok(Region {
-            buf: &t.chunks[0].buffer,
-            len: t.rows * t.cols,
-            off: 0,
-            ld,
-        })
-    }
-    let steps = RegionGemm {
-        a: region(&a, k)?,
-        b: region(&b, n)?,
-        c: region(&c, n)?,
+    let steps = RegionProduct {
         m,
         n,
         k,
+        a_off: 0,
+        lda: k,
+        b_off: 0,
+        ldb: n,
+        c_off: 0,
+        ldc: n,
         b_trans: false,
         alpha: -1.0,
         accumulate: true,
-        lower: false,
-        a_lower_tri: false,
-        b_lower_tri: false,
-        batch: Batch::ONE,
-        split: Some(&scratch),
+        split: true,
     }
-    .prepare_steps(ctx, false)?;
+    .steps(ctx, &a, &b, &c, Some(&scratch))?;
     let shape = format!("{m}x{n}x{k}");
     let mut run = || run_gemm_steps(ctx, "split product", &shape, &steps);
     warm_up(ctx, &shape, &mut run)?;

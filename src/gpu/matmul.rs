@@ -360,7 +360,6 @@ impl CoopConfig {
 
     fn constants(self, split: bool) -> String {
         let (bm, bn) = (64 * self.sgm, 64 * self.sgn);
-
         let (sa, sb) = (self.nbuf * self.slice(bm), self.nbuf * self.slice(bn));
         format!(
             "const SGM: u32 = {}u;\nconst SGN: u32 = {}u;\nconst NBUF: u32 = {}u;\nconst BK: u32 = {}u;\nconst THREADS: u32 = {}u;\nconst SLICE_A: u32 = {}u;\nconst SLICE_B: u32 = {}u;\nconst SA_LEN: u32 = {sa}u;\nconst SB_LEN: u32 = {sb}u;\nconst SC_LEN: u32 = {}u;\nconst SPLIT: bool = {split};\n",
@@ -1642,6 +1641,64 @@ pub struct RegionProduct {
     pub split: bool,
 }
 
+impl RegionProduct {
+    /// The dispatches of this product on `a`, `b` and `c` (each f32 in one chunk; the regions
+    /// are checked to fit). A split product splits its operands into `scratch`, which must be
+    /// given and hold them ([`SplitScratch::new`] with this m, n, k).
+    pub(crate) fn steps<'a>(
+        &self,
+        ctx: &GpuContext,
+        a: &'a GpuTensor,
+        b: &'a GpuTensor,
+        c: &'a GpuTensor,
+        scratch: Option<&'a SplitScratch>,
+    ) -> Result<Vec<GemmStep<'a>>> {
+        fn region(t: &GpuTensor, off: usize, ld: usize) -> Result<Region<'_>> {
+            if t.dtype != GpuDtype::F32 || t.chunks.len() != 1 {
+                return Err(Error::Shape {
+                    op: "region product".into(),
+                    expected: "an f32 tensor in one chunk".into(),
+                    got: t.shape_str(),
+                });
+            }
+            Ok(Region {
+                buf: &t.chunks[0].buffer,
+                len: t.rows * t.cols,
+                off,
+                ld,
+            })
+        }
+        let split = match (self.split, scratch) {
+            (true, None) => {
+                return Err(Error::gpu(
+                    "matmul_coop",
+                    format!("region {}x{}x{}", self.m, self.n, self.k),
+                    "a split product needs a split scratch",
+                ));
+            }
+            (true, s) => s,
+            (false, _) => None,
+        };
+        RegionGemm {
+            a: region(a, self.a_off, self.lda)?,
+            b: region(b, self.b_off, self.ldb)?,
+            c: region(c, self.c_off, self.ldc)?,
+            m: self.m,
+            n: self.n,
+            k: self.k,
+            b_trans: self.b_trans,
+            alpha: self.alpha,
+            accumulate: self.accumulate,
+            lower: false,
+            a_lower_tri: false,
+            b_lower_tri: false,
+            batch: Batch::ONE,
+            split,
+        }
+        .prepare_steps(ctx, false)
+    }
+}
+
 /// Runs `r` on `a`, `b` and `c` (each f32 in one chunk; the regions are checked to fit).
 #[doc(hidden)]
 pub fn region_product(
@@ -1651,43 +1708,12 @@ pub fn region_product(
     c: &GpuTensor,
     r: RegionProduct,
 ) -> Result<()> {
-    fn region(t: &GpuTensor, off: usize, ld: usize) -> Result<Region<'_>> {
-        if t.dtype != GpuDtype::F32 || t.chunks.len() != 1 {
-            return Err(Error::Shape {
-                op: "region product".into(),
-                expected: "an f32 tensor in one chunk".into(),
-                got: t.shape_str(),
-            });
-        }
-        Ok(Region {
-            buf: &t.chunks[0].buffer,
-            len: t.rows * t.cols,
-            off,
-            ld,
-        })
-    }
     let scratch = if r.split {
         Some(SplitScratch::new(ctx, r.m, r.n, r.k)?)
     } else {
         None
     };
-    let steps = RegionGemm {
-        a: region(a, r.a_off, r.lda)?,
-        b: region(b, r.b_off, r.ldb)?,
-        c: region(c, r.c_off, r.ldc)?,
-        m: r.m,
-        n: r.n,
-        k: r.k,
-        b_trans: r.b_trans,
-        alpha: r.alpha,
-        accumulate: r.accumulate,
-        lower: false,
-        a_lower_tri: false,
-        b_lower_tri: false,
-        batch: Batch::ONE,
-        split: scratch.as_ref(),
-    }
-    .prepare_steps(ctx, false)?;
+    let steps = r.steps(ctx, a, b, c, scratch.as_ref())?;
     run_gemm_steps(
         ctx,
         "region product",
