@@ -290,9 +290,9 @@ fn put(m: coop_mat16x16<f32, C>, sg: u32, lane: u32, r0: u32, c0: u32, direct: b
 // scratch: it divides by 2^(e_row + e_col) (exact), applies alpha and accumulation, and stores
 // only inside C's real extent sm x sn. Lane l owns column c0 + l % 16 and rows r0 + l / 16 + 2q
 // (q = 0..7): its eight loads of C are all issued before any of its stores, so the accumulator
-// waits for memory once. Two earlier forms, measured on GPTQ's 28672 x 8192 far updates (H200,
-// BENCHMARKS.md session 19): a load, then a store, element after element (the loads cannot pass
-// the stores to the same buffer), 73 ms of lazy updates; a row of four accumulators through a
+// waits for memory once: 43-49 ms of lazy updates for GPTQ's 28672 x 8192 layer on the H200.
+// Two earlier forms (BENCHMARKS.md session 19): a load, then a store, element after element (the
+// loads cannot pass the stores to the same buffer), 73 ms; a row of four accumulators through a
 // 16 x 64 scratch, 53 ms, because the larger scratch (36 instead of 24 KiB of workgroup memory
 // per workgroup) costs the K loop a third of its speed: the plain f16 product of the same
 // shape ran 4.75 ms with 24 KiB and 7.38 ms with 28 KiB.
