@@ -3,11 +3,13 @@
 //! shapes of BENCHMARKS.md come from `wgpress bench matmul` on the device.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use wgpress::gpu::matmul::{Layout, matmul_into};
+use wgpress::gpu::gptq::gptq_gpu;
+use wgpress::gpu::matmul::{Layout, RegionProduct, matmul_into, region_product};
 use wgpress::gpu::quant::rtn;
 use wgpress::gpu::reduce::{ReduceOp, reduce_groups};
 use wgpress::gpu::{ContextOptions, GpuContext, GpuDtype, GpuTensor};
 use wgpress::quant::QuantSpec;
+use wgpress::quant::gptq::GptqOptions;
 use wgpress::rng::Rng;
 
 fn kernels(c: &mut Criterion) {
@@ -45,6 +47,62 @@ fn kernels(c: &mut Criterion) {
     let spec = QuantSpec::new(4, Some(128), false).unwrap();
     g.bench_function(format!("rtn_4bit_g128_{rows}x{cols}"), |bch| {
         bch.iter(|| rtn(&ctx, &w, &spec).unwrap())
+    });
+    // GPTQ's far lazy update as a split product (f32-accurate on the tensor cores), where the
+    // adapter has cooperative matrices; its scratch is allocated per run, as `region_product`
+    // does (`wgpress bench matmul --path split` times it with the scratch kept).
+    let (sm, sn, sk) = (384, 256, 192);
+    let ea = GpuTensor::from_f32(&ctx, sm, sk, &rng.normal_vec(sm * sk, 1.0)).unwrap();
+    let eb = GpuTensor::from_f32(&ctx, sk, sn, &rng.normal_vec(sk * sn, 1.0)).unwrap();
+    let ec = GpuTensor::from_f32(&ctx, sm, sn, &rng.normal_vec(sm * sn, 1.0)).unwrap();
+    let split = RegionProduct {
+        m: sm,
+        n: sn,
+        k: sk,
+        a_off: 0,
+        lda: sk,
+        b_off: 0,
+        ldb: sn,
+        c_off: 0,
+        ldc: sn,
+        b_trans: false,
+        alpha: -1.0,
+        accumulate: true,
+        split: true,
+    };
+    match region_product(&ctx, &ea, &eb, &ec, split) {
+        Ok(()) => {
+            g.throughput(Throughput::Elements((2 * sm * sn * sk) as u64));
+            g.bench_function(format!("split_product_{sm}x{sn}x{sk}"), |bch| {
+                bch.iter(|| {
+                    region_product(&ctx, &ea, &eb, &ec, split).unwrap();
+                    ctx.sync("split product", "bench").unwrap();
+                })
+            });
+        }
+        Err(e) => eprintln!("split product bench skipped: {e}"),
+    }
+    // One GPTQ layer (4-bit, group 128, act-order) on a Hessian of 2·cols calibration rows.
+    let (gr, gc, t) = (256, 384, 768);
+    let x = rng.normal_vec(t * gc, 1.0);
+    let mut h = vec![0f32; gc * gc];
+    for row in x.chunks(gc) {
+        for i in 0..gc {
+            for j in 0..gc {
+                h[i * gc + j] += 2.0 * row[i] * row[j] / t as f32;
+            }
+        }
+    }
+    let h = GpuTensor::from_f32(&ctx, gc, gc, &h).unwrap();
+    let lw = GpuTensor::from_f32(&ctx, gr, gc, &rng.normal_vec(gr * gc, 0.05)).unwrap();
+    let opts = GptqOptions::new(spec);
+    g.throughput(Throughput::Elements((gr * gc) as u64));
+    g.bench_function(format!("gptq_4bit_g128_{gr}x{gc}"), |bch| {
+        bch.iter(|| {
+            let r = gptq_gpu(&ctx, &lw, &h, &opts).unwrap();
+            ctx.sync("gptq", "bench").unwrap();
+            r
+        })
     });
     g.finish();
 }
