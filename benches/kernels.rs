@@ -7,6 +7,7 @@ use wgpress::gpu::gptq::gptq_gpu;
 use wgpress::gpu::matmul::{Layout, RegionProduct, matmul_into, region_product};
 use wgpress::gpu::quant::rtn;
 use wgpress::gpu::reduce::{ReduceOp, reduce_groups};
+use wgpress::gpu::stats::HessianAccumulator;
 use wgpress::gpu::{ContextOptions, GpuContext, GpuDtype, GpuTensor};
 use wgpress::quant::QuantSpec;
 use wgpress::quant::gptq::GptqOptions;
@@ -82,18 +83,13 @@ fn kernels(c: &mut Criterion) {
         }
         Err(e) => eprintln!("split product bench skipped: {e}"),
     }
-    // One GPTQ layer (4-bit, group 128, act-order) on a Hessian of 2·cols calibration rows.
+    // One GPTQ layer (4-bit, group 128, act-order) on the Hessian of 2·cols calibration rows,
+    // accumulated as the pipeline does.
     let (gr, gc, t) = (256, 384, 768);
-    let x = rng.normal_vec(t * gc, 1.0);
-    let mut h = vec![0f32; gc * gc];
-    for row in x.chunks(gc) {
-        for i in 0..gc {
-            for j in 0..gc {
-                h[i * gc + j] += 2.0 * row[i] * row[j] / t as f32;
-            }
-        }
-    }
-    let h = GpuTensor::from_f32(&ctx, gc, gc, &h).unwrap();
+    let x = GpuTensor::from_f32(&ctx, t, gc, &rng.normal_vec(t * gc, 1.0)).unwrap();
+    let mut acc = HessianAccumulator::new(&ctx, gc).unwrap();
+    acc.add(&ctx, &x).unwrap();
+    let h = acc.finish(&ctx).unwrap();
     let lw = GpuTensor::from_f32(&ctx, gr, gc, &rng.normal_vec(gr * gc, 0.05)).unwrap();
     let opts = GptqOptions::new(spec);
     g.throughput(Throughput::Elements((gr * gc) as u64));
