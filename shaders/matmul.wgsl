@@ -44,20 +44,33 @@ const BS: u32 = 33u;
 var<workgroup> As: array<vec4<f32>, 528>; // BK rows of AS vec4: As[kk][m]
 var<workgroup> Bs: array<vec4<f32>, 528>; // BK rows of BS vec4: Bs[kk][n]
 
-fn store4(r: u32, c: u32, v: vec4<f32>) {
-    if (r >= p.m) { return; }
-    let base = c_off + r * p.ldc;
-    for (var j = 0u; j < 4u; j++) {
-        let cc = c + j;
-        if (cc < p.n) {
-            let i = base + cc;
-            if (p.accumulate != 0u) {
-                C[i] = C[i] + p.alpha * v[j];
-            } else {
-                C[i] = p.alpha * v[j];
-            }
-        }
+// The epilogue reads C before it writes any of it: a load cannot pass an earlier store to the
+// same buffer, so `C[i] = C[i] + v` element after element waited for memory once per element
+// (64 times per thread). For products with a short K walk (a Cholesky's K = 64 trailing
+// updates, GPTQ's K = 128 lazy updates) those waits were most of the kernel's time.
+// C's values at row r, columns c..c + 3 (zero outside C or when not accumulating).
+fn load4(r: u32, c: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if (p.accumulate != 0u && r < p.m) {
+        let base = c_off + r * p.ldc;
+        if (c < p.n) { v.x = C[base + c]; }
+        if (c + 1u < p.n) { v.y = C[base + c + 1u]; }
+        if (c + 2u < p.n) { v.z = C[base + c + 2u]; }
+        if (c + 3u < p.n) { v.w = C[base + c + 3u]; }
     }
+    return v;
+}
+
+// Stores alpha * v (+ `old`, C's values from load4, when accumulating) inside C.
+fn store4(r: u32, c: u32, old: vec4<f32>, v: vec4<f32>) {
+    if (r >= p.m) { return; }
+    let s = p.alpha * v;
+    let x = select(s, old + s, p.accumulate != 0u);
+    let base = c_off + r * p.ldc;
+    if (c < p.n) { C[base + c] = x.x; }
+    if (c + 1u < p.n) { C[base + c + 1u] = x.y; }
+    if (c + 2u < p.n) { C[base + c + 2u] = x.z; }
+    if (c + 3u < p.n) { C[base + c + 3u] = x.w; }
 }
 
 // Bounds-checked element loads: out-of-range elements of edge tiles read as 0.
@@ -265,12 +278,21 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
     let r1 = row0 + 64u + ty * 4u;
     let q0 = col0 + tx * 4u;
     let q1 = col0 + 64u + tx * 4u;
-    store4(r0, q0, c00); store4(r0, q1, c01);
-    store4(r0 + 1u, q0, c10); store4(r0 + 1u, q1, c11);
-    store4(r0 + 2u, q0, c20); store4(r0 + 2u, q1, c21);
-    store4(r0 + 3u, q0, c30); store4(r0 + 3u, q1, c31);
-    store4(r1, q0, c40); store4(r1, q1, c41);
-    store4(r1 + 1u, q0, c50); store4(r1 + 1u, q1, c51);
-    store4(r1 + 2u, q0, c60); store4(r1 + 2u, q1, c61);
-    store4(r1 + 3u, q0, c70); store4(r1 + 3u, q1, c71);
+    // Two halves of 32 values: each half's loads are issued together, then its stores.
+    let o00 = load4(r0, q0); let o01 = load4(r0, q1);
+    let o10 = load4(r0 + 1u, q0); let o11 = load4(r0 + 1u, q1);
+    let o20 = load4(r0 + 2u, q0); let o21 = load4(r0 + 2u, q1);
+    let o30 = load4(r0 + 3u, q0); let o31 = load4(r0 + 3u, q1);
+    store4(r0, q0, o00, c00); store4(r0, q1, o01, c01);
+    store4(r0 + 1u, q0, o10, c10); store4(r0 + 1u, q1, o11, c11);
+    store4(r0 + 2u, q0, o20, c20); store4(r0 + 2u, q1, o21, c21);
+    store4(r0 + 3u, q0, o30, c30); store4(r0 + 3u, q1, o31, c31);
+    let o40 = load4(r1, q0); let o41 = load4(r1, q1);
+    let o50 = load4(r1 + 1u, q0); let o51 = load4(r1 + 1u, q1);
+    let o60 = load4(r1 + 2u, q0); let o61 = load4(r1 + 2u, q1);
+    let o70 = load4(r1 + 3u, q0); let o71 = load4(r1 + 3u, q1);
+    store4(r1, q0, o40, c40); store4(r1, q1, o41, c41);
+    store4(r1 + 1u, q0, o50, c50); store4(r1 + 1u, q1, o51, c51);
+    store4(r1 + 2u, q0, o60, c60); store4(r1 + 2u, q1, o61, c61);
+    store4(r1 + 3u, q0, o70, c70); store4(r1 + 3u, q1, o71, c71);
 }

@@ -269,75 +269,105 @@ fn put(m: coop_mat16x16<f32, C>, sg: u32, lane: u32, r0: u32, c0: u32, direct: b
     let ss = 16u;
     coopStoreT(m, &SC[si], ss);
     workgroupBarrier();
-    for (var q = 0u; q < 8u; q++) {
-        let e = q * 32u + lane;
-        let r = r0 + (e >> 4u);
-        let c = c0 + (e & 15u);
-        if (r < p.m && c < p.n) {
-            let i = p.c_off + r * p.ldc + c;
-            let v = p.alpha * SC[si + e];
-            if (p.accumulate != 0u) {
-                MC[i] = MC[i] + v;
-            } else {
-                MC[i] = v;
-            }
-        }
-    }
+    // Lane l's elements are column c0 + l % 16 of rows r0 + l / 16 + 2q; all eight loads of C are
+    // issued before any store (a load cannot pass a store to the same buffer, so a load-store
+    // pair per element waited for memory eight times), as in `put_split`.
+    let c = c0 + (lane & 15u);
+    let ok = c < p.n;
+    let r = r0 + (lane >> 4u);
+    let acc = p.accumulate != 0u;
+    let va = vec4<f32>(ld_c(r, c, ok, p.m), ld_c(r + 2u, c, ok, p.m), ld_c(r + 4u, c, ok, p.m), ld_c(r + 6u, c, ok, p.m));
+    let vb = vec4<f32>(ld_c(r + 8u, c, ok, p.m), ld_c(r + 10u, c, ok, p.m), ld_c(r + 12u, c, ok, p.m), ld_c(r + 14u, c, ok, p.m));
+    let s = si + lane;
+    let sa = p.alpha * vec4<f32>(SC[s], SC[s + 32u], SC[s + 64u], SC[s + 96u]);
+    let sb = p.alpha * vec4<f32>(SC[s + 128u], SC[s + 160u], SC[s + 192u], SC[s + 224u]);
+    let na = select(sa, va + sa, acc);
+    let nb = select(sb, vb + sb, acc);
+    st_c(r, c, ok, p.m, na.x);
+    st_c(r + 2u, c, ok, p.m, na.y);
+    st_c(r + 4u, c, ok, p.m, na.z);
+    st_c(r + 6u, c, ok, p.m, na.w);
+    st_c(r + 8u, c, ok, p.m, nb.x);
+    st_c(r + 10u, c, ok, p.m, nb.y);
+    st_c(r + 12u, c, ok, p.m, nb.z);
+    st_c(r + 14u, c, ok, p.m, nb.w);
     workgroupBarrier();
 }
 
-// The SPLIT epilogue for one accumulator (16 x 16 of C at r0, c0) through the subgroup's
-// scratch: it divides by 2^(e_row + e_col) (exact), applies alpha and accumulation, and stores
-// only inside C's real extent sm x sn. Lane l owns column c0 + l % 16 and rows r0 + l / 16 + 2q
-// (q = 0..7): its eight loads of C are all issued before any of its stores, so the accumulator
-// waits for memory once: 43-49 ms of lazy updates for GPTQ's 28672 x 8192 layer on the H200.
-// Two earlier forms (BENCHMARKS.md session 19): a load, then a store, element after element (the
-// loads cannot pass the stores to the same buffer), 73 ms; a row of four accumulators through a
-// 16 x 64 scratch, 53 ms, because the larger scratch (36 instead of 24 KiB of workgroup memory
-// per workgroup) costs the K loop a third of its speed: the plain f16 product of the same
-// shape ran 4.75 ms with 24 KiB and 7.38 ms with 28 KiB.
-fn ld_c(r: u32, c: u32, ok: bool) -> f32 {
-    if (ok && r < p.sm && p.accumulate != 0u) {
+// C's element (r, c) when accumulating and inside C's first `rows` rows and `ok` (zero otherwise);
+// `put` bounds by p.m, `put_split` by C's real extent p.sm.
+fn ld_c(r: u32, c: u32, ok: bool, rows: u32) -> f32 {
+    if (ok && r < rows && p.accumulate != 0u) {
         return MC[p.c_off + r * p.ldc + c];
     }
     return 0.0;
 }
 
-fn st_c(r: u32, c: u32, ok: bool, v: f32) {
-    if (ok && r < p.sm) {
+fn st_c(r: u32, c: u32, ok: bool, rows: u32, v: f32) {
+    if (ok && r < rows) {
         MC[p.c_off + r * p.ldc + c] = v;
     }
 }
 
-fn put_split(m: coop_mat16x16<f32, C>, sg: u32, lane: u32, r0: u32, c0: u32) {
+// The SPLIT epilogue for one accumulator (16 x 16 of C at r0, c0) through the subgroup's
+// scratch: it multiplies by 2^-(e_row + e_col) (exact: |e| <= 60, so the factor and the scaled
+// value stay normal unless the value itself is tiny), applies alpha and accumulation, and stores
+// only inside C's real extent sm x sn. Lane l owns column c0 + l % 16 and rows r0 + l / 16 + 2q
+// (q = 0..7); its eight loads of C are all issued before any of its stores, so the accumulator
+// waits for memory once. The factors come in: `fr` for the lane's eight rows (one set per row of
+// accumulators) and `fc` for its column, loaded once per tile by `tile`.
+// What it cost on the H200 (BENCHMARKS.md, sessions 19 and 20), C -= A·B at 28672 x 7168 x
+// 1024, against 5.09 ms for a bare direct store of the accumulators (wrong results, 24 KiB):
+//   a load, then a store, element after element (loads cannot pass stores to the same buffer):
+//   GPTQ's lazy updates 73 ms at 28672 x 8192 instead of 43-49 with the forms below;
+//   a row of four accumulators through a 16 x 64 scratch: 36 instead of 24 KiB of workgroup
+//   memory per workgroup, which costs the K loop a third of its speed (the plain f16 product of
+//   the same shape ran 4.75 ms with 24 KiB, 7.38 ms with 28 KiB);
+//   each accumulator loading its nine exponents (144 per tile per lane, each an element of an
+//   f16 vector) and scaling with ldexp: 7.88 ms, 5.45 ms with no scaling at all.
+struct RowScales {
+    a: vec4<f32>, // rows r, r + 2, r + 4, r + 6
+    b: vec4<f32>, // rows r + 8 .. r + 14
+}
+
+// 2^-e for op(A)'s rows r, r + 2, ..., r + 14 (exponents at p.ea_off in MA; the split wrote one
+// for every padded line, so any row of a tile has one).
+fn row_scales(r: u32) -> RowScales {
+    let e = p.ea_off + r;
+    let ea = vec4<i32>(i32(ld_ma(e)), i32(ld_ma(e + 2u)), i32(ld_ma(e + 4u)), i32(ld_ma(e + 6u)));
+    let eb = vec4<i32>(i32(ld_ma(e + 8u)), i32(ld_ma(e + 10u)), i32(ld_ma(e + 12u)), i32(ld_ma(e + 14u)));
+    return RowScales(ldexp(vec4<f32>(1.0), -ea), ldexp(vec4<f32>(1.0), -eb));
+}
+
+// 2^-e for op(B)'s column c (exponents at p.eb_off in MB).
+fn col_scale(c: u32) -> f32 {
+    return ldexp(1.0, -i32(ld_mb(p.eb_off + c)));
+}
+
+fn put_split(m: coop_mat16x16<f32, C>, sg: u32, lane: u32, r0: u32, c0: u32, fr: RowScales, fc: f32) {
     let si = sg * 256u;
     let ss = 16u;
     coopStoreT(m, &SC[si], ss);
     workgroupBarrier();
     let c = c0 + (lane & 15u);
     let ok = c < p.sn;
-    let ec = vec4<i32>(i32(ld_mb(p.eb_off + c)));
     let r = r0 + (lane >> 4u);
-    let va = vec4<f32>(ld_c(r, c, ok), ld_c(r + 2u, c, ok), ld_c(r + 4u, c, ok), ld_c(r + 6u, c, ok));
-    let vb = vec4<f32>(ld_c(r + 8u, c, ok), ld_c(r + 10u, c, ok), ld_c(r + 12u, c, ok), ld_c(r + 14u, c, ok));
-    let era = vec4<i32>(i32(ld_ma(p.ea_off + r)), i32(ld_ma(p.ea_off + r + 2u)),
-                        i32(ld_ma(p.ea_off + r + 4u)), i32(ld_ma(p.ea_off + r + 6u)));
-    let erb = vec4<i32>(i32(ld_ma(p.ea_off + r + 8u)), i32(ld_ma(p.ea_off + r + 10u)),
-                        i32(ld_ma(p.ea_off + r + 12u)), i32(ld_ma(p.ea_off + r + 14u)));
+    let va = vec4<f32>(ld_c(r, c, ok, p.sm), ld_c(r + 2u, c, ok, p.sm), ld_c(r + 4u, c, ok, p.sm), ld_c(r + 6u, c, ok, p.sm));
+    let vb = vec4<f32>(ld_c(r + 8u, c, ok, p.sm), ld_c(r + 10u, c, ok, p.sm), ld_c(r + 12u, c, ok, p.sm), ld_c(r + 14u, c, ok, p.sm));
     // Element q * 32 + lane of the scratch is row 2q + lane / 16, column lane % 16.
     let s = si + lane;
     let sa = vec4<f32>(SC[s], SC[s + 32u], SC[s + 64u], SC[s + 96u]);
     let sb = vec4<f32>(SC[s + 128u], SC[s + 160u], SC[s + 192u], SC[s + 224u]);
-    let na = va + p.alpha * ldexp(sa, -(era + ec));
-    let nb = vb + p.alpha * ldexp(sb, -(erb + ec));
-    st_c(r, c, ok, na.x);
-    st_c(r + 2u, c, ok, na.y);
-    st_c(r + 4u, c, ok, na.z);
-    st_c(r + 6u, c, ok, na.w);
-    st_c(r + 8u, c, ok, nb.x);
-    st_c(r + 10u, c, ok, nb.y);
-    st_c(r + 12u, c, ok, nb.z);
-    st_c(r + 14u, c, ok, nb.w);
+    let na = va + p.alpha * (sa * (fr.a * fc));
+    let nb = vb + p.alpha * (sb * (fr.b * fc));
+    st_c(r, c, ok, p.sm, na.x);
+    st_c(r + 2u, c, ok, p.sm, na.y);
+    st_c(r + 4u, c, ok, p.sm, na.z);
+    st_c(r + 6u, c, ok, p.sm, na.w);
+    st_c(r + 8u, c, ok, p.sm, nb.x);
+    st_c(r + 10u, c, ok, p.sm, nb.y);
+    st_c(r + 12u, c, ok, p.sm, nb.z);
+    st_c(r + 14u, c, ok, p.sm, nb.w);
     workgroupBarrier();
 }
 
@@ -431,22 +461,32 @@ fn tile(tid: u32, row0: u32, col0: u32) {
     }
 
     if (SPLIT) {
-        put_split(c00, sg, lane, r + 0u, c + 0u);
-        put_split(c01, sg, lane, r + 0u, c + 16u);
-        put_split(c02, sg, lane, r + 0u, c + 32u);
-        put_split(c03, sg, lane, r + 0u, c + 48u);
-        put_split(c10, sg, lane, r + 16u, c + 0u);
-        put_split(c11, sg, lane, r + 16u, c + 16u);
-        put_split(c12, sg, lane, r + 16u, c + 32u);
-        put_split(c13, sg, lane, r + 16u, c + 48u);
-        put_split(c20, sg, lane, r + 32u, c + 0u);
-        put_split(c21, sg, lane, r + 32u, c + 16u);
-        put_split(c22, sg, lane, r + 32u, c + 32u);
-        put_split(c23, sg, lane, r + 32u, c + 48u);
-        put_split(c30, sg, lane, r + 48u, c + 0u);
-        put_split(c31, sg, lane, r + 48u, c + 16u);
-        put_split(c32, sg, lane, r + 48u, c + 32u);
-        put_split(c33, sg, lane, r + 48u, c + 48u);
+        let lr = lane >> 4u;
+        let lc = lane & 15u;
+        let f0 = col_scale(c + lc);
+        let f1 = col_scale(c + 16u + lc);
+        let f2 = col_scale(c + 32u + lc);
+        let f3 = col_scale(c + 48u + lc);
+        var fr = row_scales(r + lr);
+        put_split(c00, sg, lane, r + 0u, c + 0u, fr, f0);
+        put_split(c01, sg, lane, r + 0u, c + 16u, fr, f1);
+        put_split(c02, sg, lane, r + 0u, c + 32u, fr, f2);
+        put_split(c03, sg, lane, r + 0u, c + 48u, fr, f3);
+        fr = row_scales(r + 16u + lr);
+        put_split(c10, sg, lane, r + 16u, c + 0u, fr, f0);
+        put_split(c11, sg, lane, r + 16u, c + 16u, fr, f1);
+        put_split(c12, sg, lane, r + 16u, c + 32u, fr, f2);
+        put_split(c13, sg, lane, r + 16u, c + 48u, fr, f3);
+        fr = row_scales(r + 32u + lr);
+        put_split(c20, sg, lane, r + 32u, c + 0u, fr, f0);
+        put_split(c21, sg, lane, r + 32u, c + 16u, fr, f1);
+        put_split(c22, sg, lane, r + 32u, c + 32u, fr, f2);
+        put_split(c23, sg, lane, r + 32u, c + 48u, fr, f3);
+        fr = row_scales(r + 48u + lr);
+        put_split(c30, sg, lane, r + 48u, c + 0u, fr, f0);
+        put_split(c31, sg, lane, r + 48u, c + 16u, fr, f1);
+        put_split(c32, sg, lane, r + 48u, c + 32u, fr, f2);
+        put_split(c33, sg, lane, r + 48u, c + 48u, fr, f3);
     } else {
         put(c00, sg, lane, r + 0u, c + 0u, direct);
         put(c01, sg, lane, r + 0u, c + 16u, direct);
