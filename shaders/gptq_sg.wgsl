@@ -1,7 +1,6 @@
 // The fused GPTQ column loop with subgroup operations (adapters whose subgroups are exactly 32
 // wide): SG_R = 4 rows per subgroup, SG_L = 8 lanes per row. Same bindings and integers as
-// `block_rows` in gptq.wgsl (which is prepended, with quant_grid.wgsl), except that U's binding
-// holds U's rows in ring order (`u_ring_pack`, below).
+// `block_rows` in gptq.wgsl (which is prepended, with quant_grid.wgsl).
 //
 // Why four rows per subgroup: quantizing column i (two divisions and the exact rounding tests) is
 // scalar work on one value per row. With one row per subgroup all 32 lanes ran it for the same
@@ -18,27 +17,26 @@
 // block the errors sit in the registers, rotated by the number of phases, and the integers in
 // four words rotated the same way.
 
-//
-// U's rows reach the lanes already in ring order: `u_ring_pack` (run once per layer) writes, for
-// every position p, the 128 values the eight lanes of a row need at that step (lane l's sixteen
-// registers, contiguous), so a lane loads its part of U's row as four aligned vec4s with no
-// bounds tests. Loading it straight from U (sixteen scalar loads per lane and step, each tested
-// against the block's width) was a third of the block kernel's time on the H200 (BENCHMARKS.md,
-// session 20: 24.9 ms of 28672 x 8192's block loop, 15.8 with U's loads replaced by constants).
-
 const SG_L: u32 = 8u;
 const SG_R: u32 = 4u;
 
-// Columns `c`, `c` + 8, `c` + 16, `c` + 24 of a row of W's block starting at element `base`
+// Columns `c`, `c` + 8, `c` + 16, `c` + 24 of a row of the block starting at element `base`
 // (zero at or past the block's width, or for a row outside the chunk).
-fn ld4(base: u32, c: u32, ok: bool) -> vec4<f32> {
+fn ld4(src_is_u: bool, base: u32, c: u32, ok: bool) -> vec4<f32> {
     var v = vec4<f32>(0.0);
     if (ok) {
         let bw = bp.bw;
-        if (c < bw) { v.x = bw_w[base + c]; }
-        if (c + 8u < bw) { v.y = bw_w[base + c + 8u]; }
-        if (c + 16u < bw) { v.z = bw_w[base + c + 16u]; }
-        if (c + 24u < bw) { v.w = bw_w[base + c + 24u]; }
+        if (src_is_u) {
+            if (c < bw) { v.x = bu[base + c]; }
+            if (c + 8u < bw) { v.y = bu[base + c + 8u]; }
+            if (c + 16u < bw) { v.z = bu[base + c + 16u]; }
+            if (c + 24u < bw) { v.w = bu[base + c + 24u]; }
+        } else {
+            if (c < bw) { v.x = bw_w[base + c]; }
+            if (c + 8u < bw) { v.y = bw_w[base + c + 8u]; }
+            if (c + 16u < bw) { v.z = bw_w[base + c + 16u]; }
+            if (c + 24u < bw) { v.w = bw_w[base + c + 24u]; }
+        }
     }
     return v;
 }
@@ -99,44 +97,17 @@ fn rotate_q(q: vec4<u32>) -> vec4<u32> {
     return (q >> vec4<u32>(8u)) | (q.yzwx << vec4<u32>(24u));
 }
 
-// The ring-ordered rows of U (`u_ring_pack`), bound where block_rows binds U: position p's
-// row is 32 vec4s, lane l's registers at 4l .. 4l + 3.
-@group(0) @binding(1) var<storage, read> bur: array<vec4<f32>>;
-
-// U's row `k` of the block at this lane's registers (columns l + 8(k' + s) in phase s).
-fn u_ring(k: u32, l: u32) -> Ring {
-    let i = (bp.b0 + k) * 32u + l * 4u;
-    return Ring(bur[i], bur[i + 1u], bur[i + 2u], bur[i + 3u]);
-}
-
-// u_ring_pack: ring-ordered U for the subgroup loop, n x 128 values (upk.n positions, blocks of
-// upk.bw positions from 0). Value (p, l, k) of position p in block [b0, b0 + bw), phase
-// s = (p - b0) / 8, is U[p][b0 + l + 8(k + s)], or 0 at or past the block's width.
-@group(0) @binding(0) var<storage, read> upk_src: array<f32>;
-@group(0) @binding(1) var<storage, read_write> upk_out: array<f32>;
-@group(0) @binding(2) var<uniform> upk: Params;
-
-@compute @workgroup_size(256)
-fn u_ring_pack(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let e = flat(wid, nwg, lid);
-    if (e >= upk.n * 128u) {
-        return;
-    }
-    let pos = e / 128u;
-    let l = (e / 16u) % SG_L;
-    let k = e % 16u;
-    let b0 = pos - pos % upk.bw;
-    let bw = min(upk.bw, upk.n - b0);
-    let c = l + SG_L * (k + (pos - b0) / SG_L);
-    var v = 0.0;
-    if (c < bw) {
-        v = upk_src[pos * upk.n + b0 + c];
-    }
-    upk_out[e] = v;
+// U's row `k` of the block at this lane's registers in phase `s` (columns l + 8(k' + s)).
+fn u_ring(k: u32, l: u32, s: u32) -> Ring {
+    let ok = k < bp.bw;
+    let base = (bp.b0 + k) * bp.n + bp.b0;
+    let c = l + SG_L * s;
+    return Ring(
+        ld4(true, base, c, ok),
+        ld4(true, base, c + 32u, ok),
+        ld4(true, base, c + 64u, ok),
+        ld4(true, base, c + 96u, ok),
+    );
 }
 
 @compute @workgroup_size(32)
@@ -153,10 +124,10 @@ fn block_sg(
     let bw = bp.bw;
     let base = r * n + bp.b0;
     var w = Ring(
-        ld4(base, l, row_ok),
-        ld4(base, l + 32u, row_ok),
-        ld4(base, l + 64u, row_ok),
-        ld4(base, l + 96u, row_ok),
+        ld4(false, base, l, row_ok),
+        ld4(false, base, l + 32u, row_ok),
+        ld4(false, base, l + 64u, row_ok),
+        ld4(false, base, l + 96u, row_ok),
     );
     var q = vec4<u32>(0u);
     var g = Grid(1.0, 0u);
@@ -171,7 +142,7 @@ fn block_sg(
         let s = i / SG_L;
         // U's row i is loaded at the step, not a step ahead: the 16 registers a prefetch holds
         // cost more occupancy than the load's latency (BENCHMARKS.md, session 16).
-        let u = u_ring(i, l);
+        let u = u_ring(i, l, s);
         let pi = bp.b0 + i;
         if (in_block_groups && i % bp.group == 0u && pi < bp.cols) {
             let e = min(i + bp.group, bw);

@@ -34,7 +34,7 @@ use super::reduce::{ReduceOp, reduce_rows};
 use crate::error::{Error, Result};
 use crate::quant::QuantizedTensor;
 use crate::quant::gptq::{
-    GptqOptions, GptqResult, MAX_BLOCK, MAX_DAMP_RETRIES, block_size, group_index, processing_order,
+    GptqOptions, GptqResult, MAX_DAMP_RETRIES, block_size, group_index, processing_order,
 };
 use crate::quant::grid::mse_shrink_factors;
 use crate::shaders;
@@ -731,12 +731,6 @@ fn apply_impl(
         ColumnLoop::Rows => ctx.pipeline(KERNEL, &src, "block_rows", true)?,
     };
     let block_rows = kind.rows_per_workgroup();
-    // The subgroup loop reads U's rows in its ring order, packed once per layer.
-    let u_ring = match kind {
-        ColumnLoop::Subgroup => Some(u_ring_pack(ctx, u, n, bsz, &shape)?),
-        ColumnLoop::Rows => None,
-    };
-    let u_block = u_ring.as_ref().unwrap_or(u);
     if hooks.lazy_path == Some(LazyPath::Split) {
         // Refused up front, also for layers of one span (which would have no split product).
         crate::gpu::matmul::check_split(ctx, &shape)?;
@@ -920,7 +914,7 @@ fn apply_impl(
                     &p_block,
                     vec![
                         &chunk.buffer,
-                        one(u_block),
+                        one(u),
                         one(&err),
                         one(&q),
                         one(&scales),
@@ -959,7 +953,6 @@ fn apply_impl(
     phases.loop_s = t1.elapsed().as_secs_f64() - upload_s;
     // The padded working copy and U are done with; Ŵ takes their place.
     drop(wp);
-    drop(u_ring);
     drop(owned_u);
 
     // Results to the host, back in the original column order.
@@ -1097,73 +1090,6 @@ fn gather_rows(
 }
 
 /// work = J·(P·H·Pᵀ + damping, dead columns fixed, padded with identity)·J.
-/// U's rows in the subgroup column loop's ring order (`u_ring_pack` in gptq_sg.wgsl): n x 128
-/// values, for blocks of `bsz` positions.
-fn u_ring_pack(
-    ctx: &GpuContext,
-    u: &GpuTensor,
-    n: usize,
-    bsz: usize,
-    shape: &str,
-) -> Result<GpuTensor> {
-    let ring = GpuTensor::empty(ctx, n, MAX_BLOCK, GpuDtype::F32)?;
-    u_ring_pack_into(ctx, u, &ring, n, bsz, shape)?;
-    Ok(ring)
-}
-
-fn u_ring_pack_into(
-    ctx: &GpuContext,
-    u: &GpuTensor,
-    ring: &GpuTensor,
-    n: usize,
-    bsz: usize,
-    shape: &str,
-) -> Result<()> {
-    if ring.chunks.len() != 1 || u.chunks.len() != 1 || bsz == 0 || bsz > MAX_BLOCK {
-        return Err(Error::gpu(
-            "gptq_sg",
-            shape,
-            format!(
-                "U in ring order needs U and its {n} x {MAX_BLOCK} copy each in one storage binding, and blocks of 1..={MAX_BLOCK} positions (got {bsz})"
-            ),
-        ));
-    }
-    let p = Params {
-        n: n as u32,
-        bw: bsz as u32,
-        ..Default::default()
-    };
-    let pipe = ctx.pipeline("gptq_sg", &source_sg(), "u_ring_pack", false)?;
-    ctx.run(
-        "gptq u_ring_pack",
-        shape,
-        &pipe,
-        &[Dispatch {
-            buffers: vec![one(u), one(ring)],
-            uniform: Some(bytemuck::bytes_of(&p)),
-            groups: grid(ctx, (n * MAX_BLOCK).div_ceil(256)),
-        }],
-    )
-}
-
-/// `u_ring_pack` alone on an n x n U (f32, one chunk), for its test against
-/// `reference::gptq::u_ring_order`: the n x 128 values read back (the output is poisoned first).
-#[doc(hidden)]
-pub fn u_ring_order(ctx: &GpuContext, u: &GpuTensor, bsz: usize) -> Result<Vec<f32>> {
-    let n = u.rows;
-    if u.cols != n || u.dtype != GpuDtype::F32 {
-        return Err(Error::Shape {
-            op: "u_ring_order".into(),
-            expected: "a square f32 matrix".into(),
-            got: u.shape_str(),
-        });
-    }
-    let ring = GpuTensor::empty(ctx, n, MAX_BLOCK, GpuDtype::F32)?;
-    ring.fill_u32(ctx, 0x7fc0_0001);
-    u_ring_pack_into(ctx, u, &ring, n, bsz, &u.shape_str())?;
-    ring.to_f32(ctx)
-}
-
 fn prepare_hessian(
     ctx: &GpuContext,
     h: &GpuTensor,

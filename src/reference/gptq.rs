@@ -249,28 +249,6 @@ fn upper_cholesky_of_inverse(
     Ok(u)
 }
 
-/// The subgroup column loop's ring order of U (n x n, row-major) for blocks of `bsz` positions
-/// from 0 (`shaders/gptq_sg.wgsl`, `u_ring_pack`): n x 128 values; value (p, l, k) of position p
-/// in block [b0, b0 + bw), phase s = (p - b0) / 8, is U[p][b0 + l + 8(k + s)] (lane l = 0..8,
-/// register k = 0..16), or 0 at or past the block's width. A layout only: no arithmetic.
-pub fn u_ring_order(u: &[f32], n: usize, bsz: usize) -> Vec<f32> {
-    let mut out = vec![0f32; n * 128];
-    for p in 0..n {
-        let b0 = p - p % bsz;
-        let bw = bsz.min(n - b0);
-        let s = (p - b0) / 8;
-        for l in 0..8 {
-            for k in 0..16 {
-                let c = l + 8 * (k + s);
-                if c < bw {
-                    out[p * 128 + l * 16 + k] = u[p * n + b0 + c];
-                }
-            }
-        }
-    }
-    out
-}
-
 /// The layer's relative output error tr(ΔHΔᵀ)/tr(WHWᵀ) with Δ = W - deq, in f64 (equal to
 /// ||WX - ŴX||²/||WX||² for H = (2/n) XᵀX). 0 when both traces are 0; infinite when only the
 /// denominator is. Panics on inconsistent lengths (a test and report helper).
